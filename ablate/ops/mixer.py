@@ -1,0 +1,94 @@
+"""`SpatialMixer`: one operator of the family, built from a validated spec by registry lookup."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ablate.ops.layouts import build_layout
+from ablate.ops.registry import weight_source_class
+from ablate.space.rules import validate
+from ablate.space.spec import OperatorSpec
+
+__all__ = ["SpatialMixer"]
+
+
+class SpatialMixer(nn.Module):
+    """y[n, c, i] = sum over j in N(i) of w[n, g(c), i, j] x[n, c, j]  (+ bias[c]).
+
+    Args:
+        spec: the point of the operator space.
+        dim: channels of x.
+        resolution: (H, W) of the feature map this layer sees.
+        channels_per_group: channels that share one set of weights (heads are this wide).
+        shifted: this layer is one of Swin's shifted ones (only with `window` connectivity and
+            `connectivity.shift` on).
+        context_dim: channels of the context the weights are computed from, where it is not x.
+    """
+
+    def __init__(
+        self,
+        spec: OperatorSpec,
+        dim: int,
+        resolution: Sequence[int],
+        channels_per_group: int | None = None,
+        shifted: bool = False,
+        context_dim: int | None = None,
+    ):
+        super().__init__()
+        if channels_per_group is None:
+            (channels_per_group,) = validate(spec, [dim], [tuple(resolution)])
+        self.spec, self.dim, self.channels_per_group = spec, dim, channels_per_group
+        self.groups = dim // channels_per_group
+        conn = replace(spec.connectivity, shift=spec.connectivity.shift and shifted)
+        self.layout = build_layout(conn, tuple(resolution))
+        source = weight_source_class(spec.dynamic.kind, self.layout.kind, spec.sharing.spatial)
+        if source is None:  # `validate` rules this out; reaching here means it was skipped
+            raise RuntimeError(f"no weight source for {spec.axes}; call ablate.space.validate first")
+        self.weights = source(self.layout, dim, self.groups, spec.dynamic, context_dim or dim)
+        self.bias = nn.Parameter(torch.zeros(dim)) if spec.dynamic.bias else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weights(x if context is None else context, self.layout)
+        y = self.layout.aggregate(x, w)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def _weights(self, x, context):
+        return self.weights(x if context is None else context, self.layout)
+
+    def effective_weights(
+        self,
+        x: torch.Tensor,
+        positions: Sequence[tuple[int, int]],
+        context: torch.Tensor | None = None,
+        per_channel: bool = False,
+    ) -> torch.Tensor:
+        """The weights w[n, g, i, j] this operator applies to x, at output positions i.
+
+        Returns (N, G, P, H, W): for each chosen position i, the map over all positions j (zero
+        outside N(i)); with `per_channel`, (N, C, P, H, W), one map per channel. Computed from the
+        operator's own aggregation (the derivative of y_i by x_j with the weights held fixed), so it
+        shows exactly what forward applies.
+        """
+        w = self._weights(x, context)
+        with torch.enable_grad():
+            xv = x.detach().clone().requires_grad_(True)
+            y = self.layout.aggregate(xv, w)
+            maps = [torch.autograd.grad(y[:, :, h, c].sum(), xv, retain_graph=True)[0]
+                    for h, c in positions]
+        per_c = torch.stack(maps, dim=2)
+        return per_c if per_channel else per_c[:, :: self.channels_per_group]
+
+    def macs(self) -> int:
+        """Multiply-accumulates per sample: computing the weights plus applying them."""
+        h, w = self.layout.resolution
+        if self.layout.kind == "windowed":  # padded positions are computed too
+            h, w = self.layout.padded
+        return self.weights.macs() + h * w * self.dim * self.layout.tokens
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, channels_per_group={self.channels_per_group}, "
+                f"axes={self.spec.axes}")

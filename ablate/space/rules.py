@@ -1,0 +1,172 @@
+"""Every validity rule of the operator space, in one function.
+
+`validate` is the only place that decides whether a point of the space is valid. Its error names the
+rule that failed and the nearest valid settings, as Hydra overrides a user can paste. A sweep records
+an invalid cell as skipped with this message; nothing else in the code re-checks these rules.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+from ablate.ops.registry import LAYOUT_OF, dynamic_option, dynamic_options, weight_source_class
+from ablate.space.spec import CONNECTIVITY_KINDS, SPATIAL_SHARING, OperatorSpec
+
+__all__ = ["InvalidOperatorError", "validate", "stage_channels_per_group"]
+
+
+class InvalidOperatorError(ValueError):
+    """An invalid point of the operator space: which rule, and what to change."""
+
+    def __init__(self, rule: str, message: str, nearest: Sequence[str] = ()):
+        self.rule, self.message, self.nearest = rule, message, tuple(nearest)
+        text = f"invalid operator [{rule}]: {message}"
+        if self.nearest:
+            text += " Nearest valid settings: " + "; ".join(self.nearest)
+        super().__init__(text)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _nearest_common_divisors(value: int, widths: Sequence[int], k: int = 2) -> list[int]:
+    common = [d for d in _divisors(min(widths)) if all(w % d == 0 for w in widths)]
+    return sorted(sorted(common, key=lambda d: (abs(d - value), d))[:k])
+
+
+def stage_channels_per_group(spec: OperatorSpec, widths: Sequence[int]) -> list[int]:
+    """Channels per weight group in each stage. Call `validate` first for a clear error."""
+    if spec.sharing.groups is not None:
+        return [w // spec.sharing.groups for w in widths]
+    cpg = spec.sharing.channels_per_group
+    return list(cpg) if isinstance(cpg, tuple) else [cpg] * len(widths)
+
+
+def validate(
+    spec: OperatorSpec,
+    widths: Sequence[int],
+    resolutions: Sequence[tuple[int, int]] | None = None,
+) -> list[int]:
+    """Check `spec` for stages of the given channel widths (and feature-map sizes, when fixed).
+
+    Returns the channels per weight group of each stage. Raises InvalidOperatorError otherwise.
+    """
+    conn, shar, dyn = spec.connectivity, spec.sharing, spec.dynamic
+
+    # -- the option names themselves --------------------------------------------------------------
+    if conn.kind not in CONNECTIVITY_KINDS:
+        raise InvalidOperatorError(
+            "connectivity.kind", f"unknown connectivity {conn.kind!r}.",
+            [f"connectivity={k}" for k in CONNECTIVITY_KINDS])
+    if shar.spatial not in SPATIAL_SHARING:
+        raise InvalidOperatorError(
+            "sharing.spatial", f"unknown spatial sharing {shar.spatial!r}.",
+            [f"sharing.spatial={k}" for k in SPATIAL_SHARING])
+    if dyn.module:
+        try:
+            importlib.import_module(dyn.module)
+        except ImportError as err:
+            raise InvalidOperatorError(
+                "dynamic.module", f"cannot import {dyn.module!r}, which should register "
+                f"dynamic option {dyn.kind!r} ({err}).",
+                ["put the module on PYTHONPATH", "dynamic.module=null"]) from err
+    option = dynamic_option(dyn.kind)
+    if option is None:
+        raise InvalidOperatorError(
+            "dynamic.kind", f"unknown dynamic option {dyn.kind!r}; registered: {list(dynamic_options())}.",
+            [f"dynamic={k}" for k in dynamic_options()])
+
+    # -- connectivity parameters ------------------------------------------------------------------
+    k = conn.kernel_size
+    if conn.kind != "global":
+        if not isinstance(k, int) or k < 1:
+            raise InvalidOperatorError(
+                "connectivity.kernel_size", f"kernel_size must be a positive integer, got {k!r}.",
+                ["connectivity.kernel_size=7"])
+        if conn.kind == "sliding" and k % 2 == 0:
+            raise InvalidOperatorError(
+                "sliding needs an odd kernel_size",
+                f"a sliding neighbourhood is centred on its position, so kernel_size={k} has no centre.",
+                [f"connectivity.kernel_size={k - 1}", f"connectivity.kernel_size={k + 1}",
+                 "connectivity=window"])
+    if conn.shift and conn.kind != "window":
+        raise InvalidOperatorError(
+            "shift needs window connectivity",
+            f"only non-overlapping windows are shifted; {conn.kind} connectivity has none to shift.",
+            ["connectivity.shift=false", "connectivity=window"])
+
+    # -- spatial sharing against connectivity and dynamic -----------------------------------------
+    if shar.spatial == "window" and conn.kind == "sliding":
+        raise InvalidOperatorError(
+            "spatial: window needs window or global connectivity",
+            "weights shared across windows need windows; a sliding neighbourhood has none.",
+            ["sharing.spatial=offset", "sharing.spatial=none", "connectivity=window"])
+    if shar.spatial not in option.spatial:
+        why = f" ({option.why})" if option.why else ""
+        raise InvalidOperatorError(
+            f"{dyn.kind} needs spatial: {' or '.join(option.spatial)}",
+            f"dynamic={dyn.kind} cannot have spatial sharing {shar.spatial!r}{why}.",
+            [f"sharing.spatial={s}" for s in option.spatial]
+            + [f"dynamic={d}" for d in dynamic_options()
+               if d != dyn.kind and shar.spatial in dynamic_option(d).spatial][:2])
+    layout = LAYOUT_OF[conn.kind]
+    if weight_source_class(dyn.kind, layout, shar.spatial) is None:
+        have = [f"{lay}/{sp}" for lay, sp in option.sources]
+        raise InvalidOperatorError(
+            f"{dyn.kind} has no {layout} implementation",
+            f"dynamic option {dyn.kind!r} registers weight sources only for layout/spatial {have}.",
+            [f"connectivity={c}" for c, lay in LAYOUT_OF.items() if (lay, shar.spatial) in option.sources])
+    if dyn.kind in ("homogeneous", "inhomogeneous") and (not isinstance(dyn.reduction, int)
+                                                         or dyn.reduction < 1
+                                                         or min(widths) // dyn.reduction < 1):
+        raise InvalidOperatorError(
+            "dynamic.reduction", f"the weight predictor's hidden width is channels // reduction; "
+            f"reduction={dyn.reduction!r} leaves none at width {min(widths)}.",
+            ["dynamic.reduction=4"])
+
+    # -- fixed input size -------------------------------------------------------------------------
+    position_tables = (
+        (dyn.kind == "static" and shar.spatial == "none")
+        or (conn.kind == "global" and (shar.spatial in ("offset", "window")
+                                       or (dyn.kind == "attention" and dyn.position_bias)))
+    )
+    if position_tables and resolutions is None:
+        raise InvalidOperatorError(
+            "needs a fixed input size",
+            f"{conn.kind} connectivity with spatial={shar.spatial}, dynamic={dyn.kind} has weights "
+            "per position of the map, so the map size must be known when the model is built.",
+            ["build it with img_size set", "sharing.spatial=offset"])
+
+    # -- channel sharing --------------------------------------------------------------------------
+    cpg, groups = shar.channels_per_group, shar.groups
+    if (cpg is None) == (groups is None):
+        raise InvalidOperatorError(
+            "one channel-sharing knob",
+            f"set exactly one of channels_per_group ({cpg!r}) and groups ({groups!r}).",
+            ["sharing.groups=null", "sharing.channels_per_group=null"])
+    if groups is not None:
+        if not isinstance(groups, int) or groups < 1 or any(w % groups for w in widths):
+            near = _nearest_common_divisors(groups if isinstance(groups, int) else 1, widths)
+            raise InvalidOperatorError(
+                "groups must divide every stage width",
+                f"groups={groups!r} does not divide the stage widths {list(widths)}.",
+                [f"sharing.groups={g}" for g in near])
+    else:
+        per_stage = list(cpg) if isinstance(cpg, tuple) else [cpg] * len(widths)
+        if len(per_stage) != len(widths):
+            raise InvalidOperatorError(
+                "channels_per_group: one number or one per stage",
+                f"got {len(per_stage)} numbers for {len(widths)} stages.",
+                [f"sharing.channels_per_group={per_stage[0]}"])
+        for stage, (c, w) in enumerate(zip(per_stage, widths)):
+            if not isinstance(c, int) or c < 1 or w % c:
+                near = [d for d in _divisors(w) if isinstance(c, int)]
+                near = sorted(sorted(near, key=lambda d: abs(d - c))[:2]) if near else [1]
+                raise InvalidOperatorError(
+                    "channels_per_group must divide every stage width",
+                    f"channels_per_group={c!r} does not divide the width {w} of stage {stage} "
+                    f"(widths {list(widths)}).",
+                    [f"sharing.channels_per_group={d}" for d in near]
+                    + [f"sharing.groups={w // d}" for d in near[:1]])
+    return stage_channels_per_group(spec, widths)
