@@ -128,7 +128,8 @@ class AblateNet(nn.Module):
 
         self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size),
                                   LayerNorm2d(embed_dim))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)  # stochastic depth grows linearly with depth (Swin); plain floats, so that
+        rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # a meta-device build works
         stages, self.feature_info = [], []
         for s, (depth, dim, size, cpg) in enumerate(zip(depths, widths, sizes, channels_per_group)):
             blocks = []

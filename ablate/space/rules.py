@@ -161,12 +161,14 @@ def validate(
                 [f"sharing.channels_per_group={per_stage[0]}"])
         for stage, (c, w) in enumerate(zip(per_stage, widths)):
             if not isinstance(c, int) or c < 1 or w % c:
-                near = [d for d in _divisors(w) if isinstance(c, int)]
-                near = sorted(sorted(near, key=lambda d: abs(d - c))[:2]) if near else [1]
+                target = c if isinstance(c, int) else 1
+                # one number for every stage must divide them all; a per-stage list only this one
+                near = (_nearest_common_divisors(target, widths) if not isinstance(cpg, tuple)
+                        else sorted(sorted(_divisors(w), key=lambda d: (abs(d - target), d))[:2]))
                 raise InvalidOperatorError(
                     "channels_per_group must divide every stage width",
                     f"channels_per_group={c!r} does not divide the width {w} of stage {stage} "
                     f"(widths {list(widths)}).",
                     [f"sharing.channels_per_group={d}" for d in near]
-                    + [f"sharing.groups={w // d}" for d in near[:1]])
+                    + [f"sharing.groups={w // near[0]}"])
     return stage_channels_per_group(spec, widths)

@@ -1,0 +1,50 @@
+# ablate: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := data
+FMNIST_RAW := $(DATA)/FashionMNIST/raw
+
+.DEFAULT_GOAL := help
+.PHONY: help install data test test-all lint measure
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed data ## create .venv/ and install ablate (editable) with its dev tools and data
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data: $(FMNIST_RAW)/.complete ## put the real Fashion-MNIST where torchvision reads it (Debian's dataset-fashion-mnist)
+
+$(FMNIST_RAW)/.complete:
+	@set -euo pipefail; src=/usr/share/datasets/fashion-mnist; \
+	if [ ! -f $$src/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
+	  else \
+	    tmp=$$(mktemp -d); (cd $$tmp && apt-get download dataset-fashion-mnist) && dpkg -x $$tmp/*.deb $(DATA)/deb && rm -rf $$tmp; \
+	    src=$(DATA)/deb/usr/share/datasets/fashion-mnist; \
+	  fi; \
+	fi; \
+	mkdir -p $(FMNIST_RAW); \
+	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
+	  gunzip -c $$src/$$f.gz > $(FMNIST_RAW)/$$f; \
+	done; touch $@; echo "Fashion-MNIST ready in $(FMNIST_RAW)"
+
+test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
+	$(PY) -m pytest -q -n 2
+
+test-all: install ## run every test, the slow end-to-end ones included
+	$(PY) -m pytest -q -n 2 -m ''
+
+lint: install ## check style with ruff
+	$(VENV)/bin/ruff check ablate analysis tests
+
+measure: install ## params and GMAC of the paper's models: make measure MODEL=tiny
+	$(PY) -m ablate.measure -m operator=local_attention,dwconv,dynamic_dwconv,idynamic_dwconv model=$(or $(MODEL),tiny)

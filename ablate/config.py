@@ -1,0 +1,133 @@
+"""The structured schema of the Hydra configs, and composed config -> spec -> model.
+
+The YAML files under `conf/` fill these dataclasses, so a misspelt key or an unknown enum value
+fails at composition with Hydra's own message. The dynamic axis is open (users register options),
+so its `kind` is checked by `ablate.space.validate` with the list of registered options instead.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ablate.models.backbone import AblateNet
+from ablate.space.presets import PRESETS
+from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
+
+__all__ = ["CONF_DIR", "ModelSideConfig", "MeasureConfig", "spec_from_cfg", "build_model",
+           "operator_label"]
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+ConnectivityKind = enum.Enum("ConnectivityKind", {k: k for k in ("window", "sliding", "global")})
+SpatialSharing = enum.Enum("SpatialSharing", {k: k for k in ("offset", "window", "none")})
+BlockStyle = enum.Enum("BlockStyle", {k: k for k in ("swin", "dwnet")})
+SizeName = enum.Enum("SizeName", {k: k for k in ("micro", "tiny", "small", "base", "custom")})
+
+
+@dataclass
+class ConnectivityConf:
+    kind: ConnectivityKind = MISSING
+    kernel_size: int = 7
+    shift: bool = False
+
+
+@dataclass
+class SharingConf:
+    spatial: SpatialSharing = MISSING
+    channels_per_group: Any = None  # one int, or a list with one per stage
+    groups: Optional[int] = None
+
+
+@dataclass
+class DynamicConf:
+    kind: str = MISSING
+    reduction: int = 4
+    bias: bool = True
+    qkv_bias: bool = True
+    position_bias: bool = True
+    module: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlockConf:
+    style: BlockStyle = MISSING
+
+
+@dataclass
+class ModelConf:
+    size: SizeName = MISSING
+    embed_dim: int = MISSING
+    depths: List[int] = MISSING
+    patch_size: int = MISSING
+    mlp_ratio: float = 4.0
+    img_size: int = MISSING
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class ModelSideConfig:
+    """What every app composes: the operator's three axes, the block, the macro model."""
+
+    preset: str = MISSING  # the operator preset the axes started from (conf/operator/)
+    connectivity: ConnectivityConf = field(default_factory=ConnectivityConf)
+    sharing: SharingConf = field(default_factory=SharingConf)
+    dynamic: DynamicConf = field(default_factory=DynamicConf)
+    block: BlockConf = field(default_factory=BlockConf)
+    model: ModelConf = field(default_factory=ModelConf)
+
+
+@dataclass
+class MeasureConfig(ModelSideConfig):
+    img_size: int = "${model.img_size}"  # type: ignore[assignment]
+    in_chans: int = 3
+    num_classes: int = 1000
+
+
+ConfigStore.instance().store(name="measure_schema", node=MeasureConfig)
+
+
+def _plain(value):
+    return value.name if isinstance(value, enum.Enum) else value
+
+
+def spec_from_cfg(cfg: DictConfig) -> OperatorSpec:
+    """The OperatorSpec of a composed config (not validated yet)."""
+    c, s, d = cfg.connectivity, cfg.sharing, cfg.dynamic
+    cpg = s.channels_per_group
+    if OmegaConf.is_list(cpg):
+        cpg = OmegaConf.to_container(cpg)
+    return OperatorSpec(
+        Connectivity(_plain(c.kind), c.kernel_size, c.shift),
+        Sharing(_plain(s.spatial), as_tuple(cpg), s.groups),
+        Dynamic(d.kind, d.reduction, d.bias, d.qkv_bias, d.position_bias, d.module,
+                OmegaConf.to_container(d.params) if d.params else {}),
+    )
+
+
+def build_model(cfg: DictConfig, img_size: int, in_chans: int, num_classes: int) -> AblateNet:
+    """The model of a composed config; raises InvalidOperatorError for an invalid operator."""
+    m = cfg.model
+    return AblateNet(
+        spec_from_cfg(cfg), block=_plain(cfg.block.style), embed_dim=m.embed_dim,
+        depths=tuple(m.depths), patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, img_size=img_size,
+        in_chans=in_chans, num_classes=num_classes, drop_path_rate=m.drop_path_rate,
+    )
+
+
+def operator_label(cfg: DictConfig) -> str:
+    """The preset name, or the preset plus the axes the overrides changed ("dwconv[dynamic=...]")."""
+    base = PRESETS.get(cfg.preset)
+    if base is None:
+        return str(cfg.preset)
+    spec, block = spec_from_cfg(cfg), _plain(cfg.block.style)
+    ours, theirs = spec.axes, base.spec.axes
+    changed = [f"{k}={ours[k]}" for k in ours if ours[k] != theirs[k]]
+    if block != base.block:
+        changed.append(f"block={block}")
+    return base.name if not changed else f"{base.name}[{','.join(changed)}]"
