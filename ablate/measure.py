@@ -31,9 +31,14 @@ def measure(cfg: DictConfig) -> dict:
         "model": cfg.model.size.name,
         "img_size": cfg.img_size,
         "num_classes": cfg.num_classes,
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "gmac": round(model.macs() / 1e9, 3),
+        "params_m": _significant(sum(p.numel() for p in model.parameters()) / 1e6, 5),
+        "gmac": _significant(model.macs() / 1e9, 4),
     }
+
+
+def _significant(value: float, digits: int) -> float:
+    """Round to significant digits: 24.173 for a tiny model, 0.01679 for a micro one."""
+    return float(f"{value:.{digits}g}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="measure", version_base="1.3")

@@ -144,13 +144,18 @@ class SlidingLayout(nn.Module):
             return y.reshape(n, c, h, w)
         # per-position weights (N|1, G, K*K, H, W): shift-and-accumulate over the K*K offsets
         xg = x.reshape(n, groups, c // groups, h, w)
-        y = torch.zeros_like(xg)
+        # K*K partial sums: accumulate bf16/fp16 inputs in fp32, as a convolution kernel would
+        y = torch.zeros(xg.shape, dtype=_accumulation_dtype(x.dtype), device=x.device)
         for idx, shifted in self.neighbours(xg):
             y = y + weights[:, :, idx, None] * shifted
-        return y.reshape(n, c, h, w)
+        return y.to(x.dtype).reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, kernel_size={self.kernel_size}"
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def relative_offset_index(wh: int, ww: int) -> torch.Tensor:
