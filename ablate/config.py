@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -40,7 +40,7 @@ class ConnectivityConf:
 class SharingConf:
     spatial: SpatialSharing = MISSING
     channels_per_group: Any = None  # one int, or a list with one per stage
-    groups: Optional[int] = None
+    groups: int | None = None
 
 
 @dataclass
@@ -50,8 +50,8 @@ class DynamicConf:
     bias: bool = True
     qkv_bias: bool = True
     position_bias: bool = True
-    module: Optional[str] = None
-    params: Dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class BlockConf:
 class ModelConf:
     size: SizeName = MISSING
     embed_dim: int = MISSING
-    depths: List[int] = MISSING
+    depths: list[int] = MISSING
     patch_size: int = MISSING
     mlp_ratio: float = 4.0
     img_size: int = MISSING

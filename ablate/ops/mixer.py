@@ -1,8 +1,8 @@
 """`SpatialMixer`: one operator of the family, built from a validated spec by registry lookup."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -11,8 +11,8 @@ module of their own, and one YAML file in `conf/dynamic/` naming that module.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 __all__ = [
     "LAYOUT_OF",

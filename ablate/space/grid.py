@@ -6,10 +6,17 @@ the grid test walk this, so every registered option is covered as soon as it is 
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 from ablate.ops.registry import dynamic_options
-from ablate.space.spec import CONNECTIVITY_KINDS, SPATIAL_SHARING, Connectivity, Dynamic, OperatorSpec, Sharing
+from ablate.space.spec import (
+    CONNECTIVITY_KINDS,
+    SPATIAL_SHARING,
+    Connectivity,
+    Dynamic,
+    OperatorSpec,
+    Sharing,
+)
 
 __all__ = ["CHANNEL_OPTIONS", "axis_grid"]
 

@@ -7,7 +7,7 @@ an invalid cell as skipped with this message; nothing else in the code re-checks
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
+from collections.abc import Sequence
 
 from ablate.ops.registry import LAYOUT_OF, dynamic_option, dynamic_options, weight_source_class
 from ablate.space.spec import CONNECTIVITY_KINDS, SPATIAL_SHARING, OperatorSpec

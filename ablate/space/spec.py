@@ -11,8 +11,9 @@ combination in `ablate.ops.registry`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "CONNECTIVITY_KINDS",
@@ -103,23 +104,6 @@ class OperatorSpec:
             "groups": self.sharing.groups,
             "dynamic": self.dynamic.kind,
         }
-
-    def with_axes(self, **changes: Any) -> "OperatorSpec":
-        """A copy with some axis values changed, by their flat names (see `axes`)."""
-        conn = {k: changes.pop(k) for k in ("kernel_size", "shift") if k in changes}
-        if "connectivity" in changes:
-            conn["kind"] = changes.pop("connectivity")
-        shar = {k: changes.pop(k) for k in ("channels_per_group", "groups") if k in changes}
-        if "spatial" in changes:
-            shar["spatial"] = changes.pop("spatial")
-        dyn = {"kind": changes.pop("dynamic")} if "dynamic" in changes else {}
-        if changes:
-            raise TypeError(f"unknown axis names {sorted(changes)}; known: {sorted(self.axes)}")
-        return OperatorSpec(
-            connectivity=replace(self.connectivity, **conn),
-            sharing=replace(self.sharing, **shar),
-            dynamic=replace(self.dynamic, **dyn),
-        )
 
 
 def as_tuple(value: int | Sequence[int] | None) -> int | tuple[int, ...] | None:

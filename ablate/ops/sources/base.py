@@ -14,7 +14,8 @@ class WeightSource(nn.Module):
     """Computes the weights w that a layout applies, from the operator's context (or nothing).
 
     Subclasses say the shape of their weights in their docstring and implement
-    `forward(context, layout)` and `macs()` (multiply-accumulates per sample to compute the weights, for the GMAC count).
+    `forward(context, layout)` and `macs()` (multiply-accumulates per sample to compute the
+    weights, for the GMAC count).
     """
 
     def __init__(self, layout: nn.Module, dim: int, groups: int, dynamic: Dynamic, context_dim: int):
