@@ -6,15 +6,15 @@ expect; on a GPU, channels_last memory format makes the 1x1 convolutions plain G
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
-from ablate.models.blocks import BLOCKS, pointwise
+from ablate.models.blocks import BLOCKS, LN_EPS, pointwise
 from ablate.ops.mixer import SpatialMixer
 from ablate.space.rules import InvalidOperatorError, validate
 from ablate.space.spec import OperatorSpec
@@ -64,7 +64,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, resolution: tuple[int, int]):
         super().__init__()
         self.dim, self.resolution = dim, resolution
-        self.norm = LayerNorm2d(4 * dim)
+        self.norm = LayerNorm2d(4 * dim, eps=LN_EPS)
         self.reduction = pointwise(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x):
@@ -127,7 +127,7 @@ class AblateNet(nn.Module):
         self.patch_size, self.in_chans = patch_size, in_chans
 
         self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size),
-                                  LayerNorm2d(embed_dim))
+                                  LayerNorm2d(embed_dim, eps=LN_EPS))
         n = sum(depths)  # stochastic depth grows linearly with depth (Swin); plain floats, so that
         rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # a meta-device build works
         stages, self.feature_info = [], []
@@ -140,7 +140,7 @@ class AblateNet(nn.Module):
             stages.append(Stage(down, blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** s, module=f"stages.{s}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(self.num_features)
+        self.norm = LayerNorm2d(self.num_features, eps=LN_EPS)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)

@@ -8,12 +8,15 @@ dwnet: the official DWNet block: 1x1 conv-BN-ReLU, operator, BN-ReLU, 1x1 conv-B
 """
 from __future__ import annotations
 
-from torch import nn
 from timm.layers import DropPath, LayerNorm2d
+from torch import nn
 
 from ablate.ops.mixer import SpatialMixer
 
-__all__ = ["SwinBlock", "DWNetBlock", "BLOCKS", "Mlp", "pointwise"]
+__all__ = ["SwinBlock", "DWNetBlock", "BLOCKS", "Mlp", "pointwise", "LN_EPS"]
+
+# Swin uses nn.LayerNorm with its default eps; timm's LayerNorm2d defaults to 1e-6 (ConvNeXt).
+LN_EPS = 1e-5
 
 
 def pointwise(in_dim: int, out_dim: int, bias: bool = True, linear_init: bool = True) -> nn.Conv2d:
@@ -40,11 +43,11 @@ class SwinBlock(nn.Module):
     def __init__(self, mixer: SpatialMixer, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         dim = mixer.dim
-        self.norm1 = LayerNorm2d(dim)
+        self.norm1 = LayerNorm2d(dim, eps=LN_EPS)
         self.in_proj = pointwise(dim, dim)
         self.mixer = mixer
         self.out_proj = pointwise(dim, dim)
-        self.norm2 = LayerNorm2d(dim)
+        self.norm2 = LayerNorm2d(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

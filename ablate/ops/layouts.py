@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ablate.ops.functional import sliding_aggregate
 from ablate.space.spec import Connectivity
 
 __all__ = ["WindowLayout", "SlidingLayout", "build_layout"]
@@ -111,25 +112,11 @@ class SlidingLayout(nn.Module):
         self.tokens = kernel_size * kernel_size
         # inside[k, h, w]: neighbour k of position (h, w) lies on the map (not in the zero padding)
         h, w = self.resolution
-        rows = torch.arange(h)[None, :, None] + self._dy()[:, None, None]
-        cols = torch.arange(w)[None, None, :] + self._dx()[:, None, None]
-        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        self.register_buffer("inside", inside, persistent=False)
-
-    def _dy(self) -> torch.Tensor:
-        return torch.arange(self.tokens) // self.kernel_size - self.pad
-
-    def _dx(self) -> torch.Tensor:
-        return torch.arange(self.tokens) % self.kernel_size - self.pad
-
-    def neighbours(self, t: torch.Tensor):
-        """Yield (k, view of t shifted so that position i holds its k-th neighbour j)."""
-        h, w = self.resolution
-        k, p = self.kernel_size, self.pad
-        padded = F.pad(t, (p, p, p, p))
-        for idx in range(self.tokens):
-            dy, dx = divmod(idx, k)
-            yield idx, padded[..., dy: dy + h, dx: dx + w]
+        offsets = torch.arange(self.tokens)
+        dy, dx = offsets // kernel_size - self.pad, offsets % kernel_size - self.pad
+        rows = torch.arange(h)[None, :, None] + dy[:, None, None]
+        cols = torch.arange(w)[None, None, :] + dx[:, None, None]
+        self.register_buffer("inside", (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w), persistent=False)
 
     def aggregate(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -143,19 +130,11 @@ class SlidingLayout(nn.Module):
             y = F.conv2d(x.reshape(1, n * c, h, w), kernel.to(x.dtype), padding=self.pad, groups=n * c)
             return y.reshape(n, c, h, w)
         # per-position weights (N|1, G, K*K, H, W): shift-and-accumulate over the K*K offsets
-        xg = x.reshape(n, groups, c // groups, h, w)
-        # K*K partial sums: accumulate bf16/fp16 inputs in fp32, as a convolution kernel would
-        y = torch.zeros(xg.shape, dtype=_accumulation_dtype(x.dtype), device=x.device)
-        for idx, shifted in self.neighbours(xg):
-            y = y + weights[:, :, idx, None] * shifted
-        return y.to(x.dtype).reshape(n, c, h, w)
+        y = sliding_aggregate(x.reshape(n, groups, c // groups, h, w), weights, self.kernel_size)
+        return y.reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, kernel_size={self.kernel_size}"
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def relative_offset_index(wh: int, ww: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ combination in `ablate.ops.registry`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -105,6 +105,23 @@ class OperatorSpec:
             "dynamic": self.dynamic.kind,
         }
 
+
+    def with_axes(self, **changes: Any) -> OperatorSpec:
+        """A copy with some axis values changed, by their flat names (see `axes`)."""
+        conn = {k: changes.pop(k) for k in ("kernel_size", "shift") if k in changes}
+        if "connectivity" in changes:
+            conn["kind"] = changes.pop("connectivity")
+        shar = {k: changes.pop(k) for k in ("channels_per_group", "groups") if k in changes}
+        if "spatial" in changes:
+            shar["spatial"] = changes.pop("spatial")
+        dyn = {"kind": changes.pop("dynamic")} if "dynamic" in changes else {}
+        if changes:
+            raise TypeError(f"unknown axis names {sorted(changes)}; known: {sorted(self.axes)}")
+        return OperatorSpec(
+            connectivity=replace(self.connectivity, **conn),
+            sharing=replace(self.sharing, **shar),
+            dynamic=replace(self.dynamic, **dyn),
+        )
 
 def as_tuple(value: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
     """Lists from YAML become tuples so that specs stay hashable."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ablate.ops.functional import sliding_correlate
 from ablate.ops.registry import register_dynamic, register_source
 from ablate.ops.sources.base import WeightSource
 
@@ -29,10 +30,14 @@ class _Attention(WeightSource):
         if dynamic.position_bias:
             self.position_bias = nn.Parameter(torch.zeros(groups, bias_entries))
             nn.init.trunc_normal_(self.position_bias, std=0.02)
+        # windows padded to a multiple of the window compute logits at the padded positions too
+        padded = getattr(layout, "padded", layout.resolution)
+        self.logit_positions = padded[0] * padded[1]
 
     def macs(self) -> int:
-        # the q, k projection, then one dot product of width dim per position and neighbour
-        return self.positions * (self.context_dim * 2 * self.dim + self.dim * self.neighbours)
+        # the q, k projection on the map, then one dot product of width dim per position and neighbour
+        return (self.positions * self.context_dim * 2 * self.dim
+                + self.logit_positions * self.dim * self.neighbours)
 
 
 @register_source("attention", "windowed", "none")
@@ -66,8 +71,7 @@ class NeighbourhoodAttentionWeights(_Attention):
     def forward(self, context: torch.Tensor, layout) -> torch.Tensor:
         n, _, h, w = context.shape
         q, k = self.qk(context).reshape(n, 2, self.groups, -1, h, w).unbind(1)
-        q = q * self.scale
-        logits = torch.stack([(q * k_j).sum(2) for _, k_j in layout.neighbours(k)], dim=2)
+        logits = sliding_correlate(q * self.scale, k, layout.kernel_size)
         if self.position_bias is not None:
             logits = logits + self.position_bias[None, :, :, None, None]
         logits = logits.masked_fill(~layout.inside, float("-inf"))
