@@ -14,12 +14,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ablate.data.config import DataConf
 from ablate.models.backbone import AblateNet
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
-__all__ = ["CONF_DIR", "ModelSideConfig", "MeasureConfig", "spec_from_cfg", "build_model",
-           "operator_label"]
+__all__ = ["CONF_DIR", "ModelSideConfig", "MeasureConfig", "TrainConfig", "spec_from_cfg",
+           "build_model", "operator_label"]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -89,7 +90,68 @@ class MeasureConfig(ModelSideConfig):
     num_classes: int = 1000
 
 
+@dataclass
+class OptimConf:
+    lr: float = 5e-4              # at lr_batch_size images per step; scaled by the global batch
+    lr_batch_size: int = 512
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float | None = 5.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    ema: bool = False
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class ScheduleConf:
+    epochs: int = 300
+    warmup_epochs: float = 20.0
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+
+
+@dataclass
+class TrainerConf:
+    device: str = "auto"          # auto (cuda if there is one), cpu, cuda, cuda:1 ...
+    precision: str = "auto"       # auto (bf16 on a GPU, fp32 on the CPU), bf16, fp32
+    channels_last: bool | None = None  # None: on a GPU
+    compile: bool = False
+    threads: int | None = None  # CPU threads; None: torch's default
+    seed: int = 0
+    resume: str = "auto"          # auto: resume from the run folder's checkpoint; never: start over
+    results_root: str = "results"
+    sweep: str | None = None   # results/<sweep or "runs">/<run>
+    run_name: str | None = None  # default: operator-model-data-seed-<hash of the config>
+    quiet: bool = False           # no progress bars (launchers)
+    inference_batches: int = 5    # batches timed for the inference samples/s
+
+
+@dataclass
+class LoggerConf:
+    name: str = "wandb"           # wandb or none
+    mode: str | None = None    # online, offline, disabled; None: online with an API key, else offline
+    project: str = "ablate"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0
+
+
+@dataclass
+class TrainConfig(ModelSideConfig):
+    data: DataConf = field(default_factory=DataConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    schedule: ScheduleConf = field(default_factory=ScheduleConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+
+
 ConfigStore.instance().store(name="measure_schema", node=MeasureConfig)
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 def _plain(value):

@@ -132,11 +132,14 @@ def validate(
                                        or (dyn.kind == "attention" and dyn.position_bias)))
     )
     if position_tables and resolutions is None:
+        nearest = ["build it with img_size set"]
+        nearest += (["connectivity=window", "connectivity=sliding"] if conn.kind == "global"
+                    else ["sharing.spatial=offset"])
         raise InvalidOperatorError(
             "needs a fixed input size",
             f"{conn.kind} connectivity with spatial={shar.spatial}, dynamic={dyn.kind} has weights "
             "per position of the map, so the map size must be known when the model is built.",
-            ["build it with img_size set", "sharing.spatial=offset"])
+            nearest)
 
     # -- channel sharing --------------------------------------------------------------------------
     cpg, groups = shar.channels_per_group, shar.groups
@@ -144,7 +147,9 @@ def validate(
         raise InvalidOperatorError(
             "one channel-sharing knob",
             f"set exactly one of channels_per_group ({cpg!r}) and groups ({groups!r}).",
-            ["sharing.groups=null", "sharing.channels_per_group=null"])
+            ["sharing.groups=null", "sharing.channels_per_group=null"] if cpg is not None
+            else [f"sharing.channels_per_group={_nearest_common_divisors(1, widths, 1)[0]}",
+                  "sharing.groups=1"])
     if groups is not None:
         if not isinstance(groups, int) or groups < 1 or any(w % groups for w in widths):
             near = _nearest_common_divisors(groups if isinstance(groups, int) else 1, widths)

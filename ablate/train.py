@@ -1,0 +1,383 @@
+"""`python -m ablate.train [overrides]`: train one composed configuration and record it.
+
+    python -m ablate.train                                   # dwconv, micro, Fashion-MNIST
+    python -m ablate.train operator=local_attention schedule.epochs=2 data.train_subset=5000
+    python -m ablate.train --cfg job --resolve               # the resolved config
+    python -m ablate.train --info defaults-tree              # which option of each group
+
+Read top to bottom: validate the operator, find the run folder (a completed run is not trained
+again; a checkpoint is resumed), build model and recipe, load the data, train epoch by epoch
+(metrics line, then checkpoint), and record `results.json`. Everything random in epoch e is seeded
+from (seed, e), so a run resumed at epoch e replays it exactly on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import math
+import platform
+import random
+import resource
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import ablate  # noqa: F401  (registers the operator options)
+from ablate.config import CONF_DIR, build_model, operator_label, spec_from_cfg
+from ablate.data import DataError, build_data
+from ablate.recipe import build_recipe
+from ablate.space.rules import InvalidOperatorError
+from ablate.tracking import RunStore, WandbMirror, run_folder_name, safe_name
+
+__all__ = ["train", "run_folder"]
+
+log = logging.getLogger("ablate.train")
+
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3}
+PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
+
+
+class Diverged(Exception):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss is {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+# -- where the run lives ------------------------------------------------------------------------
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What defines the experiment: everything but where it runs and how it is shown."""
+    identity = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    trainer = identity.pop("trainer")
+    identity.pop("logger")
+    identity["seed"] = trainer["seed"]
+    return identity
+
+
+def run_label(cfg: DictConfig) -> str:
+    return f"{operator_label(cfg)}-{cfg.model.size.name}-{cfg.data.name}-s{cfg.trainer.seed}"
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    t = cfg.trainer
+    name = safe_name(t.run_name) if t.run_name else run_folder_name(run_label(cfg), run_identity(cfg))
+    return Path(t.results_root) / safe_name(t.sweep or "runs") / name
+
+
+# -- the machine --------------------------------------------------------------------------------
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision != "bf16":
+        raise ValueError(f"trainer.precision must be auto, bf16 or fp32; got {precision!r}")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Every random draw of epoch `epoch` (augmentation, mixup, drop path) follows from here."""
+    s = (seed * 1_000_003 + epoch) % 2**31
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def provenance() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["python"] = platform.python_version()
+    return {"git_commit": commit, "host": socket.gethostname(), "versions": versions}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -- one epoch ----------------------------------------------------------------------------------
+def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int) -> dict[str, float]:
+    model.train()
+    clip = cfg.optim.clip_grad
+    total, samples, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
+               disable=cfg.trainer.quiet, dynamic_ncols=True, file=sys.stderr)
+    for images, labels in loader:
+        targets = labels
+        if recipe.mixup is not None:
+            images, targets = recipe.mixup(images, labels)
+        with amp():
+            logits = model(images)
+        loss = recipe.criterion(logits.float(), targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            bar.close()
+            raise Diverged(step, value)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        recipe.optimizer.step()
+        step += 1
+        recipe.scheduler.step_update(step)
+        if recipe.ema is not None:
+            recipe.ema.update(model, step=step)
+        total += value * labels.shape[0]
+        samples += labels.shape[0]
+        bar.update()
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"step": step, "train_loss": total / max(samples, 1), "train_seconds": seconds,
+            "samples_per_s": samples / seconds if seconds else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model, loader, amp) -> dict[str, float]:
+    model.eval()
+    correct1 = correct5 = seen = 0
+    for images, labels in loader:
+        with amp():
+            logits = model(images).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        seen += labels.shape[0]
+    if seen == 0:  # data.val_size=0: no validation split
+        return {"top1": float("nan"), "top5": float("nan")}
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen}
+
+
+@torch.no_grad()
+def inference_throughput(model, loader, amp, batches: int) -> float:
+    model.eval()
+    timed = images_seen = 0
+    start = None
+    for i, (images, _) in enumerate(loader):
+        if i == 1:  # the first batch warms up allocators and kernels
+            if images.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with amp():
+            model(images)
+        if i >= 1:
+            images_seen += images.shape[0]
+            timed += 1
+        if timed >= batches:
+            break
+    if start is None:
+        return 0.0
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return images_seen / (time.perf_counter() - start)
+
+
+# -- the run ------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and record one run; returns its results (status completed, failed or diverged).
+
+    Raises InvalidOperatorError or DataError for input that must be fixed first; once the run
+    folder exists, every failure is recorded there instead of raised.
+    """
+    t = cfg.trainer
+    torch.manual_seed(t.seed)  # the initial weights
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    model = build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
+    spec = spec_from_cfg(cfg)
+
+    store = RunStore(run_folder(cfg))
+    if store.completed():
+        results = store.read_results()
+        log.info("run already completed: %s (test top-1 %.2f%%); nothing to do. Delete the folder "
+                 "or change the config to train again.", store.folder, results["final_test_top1"])
+        return results
+    if t.resume not in ("auto", "never"):
+        raise ValueError(f"trainer.resume must be auto or never; got {t.resume!r}")
+    store.create()
+    store.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+
+    device = select_device(t.device)
+    amp = autocast(device, t.precision)
+    channels_last = device.type == "cuda" if t.channels_last is None else t.channels_last
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if t.compile else model
+
+    data = build_data(cfg.data, device, seed=t.seed)
+    recipe = build_recipe(model, cfg.optim, cfg.schedule, cfg.data.num_classes,
+                          cfg.data.batch_size, len(data.train))
+
+    start_epoch, step, best, history, elapsed = 0, 0, None, [], 0.0
+    checkpoint = store.load_checkpoint() if t.resume == "auto" else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        recipe.optimizer.load_state_dict(checkpoint["optimizer"])
+        if recipe.ema is not None and checkpoint.get("ema") is not None:
+            recipe.ema.load_state_dict(checkpoint["ema"])
+        start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
+        elapsed = checkpoint["elapsed_s"]
+        recipe.scheduler.step_update(step)
+        history = store.keep_metrics_before(start_epoch)
+        log.info("resuming %s at epoch %d/%d", store.folder, start_epoch + 1, cfg.schedule.epochs)
+    else:
+        store.keep_metrics_before(0)
+
+    preset = cfg.preset
+    axes = spec.axes
+    wandb_run = WandbMirror(
+        folder=store.folder, project=cfg.logger.project, entity=cfg.logger.entity,
+        name=store.folder.name, group=t.sweep or "runs", job_type=preset,
+        tags=[*cfg.logger.tags, preset, cfg.model.size.name, cfg.data.name],
+        config={**OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                **{f"axes/{k}": v for k, v in axes.items()}},
+        mode=cfg.logger.mode if cfg.logger.name == "wandb" else "disabled",
+        init_timeout=cfg.logger.init_timeout,
+        run_id=hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16],
+    )
+
+    params = sum(p.numel() for p in model.parameters())
+    results: dict[str, Any] = {
+        "status": "running", "run": store.folder.name, "sweep": t.sweep or "runs",
+        "preset": preset, "operator": operator_label(cfg), "block": cfg.block.style.name, **axes,
+        "model": cfg.model.size.name, "data": cfg.data.name, "img_size": cfg.data.img_size,
+        "num_classes": cfg.data.num_classes, "params": params, "params_m": params / 1e6,
+        "gmac": model.macs() / 1e9, "seed": t.seed, "epochs": cfg.schedule.epochs,
+        "batch_size": cfg.data.batch_size, "lr": recipe.lr, "device": str(device),
+        "train_size": data.train_size, "val_size": data.val_size, "test_size": data.test_size,
+        **provenance(),
+    }
+    ema_or_model = lambda: recipe.ema.module if recipe.ema is not None else forward  # noqa: E731
+    run_start = time.perf_counter() - elapsed
+    try:
+        for epoch in range(start_epoch, cfg.schedule.epochs):
+            seed_epoch(t.seed, epoch)
+            data.train.set_epoch(epoch)
+            stats = train_one_epoch(forward, data.train, recipe, amp, cfg, epoch, step)
+            step = stats["step"]
+            val = evaluate(ema_or_model(), data.val, amp)
+            test = evaluate(ema_or_model(), data.test, amp)
+            row = {"epoch": epoch, "step": step, "train_loss": stats["train_loss"],
+                   "val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"],
+                   "test_top5": test["top5"], "lr": recipe.optimizer.param_groups[0]["lr"],
+                   "samples_per_s": stats["samples_per_s"],
+                   "elapsed_s": time.perf_counter() - run_start}
+            # the best epoch by validation accuracy (without a validation split: the latest epoch)
+            if best is None or not row["val_top1"] <= best["val_top1"]:
+                best = {k: row[k] for k in ("epoch", "val_top1", "val_top5", "test_top1", "test_top5")}
+            store.append_metrics(row)
+            history.append(row)
+            store.save_checkpoint({
+                "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
+                "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
+                "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"]})
+            wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=step)
+            log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %.2f/%.2f  lr %.2e  %.0f img/s  %.0f s",
+                     epoch + 1, cfg.schedule.epochs, row["train_loss"], row["val_top1"], row["val_top5"],
+                     row["test_top1"], row["test_top5"], row["lr"], row["samples_per_s"], row["elapsed_s"])
+        results["status"] = "completed"
+        results["inference_samples_per_s"] = inference_throughput(
+            ema_or_model(), data.test, amp, t.inference_batches)
+    except Diverged as err:
+        results.update(status="diverged", diverged_step=err.step,
+                       error=f"diverged: {err}; the checkpoint of the last finished epoch is kept. "
+                             "Lower optim.lr or set optim.clip_grad.")
+        log.error("run diverged: %s", err)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        results.update(status="failed", error=f"out of memory ({type(err).__name__}): lower "
+                       f"data.batch_size (now {cfg.data.batch_size}), use a smaller model, or on a "
+                       "GPU trainer.precision=bf16.")
+        log.error(results["error"])
+    except Exception as err:  # noqa: BLE001  recorded, not lost: a sweep goes on
+        results.update(status="failed", error=f"{type(err).__name__}: {err}",
+                       traceback=traceback.format_exc(limit=8))
+        log.error("run failed: %s", results["error"])
+
+    train_rates = [r["samples_per_s"] for r in history]
+    results.update({
+        "epochs_done": len(history),
+        "wall_time_s": history[-1]["elapsed_s"] if history else time.perf_counter() - run_start,
+        "train_samples_per_s": float(np.mean(train_rates[1:] or train_rates)) if train_rates else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        **{f"best_{k}": v for k, v in (best or {}).items()},
+        **{f"final_{k}": history[-1][k] for k in ("val_top1", "val_top5", "test_top1", "test_top5")
+           if history},
+    })
+    store.write_results(results)
+    wandb_run.summary({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
+    wandb_run.finish(exit_code=EXIT_CODES.get(results["status"], 1))
+    if not t.quiet:
+        print_results(results, store.folder)
+    return results
+
+
+def print_results(results: dict[str, Any], folder: Path) -> None:
+    rows = [("status", results["status"]), ("operator", results["operator"]),
+            ("model / data", f"{results['model']} / {results['data']}"),
+            ("params / GMAC", f"{results['params_m']:.3f}M / {results['gmac']:.4f}")]
+    if "final_test_top1" in results:
+        r = results
+        rows += [("test top-1 / top-5", f"{r['final_test_top1']:.2f} / {r['final_test_top5']:.2f}"),
+                 ("best val top-1 (epoch)", f"{r['best_val_top1']:.2f} ({r['best_epoch'] + 1})")]
+    rows += [("wall time", f"{results['wall_time_s']:.0f} s"),
+             ("train / inference img/s", f"{results.get('train_samples_per_s') or 0:.0f} / "
+                                         f"{results.get('inference_samples_per_s') or 0:.0f}"),
+             ("results", str(folder / "results.json"))]
+    if "error" in results:
+        rows.append(("error", results["error"]))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    single_run = HydraConfig.get().mode == RunMode.RUN
+    try:
+        results = train(cfg)
+    except (InvalidOperatorError, DataError, ValueError, OSError, RuntimeError) as err:
+        log.error("error: %s", err)
+        if single_run:
+            sys.exit(2)
+        raise
+    if single_run:
+        sys.exit(EXIT_CODES.get(results["status"], 1))
+
+
+if __name__ == "__main__":
+    main()

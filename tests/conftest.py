@@ -1,0 +1,18 @@
+"""Shared test settings. Keep each concern in its own clearly marked section."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# ==================================================================================================
+# Operator-correctness suite (test_variant_identity, test_equivalence, test_gradcheck, test_grid,
+# test_flops_params): CPU threads per test process.
+#
+# The tests run many small kernels. With pytest-xdist every worker is a process, and each would
+# start as many intra-op threads as the machine has cores: 2 workers x 2 threads on 2 cores
+# oversubscribes the cores, and OpenMP threads that spin-wait for a descheduled partner slow small
+# ops down by 10-100x. So each worker gets an equal share of the cores (at least one thread).
+# ==================================================================================================
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))

@@ -1,0 +1,132 @@
+"""Parameter counts and analytic MACs: against the paper, and against PyTorch's FLOP counter.
+
+Conventions: GMAC (one multiply-accumulate = 1; Swin, timm, fvcore), while
+`torch.utils.flop_counter.FlopCounterMode` counts 2 FLOPs per MAC.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ablate
+from ablate.space.presets import PAPER, PRESETS
+
+# ------------------------------------------------------------------------------------------------
+# the paper's models: ImageNet-1K, 224 px, 1000 classes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,size", sorted(PAPER), ids=[f"{p}-{s}" for p, s in sorted(PAPER)])
+def test_params_and_macs_match_paper(preset, size):
+    params_m, gmac, _ = PAPER[(preset, size)]
+    # on the meta device: shapes without storage or init (a base model builds in 0.2 s, not 4 s)
+    with torch.device("meta"):
+        model = timm.create_model(f"ablate_{preset}_{size}")
+    assert isinstance(model, ablate.AblateNet)
+    assert model.spec == PRESETS[preset].spec and model.block == PRESETS[preset].block
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert params == pytest.approx(params_m, rel=0.005), f"{params:.3f}M vs paper {params_m}M"
+    macs = model.macs() / 1e9
+    assert macs == pytest.approx(gmac, rel=0.05), f"{macs:.3f} GMAC vs paper {gmac}"
+
+
+def test_meta_device_build_counts_like_a_real_one():
+    with torch.device("meta"):
+        meta = timm.create_model("ablate_idynamic_dwconv_tiny")
+    real = timm.create_model("ablate_idynamic_dwconv_tiny")
+    assert next(meta.parameters()).is_meta and not next(real.parameters()).is_meta
+    assert [p.shape for p in meta.parameters()] == [p.shape for p in real.parameters()]
+    assert meta.macs() == real.macs()
+
+
+def test_timm_features_only_returns_four_nchw_maps():
+    model = timm.create_model("ablate_local_attention_micro", features_only=True, in_chans=1)
+    assert model.feature_info.channels() == [32, 64, 128, 256]
+    assert model.feature_info.reduction() == [2, 4, 8, 16]
+    with torch.no_grad():
+        features = model.eval()(torch.randn(2, 1, 28, 28))
+    assert [tuple(f.shape) for f in features] == [
+        (2, 32, 14, 14), (2, 64, 7, 7), (2, 128, 4, 4), (2, 256, 2, 2)]
+    assert all(torch.isfinite(f).all() for f in features)
+
+
+# ------------------------------------------------------------------------------------------------
+# the analytic formulas against FlopCounterMode
+# ------------------------------------------------------------------------------------------------
+# What the counter counts: convolutions, mm/addmm/bmm (einsum lowers to bmm), scaled-dot-product
+# kernels other than CPU's. Neither it nor `macs()` counts norms, activations, softmax, pooling,
+# bias additions or masking. So where every MAC of a model is a convolution or a matmul, the two
+# must agree exactly (the tolerance below is float rounding only). They do not agree where the
+# operator multiplies elementwise: shift-and-accumulate (per-position sliding weights) and the
+# neighbourhood-attention logits are `mul` + `add`/`sum`, which the counter sees as 0 FLOPs. For
+# those we subtract exactly these parts from the analytic count and compare the rest.
+
+MATMUL_PRESETS = ["dwconv", "dynamic_dwconv", "local_attention", "local_mlp", "global_attention",
+                  "token_mlp"]
+ELEMENTWISE_PRESETS = ["idynamic_dwconv", "locally_connected", "neighborhood_attention"]
+assert sorted(MATMUL_PRESETS + ELEMENTWISE_PRESETS) == sorted(PRESETS)  # a new preset lands here
+
+
+def _counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:  # no torch.no_grad(): the counter's module tracker needs autograd on
+        model(x)
+    return counter.get_total_flops() / 2 / x.shape[0]  # FLOPs -> MACs, per image
+
+
+def _micro(preset: str, img_size: int) -> ablate.AblateNet:
+    # 28 px: every window divides its map; 32 px: maps of 16 and 8 are padded to windows of 7
+    return ablate.create(preset, "micro", in_chans=1, num_classes=10, img_size=img_size).eval()
+
+
+@pytest.mark.parametrize("img_size", [28, 32])
+@pytest.mark.parametrize("preset", MATMUL_PRESETS)
+def test_macs_equal_flop_counter(preset, img_size):
+    torch.manual_seed(0)
+    model = _micro(preset, img_size)
+    counted = _counted_macs(model, torch.randn(2, 1, img_size, img_size))
+    assert counted == pytest.approx(model.macs(), rel=1e-9)
+
+
+def _elementwise_macs(mixer) -> int:
+    """The analytic MACs of the parts the counter cannot see."""
+    h, w = mixer.layout.resolution
+    missing = h * w * mixer.dim * mixer.layout.tokens  # shift-and-accumulate aggregation
+    if mixer.spec.dynamic.kind == "attention":  # logits: (q * k_j).sum over the head's channels
+        missing += h * w * mixer.dim * mixer.layout.tokens
+    return missing
+
+
+@pytest.mark.parametrize("img_size", [28, 32])
+@pytest.mark.parametrize("preset", ELEMENTWISE_PRESETS)
+def test_macs_minus_elementwise_parts_equal_flop_counter(preset, img_size):
+    torch.manual_seed(0)
+    model = _micro(preset, img_size)
+    counted = _counted_macs(model, torch.randn(2, 1, img_size, img_size))
+    missing = sum(_elementwise_macs(m) for m in model.mixers())
+    assert missing > 0.03 * model.macs()  # the subtracted part is not negligible ...
+    assert counted == pytest.approx(model.macs() - missing, rel=1e-9)  # ... and is all that differs
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_mixer_macs_equal_flop_counter_per_module(preset):
+    """Per module: each mixer's weight-source formula against what the counter sees inside it."""
+    torch.manual_seed(0)
+    model = _micro(preset, 32)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randn(2, 1, 32, 32))
+    per_module = counter.get_flop_counts()
+    names = {m: n for n, m in model.named_modules()}
+    mixers = model.mixers()
+    assert len(mixers) == 6  # micro depths (1, 1, 3, 1)
+    for mixer in mixers:
+        key = f"{type(model).__name__}.{names[mixer]}"
+        counted = sum(per_module.get(key, {}).values()) / 2 / 2
+        elementwise = mixer.layout.kind == "sliding" and mixer.spec.sharing.spatial == "none"
+        expected = mixer.macs() - (_elementwise_macs(mixer) if elementwise else 0)
+        if expected:  # the counter saw this mixer under the name we look it up by
+            assert key in per_module, (key, list(per_module)[:5])
+        assert counted == pytest.approx(expected, rel=1e-9), key

@@ -1,0 +1,244 @@
+"""The grid walk: every cell of the axis grid builds a working model or says why it cannot.
+
+Every (connectivity, shift, spatial, dynamic, channel sharing) cell either builds a micro model in
+both block styles that runs forward and backward with finite outputs and gradients, or raises
+`InvalidOperatorError` (never another exception) naming the rule and the nearest valid settings.
+Then the rules one by one, table-driven.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ablate.models import AblateNet
+from ablate.ops import registry
+from ablate.ops.sources.static import StaticKernel
+from ablate.space.grid import axis_grid
+from ablate.space.rules import InvalidOperatorError, validate
+from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing
+
+# the micro geometry at 28 px: patch 2 -> maps of 14, 7, 4, 2
+WIDTHS = (32, 64, 128, 256)
+SIZES = [(14, 14), (7, 7), (4, 4), (2, 2)]
+MICRO = dict(embed_dim=32, depths=(1, 1, 3, 1), patch_size=2, mlp_ratio=4.0, num_classes=10,
+             drop_path_rate=0.0)  # no stochastic depth: every parameter must get a gradient
+
+
+def _cell_id(spec: OperatorSpec) -> str:
+    a = spec.axes
+    shift = "-shift" if a["shift"] else ""
+    channels = f"cpg{a['channels_per_group']}" if a["groups"] is None else f"groups{a['groups']}"
+    return f"{a['connectivity']}{shift}-{a['spatial']}-{a['dynamic']}-{channels}"
+
+
+CELLS = [pytest.param(spec, id=_cell_id(spec)) for spec in axis_grid()]
+
+
+def _build(spec, block, img_size=28, in_chans=1):
+    return AblateNet(spec, block, img_size=img_size, in_chans=in_chans, **MICRO)
+
+
+def _outcome(spec, block, **kwargs):
+    """The model, or the InvalidOperatorError; any other exception fails the test."""
+    try:
+        return _build(spec, block, **kwargs)
+    except InvalidOperatorError as err:
+        return err
+    except Exception as err:  # noqa: BLE001  (the point: nothing but InvalidOperatorError)
+        pytest.fail(f"{type(err).__name__} instead of InvalidOperatorError: {err}")
+
+
+def _train_step(model, x):
+    torch.manual_seed(0)
+    model.train()
+    y = model(x)
+    assert y.shape == (x.shape[0], 10)
+    assert torch.isfinite(y).all()
+    (y.square().mean() + y.sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("spec", CELLS)
+def test_grid_cell_builds_and_trains_or_says_why(spec):
+    outcomes = {block: _outcome(spec, block) for block in ("swin", "dwnet")}
+    errors = [o for o in outcomes.values() if isinstance(o, InvalidOperatorError)]
+    if errors:
+        # validity is a property of the operator, not of the block it sits in
+        assert len(errors) == 2 and str(errors[0]) == str(errors[1])
+        assert "Nearest valid settings" in str(errors[0]) and errors[0].nearest
+        assert f"[{errors[0].rule}]" in str(errors[0])
+        with pytest.raises(InvalidOperatorError):  # and `validate` alone says the same
+            validate(spec, WIDTHS, SIZES)
+        return
+    assert validate(spec, WIDTHS, SIZES)
+    torch.manual_seed(0)
+    for model in outcomes.values():
+        _train_step(model, torch.randn(2, 1, 28, 28))
+    # 32 px RGB (CIFAR-like), one block style: maps of 16 and 8 are padded to windows of 7
+    model = _outcome(spec, "swin", img_size=32, in_chans=3)
+    assert not isinstance(model, InvalidOperatorError), model
+    _train_step(model, torch.randn(2, 3, 32, 32))
+
+
+def test_grid_has_valid_and_invalid_cells():
+    valid, invalid = [], []
+    for spec in axis_grid():
+        try:
+            validate(spec, WIDTHS, SIZES)
+            valid.append(spec)
+        except InvalidOperatorError as err:
+            assert "Nearest valid settings" in str(err)
+            invalid.append(spec)
+    assert len(valid) > 0 and len(invalid) > 0
+    assert len(valid) + len(invalid) == len(CELLS)
+    # every registered option of every axis appears in some valid cell
+    for axis in ("connectivity", "shift", "spatial", "dynamic"):
+        assert {s.axes[axis] for s in valid} == {s.axes[axis] for s in axis_grid()}, axis
+
+
+# ------------------------------------------------------------------------------------------------
+# the rules, one by one
+# ------------------------------------------------------------------------------------------------
+
+SLIDING, WINDOW, GLOBAL = Connectivity("sliding", 7), Connectivity("window", 7), Connectivity("global", 7)
+STATIC = Dynamic("static")
+
+
+def _op(conn=SLIDING, spatial="offset", cpg=1, groups=None, dyn=STATIC):
+    return OperatorSpec(conn, Sharing(spatial, cpg, groups), dyn)
+
+
+RULES = [  # (id, spec, fixed map sizes?, the rule it breaks)
+    ("attention-offset", _op(spatial="offset", dyn=Dynamic("attention")), True,
+     "attention needs spatial: none"),
+    ("homogeneous-none", _op(spatial="none", dyn=Dynamic("homogeneous")), True,
+     "homogeneous needs spatial: offset"),
+    ("inhomogeneous-window", _op(WINDOW, spatial="window", dyn=Dynamic("inhomogeneous")), True,
+     "inhomogeneous needs spatial: none"),
+    ("static-window-sliding", _op(SLIDING, spatial="window"), True,
+     "spatial: window needs window or global connectivity"),
+    ("shift-sliding", _op(Connectivity("sliding", 7, shift=True)), True,
+     "shift needs window connectivity"),
+    ("shift-global", _op(Connectivity("global", 7, shift=True), spatial="none", cpg=32,
+                         dyn=Dynamic("attention")), True, "shift needs window connectivity"),
+    ("even-kernel-sliding", _op(Connectivity("sliding", 6)), True, "sliding needs an odd kernel_size"),
+    ("kernel-size-zero", _op(Connectivity("window", 0)), True, "connectivity.kernel_size"),
+    ("cpg3", _op(cpg=3), True, "channels_per_group must divide every stage width"),
+    ("cpg-per-stage-3", _op(cpg=(1, 2, 3, 4)), True, "channels_per_group must divide every stage width"),
+    ("cpg-per-stage-length", _op(cpg=(32, 32)), True, "channels_per_group: one number or one per stage"),
+    ("cpg-and-groups", _op(cpg=32, groups=4), True, "one channel-sharing knob"),
+    ("neither-cpg-nor-groups", _op(cpg=None, groups=None), True, "one channel-sharing knob"),
+    ("groups3", _op(cpg=None, groups=3), True, "groups must divide every stage width"),
+    ("unknown-dynamic", _op(dyn=Dynamic("hypernetwork")), True, "dynamic.kind"),
+    ("unknown-connectivity", _op(Connectivity("dilated", 7)), True, "connectivity.kind"),
+    ("unknown-spatial", _op(spatial="row"), True, "sharing.spatial"),
+    ("unimportable-module", _op(dyn=Dynamic("static", module="ablate_no_such_module_xyz")), True,
+     "dynamic.module"),
+    ("reduction-too-large", _op(dyn=Dynamic("homogeneous", reduction=64)), True, "dynamic.reduction"),
+    ("locally-connected-any-size", _op(spatial="none"), False, "needs a fixed input size"),
+    ("global-offset-any-size", _op(GLOBAL, spatial="offset"), False, "needs a fixed input size"),
+]
+
+
+def _parse(value: str):
+    """A Hydra override value: null, a bool, an int or a string (`none` is a spatial option)."""
+    if value == "null":
+        return None
+    if value in ("true", "false"):
+        return value == "true"
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def _apply(spec: OperatorSpec, override: str) -> OperatorSpec | None:
+    """A suggestion such as `sharing.spatial=none` applied to the spec; None if it is not one."""
+    key, sep, value = override.partition("=")
+    if not sep or " " in key:
+        return None
+    value = _parse(value)
+    part, _, field = key.partition(".")
+    if part not in ("connectivity", "sharing", "dynamic"):
+        return None
+    field = field or "kind"
+    return replace(spec, **{part: replace(getattr(spec, part), **{field: value})})
+
+
+def _check_error(err: InvalidOperatorError, rule: str) -> None:
+    assert err.rule == rule
+    text = str(err)
+    assert f"[{rule}]" in text and "Nearest valid settings" in text
+    assert err.nearest and all(s in text for s in err.nearest)
+
+
+@pytest.mark.parametrize("spec,fixed,rule", [pytest.param(*r[1:4], id=r[0]) for r in RULES])
+def test_rule_names_itself(spec, fixed, rule):
+    with pytest.raises(InvalidOperatorError) as info:
+        validate(spec, WIDTHS, SIZES if fixed else None)
+    _check_error(info.value, rule)
+
+
+@pytest.mark.parametrize("spec,fixed,rule", [pytest.param(*r[1:], id=r[0]) for r in RULES])
+def test_rule_suggestions_are_valid_settings(spec, fixed, rule):
+    sizes = SIZES if fixed else None
+    with pytest.raises(InvalidOperatorError) as info:
+        validate(spec, WIDTHS, sizes)
+    # each suggested override, applied alone, gets past this rule (to a valid spec or another rule)
+    applied = [s for s in (_apply(spec, o) for o in info.value.nearest) if s is not None]
+    assert applied, f"no suggestion is an override: {info.value.nearest}"
+    for fixed_spec in applied:
+        try:
+            validate(fixed_spec, WIDTHS, sizes)
+        except InvalidOperatorError as again:
+            assert again.rule != rule, (fixed_spec.axes, str(again))
+    # at least one suggestion alone gives a valid operator
+    assert any(_is_valid(s, sizes) for s in applied), info.value.nearest
+
+
+def _is_valid(spec, sizes) -> bool:
+    try:
+        validate(spec, WIDTHS, sizes)
+        return True
+    except InvalidOperatorError:
+        return False
+
+
+def test_rule_cpg3_suggests_divisors():
+    with pytest.raises(InvalidOperatorError, match="channels_per_group must divide") as info:
+        validate(_op(cpg=3), WIDTHS, SIZES)
+    assert "sharing.channels_per_group=2" in info.value.nearest
+    assert "sharing.channels_per_group=4" in info.value.nearest
+
+
+@pytest.fixture
+def sliding_only_option(monkeypatch):
+    """A user's dynamic option that registers a weight source for sliding connectivity only.
+
+    The registry is swapped for a copy for this test, so the option never leaks into the grid."""
+    monkeypatch.setattr(registry, "_DYNAMIC", dict(registry._DYNAMIC))
+    registry.register_dynamic("sliding_only", spatial=("offset",))
+    registry.register_source("sliding_only", "sliding", "offset")(StaticKernel)
+    yield "sliding_only"
+
+
+def test_rule_option_without_implementation_for_layout(sliding_only_option):
+    spec = _op(SLIDING, dyn=Dynamic(sliding_only_option))
+    assert validate(spec, WIDTHS, SIZES) == [1, 1, 1, 1]
+    with pytest.raises(InvalidOperatorError) as info:
+        validate(replace(spec, connectivity=WINDOW), WIDTHS, SIZES)
+    _check_error(info.value, "sliding_only has no windowed implementation")
+    assert info.value.nearest == ("connectivity=sliding",)
+
+
+def test_model_level_rules():
+    with pytest.raises(InvalidOperatorError) as info:
+        AblateNet(_op(), "convnext", img_size=28, in_chans=1, **MICRO)
+    _check_error(info.value, "block")
+    with pytest.raises(InvalidOperatorError) as info:
+        AblateNet(_op(), "dwnet", img_size=27, in_chans=1, **MICRO)
+    _check_error(info.value, "img_size must be a multiple of patch_size")
+    # and the micro model passes its map sizes on: a locally connected model builds
+    assert _build(_op(spatial="none"), "dwnet").mixers()[0].weights.weight.shape[-2:] == (14, 14)

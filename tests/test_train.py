@@ -1,0 +1,202 @@
+"""Training runs end to end on the real Fashion-MNIST (small subsets): records, resume, failures, W&B."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import ablate
+from ablate.config import CONF_DIR
+from ablate.space.presets import PRESETS
+from ablate.train import run_folder, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small and single-threaded: the same thread count in and out of process keeps CPU runs bit-for-bit.
+QUICK = ["data.train_subset=600", "data.val_size=500", "data.test_subset=1000", "schedule.epochs=1",
+         "trainer.quiet=true", "data.batch_size=64", "trainer.threads=1"]
+
+RESULT_FIELDS = {
+    "status", "preset", "operator", "block", "connectivity", "kernel_size", "shift", "spatial",
+    "channels_per_group", "groups", "dynamic", "model", "data", "params", "params_m", "gmac",
+    "best_epoch", "best_val_top1", "best_val_top5", "best_test_top1", "best_test_top5",
+    "final_val_top1", "final_val_top5", "final_test_top1", "final_test_top5", "wall_time_s",
+    "train_samples_per_s", "inference_samples_per_s", "peak_memory_mb", "seed", "git_commit",
+    "host", "versions", "epochs", "epochs_done",
+}
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*QUICK, f"trainer.results_root={tmp_path}", *overrides])
+
+
+def run_cli(tmp_path: Path, *overrides: str, env: dict | None = None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "ablate.train", *QUICK, f"trainer.results_root={tmp_path}", *overrides],
+        cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", **(env or {})}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_a_run_records_config_metrics_results_and_checkpoint(tmp_path):
+    cfg = cfg_for(tmp_path, "schedule.epochs=2", "data.train_subset=2000")
+    results = train(cfg)
+    folder = run_folder(cfg)
+    assert results["status"] == "completed"
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "metrics.jsonl", "results.json",
+                                                  "checkpoint.pt", "wandb"}
+    on_disk = json.loads((folder / "results.json").read_text())
+    assert RESULT_FIELDS <= set(on_disk)
+    assert on_disk["dynamic"] == "static" and on_disk["connectivity"] == "sliding"
+    assert on_disk["params"] == sum(p.numel() for p in ablate.create(
+        "dwconv", "micro", in_chans=1, num_classes=10).parameters())
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert {"train_loss", "val_top1", "test_top1", "lr", "samples_per_s", "elapsed_s"} <= set(rows[0])
+    assert on_disk["final_test_top1"] == rows[-1]["test_top1"]
+    assert on_disk["best_val_top1"] == max(r["val_top1"] for r in rows)
+    # 2 x 15 steps on real images: far above chance (10%). Fewer steps leave BatchNorm's running
+    # statistics too far behind for the evaluation of a dwnet block to mean anything.
+    assert rows[-1]["test_top1"] > 40
+    # the offline W&B run carries the axes as flat keys beside the nested config
+    wandb_files = list((folder / "wandb").rglob("*.wandb"))
+    assert wandb_files and b"axes/dynamic" in wandb_files[0].read_bytes()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_trains(tmp_path, preset):
+    cfg = cfg_for(tmp_path, f"operator={preset}", "data.train_subset=400", "schedule.epochs=2",
+                  "logger=none")
+    results = train(cfg)
+    assert results["status"] == "completed"
+    rows = [json.loads(line) for line in (run_folder(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] < 2.31  # it learns (chance: ln 10 = 2.303)
+
+
+def test_cpu_runs_repeat_bit_for_bit(tmp_path):
+    a = train(cfg_for(tmp_path / "a", "logger=none"))
+    b = train(cfg_for(tmp_path / "b", "logger=none"))
+    keys = ("final_test_top1", "final_val_top1", "best_val_top1")
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    rows = [json.loads(p.read_text().splitlines()[0]) for p in tmp_path.rglob("metrics.jsonl")]
+    assert rows[0]["train_loss"] == rows[1]["train_loss"]
+
+
+def test_a_completed_run_is_not_trained_again(tmp_path):
+    cfg = cfg_for(tmp_path, "logger=none")
+    first = train(cfg)
+    stamp = (run_folder(cfg) / "results.json").stat().st_mtime_ns
+    proc = run_cli(tmp_path, "logger=none")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert "already completed" in err
+    assert (run_folder(cfg) / "results.json").stat().st_mtime_ns == stamp
+    assert json.loads((run_folder(cfg) / "results.json").read_text()) == first
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    overrides = ["schedule.epochs=3", "data.train_subset=1500", "logger=none"]
+    proc = run_cli(tmp_path / "ref", *overrides)
+    assert proc.wait(timeout=300) == 0
+    reference = json.loads(next((tmp_path / "ref").glob("runs/*/results.json")).read_text())
+    proc = run_cli(tmp_path / "killed", *overrides)
+    metrics = next((tmp_path / "killed").glob("runs/*/metrics.jsonl"), None)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until epoch 1 is checkpointed and epoch 2 has begun
+        metrics = next((tmp_path / "killed").glob("runs/*/metrics.jsonl"), None)
+        if metrics is not None and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert metrics is not None and metrics.read_text().count("\n") < 3, "killed too late to test"
+    proc = run_cli(tmp_path / "killed", *overrides)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resuming" in err
+    resumed = json.loads(next((tmp_path / "killed").glob("runs/*/results.json")).read_text())
+    for key in ("final_test_top1", "final_test_top5", "final_val_top1", "best_val_top1", "best_epoch"):
+        assert resumed[key] == reference[key], key
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+def test_a_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
+    import ablate.train as train_module
+
+    real_build = train_module.build_model
+
+    def poisoned(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        calls = {"n": 0}
+
+        def nan_after_three(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] > 3 and module.training else output
+
+        model.head.register_forward_hook(nan_after_three)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", poisoned)
+    cfg = cfg_for(tmp_path, "logger=none", "schedule.epochs=2", "data.train_subset=300")
+    results = train(cfg)
+    assert results["status"] == "diverged"
+    assert results["diverged_step"] == 3
+    assert "diverged" in results["error"]
+    saved = json.loads((run_folder(cfg) / "results.json").read_text())
+    assert saved["status"] == "diverged"
+
+
+def test_wandb_disabled_writes_no_wandb_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = cfg_for(tmp_path)
+    assert train(cfg)["status"] == "completed"
+    assert not list(tmp_path.rglob("wandb"))
+
+
+def test_an_unreachable_wandb_server_does_not_stop_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    cfg = cfg_for(tmp_path, "logger.init_timeout=15")
+    assert train(cfg)["status"] == "completed"
+    assert "x" * 40 not in (run_folder(cfg) / "config.yaml").read_text()
+    assert "x" * 40 not in (run_folder(cfg) / "results.json").read_text()
+
+
+def test_invalid_axes_fail_before_any_data_loads(tmp_path):
+    proc = run_cli(tmp_path, "dynamic=attention", "data.root=/nonexistent")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "attention needs spatial: none" in err
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_cfg_job_and_defaults_tree(tmp_path):
+    proc = run_cli(tmp_path, "--cfg", "job", "--resolve")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "kernel_size: 7" in out and "name: fashion_mnist" in out
+    proc = run_cli(tmp_path, "--info", "defaults-tree")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "operator: dwconv" in out and "data: fashion_mnist" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_a_gpu_run_uses_bf16_and_channels_last(tmp_path):
+    results = train(cfg_for(tmp_path, "logger=none", "trainer.device=cuda"))
+    assert results["status"] == "completed" and results["device"].startswith("cuda")
