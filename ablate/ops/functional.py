@@ -20,46 +20,78 @@ import torch.nn.functional as F
 __all__ = ["sliding_aggregate", "sliding_correlate"]
 
 
-def _windows(padded: torch.Tensor, kernel_size: int, h: int, w: int):
-    """Yield (k, view of the padded map shifted by the k-th offset), for k over the K*K offsets."""
-    for k in range(kernel_size * kernel_size):
-        dy, dx = divmod(k, kernel_size)
-        yield k, padded[..., dy: dy + h, dx: dx + w]
+class _FlatGrid:
+    """Positions of an H x W map laid out on rows of width W + 2p, flattened.
+
+    On this grid every neighbour offset (dy, dx) is one flat offset dy * (W + 2p) + dx, so each of
+    the K*K shifted views is a contiguous run of H * (W + 2p) values per channel instead of H short
+    rows of W: the elementwise kernels vectorise over long runs (20x longer at 14 x 14, K = 7). The
+    2p extra columns per row are computed and dropped. Offsets whose whole K x K row or column lies
+    outside a small map are skipped: they only ever read zeros.
+    """
+
+    def __init__(self, h: int, w: int, kernel_size: int):
+        p = kernel_size // 2
+        self.h, self.w, self.p, self.row = h, w, p, w + 2 * p
+        self.length = h * self.row
+        self.offsets = [(k, (k // kernel_size) * self.row + k % kernel_size)
+                        for k in range(kernel_size * kernel_size)
+                        if abs(k // kernel_size - p) < h and abs(k % kernel_size - p) < w]
+
+    def pad_input(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., H, W) -> (..., (H + 2p + 1) * row): zero padded, one spare row for the last shifts."""
+        p = self.p
+        return F.pad(t, (p, p, p, p + 1)).flatten(-2)
+
+    def to_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., H, W) -> (..., H * row): the output positions, with zeros in the extra columns."""
+        return F.pad(t, (0, 2 * self.p)).flatten(-2)
+
+    def from_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., H * row) -> (..., H, W)."""
+        return t.unflatten(-1, (self.h, self.row))[..., : self.w].contiguous()
+
+    def crop_input(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of pad_input for a gradient: (..., (H + 2p + 1) * row) -> (..., H, W)."""
+        p = self.p
+        return t.unflatten(-1, (self.h + 2 * p + 1, self.row))[..., p: p + self.h, p: p + self.w].contiguous()
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def _pad(t: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    p = kernel_size // 2
-    return F.pad(t, (p, p, p, p))
-
-
 def _aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     n, g, c, h, wd = x.shape
-    y = torch.zeros((max(n, w.shape[0]), g, c, h, wd), dtype=_accumulation_dtype(x.dtype), device=x.device)
-    for k, x_k in _windows(_pad(x, kernel_size), kernel_size, h, wd):
-        y.addcmul_(w[:, :, k, None], x_k)
-    return y.to(x.dtype)
+    grid = _FlatGrid(h, wd, kernel_size)
+    xf, wf = grid.pad_input(x), grid.to_grid(w)
+    y = torch.zeros((max(n, w.shape[0]), g, c, grid.length), dtype=_accumulation_dtype(x.dtype),
+                    device=x.device)
+    for k, off in grid.offsets:
+        y.addcmul_(wf[:, :, k, None], xf[..., off: off + grid.length])
+    return grid.from_grid(y).to(x.dtype)
 
 
 def _scatter(y: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """The transpose of `_aggregate` in x: out[i + d_k] += w[k, i] * y[i]."""
     n, g, c, h, wd = y.shape
-    p = kernel_size // 2
-    out = torch.zeros((n, g, c, h + 2 * p, wd + 2 * p), dtype=_accumulation_dtype(y.dtype), device=y.device)
-    for k, out_k in _windows(out, kernel_size, h, wd):
-        out_k.addcmul_(w[:, :, k, None], y)
-    return out[..., p: p + h, p: p + wd].to(y.dtype)
+    grid = _FlatGrid(h, wd, kernel_size)
+    yf, wf = grid.to_grid(y), grid.to_grid(w)
+    out = torch.zeros((n, g, c, (h + 2 * grid.p + 1) * grid.row), dtype=_accumulation_dtype(y.dtype),
+                      device=y.device)
+    for k, off in grid.offsets:
+        out[..., off: off + grid.length].addcmul_(wf[:, :, k, None], yf)
+    return grid.crop_input(out).to(y.dtype)
 
 
 def _correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tensor:
     n, g, _, h, wd = a.shape
-    out = torch.empty((n, g, kernel_size * kernel_size, h, wd), dtype=a.dtype, device=a.device)
-    for k, b_k in _windows(_pad(b, kernel_size), kernel_size, h, wd):
-        out[:, :, k] = (a * b_k).sum(dim=2)
-    return out
+    grid = _FlatGrid(h, wd, kernel_size)
+    af, bf = grid.to_grid(a), grid.pad_input(b)
+    out = torch.zeros((n, g, kernel_size * kernel_size, grid.length), dtype=a.dtype, device=a.device)
+    for k, off in grid.offsets:
+        out[:, :, k] = (af * bf[..., off: off + grid.length]).sum(dim=2)
+    return grid.from_grid(out)
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
