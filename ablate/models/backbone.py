@@ -32,9 +32,9 @@ class ModelSize:
     mlp_ratio: float = 4.0
 
 
-# micro: for 28-32 px images on a CPU (patch 2: maps of 14, 7, 4, 2 at 28 px).
+# micro: for 28-32 px images on a CPU (patch 2: maps of 14, 7, 4, 2 at 28 px; MLP ratio 2).
 SIZES: dict[str, ModelSize] = {
-    "micro": ModelSize(32, (1, 1, 3, 1), 2, 28, 0.0),
+    "micro": ModelSize(32, (1, 1, 3, 1), 2, 28, 0.0, mlp_ratio=2.0),
     "tiny": ModelSize(96, (2, 2, 6, 2), 4, 224, 0.2),
     "small": ModelSize(96, (2, 2, 18, 2), 4, 224, 0.3),
     "base": ModelSize(128, (2, 2, 18, 2), 4, 224, 0.5),
