@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,15 +23,6 @@ from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing
 
 DIM, RES, HEADS = 64, (14, 14), 2  # 2 heads of 32 channels; 14 = 2 windows of 7: the shift mask matters
-
-
-def with_axes(spec: OperatorSpec, **changes) -> OperatorSpec:
-    """A copy of `spec` with some axis values changed, by their flat names (`spec.axes`)."""
-    parts = {"connectivity": ("kernel_size", "shift"), "sharing": ("spatial", "channels_per_group", "groups"),
-             "dynamic": ()}
-    new = {part: {k: changes.pop(k) for k in keys if k in changes} for part, keys in parts.items()}
-    assert not changes, f"unknown axis names {sorted(changes)}"
-    return OperatorSpec(*(replace(getattr(spec, part), **new[part]) for part in parts))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +125,7 @@ def test_local_attention_probabilities_equal_timm(shift):
 # ------------------------------------------------------------------------------------------------
 
 def _sliding_mixer(preset: str, dim: int, res, cpg: int) -> SpatialMixer:
-    spec = with_axes(PRESETS[preset].spec, channels_per_group=cpg, groups=None)
+    spec = PRESETS[preset].spec.with_axes(channels_per_group=cpg, groups=None)
     return SpatialMixer(spec, dim, res, channels_per_group=cpg).double().eval()
 
 
@@ -198,7 +187,7 @@ def test_window_offset_equals_tied_local_mlp():
     torch.manual_seed(5)
     dim, res, k = 4, (8, 8), 4
     conv_spec = OperatorSpec(Connectivity("window", k, shift=True), Sharing("offset", 2), Dynamic("static"))
-    mlp_spec = with_axes(conv_spec, spatial="window")
+    mlp_spec = conv_spec.with_axes(spatial="window")
     conv = SpatialMixer(conv_spec, dim, res, channels_per_group=2, shifted=True).double()
     mlp = SpatialMixer(mlp_spec, dim, res, channels_per_group=2, shifted=True).double()
     with torch.no_grad():

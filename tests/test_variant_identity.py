@@ -9,7 +9,6 @@ that built a static convolution) fails here.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import pytest
 import torch
@@ -23,15 +22,6 @@ DIM = 64          # 2 groups of 32 for the attention presets, 32 groups of 2 for
 RES = (14, 14)    # two 7x7 windows per side: window borders and Swin's shift mask both matter
 SOME_POSITIONS = [(0, 0), (3, 4), (6, 6), (7, 7), (6, 7), (10, 2), (13, 13), (11, 12)]
 ALL_POSITIONS = list(itertools.product(range(RES[0]), range(RES[1])))
-
-
-def with_axes(spec: OperatorSpec, **changes) -> OperatorSpec:
-    """A copy of `spec` with some axis values changed, by their flat names (`spec.axes`)."""
-    parts = {"connectivity": ("kernel_size", "shift"), "sharing": ("spatial", "channels_per_group", "groups"),
-             "dynamic": ()}
-    new = {part: {k: changes.pop(k) for k in keys if k in changes} for part, keys in parts.items()}
-    assert not changes, f"unknown axis names {sorted(changes)}"
-    return OperatorSpec(*(replace(getattr(spec, part), **new[part]) for part in parts))
 
 
 def _spec(name):
@@ -262,7 +252,7 @@ GROUP_CASES = (
 
 @pytest.mark.parametrize("name,shifted,cpg", GROUP_CASES)
 def test_channels_of_a_group_share_weights(name, shifted, cpg):
-    spec = _spec(name) if cpg is None else with_axes(_spec(name), channels_per_group=cpg, groups=None)
+    spec = _spec(name) if cpg is None else _spec(name).with_axes(channels_per_group=cpg, groups=None)
     mixer = build(spec, shifted=shifted)
     cpg, groups = mixer.channels_per_group, mixer.groups
     w = mixer.effective_weights(torch.randn(2, DIM, *RES), SOME_POSITIONS, per_channel=True)
