@@ -374,7 +374,7 @@ def main(cfg: DictConfig) -> None:
         log.error("error: %s", err)
         if single_run:
             sys.exit(2)
-        raise
+        return  # a multirun goes on with its other jobs
     if single_run:
         sys.exit(EXIT_CODES.get(results["status"], 1))
 
