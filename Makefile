@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data test test-all lint measure
+.PHONY: help install data demo sweep report test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,11 +37,24 @@ $(FMNIST_RAW)/.complete:
 	  gunzip -c $$src/$$f.gz > $(FMNIST_RAW)/$$f; \
 	done; touch $@; echo "Fashion-MNIST ready in $(FMNIST_RAW)"
 
+SWEEP ?= demo
+RESULTS := results
+
+demo: install ## install, run the demo sweep on the real Fashion-MNIST, render reports/demo/
+	$(PY) -m ablate.train -m sweeps=demo
+	$(PY) -m analysis.report $(RESULTS)/demo --out reports/demo
+
+sweep: install ## run a named grid of sweeps/: make sweep SWEEP=figure2_local_mlp ARGS="model=tiny"
+	$(PY) -m ablate.train -m sweeps=$(SWEEP) $(ARGS)
+
+report: install ## figures and tables of a sweep's results: make report SWEEP=figure2_local_mlp
+	$(PY) -m analysis.report $(RESULTS)/$(SWEEP) --out reports/$(SWEEP)
+
 test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-all: install ## run every test, the slow end-to-end ones included
-	$(PY) -m pytest -q -n 2 -m ''
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
 
 lint: install ## check style with ruff
 	$(VENV)/bin/ruff check ablate analysis tests

@@ -7,6 +7,7 @@ so its `kind` is checked by `ablate.space.validate` with the list of registered 
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,23 @@ from ablate.models.backbone import AblateNet
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
-__all__ = ["CONF_DIR", "ModelSideConfig", "MeasureConfig", "TrainConfig", "spec_from_cfg",
+__all__ = ["CONF_DIR", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig", "spec_from_cfg",
            "build_model", "operator_label"]
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def _cpu_share(jobs_in_parallel: int | None) -> int:
+    """CPU threads for each of `jobs_in_parallel` jobs on this machine: oversubscribed cores make
+    small CPU kernels 10-100x slower (OpenMP threads spin waiting for descheduled partners)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(jobs_in_parallel or 1)))
+
+
+# ${ablate_root:} puts sweeps/ on Hydra's search path (conf/train.yaml); ${cpu_share:N} sizes the
+# threads of N parallel jobs (conf/launcher/joblib.yaml).
+OmegaConf.register_new_resolver("ablate_root", lambda: str(REPO_ROOT), replace=True)
+OmegaConf.register_new_resolver("cpu_share", _cpu_share, replace=True)
 
 ConnectivityKind = enum.Enum("ConnectivityKind", {k: k for k in ("window", "sliding", "global")})
 SpatialSharing = enum.Enum("SpatialSharing", {k: k for k in ("offset", "window", "none")})

@@ -39,13 +39,15 @@ from tqdm import tqdm
 import ablate  # noqa: F401  (registers the operator options)
 from ablate.config import CONF_DIR, build_model, operator_label, spec_from_cfg
 from ablate.data import DataError, build_data
-from ablate.recipe import build_recipe
+from ablate.recipe import build_recipe, check_recipe
 from ablate.space.rules import InvalidOperatorError
+from ablate.sweep import register_sweeper
 from ablate.tracking import RunStore, WandbMirror, run_folder_name, safe_name
 
 __all__ = ["train", "run_folder"]
 
 log = logging.getLogger("ablate.train")
+register_sweeper()  # `python -m ablate.train -m` sweeps with ablate's sweeper (conf/hydra/sweeper/)
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3}
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
@@ -59,11 +61,15 @@ class Diverged(Exception):
 
 # -- where the run lives ------------------------------------------------------------------------
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What defines the experiment: everything but where it runs and how it is shown."""
-    identity = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    trainer = identity.pop("trainer")
-    identity.pop("logger")
-    identity["seed"] = trainer["seed"]
+    """What defines the experiment: everything but where it runs and how it is shown.
+
+    trainer and logger are dropped before resolving: their values may come from the launcher
+    (`${hydra:launcher...}`), which a sweeper planning jobs in its own process does not have.
+    """
+    experiment = {k: cfg[k] for k in cfg if k not in ("trainer", "logger")}
+    identity = OmegaConf.to_container(OmegaConf.create(experiment, parent=cfg), resolve=True,
+                                      enum_to_str=True)
+    identity["seed"] = cfg.trainer.seed
     return identity
 
 
@@ -75,6 +81,34 @@ def run_folder(cfg: DictConfig) -> Path:
     t = cfg.trainer
     name = safe_name(t.run_name) if t.run_name else run_folder_name(run_label(cfg), run_identity(cfg))
     return Path(t.results_root) / safe_name(t.sweep or "runs") / name
+
+
+def describe_run(cfg: DictConfig, folder: Path) -> dict[str, Any]:
+    """What a record says the run is: its name, sweep, preset, every axis value, model, data, seed."""
+    return {"run": folder.name, "sweep": cfg.trainer.sweep or "runs", "preset": cfg.preset,
+            "operator": operator_label(cfg), "block": cfg.block.style.name, **spec_from_cfg(cfg).axes,
+            "model": cfg.model.size.name, "data": cfg.data.name, "seed": cfg.trainer.seed}
+
+
+def record_unrunnable(cfg: DictConfig, err: Exception) -> Path:
+    """Record a sweep job that cannot run: an invalid cell is `skipped`, other bad input `failed`.
+
+    A finished record (completed, diverged) is never replaced: nothing computed is lost.
+    """
+    store = RunStore(run_folder(cfg))
+    if not store.finished():
+        store.create()
+        invalid = isinstance(err, InvalidOperatorError)
+        record = {"status": "skipped" if invalid else "failed", **describe_run(cfg, store.folder),
+                  "reason" if invalid else "error": str(err)}
+        if invalid:
+            record["rule"] = err.rule
+        store.write_results(record)
+    return store.folder
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -95,6 +129,17 @@ def autocast(device: torch.device, precision: str):
     if precision != "bf16":
         raise ValueError(f"trainer.precision must be auto, bf16 or fp32; got {precision!r}")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def reset_process_state(seed: int) -> None:
+    """Start a job from a clean process state: launchers (joblib, basic) run many jobs per process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()  # compiled graphs of the previous job's model
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -214,17 +259,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     folder exists, every failure is recorded there instead of raised.
     """
     t = cfg.trainer
-    torch.manual_seed(t.seed)  # the initial weights
+    check_recipe(cfg.optim, cfg.schedule)  # bad settings fail before a run folder exists
+    reset_process_state(t.seed)  # the initial weights; nothing left over from an earlier job
     if t.threads:
         torch.set_num_threads(t.threads)
     model = build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
     spec = spec_from_cfg(cfg)
 
     store = RunStore(run_folder(cfg))
-    if store.completed():
+    if store.finished():
         results = store.read_results()
-        log.info("run already completed: %s (test top-1 %.2f%%); nothing to do. Delete the folder "
-                 "or change the config to train again.", store.folder, results["final_test_top1"])
+        log.info("run already %s: %s (test top-1 %s); nothing to do. Delete the folder or change the "
+                 "config to train again.", results["status"], store.folder,
+                 _percent(results.get("final_test_top1")))
         return results
     if t.resume not in ("auto", "never"):
         raise ValueError(f"trainer.resume must be auto or never; got {t.resume!r}")
@@ -258,14 +305,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         store.keep_metrics_before(0)
 
-    preset = cfg.preset
-    axes = spec.axes
+    about = describe_run(cfg, store.folder)
     wandb_run = WandbMirror(
         folder=store.folder, project=cfg.logger.project, entity=cfg.logger.entity,
-        name=store.folder.name, group=t.sweep or "runs", job_type=preset,
-        tags=[*cfg.logger.tags, preset, cfg.model.size.name, cfg.data.name],
+        name=store.folder.name, group=about["sweep"], job_type=about["preset"],
+        tags=[*cfg.logger.tags, about["preset"], about["model"], about["data"]],
         config={**OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                **{f"axes/{k}": v for k, v in axes.items()}},
+                **{f"axes/{k}": v for k, v in spec.axes.items()}},
         mode=cfg.logger.mode if cfg.logger.name == "wandb" else "disabled",
         init_timeout=cfg.logger.init_timeout,
         run_id=hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16],
@@ -273,11 +319,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     params = sum(p.numel() for p in model.parameters())
     results: dict[str, Any] = {
-        "status": "running", "run": store.folder.name, "sweep": t.sweep or "runs",
-        "preset": preset, "operator": operator_label(cfg), "block": cfg.block.style.name, **axes,
-        "model": cfg.model.size.name, "data": cfg.data.name, "img_size": cfg.data.img_size,
-        "num_classes": cfg.data.num_classes, "params": params, "params_m": params / 1e6,
-        "gmac": model.macs() / 1e9, "seed": t.seed, "epochs": cfg.schedule.epochs,
+        "status": "running", **about, "stage_channels_per_group": list(model.stage_channels_per_group),
+        "img_size": cfg.data.img_size, "num_classes": cfg.data.num_classes,
+        "params": params, "params_m": params / 1e6, "gmac": model.macs() / 1e9,
+        "epochs": cfg.schedule.epochs,
         "batch_size": cfg.data.batch_size, "lr": recipe.lr, "device": str(device),
         "train_size": data.train_size, "val_size": data.val_size, "test_size": data.test_size,
         **provenance(),
@@ -365,7 +410,9 @@ def print_results(results: dict[str, Any], folder: Path) -> None:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """One job. A single run exits with its code; a sweep job returns its outcome to the sweeper,
+    having recorded it in the run folder whatever happened, so the sweep goes on."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     single_run = HydraConfig.get().mode == RunMode.RUN
     try:
@@ -374,9 +421,11 @@ def main(cfg: DictConfig) -> None:
         log.error("error: %s", err)
         if single_run:
             sys.exit(2)
-        return  # a multirun goes on with its other jobs
+        folder = record_unrunnable(cfg, err)
+        return {"status": RunStore(folder).status(), "folder": str(folder), "error": str(err)}
     if single_run:
         sys.exit(EXIT_CODES.get(results["status"], 1))
+    return {"status": results["status"], "folder": str(run_folder(cfg)), "error": results.get("error")}
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class AblateNet(nn.Module):
         widths, sizes = stage_geometry(img_size, patch_size, embed_dim, len(depths))
         channels_per_group = validate(spec, widths, sizes)
         self.spec, self.block, self.img_size = spec, block, img_size
+        self.stage_channels_per_group = channels_per_group
         self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
         self.num_features = self.head_hidden_size = widths[-1]
         self.patch_size, self.in_chans = patch_size, in_chans

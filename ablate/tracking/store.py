@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunStore", "atomic_write_bytes", "run_folder_name", "safe_name"]
+__all__ = ["FINISHED", "RunStore", "atomic_write_bytes", "run_folder_name", "safe_name"]
+
+# A run that ended with one of these is never trained again by a re-launch (a diverged run would
+# diverge again); `failed` runs and skipped cells are retried, since the cause may have been fixed.
+FINISHED = ("completed", "diverged")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -88,9 +92,13 @@ class RunStore:
             return None
         return json.loads(self.results.read_text())
 
-    def completed(self) -> bool:
+    def status(self) -> str | None:
+        """The recorded status, or None for a run with no results.json yet."""
         results = self.read_results()
-        return results is not None and results.get("status") == "completed"
+        return None if results is None else results.get("status")
+
+    def finished(self) -> bool:
+        return self.status() in FINISHED
 
     # -- the epoch history ----------------------------------------------------------------------
     def append_metrics(self, row: dict[str, Any]) -> None:

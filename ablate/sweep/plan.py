@@ -1,0 +1,111 @@
+"""Plan a sweep: expand its grids into jobs and sort each job by what its run folder already holds.
+
+Hydra's basic sweeper takes one cartesian product. A figure or table often needs a union of a few
+(the presets x seeds, plus one preset x channels_per_group x seeds), so a sweep file may list
+`grids`; every grid is multiplied with the shared `params` and with the command line, whose values
+win on a shared key. Jobs that resolve to the same run folder run once.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, open_dict, read_write
+
+from ablate.config import build_model
+from ablate.space.rules import InvalidOperatorError
+from ablate.tracking import FINISHED, RunStore
+
+__all__ = ["Job", "expand_grids", "plan_jobs"]
+
+
+@dataclass
+class Job:
+    """One cell of a sweep: its overrides, its run folder and what the plan decided."""
+
+    overrides: list[str]
+    folder: Path
+    state: str  # "finished" (recorded earlier), "invalid" (recorded as skipped now), "run"
+    cfg: DictConfig | None = field(default=None, repr=False)  # the job's config, without `hydra`
+    reason: str | None = None  # for invalid cells: the rule and the nearest valid settings
+    status: str | None = None  # the recorded status after the sweep (or before, when finished)
+    error: str | None = None
+
+
+def _key(override: str) -> str:
+    return OverridesParser.create().parse_override(override).get_key_element()
+
+
+def _as_overrides(params: Mapping[str, Any] | None) -> list[str]:
+    return [f"{k}={v}" for k, v in (params or {}).items()]
+
+
+def expand_grids(
+    arguments: Sequence[str],
+    params: Mapping[str, Any] | None = None,
+    grids: Iterable[Mapping[str, Any]] | None = None,
+) -> list[list[str]]:
+    """Every job's overrides: for each grid, the product of params, the grid and the command line.
+
+    Later sources win on a key: params < grid < command line. Without grids: one product.
+    """
+    jobs: list[list[str]] = []
+    for grid in list(grids or []) or [{}]:
+        merged: dict[str, str] = {}
+        for source in (_as_overrides(params), _as_overrides(grid), list(arguments)):
+            for override in source:
+                merged[_key(override)] = override
+        parsed = OverridesParser.create().parse_overrides(list(merged.values()))
+        for job in BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]:
+            if job not in jobs:
+                jobs.append(job)
+    return jobs
+
+
+def job_config(config_loader, master: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The config the job function will see (composed as the launcher will, minus `hydra`)."""
+    cfg = config_loader.load_sweep_config(master, list(overrides))
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def check_operator(cfg: DictConfig) -> None:
+    """Raise InvalidOperatorError for an invalid cell; builds on the meta device, so it is instant."""
+    with torch.device("meta"):
+        build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
+
+
+def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[Job]:
+    """Compose every job and decide: finished (skip), invalid (record as skipped), or run.
+
+    A composition error (a misspelt key or option) raises here, before any job is launched.
+    """
+    from ablate.train import record_unrunnable, run_folder  # the job's own naming and records
+
+    jobs, seen = [], set()
+    for overrides in job_overrides:
+        cfg = job_config(config_loader, master, overrides)
+        folder = run_folder(cfg)
+        if folder in seen:  # two spellings of the same experiment
+            continue
+        seen.add(folder)
+        status = RunStore(folder).status()
+        if status in FINISHED:
+            jobs.append(Job(list(overrides), folder, "finished", cfg, status=status))
+            continue
+        try:
+            check_operator(cfg)
+        except InvalidOperatorError as err:
+            record_unrunnable(cfg, err)
+            jobs.append(Job(list(overrides), folder, "invalid", cfg, reason=str(err), status="skipped"))
+            continue
+        jobs.append(Job(list(overrides), folder, "run", cfg))
+    return jobs

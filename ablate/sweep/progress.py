@@ -1,0 +1,145 @@
+"""Follow a sweep in the results store: a progress line while it runs, a summary when it ends.
+
+Launchers run jobs in this process (basic), in worker processes (joblib) or on other machines
+(submitit), and a killed job returns nothing, so progress is read from the run folders: a job is done
+when its results.json was written after the launch began.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ablate.sweep.plan import Job
+from ablate.tracking import RunStore
+
+__all__ = ["SweepProgress", "summarize", "format_duration"]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+class SweepProgress:
+    """Counts the jobs of one launch as their records appear; prints a line whenever one ends."""
+
+    def __init__(self, name: str, jobs: Sequence[Job], poll_seconds: float = 2.0, say=_say):
+        self.name, self.jobs, self.poll_seconds, self.say = name, list(jobs), poll_seconds, say
+        self.to_run = [j for j in self.jobs if j.state == "run"]
+        self.started = time.time()
+        self._last: tuple | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- reading the store ----------------------------------------------------------------------
+    def ended(self, job: Job) -> bool:
+        """This launch's record of the job exists (an older record of a failed try does not count)."""
+        results = RunStore(job.folder).results
+        try:
+            return results.stat().st_mtime >= self.started - 1.0
+        except FileNotFoundError:
+            return False
+
+    def counts(self) -> Counter:
+        ran = Counter(RunStore(j.folder).status() for j in self.to_run if self.ended(j))
+        ran["already finished"] = sum(j.state == "finished" for j in self.jobs)
+        ran["invalid"] = sum(j.state == "invalid" for j in self.jobs)
+        return ran
+
+    def line(self) -> str:
+        c = self.counts()
+        ran_now = sum(v for k, v in c.items() if k not in ("already finished", "invalid"))
+        done = ran_now + c["already finished"] + c["invalid"]
+        total = len(self.jobs)
+        elapsed = time.time() - self.started
+        parts = [f"{k} {c[k]}" for k in ("completed", "failed", "diverged", "skipped") if c[k]]
+        if c["already finished"]:
+            parts.append(f"already finished {c['already finished']}")
+        if c["invalid"]:
+            parts.append(f"invalid (skipped) {c['invalid']}")
+        left = len(self.to_run) - ran_now
+        eta = f", about {format_duration(elapsed / ran_now * left)} left" if ran_now and left else ""
+        bar_width = 20
+        filled = round(bar_width * done / total) if total else bar_width
+        bar = "#" * filled + "." * (bar_width - filled)
+        return (f"[sweep {self.name}] [{bar}] {done}/{total} jobs done ({', '.join(parts) or 'none yet'}); "
+                f"{format_duration(elapsed)} elapsed{eta}")
+
+    # -- the polling thread ---------------------------------------------------------------------
+    def report(self, force: bool = False) -> None:
+        c = self.counts()
+        key = tuple(sorted(c.items()))
+        if force or key != self._last:
+            self._last = key
+            self.say(self.line())
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.report()
+
+    def __enter__(self) -> SweepProgress:
+        self.report(force=True)
+        self._thread = threading.Thread(target=self._poll, name="sweep-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.report()
+
+
+def summarize(name: str, jobs: Sequence[Job], seconds: float,
+              sweep_dir: Path | None = None) -> dict[str, Any]:
+    """The end of a sweep: how many jobs completed, were skipped (and why), failed; where they are.
+
+    Written to `<sweep_dir>/summary.json` too, so the last launch's outcome stays with the results.
+    """
+    statuses = Counter()
+    skipped_why: Counter = Counter()
+    failures = []
+    for job in jobs:
+        if job.state == "finished":
+            statuses[f"already {job.status}"] += 1
+            continue
+        record = RunStore(job.folder).read_results() or {}
+        status = record.get("status") or job.status or "lost"
+        statuses[status] += 1
+        if status == "skipped":
+            skipped_why[record.get("rule") or record.get("reason") or "invalid"] += 1
+        elif status in ("failed", "diverged", "lost"):
+            error = record.get("error") or job.error or "the job ended without writing a record"
+            failures.append({"run": job.folder.name, "status": status,
+                             "error": error.strip().splitlines()[0][:300], "folder": str(job.folder)})
+    summary = {"sweep": name, "jobs": len(jobs), "seconds": round(seconds, 1),
+               "statuses": dict(statuses), "skipped_because": dict(skipped_why), "failures": failures}
+    if sweep_dir is not None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summary_text(summary: dict[str, Any], results_dir: Path) -> str:
+    s = summary
+    lines = [f"[sweep {s['sweep']}] finished: {s['jobs']} jobs in {format_duration(s['seconds'])}: "
+             + ", ".join(f"{v} {k}" for k, v in sorted(s["statuses"].items()))]
+    for rule, n in sorted(s["skipped_because"].items()):
+        lines.append(f"  skipped {n} x  invalid operator [{rule}]")
+    for f in s["failures"]:
+        lines.append(f"  {f['status']}: {f['run']}: {f['error']}")
+    lines.append(f"  results: {results_dir}   report: python -m analysis.report {results_dir}")
+    if s["failures"]:
+        lines.append("  launch the same command again to retry the failed jobs; finished runs are kept")
+    return "\n".join(lines)

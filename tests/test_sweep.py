@@ -1,0 +1,155 @@
+"""Sweeps end to end, through real Hydra multiruns and real launchers (basic, joblib, submitit_local).
+
+Every sweep here trains real micro models on small subsets of the real Fashion-MNIST in
+subprocesses, exactly as `python -m ablate.train -m ...` does for a user.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from setuptools import find_packages
+
+from ablate.space.grid import axis_grid
+from ablate.space.rules import InvalidOperatorError, validate
+from ablate.sweep import expand_grids
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["data.train_subset=200", "data.val_size=100", "data.test_subset=200", "data.batch_size=100",
+        "schedule.epochs=1", "trainer.quiet=true", "trainer.threads=1", "logger=none",
+        "trainer.inference_batches=1"]
+
+
+def sweep_cli(root: Path, *overrides: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ablate.train", "-m", f"trainer.results_root={root}", *overrides],
+        cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def run_sweep(root: Path, *overrides: str, timeout: float = 600) -> tuple[int, str]:
+    proc = sweep_cli(root, *overrides)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def records(folder: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/results.json")}
+
+
+# -- planning (no training) -----------------------------------------------------------------------
+def test_grids_are_a_union_and_the_command_line_wins():
+    jobs = expand_grids(["trainer.seed=5"], params={"trainer.seed": "0,1", "model": "micro"},
+                        grids=[{"operator": "dwconv,local_mlp"},
+                               {"operator": "local_mlp", "sharing.channels_per_group": "1,4"}])
+    assert len(jobs) == 4  # 2 presets + 2 channel settings; the seed is pinned by the command line
+    assert all("trainer.seed=5" in job and "model=micro" in job for job in jobs)
+    assert ["operator=local_mlp", "sharing.channels_per_group=4"] == [
+        o for o in jobs[-1] if o.startswith(("operator", "sharing"))]
+
+
+def test_without_grids_it_is_the_basic_product():
+    jobs = expand_grids(["operator=dwconv,local_mlp", "trainer.seed=0,1,2"])
+    assert len(jobs) == 6 and len({tuple(j) for j in jobs}) == 6
+
+
+def test_pyproject_lists_every_package_and_the_hydra_plugin():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set(find_packages(where=str(ROOT), include=["ablate*", "analysis*"]))
+    found.discard("ablate.sweep.hydra_plugin")  # installed as hydra_plugins.ablate_sweeper
+    assert listed == found | {"hydra_plugins.ablate_sweeper"}
+
+
+# -- whole sweeps ---------------------------------------------------------------------------------
+def test_the_axes_grid_records_every_invalid_cell_as_skipped_and_trains_every_valid_one(tmp_path):
+    code, out = run_sweep(tmp_path, "sweeps=axes", *TINY, timeout=1200)
+    assert code == 0, out[-3000:]
+    found = records(tmp_path / "axes")
+    assert len(found) == 144
+    widths, sizes = [32, 64, 128, 256], [(14, 14), (7, 7), (4, 4), (2, 2)]
+    expected = {}
+    for spec in axis_grid():
+        try:
+            validate(spec, widths, sizes)
+            expected[json.dumps(spec.axes, sort_keys=True)] = ("completed", None)
+        except InvalidOperatorError as err:
+            expected[json.dumps(spec.axes, sort_keys=True)] = ("skipped", err.rule)
+    axis_names = list(next(iter(axis_grid())).axes)
+    seen = {json.dumps({k: r[k] for k in axis_names}, sort_keys=True): (r["status"], r.get("rule"))
+            for r in found.values()}
+    assert seen == expected  # the sweep walks exactly the grid, and agrees with `validate` on each cell
+    skipped = [r for r in found.values() if r["status"] == "skipped"]
+    assert len(skipped) == 75 and all("Nearest valid settings" in r["reason"] for r in skipped)
+    assert "69 completed, 75 skipped" in out
+
+
+def test_a_sweep_killed_midway_completes_only_the_missing_jobs(tmp_path):
+    grid = ["operator=dwconv,local_mlp", "trainer.seed=0,1", "trainer.sweep=killed", *TINY,
+            "schedule.epochs=3", "data.train_subset=1500"]
+    proc = sweep_cli(tmp_path, *grid, start_new_session=True)
+    folder, deadline = tmp_path / "killed", time.time() + 600
+    # kill once two jobs are finished and the third is part-way (it has a checkpoint, no results)
+    while time.time() < deadline:
+        done = [p for p in folder.glob("*/results.json")]
+        partial = [p for p in folder.glob("*/checkpoint.pt") if not (p.parent / "results.json").exists()]
+        if len(done) >= 2 and partial:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in folder.glob("*/results.json")}
+    assert 2 <= len(before) < 4, "killed too late to test"
+
+    code, out = run_sweep(tmp_path, *grid)
+    assert code == 0, out[-3000:]
+    after = records(folder)
+    assert len(after) == 4 and all(r["status"] == "completed" for r in after.values())
+    for name, (mtime, text) in before.items():  # no finished run trained again
+        path = folder / name / "results.json"
+        assert (path.stat().st_mtime_ns, path.read_text()) == (mtime, text)
+    for name in after:  # none duplicated: every epoch recorded once
+        epochs = [json.loads(line)["epoch"] for line in (folder / name / "metrics.jsonl").open()]
+        assert epochs == [0, 1, 2]
+    assert f"{len(before)} already finished" in out and "resuming" in out
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    code, out = run_sweep(tmp_path, "operator=dwconv", "optim.lr=1e-3,-1", "trainer.sweep=mixed", *TINY)
+    found = records(tmp_path / "mixed")
+    statuses = sorted(r["status"] for r in found.values())
+    assert statuses == ["completed", "failed"], out[-3000:]
+    failed = next(r for r in found.values() if r["status"] == "failed")
+    assert "optim.lr must be positive" in failed["error"]
+    assert code == 1  # the sweep finished all it could, and says some jobs failed
+    summary = json.loads((tmp_path / "mixed" / ".hydra" / "summary.json").read_text())
+    assert summary["statuses"] == {"completed": 1, "failed": 1}
+
+
+def test_a_joblib_sweep_runs_four_jobs_on_two_workers(tmp_path):
+    code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", "trainer.seed=0,1", "launcher=joblib",
+                          "hydra.launcher.n_jobs=2", "trainer.sweep=joblib",
+                          *[o for o in TINY if not o.startswith("trainer.threads")])
+    assert code == 0, out[-3000:]
+    assert "JoblibLauncher" in out and "4/4 jobs done" in out
+    found = records(tmp_path / "joblib")
+    assert len(found) == 4 and {r["status"] for r in found.values()} == {"completed"}
+    assert {r["seed"] for r in found.values()} == {0, 1}
+    threads = {(tmp_path / "joblib" / n / "config.yaml").read_text().split("threads: ")[1].split()[0]
+               for n in found}
+    assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}  # the cores shared out
+
+
+def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):
+    code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", "launcher=submitit_local",
+                          "trainer.sweep=submitit", *TINY)
+    assert code == 0, out[-3000:]
+    found = records(tmp_path / "submitit")
+    assert len(found) == 2 and {r["status"] for r in found.values()} == {"completed"}
+    assert list((tmp_path / "submitit" / ".hydra" / ".submitit").glob("*/*_result.pkl"))
