@@ -1,0 +1,84 @@
+"""The operator axes as the analysis sees them: their order, how they group, how they read.
+
+Tables are ordered along the paper's axes (sparsest connectivity first, most shared first, static
+first) rather than alphabetically, so that neighbouring rows differ in one step of one axis. The
+axis-effect table and Figure 2 need to know which columns form one axis: channel sharing is given
+by `channels_per_group` or `groups`, and connectivity comes with its kernel size and shift.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["AXIS_COLUMNS", "AXIS_GROUPS", "ORDER", "EXPERIMENT_COLUMNS", "axis_sort_key",
+           "sort_by_axes", "axis_value_label", "is_missing"]
+
+# The flat axis fields of a record (`OperatorSpec.axes`).
+AXIS_COLUMNS = ("connectivity", "kernel_size", "shift", "spatial", "channels_per_group", "groups", "dynamic")
+
+# One axis of the paper = these columns together (a flip of `groups` and `channels_per_group` at once
+# is one change of channel sharing; a window size is part of the connectivity).
+AXIS_GROUPS: dict[str, tuple[str, ...]] = {
+    "connectivity": ("connectivity", "kernel_size", "shift"),
+    "spatial": ("spatial",),
+    "channels": ("channels_per_group", "groups"),
+    "dynamic": ("dynamic",),
+}
+
+# What must stay equal for two runs to be comparable, besides the operator's axes.
+EXPERIMENT_COLUMNS = ("block", "model", "data", "epochs", "train_size")
+
+ORDER: dict[str, tuple[str, ...]] = {
+    "connectivity": ("window", "sliding", "global"),
+    "spatial": ("offset", "window", "none"),
+    "dynamic": ("static", "homogeneous", "inhomogeneous", "attention"),
+}
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN and pandas' NA all mean "not set" (records mix them after a DataFrame round trip)."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value) or (isinstance(value, float) and math.isnan(value))
+    except (TypeError, ValueError):  # pandas.NA refuses bool()
+        return True
+
+
+def _rank(axis: str, value: Any) -> tuple[int, str]:
+    """Known options in the paper's order; a user's registered option after them, by name."""
+    options = ORDER[axis]
+    return (options.index(value), "") if value in options else (len(options), str(value))
+
+
+def axis_sort_key(row: Any) -> tuple:
+    """Sort key of a record or a DataFrame row: connectivity, spatial sharing, dynamic, then channels."""
+    cpg = row["cpg"] if "cpg" in row else None
+    return (_rank("connectivity", row["connectivity"]), _rank("spatial", row["spatial"]),
+            _rank("dynamic", row["dynamic"]), math.inf if is_missing(cpg) else float(cpg))
+
+
+def sort_by_axes(frame, then: tuple[str, ...] = ()):
+    """`frame` ordered by the three axes, then by the `then` columns (stable, index reset)."""
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    keys = [(axis_sort_key(row), tuple(str(row[c]) for c in then)) for _, row in frame.iterrows()]
+    order = sorted(range(len(frame)), key=lambda i: keys[i])
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def axis_value_label(axis: str, row: Any) -> str:
+    """How one axis of a run reads in a table: "window 7 shifted", "8 per group", "32 groups"."""
+    if axis == "connectivity":
+        kind = row["connectivity"]
+        if kind == "global":
+            return "global"
+        return f"{kind} {row['kernel_size']}" + (" shifted" if row["shift"] is True else "")
+    if axis == "channels":
+        cpg, groups = row["channels_per_group"], row["groups"]
+        if not is_missing(groups):
+            return f"{int(groups)} groups"
+        if isinstance(cpg, (list, tuple)):
+            return f"[{','.join(str(c) for c in cpg)}] per group"
+        return f"{cpg} per group"
+    return str(row[axis])

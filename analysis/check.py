@@ -1,0 +1,119 @@
+"""Check a written report against the results store it claims to summarise.
+
+A report is a snapshot; the store moves on (runs finish, sweeps are re-launched). `check_tables`
+recomputes the comparison and axis-effect tables from the store and compares every number of the
+written CSV (to full precision) and Markdown (to its printed rounding), so a stale or hand-edited
+report fails loudly. `make demo` and the tests run it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.comparison import COMPARISON_PRINTED, comparison_table
+from analysis.effects import EFFECTS_PRINTED, axis_effects
+from analysis.records import load_runs
+from analysis.tables import MISSING
+
+__all__ = ["TableMismatch", "read_markdown_table", "parse_printed", "check_tables"]
+
+_COMPARISON_KEYS = {"operator": "operator", "block": "block", "model": "model", "data": "data",
+                    "epochs": "epochs", "train_size": "train images"}
+_EFFECT_KEYS = {"axis": "axis", "from": "from", "to": "to", "from_operator": "from operator",
+                "to_operator": "to operator", "block": "block", "model": "model", "data": "data",
+                "epochs": "epochs", "train_size": "train images"}
+
+
+class TableMismatch(AssertionError):
+    """A number of a written table differs from the one recomputed from the store."""
+
+
+def read_markdown_table(path: Path) -> pd.DataFrame:
+    """The cells (strings) of the first Markdown table in `path`."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        raise TableMismatch(f"{path} holds no Markdown table")
+    split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # noqa: E731
+    header = split(lines[0])
+    return pd.DataFrame([split(line) for line in lines[2:]], columns=header)
+
+
+def parse_printed(text: str) -> tuple[float, float, float]:
+    """(value, spread or NaN, tolerance) of a printed cell: "55.70 ± 0.14", "+1.2", "3", "n/a".
+
+    The tolerance is half a unit of the last printed digit: the most rounding can have moved it.
+    """
+    if text == MISSING:
+        return float("nan"), float("nan"), 0.0
+    parts = text.split(" ± ")
+    values = [float(p) for p in parts]
+    decimals = len(parts[0].split(".")[1]) if "." in parts[0] else 0
+    return values[0], values[1] if len(values) > 1 else float("nan"), 0.5 * 10 ** -decimals + 1e-9
+
+
+def _same(expected: float, found: float, tolerance: float) -> bool:
+    if pd.isna(expected) or pd.isna(found):
+        return pd.isna(expected) and pd.isna(found)
+    return math.isclose(float(expected), float(found), rel_tol=1e-12, abs_tol=tolerance)
+
+
+def _key(row, columns) -> tuple[str, ...]:
+    return tuple(str(int(v)) if isinstance(v, float) and v == int(v) else str(v)
+                 for v in (row[c] for c in columns))
+
+
+def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, keys: dict[str, str],
+           printed: dict[str, tuple[str, str]], spread: tuple[str, str]) -> int:
+    """Compare one table's CSV and Markdown with `expected`; returns the number of values checked."""
+    for path in (csv_path, md_path):
+        if not path.is_file():
+            raise TableMismatch(f"{path} is missing")
+    csv = pd.read_csv(csv_path)
+    md = read_markdown_table(md_path)
+    want = {_key(r, list(keys)): r for _, r in expected.iterrows()}
+    sources = {"CSV": {_key(r, list(keys)): r for _, r in csv.iterrows()},
+               "Markdown": {_key(r, list(keys.values())): r for _, r in md.iterrows()}}
+    checked = 0
+    for source, found in sources.items():
+        if set(found) != set(want):
+            raise TableMismatch(f"{name} ({source}): rows differ from the store: only in the report "
+                                f"{sorted(set(found) - set(want))}, only in the store "
+                                f"{sorted(set(want) - set(found))}")
+    numeric = [column for column, _ in printed.values()]
+    for key, row in want.items():
+        got = sources["CSV"][key]
+        for column in [*numeric, spread[1]]:
+            if not _same(row[column], got[column], 1e-12):
+                raise TableMismatch(f"{name}.csv, row {key}, {column}: report {got[column]!r}, "
+                                    f"store {row[column]!r}")
+            checked += 1
+        cells = sources["Markdown"][key]
+        for header, (column, _) in printed.items():
+            value, spread_value, tolerance = parse_printed(cells[header])
+            if not _same(row[column], value, tolerance):
+                raise TableMismatch(f"{name}.md, row {key}, {header!r}: report {cells[header]!r}, store "
+                                    f"{row[column]!r}")
+            checked += 1
+            if column == spread[0] and not pd.isna(row[spread[1]]):
+                if not _same(row[spread[1]], spread_value, tolerance):
+                    raise TableMismatch(f"{name}.md, row {key}, {header!r} spread: report {cells[header]!r}, "
+                                        f"store {row[spread[1]]!r}")
+                checked += 1
+    return checked
+
+
+def check_tables(results_dir: str | Path, report_dir: str | Path) -> int:
+    """Every number of comparison.csv/.md and axis_effects.csv/.md in `report_dir`, recomputed from the
+    runs under `results_dir`; returns how many were checked, raises TableMismatch at the first miss."""
+    runs = load_runs(results_dir)
+    report_dir = Path(report_dir)
+    checked = _check("comparison", comparison_table(runs), report_dir / "comparison.csv",
+                     report_dir / "comparison.md", _COMPARISON_KEYS, COMPARISON_PRINTED,
+                     ("top1_mean", "top1_std"))
+    checked += _check("axis_effects", axis_effects(runs), report_dir / "axis_effects.csv",
+                      report_dir / "axis_effects.md", _EFFECT_KEYS, EFFECTS_PRINTED,
+                      ("delta_top1_mean", "delta_top1_std"))
+    return checked

@@ -1,0 +1,205 @@
+"""The report of a results folder: every figure and table, and an index linking them.
+
+    python -m analysis.report results/demo                  # -> reports/demo/
+    python -m analysis.report results/sweeps --out reports/sweeps
+
+Writes figure2.png/.pdf, comparison.md/.tex/.csv, cost.png/.pdf, axis_effects.md/.csv, weights.png
+(+ weights.csv), runs.md/.csv (every run, skipped cells with their reasons and failed runs with
+their errors) and index.md + index.html. A piece the store cannot support (no channel sweep for
+Figure 2, no single-axis pair) is explained in the index instead of failing the report; a store
+without any completed run is an error, since there is nothing to report.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.check import check_tables
+from analysis.comparison import comparison_table, printed_comparison, write_comparison
+from analysis.cost import plot_cost
+from analysis.effects import axis_effects, printed_effects, write_axis_effects
+from analysis.figure2 import figure2_data, plot_figure2
+from analysis.records import completed, load_runs
+from analysis.tables import fmt, format_table, to_html, to_markdown, write_table
+from analysis.weights import plot_weights, select_weight_runs, weight_maps
+
+__all__ = ["render_report", "runs_table", "main"]
+
+
+@dataclass
+class _Section:
+    """One part of the index: a title, an explanation, files, and a table or image to show."""
+
+    title: str
+    text: str
+    files: list[str] = field(default_factory=list)
+    image: str | None = None
+    table: pd.DataFrame | None = None
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run as printed in runs.md: status, what it was, its accuracy, or why it has none."""
+    def note(r):
+        for key in ("reason", "error"):
+            if isinstance(r[key], str) and r[key]:
+                return r[key].splitlines()[0]
+        return ""
+    order = runs.sort_values(["status", "sweep", "operator", "model", "data", "seed", "run"],
+                             key=lambda s: s.astype(str)).reset_index(drop=True)
+    return format_table(order, {
+        "status": lambda r: r["status"], "sweep": lambda r: r["sweep"], "operator": lambda r: r["operator"],
+        "model": lambda r: r["model"], "data": lambda r: r["data"], "seed": lambda r: fmt(r["seed"], "d"),
+        "epochs": lambda r: fmt(r["epochs_done"], "d"),
+        "test top-1": lambda r: fmt(r["final_test_top1"], ".2f"),
+        "run": lambda r: r["run"], "reason / error": note})
+
+
+def _figure2(runs, out: Path) -> _Section:
+    fig = plot_figure2(runs, out / "figure2")
+    if fig is None:
+        return _Section("Figure 2: accuracy against channels per group",
+                        "No Figure-2 sweep in this store: no operator was run at two or more "
+                        "channels-per-group settings (e.g. `sharing.channels_per_group=1,8,32`).")
+    lines = figure2_data(runs)["line"].unique()
+    return _Section("Figure 2: accuracy against channels per group",
+                    f"{len(lines)} line(s): {', '.join(lines)}. Mean ± std over seeds (band), seeds as "
+                    "faint points, params (M) annotated.", ["figure2.png", "figure2.pdf"],
+                    image="figure2.png")
+
+
+def _weights(runs, out: Path) -> _Section:
+    title = "Effective weights"
+    selected = select_weight_runs(runs)
+    if selected.empty:
+        return _Section(title, "No completed run with a checkpoint: nothing to draw.")
+    maps, problems = [], []
+    for _, run in selected.iterrows():
+        try:
+            maps.append(weight_maps(run["path"]))
+        except Exception as err:  # noqa: BLE001  one run's missing data must not sink the report
+            problems.append(f"{run['preset']}: {type(err).__name__}: {err}")
+    text = ("w[n, g, i, j] of the first mixer of stage 1 (weight group 0), for real test images (rows) "
+            "and output positions i (columns, marked x), one run per preset (seed 0 where there is one). "
+            "Variation = std of the kernels in offset coordinates at interior positions, over images "
+            "(same position) and over positions (same image), divided by the mean |w|: static weights "
+            "give 0 across images, weights shared over offsets 0 across positions.")
+    if problems:
+        text += " Not drawn: " + "; ".join(problems)
+    if not maps:
+        return _Section(title, text)
+    plot_weights(maps, out / "weights.png")
+    numbers = pd.DataFrame([{"preset": m.preset, "operator": m.operator, "run": Path(m.run).name,
+                             "stage": m.stage, "positions": " ".join(f"{h},{w}" for h, w in m.positions),
+                             "across_images": m.across_images, "across_positions": m.across_positions}
+                            for m in maps])
+    numbers.to_csv(out / "weights.csv", index=False)
+    printed = format_table(numbers, {"operator": lambda r: r["operator"],
+                                     "positions": lambda r: r["positions"],
+                                     "across images": lambda r: fmt(r["across_images"], ".4f"),
+                                     "across positions": lambda r: fmt(r["across_positions"], ".4f")})
+    return _Section(title, text, ["weights.png", "weights.csv"], image="weights.png", table=printed)
+
+
+def render_report(results_dir: str | Path, out_dir: str | Path | None = None, weights: bool = True) -> Path:
+    """Write the report of the runs under `results_dir` into `out_dir` (default reports/<name of
+    results_dir>); returns the path of index.md. Raises ValueError without a completed run."""
+    results_dir = Path(results_dir)
+    out = Path(out_dir) if out_dir is not None else Path("reports") / results_dir.resolve().name
+    runs = load_runs(results_dir)
+    if runs.empty:
+        raise ValueError(f"no runs in {results_dir}: no results.json below it. Train a sweep first "
+                         f"(python -m ablate.train -m ... trainer.results_root=...).")
+    if completed(runs).empty:
+        counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
+        raise ValueError(f"no completed run in {results_dir} ({counts}): nothing to report. "
+                         f"See the reasons and errors in the runs' results.json.")
+    out.mkdir(parents=True, exist_ok=True)
+
+    sections = [_figure2(runs, out)]
+    write_comparison(runs, out)
+    sections.append(_Section("Comparison", "One row per operator x model x data x training budget, "
+                             "averaged over seeds (top-1: final test accuracy, mean ± sample std). "
+                             "Ordered by connectivity, spatial sharing, dynamic, channels per group.",
+                             ["comparison.md", "comparison.tex", "comparison.csv"],
+                             table=printed_comparison(comparison_table(runs))))
+    plot_cost(runs, out / "cost")
+    sections.append(_Section("Accuracy against cost", "Pareto front dashed (no other operator is at least "
+                             "as accurate and at least as cheap); front points outlined.",
+                             ["cost.png", "cost.pdf"], image="cost.png"))
+    write_axis_effects(runs, out)
+    effects = axis_effects(runs)
+    sections.append(_Section(
+        "Axis effects", "Pairs of operators that differ in exactly one axis, all else equal, paired by "
+        "seed: Δ = to - from (mean ± std over pairs); speed ratio = to / from training images/s."
+        + ("" if len(effects) else " No such pair in this store."),
+        ["axis_effects.md", "axis_effects.csv"], table=printed_effects(effects) if len(effects) else None))
+    if weights:
+        sections.append(_weights(runs, out))
+    printed_runs = runs_table(runs)
+    write_table(runs, printed_runs, out / "runs", formats=("csv", "md"))
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
+    sections.append(_Section("Runs", f"{len(runs)} runs: {counts}.", ["runs.md", "runs.csv"],
+                             table=printed_runs))
+
+    title = f"ablate report: {results_dir}"
+    (out / "index.md").write_text(_index_markdown(title, sections))
+    (out / "index.html").write_text(_index_html(title, sections))
+    return out / "index.md"
+
+
+def _index_markdown(title: str, sections: list[_Section]) -> str:
+    parts = [f"# {title}\n"]
+    for s in sections:
+        parts.append(f"## {s.title}\n\n{s.text}\n")
+        if s.files:
+            parts.append("Files: " + ", ".join(f"[{f}]({f})" for f in s.files) + "\n")
+        if s.image:
+            parts.append(f"![{s.title}]({s.image})\n")
+        if s.table is not None:
+            parts.append(to_markdown(s.table))
+    return "\n".join(parts)
+
+
+def _index_html(title: str, sections: list[_Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>\n<p>{html.escape(s.text)}</p>")
+        if s.files:
+            body.append("<p>Files: " + ", ".join(f'<a href="{html.escape(f)}">{html.escape(f)}</a>'
+                                                for f in s.files) + "</p>")
+        if s.image:
+            body.append(f'<img src="{html.escape(s.image)}" alt="{html.escape(s.title)}" '
+                        'style="max-width:100%">')
+        if s.table is not None:
+            body.append(to_html(s.table))
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}")
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="a results folder (searched recursively for results.json)")
+    parser.add_argument("--out", help="report folder (default: reports/<name of the results folder>)")
+    parser.add_argument("--no-weights", action="store_true", help="skip the weight maps (no checkpoints "
+                        "are loaded)")
+    args = parser.parse_args(argv)
+    try:
+        index = render_report(args.results, args.out, weights=not args.no_weights)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    checked = check_tables(args.results, index.parent)  # the tables say what the records say
+    print(f"report written to {index.parent}/ (open {index} or {index.with_suffix('.html')}); "
+          f"{checked} numbers of its tables checked against the results.json files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Writing tables: CSV at full precision, Markdown and LaTeX rounded for reading, HTML for the index.
+
+Markdown and LaTeX are written here by hand rather than with `DataFrame.to_markdown` (needs the
+`tabulate` package) or `to_latex` (needs jinja2 and a Styler): the tables are small and plain, and
+one formatting function for both keeps the printed numbers identical in every format.
+"""
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.axes import is_missing
+
+__all__ = ["MISSING", "fmt", "mean_std", "format_table", "to_markdown", "to_latex", "to_html",
+           "write_table"]
+
+MISSING = "n/a"  # how an absent number prints (not measured, one seed has no spread, ...)
+
+
+def fmt(value: Any, spec: str) -> str:
+    """`value` formatted with a format spec, or MISSING."""
+    return MISSING if is_missing(value) else format(value, spec)
+
+
+def mean_std(mean: float, std: float, spec: str = ".2f", std_spec: str | None = None) -> str:
+    """"mean ± std"; a single seed has no spread, so only its mean is printed."""
+    if is_missing(mean):
+        return MISSING
+    return fmt(mean, spec) if is_missing(std) else f"{fmt(mean, spec)} ± {fmt(std, std_spec or spec)}"
+
+
+def format_table(frame: pd.DataFrame, columns: Mapping[str, Callable[[Any], str]]) -> pd.DataFrame:
+    """A table of strings: header -> (format of one row). `columns` maps each printed header to a
+    function of the row, so that combined cells (mean ± std) are one column."""
+    data = {header: [render(row) for _, row in frame.iterrows()] for header, render in columns.items()}
+    return pd.DataFrame(data, columns=list(columns))
+
+
+def _cell(value: Any) -> str:
+    return MISSING if is_missing(value) else str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (`|` in cells escaped)."""
+    def line(cells):
+        return "| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |"
+    numeric = [i for i, c in enumerate(table.columns) if _is_numeric_column(table[c])]
+    rule = ["---:" if i in numeric else "---" for i in range(len(table.columns))]
+    rows = [line(table.columns), "|" + "|".join(rule) + "|"]
+    rows += [line(row) for row in table.itertuples(index=False, name=None)]
+    return "\n".join(rows) + "\n"
+
+
+def _is_numeric_column(column: pd.Series) -> bool:
+    """Right-align columns whose printed cells are numbers (so decimals line up in a renderer)."""
+    def numeric(text):
+        text = _cell(text).split(" ± ")[0]
+        try:
+            return math.isfinite(float(text))
+        except ValueError:
+            return text == MISSING
+    return len(column) > 0 and all(numeric(v) for v in column)
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
+def _latex_escape(text: str) -> str:
+    text = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+    return text.replace("±", r"$\pm$")
+
+
+def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
+    """A booktabs tabular (inside a table environment when `caption` is given)."""
+    align = "".join("r" if _is_numeric_column(table[c]) else "l" for c in table.columns)
+    body = [r"\begin{tabular}{" + align + "}", r"\toprule",
+            " & ".join(_latex_escape(str(c)) for c in table.columns) + r" \\", r"\midrule"]
+    body += [" & ".join(_latex_escape(_cell(v)) for v in row) + r" \\"
+             for row in table.itertuples(index=False, name=None)]
+    body += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        body = [r"\begin{table}[t]", r"\centering", r"\caption{" + _latex_escape(caption) + "}", *body,
+                r"\end{table}"]
+    return "\n".join(body) + "\n"
+
+
+def to_html(table: pd.DataFrame) -> str:
+    """An HTML table of the printed cells (for index.html)."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+                   for row in table.itertuples(index=False, name=None))
+    return f'<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{rows}</tbody>\n</table>\n'
+
+
+def write_table(numbers: pd.DataFrame, printed: pd.DataFrame, stem: Path, formats=("csv", "md"),
+                caption: str | None = None) -> list[Path]:
+    """`numbers` as <stem>.csv (full precision, for re-use), `printed` as <stem>.md / .tex."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind in formats:
+        path = stem.with_suffix(f".{kind}")
+        if kind == "csv":
+            numbers.to_csv(path, index=False)  # floats as repr: they read back exactly
+        elif kind == "md":
+            path.write_text(to_markdown(printed))
+        elif kind == "tex":
+            path.write_text(to_latex(printed, caption))
+        else:
+            raise ValueError(f"unknown table format {kind!r}: csv, md or tex")
+        paths.append(path)
+    return paths

@@ -1,0 +1,445 @@
+"""The analysis on a real mini store (tests/mini_store.py): every number it prints is recomputed here
+independently, straight from the results.json files with the json module and plain Python
+arithmetic, so that a bug shared by the analysis and its own checker cannot hide."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from mini_store import REPO, mini_store  # noqa: F401  (the session fixture)
+from omegaconf import OmegaConf
+
+from analysis import (
+    TableMismatch,
+    axis_effects,
+    check_tables,
+    comparison_table,
+    figure2_data,
+    load_runs,
+    pareto_front,
+    plot_figure2,
+    row_from_record,
+    row_from_wandb_run,
+    select_weight_runs,
+    weight_maps,
+    weight_variation,
+)
+from analysis.report import main as report_main
+from analysis.report import render_report
+
+pytestmark = pytest.mark.xdist_group("mini_store")
+
+
+# -- independent recomputation ------------------------------------------------------------------
+def read_records(root: Path) -> list[dict]:
+    records = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if "results.json" in files:
+            with open(os.path.join(folder, "results.json")) as f:
+                records.append(json.load(f))
+    return records
+
+
+def mean(values):
+    return sum(values) / len(values) if values else math.nan
+
+
+def stdev(values):
+    if len(values) < 2:
+        return math.nan
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def rate(record, key):
+    value = record.get(key)
+    return value if value is not None and value > 0 else None  # 0 = not measured
+
+
+def budget(record):
+    return (record["model"], record["data"], str(record["epochs"]), str(record["train_size"]))
+
+
+def expected_comparison(root: Path) -> dict[tuple, dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in read_records(root):
+        if r["status"] == "completed":
+            groups.setdefault((r["operator"], r["block"], *budget(r)), []).append(r)
+    expected = {}
+    for key, rs in groups.items():
+        top1 = [r["final_test_top1"] for r in rs]
+        rates = {k: [rate(r, k) for r in rs if rate(r, k) is not None]
+                 for k in ("train_samples_per_s", "inference_samples_per_s")}
+        expected[key] = {"params_m": mean([r["params_m"] for r in rs]), "gmac": mean([r["gmac"] for r in rs]),
+                         **{k: mean(v) for k, v in rates.items()},
+                         "top1_mean": mean(top1), "top1_std": stdev(top1), "seeds": len(rs)}
+    return expected
+
+
+def expected_effect(root: Path, row: dict) -> dict:
+    """The numbers of one axis-effect row, from the records of its two operators, paired by seed."""
+    by = {}
+    for r in read_records(root):
+        if r["status"] == "completed":
+            by.setdefault((r["operator"], r["block"], *budget(r)), {}).setdefault(r["seed"], r)
+    rest = (row["block"], row["model"], row["data"], row["epochs"], row["train_size"])
+    src, dst = by[(row["from_operator"], *rest)], by[(row["to_operator"], *rest)]
+    seeds = sorted(set(src) & set(dst))
+    delta = [dst[s]["final_test_top1"] - src[s]["final_test_top1"] for s in seeds]
+    return {"pairs": len(seeds), "delta_top1_mean": mean(delta), "delta_top1_std": stdev(delta),
+            "delta_params_m": mean([dst[s]["params_m"] - src[s]["params_m"] for s in seeds]),
+            "delta_gmac": mean([dst[s]["gmac"] - src[s]["gmac"] for s in seeds]),
+            "speed_ratio": mean([dst[s]["train_samples_per_s"] / src[s]["train_samples_per_s"]
+                                 for s in seeds])}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_markdown(path: Path) -> list[dict]:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip().startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def close_csv(text: str, value: float) -> bool:
+    if text == "" or (isinstance(value, float) and math.isnan(value)):
+        return text == "" and math.isnan(value)
+    return math.isclose(float(text), value, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def close_printed(text: str, value: float) -> bool:
+    """Equal within the printed rounding (half a unit of the last digit)."""
+    if text == "n/a" or math.isnan(value):
+        return text == "n/a" and math.isnan(value)
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return abs(float(text) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def split_pm(text: str) -> tuple[str, str]:
+    mean_text, _, std_text = text.partition(" ± ")
+    return mean_text, std_text or "n/a"
+
+
+def verify_comparison(results: Path, report: Path) -> int:
+    expected = expected_comparison(results)
+    checked = 0
+    csv_rows = read_csv(report / "comparison.csv")
+    assert {(r["operator"], r["block"], r["model"], r["data"], r["epochs"], r["train_size"])
+            for r in csv_rows} == set(expected)
+    for r in csv_rows:
+        want = expected[(r["operator"], r["block"], r["model"], r["data"], r["epochs"], r["train_size"])]
+        for column, value in want.items():
+            assert close_csv(r[column], float(value)), (r["operator"], column, r[column], value)
+            checked += 1
+    md_rows = read_markdown(report / "comparison.md")
+    assert len(md_rows) == len(expected)
+    printed = {"params (M)": "params_m", "GMAC": "gmac", "train img/s": "train_samples_per_s",
+               "inference img/s": "inference_samples_per_s", "seeds": "seeds"}
+    for r in md_rows:
+        want = expected[(r["operator"], r["block"], r["model"], r["data"], r["epochs"], r["train images"])]
+        for header, column in printed.items():
+            assert close_printed(r[header], float(want[column])), (r["operator"], header, r[header])
+        top1, spread = split_pm(r["top-1 (%)"])
+        assert close_printed(top1, want["top1_mean"]) and close_printed(spread, want["top1_std"]), r
+        checked += len(printed) + 2
+    return checked
+
+
+def verify_effects(results: Path, report: Path) -> int:
+    checked = 0
+    for r in read_csv(report / "axis_effects.csv"):
+        want = expected_effect(results, r)
+        for column, value in want.items():
+            assert close_csv(r[column], float(value)), (r["from_operator"], r["to_operator"], column)
+            checked += 1
+    for r in read_markdown(report / "axis_effects.md"):
+        want = expected_effect(results, {"from_operator": r["from operator"], "to_operator": r["to operator"],
+                                         "block": r["block"], "model": r["model"], "data": r["data"],
+                                         "epochs": r["epochs"], "train_size": r["train images"]})
+        delta, spread = split_pm(r["Δtop-1 (points)"])
+        assert close_printed(delta, want["delta_top1_mean"]) and close_printed(spread, want["delta_top1_std"])
+        assert int(r["pairs"]) == want["pairs"]
+        assert close_printed(r["Δparams (M)"], want["delta_params_m"])
+        assert close_printed(r["ΔGMAC"], want["delta_gmac"])
+        assert close_printed(r["speed ratio"], want["speed_ratio"])
+        checked += 6
+    return checked
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(mini_store):  # noqa: F811
+    return load_runs(mini_store)
+
+
+@pytest.fixture(scope="module")
+def report(mini_store, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("report")
+    render_report(mini_store, out)
+    return out
+
+
+def run_path(runs, operator, seed=0) -> str:
+    return runs[(runs["operator"] == operator) & (runs["seed"] == seed)]["path"].iloc[0]
+
+
+# -- records ------------------------------------------------------------------------------------
+def test_load_runs_one_row_per_results_json(runs, mini_store):  # noqa: F811
+    records = read_records(mini_store)
+    assert len(runs) == len(records) == 13  # 8 + 4 trained, 1 skipped; nothing from .hydra/
+    assert runs["status"].value_counts().to_dict() == {"completed": 12, "skipped": 1}
+    for column in ("preset", "operator", "connectivity", "kernel_size", "shift", "spatial",
+                   "channels_per_group", "groups", "dynamic", "block", "model", "data", "seed", "params",
+                   "params_m", "gmac",
+                   "train_samples_per_s", "inference_samples_per_s", "final_test_top1", "best_val_top1",
+                   "epochs", "train_size", "status", "reason", "error", "sweep", "path", "cpg"):
+        assert column in runs.columns, column
+    skipped = runs[runs["status"] == "skipped"].iloc[0]
+    assert skipped["operator"] == "dwconv[dynamic=attention]"
+    assert "attention needs spatial: none" in skipped["reason"] and skipped["rule"]
+    assert math.isnan(skipped["final_test_top1"])
+    mlp = runs[runs["preset"] == "local_mlp"].groupby("operator")["cpg"].first().to_dict()
+    assert mlp == {"local_mlp[channels_per_group=1]": 1.0, "local_mlp[channels_per_group=8]": 8.0,
+                   "local_mlp": 32.0}
+    by_path = {r["run"]: r for r in records}
+    for _, row in runs.iterrows():
+        record = by_path[Path(row["path"]).name]
+        assert row["final_test_top1"] == record.get("final_test_top1") or record["status"] == "skipped"
+        assert row["seed"] == record["seed"] and row["sweep"] == "mini"
+
+
+def test_load_runs_rejects_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_runs(tmp_path / "nope")
+
+
+# -- comparison table ---------------------------------------------------------------------------
+def test_comparison_numbers_equal_the_results_json(report, mini_store):  # noqa: F811
+    assert verify_comparison(mini_store, report) == 6 * 7 + 6 * 7
+    order = [r["operator"] for r in read_csv(report / "comparison.csv")]
+    assert order == ["local_mlp[channels_per_group=1]", "local_mlp[channels_per_group=8]", "local_mlp",
+                     "local_attention", "dwconv", "dynamic_dwconv"]  # window < sliding; window < none; cpg
+    tex = (report / "comparison.tex").read_text()
+    assert r"\begin{tabular}" in tex and tex.count(r"\\") == 1 + 6  # header + rows
+    assert "local\\_mlp" in tex and "$\\pm$" in tex
+
+
+def test_axis_effects_numbers_equal_the_results_json(report, mini_store):  # noqa: F811
+    rows = read_csv(report / "axis_effects.csv")
+    found = {(r["axis"], r["from"], r["to"], r["from_operator"], r["to_operator"]) for r in rows}
+    assert found == {  # local_mlp -> local_attention flips two axes (spatial and dynamic): not a row
+        ("channels", "1 per group", "8 per group", "local_mlp[channels_per_group=1]",
+         "local_mlp[channels_per_group=8]"),
+        ("channels", "1 per group", "32 per group", "local_mlp[channels_per_group=1]", "local_mlp"),
+        ("channels", "8 per group", "32 per group", "local_mlp[channels_per_group=8]", "local_mlp"),
+        ("dynamic", "static", "homogeneous", "dwconv", "dynamic_dwconv"),
+    }
+    assert all(r["pairs"] == "2" for r in rows)
+    assert verify_effects(mini_store, report) == 4 * 6 + 4 * 6
+
+
+def test_check_tables_counts_and_catches_an_edit(report, mini_store, tmp_path):  # noqa: F811
+    assert check_tables(mini_store, report) > 50
+    edited = tmp_path / "edited"
+    shutil.copytree(report, edited)
+    md = (edited / "comparison.md").read_text()
+    first = read_markdown(edited / "comparison.md")[0]["params (M)"]
+    (edited / "comparison.md").write_text(md.replace(f"| {first} |", f"| {float(first) + 0.01:.3f} |", 1))
+    with pytest.raises(TableMismatch, match="params"):
+        check_tables(mini_store, edited)
+
+
+# -- Figure 2 -----------------------------------------------------------------------------------
+def test_figure2_plots_the_per_cpg_means(runs, report, mini_store):  # noqa: F811
+    assert (report / "figure2.png").stat().st_size > 1000 and (report / "figure2.pdf").stat().st_size > 1000
+    data = figure2_data(runs)
+    assert list(data["line"].unique()) == ["local_mlp"]  # the only preset run at several cpg
+    values: dict[int, list[float]] = {}
+    for r in read_records(mini_store):
+        if r["status"] == "completed" and r["preset"] == "local_mlp":
+            values.setdefault(r["stage_channels_per_group"][0], []).append(r["final_test_top1"])
+    assert data["cpg"].tolist() == [1.0, 8.0, 32.0]
+    for _, point in data.iterrows():
+        acc = values[int(point["cpg"])]
+        assert point["top1_mean"] == pytest.approx(mean(acc), abs=1e-12)
+        assert point["top1_std"] == pytest.approx(stdev(acc), abs=1e-12)
+        assert sorted(point["values"]) == sorted(acc) and point["seeds"] == 2
+    fig = plot_figure2(runs)
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [1.0, 8.0, 32.0]
+    assert list(line.get_ydata()) == pytest.approx([mean(values[c]) for c in (1, 8, 32)], abs=1e-12)
+    assert fig.axes[0].get_xscale() == "log"
+
+
+def test_no_figure2_sweep_is_explained_and_no_completed_run_is_an_error(runs, tmp_path):
+    store = tmp_path / "store"
+    for _, row in runs[runs["preset"].isin(["dwconv"])].iterrows():  # results.json only: no weights
+        (store / row["run"]).mkdir(parents=True)
+        shutil.copy(Path(row["path"]) / "results.json", store / row["run"])
+    index = render_report(store, tmp_path / "report")
+    text = index.read_text()
+    assert "No Figure-2 sweep" in text and not (tmp_path / "report" / "figure2.png").exists()
+    assert "No such pair" in text and "nothing to draw" in text
+    assert (tmp_path / "report" / "comparison.md").exists()
+    for folder in store.iterdir():
+        if json.loads((folder / "results.json").read_text())["status"] != "skipped":
+            shutil.rmtree(folder)
+    with pytest.raises(ValueError, match="no completed run"):
+        render_report(store, tmp_path / "report2")
+    assert report_main([str(tmp_path / "empty-does-not-exist")]) == 2
+
+
+# -- cost ---------------------------------------------------------------------------------------
+def test_pareto_front_on_hand_made_points():
+    frame = pd.DataFrame({"gmac": [1.0, 2.0, 2.0, 3.0, 0.5, 4.0, float("nan")],
+                          "acc": [70.0, 80.0, 75.0, 80.0, 60.0, 90.0, 99.0]})
+    # (2, 75) loses to (2, 80); (3, 80) loses to (2, 80); NaN is never on the front
+    assert pareto_front(frame, "gmac", "acc").tolist() == [True, True, False, False, True, True, False]
+    speed = pd.DataFrame({"speed": [100.0, 200.0, 200.0, 50.0], "acc": [80.0, 70.0, 70.0, 80.0]},
+                         index=[10, 11, 12, 13])
+    front = pareto_front(speed, "speed", "acc", x_better="higher")
+    assert front.index.tolist() == [10, 11, 12, 13]
+    assert front.tolist() == [True, True, True, False]  # equal points do not dominate each other
+    assert pareto_front(frame.iloc[:0], "gmac", "acc").tolist() == []
+    with pytest.raises(ValueError):
+        pareto_front(frame, "gmac", "acc", x_better="smaller")
+
+
+def test_cost_plot_files(report):
+    assert (report / "cost.png").stat().st_size > 1000 and (report / "cost.pdf").stat().st_size > 1000
+
+
+# -- weights ------------------------------------------------------------------------------------
+def test_weight_variation_shows_the_axes(runs):
+    static = weight_maps(run_path(runs, "dwconv"))
+    dynamic = weight_maps(run_path(runs, "dynamic_dwconv"))
+    attention = weight_maps(run_path(runs, "local_attention"))
+    mlp = weight_maps(run_path(runs, "local_mlp"))
+    assert static.weights.shape[:3] == (3, 32, 3)  # images, groups (depth-wise: 32), positions
+    assert static.across_images < 1e-6 and static.across_positions < 1e-6
+    assert dynamic.across_images > 1e-3 and dynamic.across_positions < 1e-6
+    assert attention.across_images > 1e-3 and attention.across_positions > 1e-3
+    assert mlp.across_images < 1e-6 and mlp.across_positions > 1e-3  # static, window-specific
+    assert static.labels == dynamic.labels  # the same real test images for every run
+
+
+def test_weight_variation_on_synthetic_maps():
+    kernel = torch.randn(1, 1, 1, 3, 3)
+    maps = torch.zeros(2, 1, 2, 8, 8)
+    maps[:, :, 0, 1:4, 1:4] = kernel[0, 0, 0]  # the same kernel centred at (2, 2) and (5, 5)
+    maps[:, :, 1, 4:7, 4:7] = kernel[0, 0, 0]
+    assert weight_variation(maps, [(2, 2), (5, 5)], 1) == (0.0, 0.0)
+    maps[1] *= 2  # the second image scales its kernels: images differ, positions do not
+    images, positions = weight_variation(maps, [(2, 2), (5, 5)], 1)
+    assert images > 0.1 and positions == 0.0
+
+
+def test_report_files_and_index(report, runs):
+    for name in ("figure2.png", "figure2.pdf", "comparison.md", "comparison.tex", "comparison.csv",
+                 "cost.png", "cost.pdf", "axis_effects.md", "axis_effects.csv", "weights.png", "runs.md",
+                 "runs.csv", "index.md", "index.html"):
+        assert (report / name).stat().st_size > 0, name
+    index = (report / "index.md").read_text()
+    for name in ("figure2.png", "comparison.tex", "cost.png", "axis_effects.md", "weights.png", "runs.md"):
+        assert f"({name})" in index
+    page = (report / "index.html").read_text()
+    assert page.count("<img ") == 3 and "<table>" in page  # figure 2, cost, weights
+    runs_md = (report / "runs.md").read_text()
+    assert "skipped" in runs_md and "attention needs spatial: none" in runs_md
+    assert len(read_markdown(report / "runs.md")) == len(runs)
+    assert select_weight_runs(runs)["operator"].tolist() == ["dwconv", "dynamic_dwconv", "local_attention",
+                                                            "local_mlp"]
+
+
+def test_report_cli_default_folder(mini_store, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    assert report_main([str(mini_store), "--no-weights"]) == 0
+    assert (tmp_path / "reports" / Path(mini_store).name / "index.md").exists()
+    assert "report written to" in capsys.readouterr().out
+
+
+# -- W&B ------------------------------------------------------------------------------------------
+def wandb_shaped(folder: Path, results: dict) -> SimpleNamespace:
+    """A W&B API run as ablate.train fills it. No W&B server is reachable here, so the mapping is
+    tested on dicts shaped like `wandb.Api().run(...)`'s `config` and `summary`, built from a real
+    run folder exactly as the trainer builds them (train.py: nested config + `axes/*`; summary =
+    the scalars of results.json), plus the keys W&B adds itself."""
+    from ablate.config import spec_from_cfg
+
+    cfg = OmegaConf.load(folder / "config.yaml")
+    config = {**OmegaConf.to_container(cfg, resolve=True),
+              **{f"axes/{k}": v for k, v in spec_from_cfg(cfg).axes.items()}}
+    summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    summary.update({"_runtime": 3.2, "_step": 9, "_timestamp": 1.7e9, "_wandb": {"runtime": 3}})
+    return SimpleNamespace(config=config, summary=summary, name=results["run"], group=results["sweep"],
+                           job_type=results["preset"], url=f"https://wandb.ai/me/ablate/runs/{results['run']}")
+
+
+def test_wandb_mapping_equals_the_local_row(mini_store):  # noqa: F811
+    checked = 0
+    for record in read_records(mini_store):
+        if record["status"] != "completed":
+            continue
+        folder = next(Path(mini_store).rglob(record["run"]))
+        local = row_from_record(record, path=str(folder))
+        remote = row_from_wandb_run(wandb_shaped(folder, record))
+        assert remote.pop("path").startswith("https://wandb.ai/") and local.pop("path")
+        for key, value in local.items():
+            other = remote[key]
+            both_nan = isinstance(value, float) and isinstance(other, float) and math.isnan(value) \
+                and math.isnan(other)
+            same = value == other or (value is None and other is None) or both_nan
+            assert same, (record["run"], key, value, other)
+        checked += 1
+    assert checked == 12
+    # a groups-based operator: the summary has no stage list, so cpg comes from width / groups
+    record = {"status": "completed", "channels_per_group": None, "groups": 8}
+    assert row_from_record(record, config={"model": {"embed_dim": 32}})["cpg"] == 4.0
+
+
+def test_load_wandb_runs_queries_the_project_and_sweep(mini_store, monkeypatch):  # noqa: F811
+    import wandb
+
+    from analysis import load_wandb_runs
+
+    records = [r for r in read_records(mini_store) if r["status"] == "completed"]
+    fake = [wandb_shaped(next(Path(mini_store).rglob(r["run"])), r) for r in records]
+    calls = []
+
+    class FakeApi:  # wandb.Api().runs(path, filters) is all load_wandb_runs uses
+        def runs(self, path, filters=None):
+            calls.append((path, filters))
+            return fake
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    frame = load_wandb_runs("ablate", entity="me", sweep="mini")
+    assert calls == [("me/ablate", {"group": "mini"})]
+    local = load_runs(mini_store)
+    local = local[local["status"] == "completed"].set_index("run").sort_index()
+    remote = frame.set_index("run").sort_index()
+    columns = [c for c in local.columns if c != "path"]
+    pd.testing.assert_frame_equal(remote[columns], local[columns])
+
+
+# -- the committed demo, where there is one ---------------------------------------------------------
+def test_demo_report_matches_results_demo():
+    results, report = REPO / "results" / "demo", REPO / "reports" / "demo"
+    if not (results.is_dir() and report.is_dir()):
+        pytest.skip("no results/demo and reports/demo in this checkout (make demo writes them)")
+    assert check_tables(results, report) > 0
+    assert verify_comparison(results, report) > 0
+    verify_effects(results, report)
+    assert len(axis_effects(load_runs(results))) == len(read_csv(report / "axis_effects.csv"))
+    assert len(comparison_table(load_runs(results))) == len(read_csv(report / "comparison.csv"))

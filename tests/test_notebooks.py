@@ -1,0 +1,57 @@
+"""The notebooks run top to bottom on a real store (tests/mini_store.py) and are committed clean.
+
+They are executed with nbclient in a real kernel, from their own folder (so their default
+`../results/demo` is relative to it), with ABLATE_RESULTS pointing at the mini store.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from mini_store import REPO, mini_store  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.xdist_group("mini_store")
+
+NOTEBOOKS = REPO / "notebooks"
+
+
+def execute(path: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return notebook
+
+
+def outputs(notebook, kind: str) -> list:
+    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+            if kind in o.get("data", {}) or o.get("output_type") == kind]
+
+
+@pytest.mark.parametrize("name", ["figure2.ipynb", "tables.ipynb"])
+def test_notebook_is_committed_without_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name} holds outputs: clear them"
+
+
+def test_figure2_notebook_runs_on_the_store(mini_store, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ABLATE_RESULTS", str(mini_store))
+    notebook = execute(NOTEBOOKS / "figure2.ipynb")
+    assert not outputs(notebook, "error")
+    assert len(outputs(notebook, "image/png")) == 1  # the figure, drawn
+    html = "".join(o["data"]["text/html"] for o in outputs(notebook, "text/html"))
+    assert "local_mlp" in html and "top1_mean" in html
+
+
+def test_tables_notebook_runs_on_the_store(mini_store, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ABLATE_RESULTS", str(mini_store))
+    notebook = execute(NOTEBOOKS / "tables.ipynb")
+    assert not outputs(notebook, "error")
+    assert len(outputs(notebook, "image/png")) == 1  # the cost plot
+    html = "".join(o["data"]["text/html"] for o in outputs(notebook, "text/html"))
+    assert "dynamic_dwconv" in html and "pareto_gmac" in html and "homogeneous" in html
