@@ -51,10 +51,10 @@ report: install ## figures and tables of a sweep's results: make report SWEEP=fi
 	$(PY) -m analysis.report $(RESULTS)/$(SWEEP) --out reports/$(SWEEP)
 
 test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 test-all: install ## run every test, the slow end-to-end ones included
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
+	$(PY) -m pytest -q -n 2 -m ''
 
 lint: install ## check style with ruff
 	$(VENV)/bin/ruff check ablate analysis tests

@@ -228,26 +228,30 @@ def evaluate(model, loader, amp) -> dict[str, float]:
 
 
 @torch.no_grad()
-def inference_throughput(model, loader, amp, batches: int) -> float:
+def inference_throughput(model, loader, amp, batches: int) -> float | None:
+    """Images per second of the model in eval mode over up to `batches` test batches. The first
+    batch runs once untimed (allocators, kernels), then again timed, so one batch suffices."""
     model.eval()
-    timed = images_seen = 0
-    start = None
+    images_seen, start, images = 0, None, None
+
+    def sync():
+        if images is not None and images.is_cuda:
+            torch.cuda.synchronize()
+
     for i, (images, _) in enumerate(loader):
-        if i == 1:  # the first batch warms up allocators and kernels
-            if images.is_cuda:
-                torch.cuda.synchronize()
+        if i == 0:
+            with amp():
+                model(images)
+            sync()
             start = time.perf_counter()
         with amp():
             model(images)
-        if i >= 1:
-            images_seen += images.shape[0]
-            timed += 1
-        if timed >= batches:
+        images_seen += images.shape[0]
+        if i + 1 >= batches:
             break
     if start is None:
-        return 0.0
-    if images.is_cuda:
-        torch.cuda.synchronize()
+        return None
+    sync()
     return images_seen / (time.perf_counter() - start)
 
 

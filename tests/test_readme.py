@@ -14,9 +14,16 @@ from ablate.space.presets import PAPER, PRESETS
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
+def section(title: str) -> str:
+    """The README text from the heading `## <title>` to the next `## ` heading."""
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end > 0 else None]
+
+
 def table_rows() -> dict[str, list[str]]:
     rows = {}
-    for line in README.splitlines():
+    for line in section("The presets").splitlines():
         m = re.match(r"\| `(\w+)`", line)
         if m and m.group(1) in PRESETS:
             rows[m.group(1)] = [cell.strip() for cell in line.strip("|").split("|")]

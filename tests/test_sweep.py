@@ -26,15 +26,15 @@ TINY = ["data.train_subset=200", "data.val_size=100", "data.test_subset=200", "d
         "trainer.inference_batches=1"]
 
 
-def sweep_cli(root: Path, *overrides: str, **kwargs) -> subprocess.Popen:
+def sweep_cli(root: Path, *overrides: str, wandb: str = "disabled", **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ablate.train", "-m", f"trainer.results_root={root}", *overrides],
-        cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, text=True,
+        cwd=ROOT, env={**os.environ, "WANDB_MODE": wandb, "WANDB_SILENT": "true"}, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
-def run_sweep(root: Path, *overrides: str, timeout: float = 600) -> tuple[int, str]:
-    proc = sweep_cli(root, *overrides)
+def run_sweep(root: Path, *overrides: str, timeout: float = 600, wandb: str = "disabled") -> tuple[int, str]:
+    proc = sweep_cli(root, *overrides, wandb=wandb)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -133,9 +133,11 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_a_joblib_sweep_runs_four_jobs_on_two_workers(tmp_path):
+    # W&B offline: each job of a reused worker process must get a W&B run of its own
     code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", "trainer.seed=0,1", "launcher=joblib",
-                          "hydra.launcher.n_jobs=2", "trainer.sweep=joblib",
-                          *[o for o in TINY if not o.startswith("trainer.threads")])
+                          "hydra.launcher.n_jobs=2", "trainer.sweep=joblib", "logger=wandb",
+                          *[o for o in TINY if not o.startswith(("trainer.threads", "logger"))],
+                          wandb="offline")
     assert code == 0, out[-3000:]
     assert "JoblibLauncher" in out and "4/4 jobs done" in out
     found = records(tmp_path / "joblib")
@@ -144,6 +146,9 @@ def test_a_joblib_sweep_runs_four_jobs_on_two_workers(tmp_path):
     threads = {(tmp_path / "joblib" / n / "config.yaml").read_text().split("threads: ")[1].split()[0]
                for n in found}
     assert threads == {str(max(1, (os.cpu_count() or 1) // 2))}  # the cores shared out
+    wandb_runs = [list((tmp_path / "joblib" / n / "wandb").glob("offline-run-*")) for n in found]
+    assert all(len(runs) == 1 for runs in wandb_runs)
+    assert len({runs[0].name.rsplit("-", 1)[1] for runs in wandb_runs}) == 4  # four distinct run ids
 
 
 def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):
