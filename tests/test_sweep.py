@@ -158,3 +158,35 @@ def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):
     found = records(tmp_path / "submitit")
     assert len(found) == 2 and {r["status"] for r in found.values()} == {"completed"}
     assert list((tmp_path / "submitit" / ".hydra" / ".submitit").glob("*/*_result.pkl"))
+
+
+def _kill_processes_running(marker: str) -> int:
+    """SIGKILL the submitit job processes (not the sweep) whose command line mentions `marker`."""
+    killed = 0
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if marker in cmdline and "submitit.core._submit" in cmdline and proc_dir.name.isdigit():
+            os.kill(int(proc_dir.name), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def test_a_killed_submitit_job_is_launched_again_and_resumes(tmp_path):
+    grid = ["operator=dwconv", "launcher=submitit_local", "trainer.sweep=requeue", *TINY,
+            "schedule.epochs=3", "data.train_subset=1500"]
+    proc = sweep_cli(tmp_path, *grid, start_new_session=True)
+    folder, deadline = tmp_path / "requeue", time.time() + 600
+    while not list(folder.glob("*/checkpoint.pt")):  # the job is part-way: kill its process
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    assert _kill_processes_running(str(tmp_path)) >= 1
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "launching them again" in out
+    (record,) = records(folder).values()
+    assert record["status"] == "completed"
+    (run,) = [p.parent for p in folder.glob("*/results.json")]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [0, 1, 2]

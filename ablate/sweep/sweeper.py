@@ -6,6 +6,8 @@ Configured by `hydra.sweeper` (conf/hydra/sweeper/grid.yaml, and the files of `s
     grids:           a list of grids (each a dict like `params`); the jobs are their union
     max_batch_size:  jobs handed to the launcher at once (null: all; a launcher runs a batch in
                      parallel as far as it can)
+    retries:         launches again, up to this many times, the jobs that ended without a record
+                     (a killed process, a lost node); they resume from their checkpoints
     poll_seconds:    how often the progress line looks at the results store
 """
 from __future__ import annotations
@@ -36,11 +38,12 @@ class GridSweeper(Sweeper):
     progress, and a sweep that goes on past a failed job."""
 
     def __init__(self, max_batch_size: int | None = None, params: Mapping[str, Any] | None = None,
-                 grids: Sequence[Mapping[str, Any]] | None = None, poll_seconds: float = 2.0):
+                 grids: Sequence[Mapping[str, Any]] | None = None, poll_seconds: float = 2.0,
+                 retries: int = 1):
         super().__init__()
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"hydra.sweeper.max_batch_size must be null or >= 1; got {max_batch_size}")
-        self.max_batch_size, self.poll_seconds = max_batch_size, poll_seconds
+        self.max_batch_size, self.poll_seconds, self.retries = max_batch_size, poll_seconds, retries
         self.params = dict(params or {})
         self.grids = [dict(g) for g in grids or []]
         self.config: DictConfig | None = None
@@ -53,6 +56,8 @@ class GridSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[Any]]:
+        from ablate.train import record_unrunnable  # the job's own records
+
         assert self.config is not None and self.launcher is not None
         started = time.time()
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # the launchers' job lines
@@ -74,10 +79,23 @@ class GridSweeper(Sweeper):
 
         returns: list[Sequence[Any]] = []
         batch_size = self.max_batch_size or max(len(to_run), 1)
+        job_idx = 0
         with SweepProgress(name, jobs, self.poll_seconds):
             for start in range(0, len(to_run), batch_size):
-                batch = to_run[start:start + batch_size]
-                returns.append(self._launch(batch, initial_job_idx=start))
+                pending = to_run[start:start + batch_size]
+                for attempt in range(self.retries + 1):
+                    batch_returns, lost = self._launch(pending, job_idx)
+                    returns.append(batch_returns)
+                    job_idx += len(pending)
+                    pending = [job for job, _ in lost]
+                    if not lost or attempt == self.retries:
+                        break
+                    print(f"[sweep {name}] {len(lost)} job(s) ended without a record (killed or lost by "
+                          f"the launcher); launching them again, they resume from their checkpoints "
+                          f"(retry {attempt + 1}/{self.retries})", flush=True)
+                for job, err in lost:
+                    job.error = f"{type(err).__name__}: {err}"
+                    record_unrunnable(job.cfg, RuntimeError(f"the job did not finish: {job.error}"))
 
         summary = summarize(name, jobs, time.time() - started, sweep_dir)
         print(summary_text(summary, results_dir), flush=True)
@@ -85,12 +103,10 @@ class GridSweeper(Sweeper):
             sys.exit(1)  # everything that could run did; a script still learns that some jobs failed
         return returns
 
-    def _launch(self, batch: list[Job], initial_job_idx: int) -> Sequence[Any]:
-        """Launch one batch. A job that raised past `ablate.train.main`, or that a launcher reports
-        lost (a killed submitit job), is recorded as failed in its run folder, unless it wrote its own
-        record in this launch; the sweep goes on with the next batch."""
-        from ablate.train import record_unrunnable
-
+    def _launch(self, batch: list[Job], initial_job_idx: int) -> tuple[Sequence[Any], list]:
+        """Launch one batch; return the launcher's returns and the jobs it lost: those that raised
+        past `ablate.train.main` or that the launcher gave up on (a killed submitit or joblib worker)
+        without writing a record in this launch. A job that failed cleanly has recorded why."""
         launched = time.time()
         try:
             returns = self.launcher.launch([j.overrides for j in batch], initial_job_idx=initial_job_idx)
@@ -100,13 +116,9 @@ class GridSweeper(Sweeper):
         else:
             failures = {id(j): r._return_value for j, r in zip(batch, returns)
                         if r.status == JobStatus.FAILED}
-        for job in batch:
-            err = failures.get(id(job))
-            if err is None or _recorded_since(job, launched):
-                continue
-            job.error = f"{type(err).__name__}: {err}"
-            record_unrunnable(job.cfg, RuntimeError(f"the job did not finish: {job.error}"))
-        return returns
+        lost = [(job, failures[id(job)]) for job in batch
+                if id(job) in failures and not _recorded_since(job, launched)]
+        return returns, lost
 
 
 def _recorded_since(job: Job, since: float) -> bool:
