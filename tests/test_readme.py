@@ -55,3 +55,12 @@ def test_row_numbers_are_measured(preset):
     params, gmac = re.match(r"([\d.]+)M / ([\d.]+)", cells[10]).groups()
     assert float(params) == pytest.approx(micro["params_m"], abs=0.006)
     assert float(gmac) == pytest.approx(micro["gmac"], abs=0.00006)
+
+
+def test_the_demo_section_shows_the_demo_report_itself():
+    """The README's demo figure and table are the files `make demo` wrote, not a copy edited by hand."""
+    demo = section("The demo")
+    report = Path(__file__).resolve().parent.parent / "reports" / "demo"
+    assert (report / "comparison.md").read_text().strip() in demo
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", demo):
+        assert (report.parent.parent / image).is_file(), image

@@ -7,12 +7,15 @@ when its results.json was written after the launch began.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from ablate.sweep.plan import Job
 from ablate.tracking import RunStore
@@ -28,7 +31,10 @@ def format_duration(seconds: float) -> str:
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    # tqdm.write clears and redraws the training bar of a job running in this process (basic
+    # launcher), so a progress line never lands in the middle of it
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 class SweepProgress:
