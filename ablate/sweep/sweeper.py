@@ -68,6 +68,8 @@ class GridSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         overrides = expand_grids(arguments, self.params, self.grids)
+        print(f"[sweep {name}] planning {len(overrides)} jobs: composing each config, reading its run "
+              "folder", flush=True)
         jobs = plan_jobs(self.hydra_context.config_loader, self.config, overrides)
         to_run = [j for j in jobs if j.state == "run"]
         finished = sum(j.state == "finished" for j in jobs)
