@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo sweep report test test-all lint measure
+.PHONY: help install data demo sweep report bench test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ sweep: install ## run a named grid of sweeps/: make sweep SWEEP=figure2_local_ml
 
 report: install ## figures and tables of a sweep's results: make report SWEEP=figure2_local_mlp
 	$(PY) -m analysis.report $(RESULTS)/$(SWEEP) --out reports/$(SWEEP)
+
+bench: install ## benchmark operators and models into reports/bench/: make bench ARGS="--quick" or ARGS="--device cuda"
+	$(PY) -m ablate.bench $(ARGS)
 
 test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
 	$(PY) -m pytest -q -n 2

@@ -7,6 +7,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ablate.ops import fast
+from ablate.ops.backend import resolve
 from ablate.ops.layouts import build_layout
 from ablate.ops.registry import weight_source_class
 from ablate.space.rules import validate
@@ -26,6 +28,8 @@ class SpatialMixer(nn.Module):
         shifted: this layer is one of Swin's shifted ones (only with `window` connectivity and
             `connectivity.shift` on).
         context_dim: channels of the context the weights are computed from, where it is not x.
+        backend: "reference" or "fast"; None follows the process default (`ablate.ops.backend`).
+            Both compute the same operator; `effective_weights` always reads the reference.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class SpatialMixer(nn.Module):
         channels_per_group: int | None = None,
         shifted: bool = False,
         context_dim: int | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
         if channels_per_group is None:
@@ -49,10 +54,17 @@ class SpatialMixer(nn.Module):
             raise RuntimeError(f"no weight source for {spec.axes}; call ablate.space.validate first")
         self.weights = source(self.layout, dim, self.groups, spec.dynamic, context_dim or dim)
         self.bias = nn.Parameter(torch.zeros(dim)) if spec.dynamic.bias else None
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.weights(x if context is None else context, self.layout)
-        y = self.layout.aggregate(x, w)
+        context = x if context is None else context
+        fast_path = resolve(self.backend) == "fast"
+        y = fast.fused_forward(self, x, context) if fast_path else None
+        if y is None:
+            w = self.weights(context, self.layout)
+            y = fast.aggregate(self.layout, x, w) if fast_path else None
+            if y is None:  # the reference (or no fast path for this device, dtype and size)
+                y = self.layout.aggregate(x, w)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     @torch.no_grad()

@@ -1,0 +1,587 @@
+"""`python -m ablate.bench`: the operators and models, fast paths against what a user would use instead.
+
+    python -m ablate.bench                      # CPU: operators at tiny (batch 32) and micro; models
+    python -m ablate.bench --quick              # a smoke run: small batch, few rounds
+    python -m ablate.bench --device cuda        # GPU: batch 128, bandwidth against a measured copy
+    python -m ablate.bench --section ops --sizes tiny --stages 1 --ops idynamic_dwconv
+
+Operators run at the per-stage shapes of a model size. Every operator has candidates: its baseline
+(what a user would write instead: nn.Conv2d depth-wise, the batch-folded grouped convolution of the
+official DWNet, unfold-multiply-sum as involution's naive form, timm's Swin WindowAttention) and
+ablate's two backends, `reference` and `fast`. Forward, input gradient and weight gradient are timed
+separately (and forward plus both gradients, `fwd_bwd`), candidates interleaved in rounds inside one
+process on the same tensors; the table holds medians over rounds, the speedup over the baseline
+(baseline time / candidate time) and the peak memory of one forward plus backward. On a GPU, also
+the bytes every pass must move over its time, and that bandwidth as a fraction of a measured
+device-to-device copy.
+
+Models: train and inference samples/s of every preset at `micro` and `tiny` beside timm's
+`swin_tiny`, under timm's benchmark column names. Output: CSV, JSON and Markdown under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import ablate  # noqa: F401  (registers the operators)
+from ablate.models.backbone import SIZES, stage_geometry
+from ablate.ops.backend import apply_backend
+from ablate.ops.mixer import SpatialMixer
+from ablate.space.presets import PRESETS
+from ablate.space.spec import OperatorSpec
+
+__all__ = ["OPERATORS", "main", "run"]
+
+PASSES = ("fwd", "bwd_input", "bwd_weight", "fwd_bwd")
+
+
+# -- measurement ---------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory above the start of one call: the CUDA allocator's, or on Linux the resident set's
+    high-water mark (reset through /proc/self/clear_refs), else None."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.start = self._status("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            high = self._status("VmHWM")
+            self.peak = None if high is None else max(0, high - self.start)
+
+
+@dataclass
+class Candidate:
+    """One implementation: `setup()` -> (forward callable, inputs, weights) on fresh leaf tensors."""
+
+    name: str
+    setup: Callable[[], tuple[Callable[[], torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
+    baseline: bool = False
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+
+
+def _time_candidates(cands: Sequence[Candidate], device, rounds: int, warmup: int) -> dict[str, dict]:
+    """Medians per pass of every candidate, interleaved in rounds (one call per candidate per round)."""
+    states = {}
+    for c in cands:
+        fn, inputs, weights = c.setup()
+        states[c.name] = (fn, inputs, weights)
+    times = {c.name: {p: [] for p in PASSES} for c in cands}
+    memory = {}
+
+    def grads(fn, wrt, frozen):
+        """Time one backward for `wrt` only: the other leaves do not require grad during the forward,
+        so a custom backward skips their gradient (as in a frozen layer or the input of a network)."""
+        for t in frozen:
+            t.requires_grad_(False)
+        try:
+            y = fn()
+            gy = torch.ones_like(y)
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.autograd.grad(y, wrt, gy)
+            _sync(device)
+            return time.perf_counter() - t0
+        finally:
+            for t in frozen:
+                t.requires_grad_(True)
+
+    def one(name: str, record: bool):
+        fn, inputs, weights = states[name]
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        _sync(device)
+        fwd = time.perf_counter() - t0
+        bwd_input = grads(fn, inputs, weights)
+        bwd_weight = grads(fn, weights, inputs)
+        _sync(device)
+        t0 = time.perf_counter()
+        y = fn()
+        torch.autograd.grad(y, inputs + weights, torch.ones_like(y))
+        _sync(device)
+        both = time.perf_counter() - t0
+        del y
+        if record:
+            for p, t in zip(PASSES, (fwd, bwd_input, bwd_weight, both)):
+                times[name][p].append(t)
+
+    for r in range(warmup + rounds):
+        for c in cands:
+            one(c.name, record=r >= warmup)
+    for c in cands:
+        fn, inputs, weights = states[c.name]
+        with PeakMemory(device) as peak:
+            y = fn()
+            torch.autograd.grad(y, inputs + weights, torch.ones_like(y))
+            del y
+        memory[c.name] = peak.peak
+    return {name: {"median": {p: statistics.median(v) for p, v in t.items()},
+                   "min": {p: min(v) for p, v in t.items()}, "peak_bytes": memory[name]}
+            for name, t in times.items()}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, reps: int = 10) -> float | None:
+    """Device-to-device copy bandwidth (read + write bytes per second), the roofline of the passes."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t)
+
+
+# -- operators -----------------------------------------------------------------------------------
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _spec(preset: str) -> OperatorSpec:
+    return PRESETS[preset].spec
+
+
+def _dw_family(kind: str, n: int, c: int, h: int, w: int, groups: int, device, dtype, seed: int):
+    """The tensors of one depth-wise family operator: x, w (the weights as the layout receives them)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen).to(device, dtype)
+    shape = {"static": (1, c, 49), "homogeneous": (n, c, 49), "inhomogeneous": (n, groups, 49, h, w)}[kind]
+    wt = (torch.randn(shape, generator=gen) / 7).to(device, dtype)
+    return x, wt
+
+
+def _layout_candidate(name: str, backend: str, x, wt, device, baseline=False) -> Candidate:
+    from ablate.ops import fast
+    from ablate.ops.layouts import SlidingLayout
+
+    layout = SlidingLayout(tuple(x.shape[-2:]), 7).to(device)
+
+    def setup():
+        xi, wi = _leaf(x), _leaf(wt)
+        if backend == "fast":
+            def fn():
+                y = fast.aggregate(layout, xi, wi)
+                return layout.aggregate(xi, wi) if y is None else y
+        else:
+            def fn():
+                return layout.aggregate(xi, wi)
+        return fn, [xi], [wi]
+
+    return Candidate(name, setup, baseline)
+
+
+def _static_candidates(x, wt, device) -> list[Candidate]:
+    c = x.shape[1]
+
+    def conv(memory_format):
+        def setup():
+            xi = _leaf(x.contiguous(memory_format=memory_format))
+            k = _leaf(wt[0].reshape(c, 1, 7, 7))
+            return (lambda: F.conv2d(xi, k, padding=3, groups=c)), [xi], [k]
+        return setup
+
+    return [Candidate("nn.Conv2d NCHW", conv(torch.contiguous_format), baseline=True),
+            Candidate("nn.Conv2d channels_last", conv(torch.channels_last)),
+            _layout_candidate("ablate reference", "reference", x, wt, device),
+            _layout_candidate("ablate fast", "fast", x, wt, device)]
+
+
+def _homogeneous_candidates(x, wt, device) -> list[Candidate]:
+    n, c, h, w = x.shape
+
+    def folded():  # the official DWNet: fold the batch into the channels of one grouped conv
+        xi, wi = _leaf(x), _leaf(wt)
+        return (lambda: F.conv2d(xi.reshape(1, n * c, h, w), wi.reshape(n * c, 1, 7, 7), padding=3,
+                                 groups=n * c).reshape(n, c, h, w)), [xi], [wi]
+
+    return [Candidate("batch-folded grouped conv", folded, baseline=True),
+            _layout_candidate("ablate reference", "reference", x, wt, device),
+            _layout_candidate("ablate fast", "fast", x, wt, device)]
+
+
+def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
+    n, c, h, w = x.shape
+    g = wt.shape[1]
+
+    def unfold():  # involution's naive form: unfold the neighbourhoods, multiply, sum
+        xi, wi = _leaf(x), _leaf(wt)
+
+        def fn():
+            cols = F.unfold(xi, 7, padding=3).view(n, g, c // g, 49, h, w)
+            return (cols * wi[:, :, None]).sum(3).view(n, c, h, w)
+        return fn, [xi], [wi]
+
+    cands = [Candidate("unfold-multiply-sum", unfold, baseline=True),
+             _layout_candidate("ablate reference", "reference", x, wt, device),
+             _layout_candidate("ablate fast", "fast", x, wt, device)]
+    if device.type == "cuda":
+        from ablate.ops.fast import triton_dw
+
+        def naive():
+            xi, wi = _leaf(x), _leaf(wt)
+            return (lambda: triton_dw.naive_position_forward(xi, wi, 7)), [xi], [wi]
+        cands.append(Candidate("triton one-thread-per-output (fwd only)", naive))
+    return cands
+
+
+def _attention_candidates(n, c, res, shifted, device, dtype, seed) -> list[Candidate]:
+    """The attention layer with its projections: timm's Swin (roll, partition, WindowAttention,
+    reverse, roll) against ablate's in_proj, mixer and out_proj of the Swin block."""
+    from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
+
+    from ablate.models.blocks import pointwise
+
+    heads = c // 32
+    h, w = res
+    spec = _spec("local_attention")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen).to(device, dtype)
+    shift = 3 if shifted and min(res) > 7 else 0
+
+    def timm_setup():
+        attn = WindowAttention(c, heads, window_size=(7, 7)).to(device, dtype)
+        mixer = SpatialMixer(spec, c, res, 32, shifted=bool(shift), backend="reference")
+        mask = mixer.layout.same_region
+        mask = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -100.0).to(device, dtype)
+        xi = _leaf(x.permute(0, 2, 3, 1).contiguous())
+        ws = min(7, h)
+
+        def fn():
+            t = torch.roll(xi, (-shift, -shift), (1, 2)) if shift else xi
+            t = window_partition(t, (ws, ws)).reshape(-1, ws * ws, c)
+            t = window_reverse(attn(t, mask=mask).reshape(-1, ws, ws, c), (ws, ws), h, w)
+            return torch.roll(t, (shift, shift), (1, 2)) if shift else t
+        return fn, [xi], list(attn.parameters())
+
+    def ours(backend, channels_last=False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+        def setup():
+            mixer = SpatialMixer(spec, c, res, 32, shifted=bool(shift), backend=backend).to(device, dtype)
+            in_proj, out_proj = pointwise(c, c).to(device, dtype), pointwise(c, c).to(device, dtype)
+            in_proj, out_proj = in_proj.to(memory_format=fmt), out_proj.to(memory_format=fmt)
+            xi = _leaf(x.contiguous(memory_format=fmt))
+            params = [*mixer.parameters(), *in_proj.parameters(), *out_proj.parameters()]
+            return (lambda: out_proj(mixer(in_proj(xi), context=xi))), [xi], params
+        return setup
+
+    return [Candidate("timm Swin WindowAttention", timm_setup, baseline=True),
+            Candidate("ablate reference", ours("reference")),
+            Candidate("ablate fast", ours("fast")),
+            Candidate("ablate fast channels_last", ours("fast", channels_last=True))]
+
+
+OPERATORS = ("dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention")
+
+
+def _bytes_moved(kind: str, x: torch.Tensor, wt: torch.Tensor) -> dict[str, int]:
+    """Bytes a pass must read and write at least (each operand once), for the achieved bandwidth."""
+    xb, wb = x.numel() * x.element_size(), wt.numel() * wt.element_size()
+    return {"fwd": 2 * xb + wb, "bwd_input": 2 * xb + wb, "bwd_weight": 2 * xb + wb,
+            "fwd_bwd": 6 * xb + 3 * wb}
+
+
+def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: int, device, dtype,
+                  rounds: int, warmup: int, copy_bw: float | None) -> list[dict]:
+    dims = SIZES[size]
+    widths, sizes = stage_geometry((dims.img_size,) * 2, dims.patch_size, dims.embed_dim, len(dims.depths))
+    rows = []
+    for s in stages:
+        c, (h, w) = widths[s - 1], sizes[s - 1]
+        for op in ops:
+            kind = {"dwconv": "static", "dynamic_dwconv": "homogeneous", "idynamic_dwconv": "inhomogeneous",
+                    "local_attention": "attention"}[op]
+            if kind == "attention":
+                if c % 32:
+                    continue
+                cands = _attention_candidates(batch, c, (h, w), True, device, dtype, s)
+                moved = {}
+            else:
+                x, wt = _dw_family(kind, batch, c, h, w, 32 if c % 32 == 0 else c, device, dtype, s)
+                cands = {"static": _static_candidates, "homogeneous": _homogeneous_candidates,
+                         "inhomogeneous": _inhomogeneous_candidates}[kind](x, wt, device)
+                moved = _bytes_moved(kind, x, wt)
+            result = _time_candidates(cands, device, rounds, warmup)
+            base = next(c_ for c_ in cands if c_.baseline).name
+            for cand in cands:
+                r = result[cand.name]
+                row = {"size": size, "stage": s, "shape": f"{batch}x{c}x{h}x{w}", "operator": op,
+                       "candidate": cand.name, "baseline": base}
+                for p in PASSES:
+                    t = r["median"][p]
+                    row[f"{p}_ms"] = round(1e3 * t, 3)
+                    row[f"{p}_speedup"] = round(result[base]["median"][p] / t, 2) if t > 0 else None
+                row["fwd_bwd_min_ms"] = round(1e3 * r["min"]["fwd_bwd"], 3)
+                row["peak_mb"] = None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**20, 1)
+                bp = result[base]["peak_bytes"]
+                row["peak_vs_baseline"] = (round(r["peak_bytes"] / bp, 3)
+                                           if r["peak_bytes"] is not None and bp else None)
+                if copy_bw and moved and cand.name.startswith("ablate"):
+                    bw = {p: moved[p] / r["median"][p] for p in PASSES}
+                    row["fwd_gbps"] = round(bw["fwd"] / 1e9, 1)
+                    row["fwd_bwd_gbps"] = round(bw["fwd_bwd"] / 1e9, 1)
+                    row["fwd_copy_fraction"] = round(bw["fwd"] / copy_bw, 3)
+                    row["fwd_bwd_copy_fraction"] = round(bw["fwd_bwd"] / copy_bw, 3)
+                rows.append(row)
+            print(f"  {size} stage {s} {op}: " + ", ".join(
+                f"{c_.name} {1e3 * result[c_.name]['median']['fwd_bwd']:.1f} ms" for c_ in cands), flush=True)
+    return rows
+
+
+# -- models --------------------------------------------------------------------------------------
+def _model(name: str, size: str, backend: str):
+    import timm
+
+    if name == "swin_tiny":
+        return timm.create_model("swin_tiny_patch4_window7_224", num_classes=1000)
+    from ablate.models.zoo import create
+
+    return apply_backend(create(name, size, num_classes=1000), backend)
+
+
+def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, rounds: int, warmup: int,
+               backend: str, channels_last: bool) -> list[dict]:
+    """timm's benchmark columns: train and inference samples/s of every model, interleaved in rounds."""
+    img = SIZES[size].img_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=gen).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    models, opts = {}, {}
+    for name in names:
+        m = _model(name, size, backend).to(device)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        models[name] = m
+        opts[name] = torch.optim.SGD(m.parameters(), lr=1e-3)
+    amp = dtype != torch.float32
+
+    def train_step(name):
+        m = models[name].train()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = F.cross_entropy(m(x), target)
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+
+    def infer_step(name):
+        m = models[name].eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+            m(x)
+
+    times = {n: {"train": [], "infer": []} for n in names}
+    for r in range(warmup + rounds):
+        for name in names:
+            for kind, step in (("train", train_step), ("infer", infer_step)):
+                _sync(device)
+                t = time.perf_counter()
+                step(name)
+                _sync(device)
+                if r >= warmup:
+                    times[name][kind].append(time.perf_counter() - t)
+        print(f"  models {size} round {r + 1}/{warmup + rounds}", flush=True)
+    rows = []
+    for name in names:
+        tr, inf = statistics.median(times[name]["train"]), statistics.median(times[name]["infer"])
+        rows.append({
+            "model": name if name == "swin_tiny" else f"ablate_{name}_{size}", "size": size,
+            "backend": "timm" if name == "swin_tiny" else backend, "channels_last": channels_last,
+            "infer_samples_per_sec": round(batch / inf, 2), "infer_step_time": round(1e3 * inf, 2),
+            "infer_batch_size": batch, "infer_img_size": img,
+            "train_samples_per_sec": round(batch / tr, 2), "train_step_time": round(1e3 * tr, 2),
+            "train_batch_size": batch, "train_img_size": img,
+            "param_count": round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2)})
+    swin = next((r for r in rows if r["model"] == "swin_tiny"), None)
+    for row in rows:
+        row["train_vs_swin_tiny"] = (round(row["train_samples_per_sec"] / swin["train_samples_per_sec"], 3)
+                                     if swin else None)
+    return rows
+
+
+# -- output --------------------------------------------------------------------------------------
+def _markdown(rows: list[dict], columns: Sequence[str]) -> str:
+    if not rows:
+        return ""
+    cols = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+OP_COLUMNS = ("size", "stage", "shape", "operator", "candidate", "fwd_ms", "bwd_input_ms", "bwd_weight_ms",
+              "fwd_bwd_ms", "fwd_bwd_speedup", "fwd_speedup", "bwd_input_speedup", "bwd_weight_speedup",
+              "peak_mb", "peak_vs_baseline", "fwd_gbps", "fwd_copy_fraction", "fwd_bwd_copy_fraction")
+MODEL_COLUMNS = ("model", "size", "backend", "channels_last", "train_samples_per_sec",
+                 "infer_samples_per_sec", "train_step_time", "infer_step_time", "train_batch_size",
+                 "infer_batch_size",                 "param_count", "train_vs_swin_tiny")
+
+
+def _machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in (("operators", ops), ("models", models)):
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        paths[f"{name}_csv"] = out / f"{name}.csv"
+        with open(paths[f"{name}_csv"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    paths["json"] = out / "bench.json"
+    paths["json"].write_text(json.dumps({"meta": meta, "operators": ops, "models": models}, indent=1))
+    md = [f"# ablate bench ({meta['machine'].get('gpu') or meta['machine'].get('cpu', '')}, "
+          f"{meta['machine']['cpu_threads']} threads, {meta['dtype']})", ""]
+    if ops:
+        md += ["## Operators (median ms per pass; speedup = baseline time / time)", "",
+               _markdown(ops, OP_COLUMNS), ""]
+    if models:
+        md += ["## Models (samples/s, timm benchmark columns)", "", _markdown(models, MODEL_COLUMNS), ""]
+    paths["markdown"] = out / "bench.md"
+    paths["markdown"].write_text("\n".join(md))
+    return paths
+
+
+@dataclass
+class BenchArgs:
+    device: str = "auto"
+    out: str = "reports/bench"
+    quick: bool = False
+    section: str = "all"
+    sizes: tuple[str, ...] = ("tiny", "micro")
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+    ops: tuple[str, ...] = OPERATORS
+    models: tuple[str, ...] = tuple(PRESETS)
+    batch: int | None = None
+    model_batch: int | None = None
+    rounds: int | None = None
+    dtype: str = "auto"
+    backend: str = "fast"
+    channels_last: bool = True
+
+
+def run(args: BenchArgs) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    rounds = args.rounds or (2 if args.quick else (10 if gpu else 3))
+    warmup = 1
+    copy_bw = copy_bandwidth(device)
+    meta = {"machine": _machine(device), "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
+            "warmup": warmup, "copy_bandwidth_gbps": None if copy_bw is None else round(copy_bw / 1e9, 1),
+            "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ops, models = [], []
+    if args.section in ("all", "ops"):
+        for size in args.sizes:
+            # tiny at 224 px: batch 32 on the CPU, 128 on a GPU; micro: the micro recipe's 128
+            batch = args.batch or (4 if args.quick else {"tiny": 128 if gpu else 32, "micro": 128}[size])
+            print(f"operators: {size}, batch {batch}, {device}, {meta['dtype']}", flush=True)
+            ops += operator_rows(size, args.stages, args.ops, batch, device, dtype, rounds, warmup, copy_bw)
+    if args.section in ("all", "models"):
+        for size in args.sizes:
+            batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
+            names = [*args.models, "swin_tiny"] if size == "tiny" else list(args.models)
+            print(f"models: {size}, batch {batch}", flush=True)
+            model_rounds = 1 if args.quick else (rounds if gpu else 2)
+            models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
+                                 channels_last=args.channels_last)
+    paths = write_outputs(Path(args.out), ops, models, meta)
+    print(paths["markdown"].read_text())
+    return {"operators": ops, "models": models, "meta": meta, "paths": paths}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ablate.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
+    p.add_argument("--out", default="reports/bench", help="folder for operators.csv, models.csv, bench.json, "
+                                                           "bench.md")
+    p.add_argument("--quick", action="store_true", help="small batches and 2 rounds: a smoke run")
+    p.add_argument("--section", choices=["all", "ops", "models"], default="all")
+    p.add_argument("--sizes", nargs="+", default=["tiny", "micro"], choices=["micro", "tiny"])
+    p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
+    p.add_argument("--ops", nargs="+", default=list(OPERATORS), choices=list(OPERATORS))
+    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--batch", type=int, help="operator batch (default: 32 CPU / 128 GPU at tiny, 128 micro)")
+    p.add_argument("--model-batch", type=int,
+                   help="model batch (default: 8 CPU / 128 GPU at tiny, 128 micro)")
+    p.add_argument("--rounds", type=int, help="timed rounds (default: 3 CPU (models 2), 10 GPU, 2 quick)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--backend", default="fast", choices=["fast", "reference"], help="backend of the models")
+    p.add_argument("--nchw", action="store_true", help="models in NCHW memory (default channels_last, the "
+                                                         "fast layout of 1x1 convs on CPU and GPU alike)")
+    a = p.parse_args(argv)
+    run(BenchArgs(a.device, a.out, a.quick, a.section, tuple(a.sizes), tuple(a.stages), tuple(a.ops),
+                  tuple(a.models), a.batch, a.model_batch, a.rounds, a.dtype, a.backend,
+                  not a.nchw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Fast paths of the operators, chosen per call by device, dtype and size; the reference elsewhere.
+
+| operator | CPU | GPU (Triton, NHWC) |
+|---|---|---|
+| static depth-wise (sliding, offset) | oneDNN depth-wise conv, channels_last | `_kernel_fwd`, stride 0 |
+| homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | `_kernel_fwd`, sample stride |
+| inhomogeneous dynamic, locally connected | compiled shift-and-accumulate | `_position_fwd` |
+| window attention (local, global) | `scaled_dot_product_attention` | `scaled_dot_product_attention` |
+
+`aggregate` and `fused_forward` return None where no fast path applies; the caller then runs the
+reference. Every fast path is checked against its reference in tests/test_fast_paths.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ablate.ops.fast import cpu
+from ablate.ops.fast.attention import window_attention
+
+__all__ = ["aggregate", "fused_forward", "triton_available"]
+
+_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_pays(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in _GPU_DTYPES and triton_available()
+
+
+def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """A fast `layout.aggregate(x, w)`, or None."""
+    if layout.kind != "sliding":
+        return None
+    k = layout.kernel_size
+    if _triton_pays(x):
+        from ablate.ops.fast import triton_dw  # imported on a GPU only (compiles at first call)
+
+        if w.dim() == 3:
+            return triton_dw.kernel_aggregate(x, w, k)
+        return triton_dw.position_aggregate(x, w, k)
+    if not cpu.compile_pays(x):
+        return None
+    n, c, h, wd = x.shape
+    if w.dim() == 3 and w.shape[0] == 1:
+        return cpu.depthwise_conv_channels_last(x, w, k)
+    if w.dim() == 3:
+        return cpu.kernel_aggregate(x, w, k)
+    g = w.shape[1]
+    return cpu.position_aggregate(x.reshape(n, g, c // g, h, wd), w, k).reshape(n, c, h, wd)
+
+
+def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor | None:
+    """The mixer's output without materialising its weights (attention), or None."""
+    from ablate.ops.sources.attention import WindowAttentionWeights
+
+    if type(mixer.weights) is WindowAttentionWeights and x.dtype != torch.float64:
+        return window_attention(mixer.weights, x, context, mixer.layout)
+    return None

@@ -1,0 +1,265 @@
+"""Triton kernels (GPU) of the depth-wise family, NHWC, forward and both gradients.
+
+Two kernel families cover static, homogeneous dynamic and inhomogeneous dynamic depth-wise
+convolution:
+
+- kernel weights w[n, c, k] (static: the batch stride of w is 0; homogeneous: a kernel per
+  instance): `_kernel_fwd` (forward; the input gradient is the same kernel with the flipped kernel)
+  and `_kernel_wgrad` (weight gradient: per-tile partial sums, added atomically in fp32);
+- position weights w[n, g, k, h, w] (inhomogeneous, locally connected: a group's weights at every
+  position): `_position_fwd` (forward, and with ADJOINT the input gradient, which reads w and the
+  output gradient at the shifted position) and `_position_wgrad`.
+
+A program owns a tile of BLOCK_P positions x BLOCK_C channels: in NHWC the channels of a position
+are contiguous, so every load is coalesced, and a group's weight at a position is loaded once for
+the channels of the tile that share it (the inhomogeneous kernel's advantage over one thread per
+output, which reloads it per channel). Storage may be bf16/fp16; accumulation is fp32.
+
+On the CPU these kernels run through Triton's interpreter (TRITON_INTERPRET=1 before importing
+this module); the tests do that on tiny shapes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kernel_aggregate", "position_aggregate", "naive_position_forward"]
+
+
+@triton.jit
+def _kernel_fwd(x_ptr, w_ptr, y_ptr, H, W, C,
+                sxn, sxc, sxh, sxw, swn, swc, swk, syn, syc, syh, syw,
+                K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    h, w = p // W, p % W
+    pm, cm = p < H * W, c < C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in tl.static_range(K * K):
+        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
+                     mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + n * swn + c * swc + t * swk, mask=cm, other=0.0).to(tl.float32)
+        acc += xv * wv[None, :]
+    tl.store(y_ptr + n * syn + h[:, None] * syh + w[:, None] * syw + c[None, :] * syc,
+             acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _kernel_wgrad(x_ptr, g_ptr, gw_ptr, H, W, C,
+                  sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, swn, swc, swk,
+                  K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    h, w = p // W, p % W
+    pm, cm = p < H * W, c < C
+    gv = tl.load(g_ptr + n * sgn + h[:, None] * sgh + w[:, None] * sgw + c[None, :] * sgc,
+                 mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+    for t in tl.static_range(K * K):
+        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
+                     mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        tl.atomic_add(gw_ptr + n * swn + c * swc + t * swk, tl.sum(xv * gv, axis=0), mask=cm)
+
+
+@triton.jit
+def _position_fwd(x_ptr, w_ptr, y_ptr, H, W, C, CG,
+                  sxn, sxc, sxh, sxw, swn, swg, swk, swh, sww, syn, syc, syh, syw,
+                  K: tl.constexpr, ADJOINT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # forward:  y[n, i, c] = sum_k w[n, g(c), k, i] x[n, i + d_k, c]
+    # ADJOINT:  y[n, j, c] = sum_k w[n, g(c), k, j - d_k] x[n, j - d_k, c]  (x: the output gradient)
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = c // CG
+    h, w = p // W, p % W
+    pm, cm = p < H * W, c < C
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t in tl.static_range(K * K):
+        if ADJOINT:
+            hh, ww = h - (t // K - K // 2), w - (t % K - K // 2)
+        else:
+            hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        m = ok[:, None] & cm[None, :]
+        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
+                     mask=m, other=0.0).to(tl.float32)
+        if ADJOINT:
+            wp = w_ptr + n * swn + g[None, :] * swg + t * swk + hh[:, None] * swh + ww[:, None] * sww
+        else:
+            wp = w_ptr + n * swn + g[None, :] * swg + t * swk + h[:, None] * swh + w[:, None] * sww
+        acc += xv * tl.load(wp, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n * syn + h[:, None] * syh + w[:, None] * syw + c[None, :] * syc,
+             acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _position_wgrad(x_ptr, g_ptr, gw_ptr, H, W, CG,
+                    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, swn, swg, swk, swh, sww,
+                    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr):
+    # gw[n, g, k, i] = sum over c in group g of gy[n, i, c] x[n, i + d_k, c]
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    grp = tl.program_id(1)
+    c = grp * CG + tl.arange(0, BLOCK_CG)
+    h, w = p // W, p % W
+    pm, cm = p < H * W, tl.arange(0, BLOCK_CG) < CG
+    gv = tl.load(g_ptr + n * sgn + h[:, None] * sgh + w[:, None] * sgw + c[None, :] * sgc,
+                 mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+    for t in tl.static_range(K * K):
+        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
+                     mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        out = gw_ptr + n * swn + grp * swg + t * swk + h * swh + w * sww
+        tl.store(out, tl.sum(xv * gv, axis=1).to(gw_ptr.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def _position_fwd_naive(x_ptr, w_ptr, y_ptr, total, H, W, C, CG,
+                        sxn, sxc, sxh, sxw, swn, swg, swk, swh, sww,
+                        K: tl.constexpr, BLOCK: tl.constexpr):
+    # The baseline of the benchmark: one thread per output element of a contiguous NCHW y, each
+    # loading its own weights (no reuse across the channels of a group).
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    om = o < total
+    w_ = o % W
+    h = (o // W) % H
+    c = (o // (W * H)) % C
+    n = o // (W * H * C)
+    g = c // CG
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in tl.static_range(K * K):
+        hh, ww = h + (t // K - K // 2), w_ + (t % K - K // 2)
+        ok = om & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xv = tl.load(x_ptr + n * sxn + c * sxc + hh * sxh + ww * sxw, mask=ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + n * swn + g * swg + t * swk + h * swh + w_ * sww, mask=ok, other=0.0)
+        acc += xv * wv.to(tl.float32)
+    tl.store(y_ptr + o, acc.to(y_ptr.dtype.element_ty), mask=om)
+
+
+BLOCK_P, BLOCK_C = 64, 32
+
+
+def _nhwc_strides(t: torch.Tensor):
+    """Strides of an (N, C, H, W) tensor in the order the kernels take them: n, c, h, w."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _grid(n: int, h: int, w: int, c: int, block_c: int = BLOCK_C):
+    return (n * triton.cdiv(h * w, BLOCK_P), triton.cdiv(c, block_c))
+
+
+def _out(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+def _kernel_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """x (N, C, H, W) any strides; w (N|1, C, K*K) -> y (N, C, H, W) channels_last."""
+    n, c, h, wd = x.shape
+    y = _out(x)
+    swn = 0 if w.shape[0] == 1 else w.stride(0)
+    _kernel_fwd[_grid(n, h, wd, c)](x, w, y, h, wd, c, *_nhwc_strides(x), swn, w.stride(1), w.stride(2),
+                                    *_nhwc_strides(y), K=k, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return y
+
+
+def _kernel_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int) -> torch.Tensor:
+    n, c, h, wd = x.shape
+    gw = torch.zeros((w_shape[0], c, k * k), dtype=torch.float32, device=x.device)
+    swn = 0 if w_shape[0] == 1 else gw.stride(0)  # a shared kernel sums over the batch
+    _kernel_wgrad[_grid(n, h, wd, c)](x, gy, gw, h, wd, c, *_nhwc_strides(x), *_nhwc_strides(gy),
+                                      swn, gw.stride(1), gw.stride(2), K=k, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return gw
+
+
+def _position_forward(x: torch.Tensor, w: torch.Tensor, k: int, adjoint: bool = False) -> torch.Tensor:
+    """x (N, C, H, W); w (N|1, G, K*K, H, W) -> (N, C, H, W) channels_last."""
+    n, c, h, wd = x.shape
+    y = _out(x)
+    swn = 0 if w.shape[0] == 1 else w.stride(0)
+    _position_fwd[_grid(n, h, wd, c)](x, w, y, h, wd, c, c // w.shape[1], *_nhwc_strides(x), swn,
+                                      *w.stride()[1:], *_nhwc_strides(y), K=k, ADJOINT=adjoint,
+                                      BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return y
+
+
+def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, groups: int, k: int, dtype) -> torch.Tensor:
+    n, c, h, wd = x.shape
+    cg = c // groups
+    gw = torch.empty((n, groups, k * k, h, wd), dtype=dtype, device=x.device)
+    grid = (n * triton.cdiv(h * wd, BLOCK_P), groups)
+    _position_wgrad[grid](x, gy, gw, h, wd, cg, *_nhwc_strides(x), *_nhwc_strides(gy), *gw.stride(),
+                          K=k, BLOCK_P=BLOCK_P, BLOCK_CG=triton.next_power_of_2(cg))
+    return gw
+
+
+def naive_position_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """The one-thread-per-output baseline (forward only), for the benchmark."""
+    n, c, h, wd = x.shape
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    total, block = y.numel(), 256
+    swn = 0 if w.shape[0] == 1 else w.stride(0)
+    _position_fwd_naive[(triton.cdiv(total, block),)](
+        x, w, y, total, h, wd, c, c // w.shape[1], *_nhwc_strides(x), swn, *w.stride()[1:], K=k, BLOCK=block)
+    return y
+
+
+class _KernelAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, k):
+        ctx.save_for_backward(x, w)
+        ctx.k = k
+        return _kernel_forward(x, w, k)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:  # the transpose of a convolution: the flipped kernel
+            gx = _kernel_forward(gy, w.flip(-1), ctx.k)
+        if ctx.needs_input_grad[1]:
+            gw = _kernel_weight_grad(x, gy, w.shape, ctx.k).to(w.dtype)
+        return gx, gw, None
+
+
+class _PositionAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, k):
+        ctx.save_for_backward(x, w)
+        ctx.k = k
+        return _position_forward(x, w, k)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _position_forward(gy, w, ctx.k, adjoint=True)
+        if ctx.needs_input_grad[1]:
+            gw = _position_weight_grad(x, gy, w.shape[1], ctx.k, w.dtype)
+            if w.shape[0] == 1 and gw.shape[0] != 1:
+                gw = gw.sum(0, keepdim=True)
+        return gx, gw, None
+
+
+def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """x (N, C, H, W), w (N|1, G, K*K) -> (N, C, H, W): static or homogeneous depth-wise conv."""
+    c = x.shape[1]
+    wc = w.repeat_interleave(c // w.shape[1], dim=1) if w.shape[1] != c else w
+    return _KernelAggregate.apply(x, wc.contiguous(), kernel_size)
+
+
+def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """x (N, C, H, W), w (N|1, G, K*K, H, W) -> (N, C, H, W): inhomogeneous / locally connected."""
+    return _PositionAggregate.apply(x, w.contiguous(), kernel_size)

@@ -1,0 +1,50 @@
+"""`python -m ablate.bench` in its quick mode: the files, their columns, the table. No timing checks:
+the CPU is shared, so timings are only measured, never asserted."""
+from __future__ import annotations
+
+import csv
+import json
+
+from ablate.bench import MODEL_COLUMNS, OP_COLUMNS, OPERATORS, PASSES, BenchArgs, main, run
+
+
+def test_quick_bench_writes_csv_json_and_markdown(tmp_path, capsys):
+    run(BenchArgs(device="cpu", out=str(tmp_path), quick=True, sizes=("micro",), stages=(1,),
+                  models=("dwconv", "local_attention")))
+    for name in ("operators.csv", "models.csv", "bench.json", "bench.md"):
+        assert (tmp_path / name).is_file()
+
+    with open(tmp_path / "operators.csv") as f:
+        ops = list(csv.DictReader(f))
+    assert {r["operator"] for r in ops} == set(OPERATORS)
+    for column in ("candidate", "baseline", "peak_mb", *(f"{p}_ms" for p in PASSES),
+                   *(f"{p}_speedup" for p in PASSES)):
+        assert column in ops[0]
+    for op in OPERATORS:  # one baseline (speedup 1) and both ablate backends per operator
+        rows = [r for r in ops if r["operator"] == op]
+        names = {r["candidate"] for r in rows}
+        assert {"ablate reference", "ablate fast"} <= names
+        assert sum(r["candidate"] == r["baseline"] for r in rows) == 1
+        assert all(float(r["fwd_bwd_ms"]) > 0 for r in rows)
+
+    with open(tmp_path / "models.csv") as f:
+        models = list(csv.DictReader(f))
+    assert [r["model"] for r in models] == ["ablate_dwconv_micro", "ablate_local_attention_micro"]
+    for column in ("infer_samples_per_sec", "train_samples_per_sec", "infer_batch_size", "train_img_size",
+                   "param_count"):
+        assert column in models[0]
+
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["meta"]["machine"]["cpu_threads"] >= 1
+    assert len(record["operators"]) == len(ops) and len(record["models"]) == 2
+    table = (tmp_path / "bench.md").read_text()
+    assert all(c in table for c in ("fwd_bwd_speedup", "train_samples_per_sec"))
+    assert "train_samples_per_sec" in capsys.readouterr().out
+    assert set(MODEL_COLUMNS) - {"train_vs_swin_tiny"} <= set(models[0]) | {"train_vs_swin_tiny"}
+    assert set(OP_COLUMNS) - set(ops[0]) <= {"fwd_gbps", "fwd_copy_fraction", "fwd_bwd_copy_fraction"}
+
+
+def test_cli_sections(tmp_path):
+    assert main(["--device", "cpu", "--quick", "--section", "ops", "--sizes", "micro", "--stages", "4",
+                 "--ops", "dwconv", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "operators.csv").is_file() and not (tmp_path / "models.csv").exists()

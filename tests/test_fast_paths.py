@@ -1,0 +1,217 @@
+"""Every fast path agrees with its reference, forward and gradients.
+
+- the backend switch: process default, context manager, environment, per model, `ops.backend`;
+- the CPU forms (shift-and-accumulate for homogeneous / inhomogeneous, channels_last depth-wise
+  conv, SDPA window attention) through SpatialMixer against the reference backend, eagerly (fast),
+  plus one small compiled check and the eager fallback when compiling fails;
+- the Triton kernels on the CPU through Triton's interpreter (a subprocess: TRITON_INTERPRET must
+  be set before the kernels are compiled), and on a GPU when there is one.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ablate.config import CONF_DIR, build_model
+from ablate.ops import backend as ops_backend
+from ablate.ops.fast import cpu
+from ablate.ops.functional import sliding_aggregate
+from ablate.ops.mixer import SpatialMixer
+from ablate.space.presets import PRESETS
+from ablate.space.spec import Connectivity
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FORMS = (cpu.position_forward, cpu.position_input_grad, cpu.position_weight_grad, cpu.kernel_forward,
+         cpu.kernel_weight_grad)
+
+
+@pytest.fixture
+def eager_forms(monkeypatch):
+    """Run the compiled forms eagerly and on every size: the same code, without compile time."""
+    for form in FORMS:
+        monkeypatch.setattr(form, "failed", True)
+    monkeypatch.setattr(cpu, "MIN_COMPILED_ELEMENTS", 0)
+
+
+# -- the switch ------------------------------------------------------------------------------------
+def test_backend_default_context_and_environment(monkeypatch):
+    monkeypatch.delenv("ABLATE_OPS_BACKEND", raising=False)
+    assert ops_backend.default_backend() == "fast"
+    with ops_backend.use_backend("reference"):
+        assert ops_backend.resolve(None) == "reference"
+        assert ops_backend.resolve("fast") == "fast"  # a mixer's own setting wins
+    monkeypatch.setenv("ABLATE_OPS_BACKEND", "reference")
+    assert ops_backend.default_backend() == "reference"
+    with pytest.raises(ValueError, match="ops.backend"):
+        ops_backend.set_backend("turbo")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_config_ops_backend_pins_the_model(backend):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="measure", overrides=["operator=dwconv", "model=micro",
+                                                         f"ops.backend={backend}"])
+    model = build_model(cfg, 28, 1, 10)
+    assert {m.backend for m in model.mixers()} == {backend}
+
+
+# -- CPU forms ------------------------------------------------------------------------------------
+def _inputs(n, c, h, w, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=gen), torch.randn(n, c, h, w, generator=gen)
+
+
+def _compare(fast_mixer, ref_mixer, x, context, gy, tol):
+    outs = []
+    for m in (fast_mixer, ref_mixer):
+        xi = x.clone().requires_grad_(True)
+        ci = None if context is None else context.clone().requires_grad_(True)
+        y = m(xi, context=ci)
+        grads = torch.autograd.grad(y, [xi] + ([ci] if ci is not None else []) + list(m.parameters()), gy)
+        outs.append((y, *grads))
+    for got, want in zip(*outs):
+        scale = want.abs().max().clamp_min(1e-6)
+        assert ((got - want).abs().max() / scale).item() < tol
+
+
+def _mixer_pair(spec, dim, res, cpg=None, shifted=False):
+    torch.manual_seed(0)
+    fast = SpatialMixer(spec, dim, res, cpg, shifted=shifted, backend="fast")
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref = SpatialMixer(spec, dim, res, cpg, shifted=shifted, backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    return fast.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected"])
+@pytest.mark.parametrize("kernel_size", [3, 7])
+def test_sliding_fast_paths_match_reference(preset, kernel_size, eager_forms):
+    spec = PRESETS[preset].spec
+    spec = replace(spec, connectivity=replace(spec.connectivity, kernel_size=kernel_size))
+    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 3, "locally_connected": 1}[preset]
+    fast, ref = _mixer_pair(spec, 6, (5, 6), cpg)
+    x, gy = _inputs(2, 6, 5, 6)
+    _compare(fast, ref, x, None, gy, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_position_form_in_bf16_accumulates_in_fp32(dtype, eager_forms):
+    x = torch.randn(2, 2, 3, 6, 6)
+    w = torch.randn(2, 2, 9, 6, 6)
+    ref = sliding_aggregate(x.to(dtype).double(), w.to(dtype).double(), 3)
+    got = cpu.position_aggregate(x.to(dtype), w.to(dtype), 3)
+    assert got.dtype == dtype
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("preset,res,shifted", [
+    ("local_attention", (14, 14), False),
+    ("local_attention", (14, 14), True),
+    ("local_attention", (9, 11), True),   # padded to a multiple of the window
+    ("global_attention", (5, 6), False),
+])
+def test_window_attention_sdpa_matches_reference(preset, res, shifted):
+    spec = PRESETS[preset].spec
+    spec = replace(spec, connectivity=replace(spec.connectivity, kernel_size=7))
+    fast, ref = _mixer_pair(spec, 8, res, 4, shifted=shifted)
+    x, context = _inputs(2, 8, *res)
+    gy = torch.randn(2, 8, *res)
+    _compare(fast, ref, x, context, gy, 1e-5)
+    _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-5)
+
+
+def test_effective_weights_unchanged_by_backend(eager_forms):
+    spec = PRESETS["idynamic_dwconv"].spec
+    fast, ref = _mixer_pair(spec, 6, (5, 5), 3)
+    x, _ = _inputs(1, 6, 5, 5)
+    assert torch.equal(fast.effective_weights(x, [(2, 2)]), ref.effective_weights(x, [(2, 2)]))
+
+
+def test_compiled_forms_match_reference(monkeypatch):
+    """One small compiled check of each form (K=3 keeps the compile short; cached on disk)."""
+    monkeypatch.setattr(cpu, "MIN_COMPILED_ELEMENTS", 0)
+    x = torch.randn(2, 2, 3, 6, 7, requires_grad=True)
+    w = torch.randn(2, 2, 9, 6, 7, requires_grad=True)
+    y = cpu.position_aggregate(x, w, 3)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    ry = sliding_aggregate(x, w, 3)
+    rgx, rgw = torch.autograd.grad(ry, (x, w), torch.ones_like(ry))
+    for got, want in ((y, ry), (gx, rgx), (gw, rgw)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(f.failed for f in FORMS[:3]), "compilation fell back to eager"
+
+    xk = torch.randn(2, 4, 6, 7, requires_grad=True)
+    wk = torch.randn(2, 4, 9, requires_grad=True)
+    y = cpu.kernel_aggregate(xk, wk, 3)
+    ry = sliding_aggregate(xk[:, :, None], wk[..., None, None].expand(2, 4, 9, 6, 7), 3)[:, :, 0]
+    for got, want in zip(torch.autograd.grad(y, (xk, wk), torch.ones_like(y)),
+                         torch.autograd.grad(ry, (xk, wk), torch.ones_like(ry))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    form = cpu.CompiledForm(lambda a: a * 2)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(form(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(form(torch.ones(3)), torch.full((3,), 2.0))
+    assert form.failed
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1
+
+
+def test_small_inputs_stay_on_reference():
+    assert not cpu.compile_pays(torch.zeros(2, 4, 6, 6))
+    assert not cpu.compile_pays(torch.zeros(64, 64, 32, 32, dtype=torch.float64))
+    assert not cpu.compile_pays(torch.zeros(128, 32, 14, 14))  # a micro batch: compiling would not pay
+    assert cpu.compile_pays(torch.zeros(32, 96, 56, 56))  # tiny's stage 1
+
+
+def test_sliding_layout_kinds_cover_the_presets():
+    # the fast dispatch keys on the layout kind and weight rank; the sliding presets must reach it
+    for name in ("dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected"):
+        assert PRESETS[name].spec.connectivity.kind == Connectivity().kind == "sliding"
+
+
+# -- Triton ----------------------------------------------------------------------------------------
+def _selfcheck(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ablate.ops.fast.selfcheck", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_triton_kernels_through_the_interpreter():
+    pytest.importorskip("triton")
+    proc = _selfcheck("--device", "cpu", env={"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" ok") == 5
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_kernels_on_gpu(dtype):
+    proc = _selfcheck("--device", "cuda", "--dtype", dtype)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention"])
+def test_gpu_fast_mixer_matches_reference(preset):
+    spec = PRESETS[preset].spec
+    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "local_attention": 32}[preset]
+    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
+    fast, ref = fast.cuda(), ref.cuda()
+    x, context = (t.cuda() for t in _inputs(4, 64, 14, 14))
+    gy = torch.randn(4, 64, 14, 14, device="cuda")
+    _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)
