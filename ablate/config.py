@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ablate.data.config import DataConf
 from ablate.models.backbone import AblateNet
+from ablate.ops.backend import apply_backend
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
@@ -86,6 +87,11 @@ class ModelConf:
 
 
 @dataclass
+class OpsConf:
+    backend: str = "fast"  # fast: the fast kernels where they apply; reference: the ground truth
+
+
+@dataclass
 class ModelSideConfig:
     """What every app composes: the operator's three axes, the block, the macro model."""
 
@@ -95,6 +101,7 @@ class ModelSideConfig:
     dynamic: DynamicConf = field(default_factory=DynamicConf)
     block: BlockConf = field(default_factory=BlockConf)
     model: ModelConf = field(default_factory=ModelConf)
+    ops: OpsConf = field(default_factory=OpsConf)
 
 
 @dataclass
@@ -143,6 +150,10 @@ class TrainerConf:
     run_name: str | None = None  # default: operator-model-data-seed-<hash of the config>
     quiet: bool = False           # no progress bars (launchers)
     inference_batches: int = 5    # batches timed for the inference samples/s
+    distributed: bool = False     # DDP under torchrun (trainer=ddp); data.batch_size is per process
+    backend: str = "auto"         # auto: nccl on GPUs, gloo on CPUs
+    sync_bn: bool = True          # under DDP: BatchNorm statistics over the global batch
+    dist_timeout_min: float = 30.0  # a rank waiting this long for its peers gives up
 
 
 @dataclass
@@ -189,11 +200,12 @@ def spec_from_cfg(cfg: DictConfig) -> OperatorSpec:
 def build_model(cfg: DictConfig, img_size: int, in_chans: int, num_classes: int) -> AblateNet:
     """The model of a composed config; raises InvalidOperatorError for an invalid operator."""
     m = cfg.model
-    return AblateNet(
+    model = AblateNet(
         spec_from_cfg(cfg), block=_plain(cfg.block.style), embed_dim=m.embed_dim,
         depths=tuple(m.depths), patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, img_size=img_size,
         in_chans=in_chans, num_classes=num_classes, drop_path_rate=m.drop_path_rate,
     )
+    return apply_backend(model, OmegaConf.select(cfg, "ops.backend", default="fast"))
 
 
 def operator_label(cfg: DictConfig) -> str:

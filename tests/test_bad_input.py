@@ -1,0 +1,43 @@
+"""Bad input, table-driven (the table is ablate.reliability.BAD_INPUTS, shared with `make reliability`):
+every row gives its exit code and a message that says what to change, and a finished record beside
+it comes through untouched."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablate.reliability import BAD_INPUTS, QUICK, run_bad_input
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_table_has_at_least_25_distinct_rows():
+    assert len(BAD_INPUTS) >= 25
+    assert len({row.name for row in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("row", BAD_INPUTS, ids=[row.name for row in BAD_INPUTS])
+def test_bad_input_gives_a_clear_error_and_touches_no_result(tmp_path, row):
+    outcome = run_bad_input(row, tmp_path)
+    assert outcome.code == row.code, outcome.message[-2000:]
+    missing = [e for e in row.expect if e.lower() not in outcome.message.lower()]
+    assert not missing, f"message lacks {missing}:\n{outcome.message[-2000:]}"
+    assert not outcome.touched
+    assert outcome.code != 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["operator=dwconvx"], "Could not find 'operator/dwconvx'"),
+    (["optim.lr=["], "cannot parse the override 'optim.lr=['"),
+    (["data.batch_size=0"], "data.batch_size=0 must be positive"),
+])
+def test_the_real_command_line_exits_2(tmp_path, overrides, message):
+    proc = subprocess.run([sys.executable, "-m", "ablate.train", *QUICK, f"trainer.results_root={tmp_path}",
+                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("results.json"))

@@ -1,0 +1,204 @@
+"""One run over two CPU processes: torchrun + DDP on gloo, against one process with the same global batch.
+
+Tolerance, and why: the data of one step is the same (the loader draws an epoch's order and
+augmentation before sharding, and rank r takes every 2nd sample, so the two halves of a global batch
+are exactly the batch of one process), gradients are averaged over the ranks and BatchNorm is
+synchronised, so the only difference is the order of float32 sums. For the Swin block (LayerNorm) that
+stays at rounding level: the loss agrees to 1e-6 and the accuracies are equal. With BatchNorm on pooled
+features (the dynamic predictors) float32 rounding is amplified (one process is itself ~1% off the
+exact float64 gradients at init), so there the synchronisation is checked in float64, to 1e-9.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ablate.config import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["operator=local_attention", "data.train_subset=1000", "data.val_size=500", "data.test_subset=1000",
+          "schedule.epochs=2", "trainer.quiet=true", "trainer.threads=1", "logger=none", "trainer.device=cpu",
+          "trainer.inference_batches=1"]
+LOSS_RTOL, TOP1_ATOL = 1e-5, 0.0  # measured: loss 1e-8 apart, equal accuracies (see the docstring)
+
+
+def reference_backend() -> list[str]:
+    """The reference operators where the config knows backends: no compilation in a test's budget."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train")
+    return ["ops.backend=reference"] if "ops" in cfg else []
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(root: Path, *overrides: str, nproc: int = 2, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         "--master_port", free_port(), "-m", "ablate.train", "trainer=ddp", *COMMON,
+         f"trainer.results_root={root}", *overrides],
+        cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and all its workers at once, as a preempted node (SLURM kills the cgroup)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def record(root: Path) -> dict:
+    return json.loads(next(root.glob("runs/*/results.json")).read_text())
+
+
+def metrics(root: Path) -> list[dict]:
+    return [json.loads(line) for line in next(root.glob("runs/*/metrics.jsonl")).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    out = finish(torchrun(root, "data.batch_size=32"))
+    return root, out
+
+
+def test_two_processes_match_one_with_the_same_global_batch(ddp_run, tmp_path):
+    root, out = ddp_run
+    single = subprocess.run([sys.executable, "-m", "ablate.train", *COMMON, "data.batch_size=64",
+                             f"trainer.results_root={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp, one = record(root), record(tmp_path)
+    assert ddp["world_size"] == 2 and ddp["global_batch_size"] == 64 and ddp["lr"] == one["lr"]
+    assert ddp["train_size"] == one["train_size"] and ddp["epochs_done"] == one["epochs_done"] == 2
+    for a, b in zip(metrics(root), metrics(tmp_path)):
+        assert a["step"] == b["step"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=LOSS_RTOL)
+        for key in ("val_top1", "val_top5", "test_top1", "test_top5"):
+            assert abs(a[key] - b[key]) <= TOP1_ATOL, (key, a[key], b[key])
+    assert ddp["final_test_top1"] > 40  # it learned
+
+
+def test_only_rank_0_writes(ddp_run):
+    root, out = ddp_run
+    folders = list(root.glob("runs/*"))
+    assert len(folders) == 1
+    names = {p.name for p in folders[0].iterdir()}
+    assert names == {"config.yaml", "metrics.jsonl", "results.json", "checkpoint.pt", "checkpoint.prev.pt",
+                     "checkpoint.sha256", "results.sha256", ".lock"}
+    assert len(metrics(root)) == 2  # one line per epoch, not one per rank
+    assert out.count("epoch 2/2") == 1  # the other rank logs warnings only
+
+
+def test_ddp_resumes_after_sigkill_with_the_metrics_of_an_uninterrupted_run(ddp_run, tmp_path):
+    reference = record(ddp_run[0])
+    proc = torchrun(tmp_path, "data.batch_size=32")
+    deadline = time.time() + 240
+    while time.time() < deadline:  # the first epoch is checkpointed (the metrics line comes first)
+        if next(tmp_path.glob("runs/*/checkpoint.pt"), None) is not None:
+            break
+        time.sleep(0.1)
+    kill_node(proc)
+    assert len(metrics(tmp_path)) < 2, "killed too late to test"
+    out = finish(torchrun(tmp_path, "data.batch_size=32"))
+    assert "resuming" in out
+    resumed = record(tmp_path)
+    for key in ("final_test_top1", "final_test_top5", "final_val_top1", "best_val_top1", "best_epoch"):
+        assert resumed[key] == reference[key], key
+    assert [r["train_loss"] for r in metrics(tmp_path)] == [r["train_loss"] for r in metrics(ddp_run[0])]
+
+
+def test_one_sample_per_process_trains_with_synchronised_batchnorm(tmp_path):
+    """The dynamic predictors normalise pooled features: one sample per rank works only because the
+    statistics are those of the global batch (in one process the same batch is a clear error)."""
+    out = finish(torchrun(tmp_path, "operator=dynamic_dwconv", "data.batch_size=1", "data.train_subset=40",
+                          "data.val_size=20", "data.test_subset=20", "schedule.epochs=1",
+                          *reference_backend()))
+    assert record(tmp_path)["status"] == "completed", out[-3000:]
+
+
+SYNC_CHECK = textwrap.dedent("""
+    import torch, torch.distributed as dist, torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    import ablate
+    from ablate.distributed import sync_batchnorm
+
+    def model():
+        torch.manual_seed(0)
+        m = ablate.create("dynamic_dwconv", "micro", in_chans=1, num_classes=10).double()
+        try:
+            from ablate.ops.backend import apply_backend
+            apply_backend(m, "reference")
+        except ImportError:
+            pass
+        return m
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 28, 28, generator=g).double(), torch.randint(0, 10, (8,), generator=g)
+    one = model()
+    F.cross_entropy(one(x), y).backward()
+    synced = sync_batchnorm(model(), torch.device("cpu"))
+    ddp = DistributedDataParallel(synced, broadcast_buffers=False)
+    F.cross_entropy(ddp(x[rank::2]), y[rank::2]).backward()
+    grad = max(((a.grad - b.grad).norm() / (b.grad.norm() + 1e-3)).item()
+               for a, b in zip(synced.parameters(), one.parameters()))
+    stats = max((a - b).abs().max().item()
+                for a, b in zip(synced.buffers(), one.buffers()) if a.is_floating_point())
+    if rank == 0:
+        print(f"grad {grad:.3e} stats {stats:.3e}", flush=True)
+    assert grad < 1e-9 and stats < 1e-12, (grad, stats)
+    dist.destroy_process_group()
+""")
+
+
+def test_synchronised_batchnorm_is_exact_in_float64(tmp_path):
+    script = tmp_path / "sync_check.py"
+    script.write_text(SYNC_CHECK)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", free_port(), str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "grad " in proc.stdout

@@ -1,0 +1,254 @@
+"""Faults survived: damaged checkpoints and records, crashes inside a save, locks, full disks,
+secrets, run folder names; and the fault-injection suite itself (`make reliability`), reduced."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ablate.config import CONF_DIR
+from ablate.tracking import CheckpointError, RunLocked, RunStore, atomic_write_bytes, scrub
+from ablate.tracking.secrets import REDACTED, scrub_text
+from ablate.train import run_folder, train
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["data.train_subset=300", "data.val_size=100", "data.test_subset=200", "schedule.epochs=1",
+         "trainer.quiet=true", "data.batch_size=64", "trainer.threads=1", "trainer.inference_batches=1"]
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*QUICK, f"trainer.results_root={tmp_path}", *overrides])
+
+
+def state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((64, 64), float(epoch))}, "epoch": epoch}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    store = RunStore(tmp_path)
+    store.save_checkpoint(state(1))
+    store.save_checkpoint(state(2))
+    assert RunStore(tmp_path).load_checkpoint()["epoch"] == 2
+    store.checkpoint.write_bytes(store.checkpoint.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING):
+        assert RunStore(tmp_path).load_checkpoint()["epoch"] == 1
+    assert "checkpoint.pt fails its checksum" in caplog.text
+    assert "falling back to checkpoint.prev.pt" in caplog.text
+
+
+def test_a_changed_byte_is_caught_and_the_next_save_keeps_the_good_previous_one(tmp_path):
+    store = RunStore(tmp_path)
+    store.save_checkpoint(state(1))
+    store.save_checkpoint(state(2))
+    data = bytearray(store.checkpoint.read_bytes())
+    data[len(data) // 2] ^= 1
+    store.checkpoint.write_bytes(bytes(data))
+    resumed = RunStore(tmp_path)
+    assert resumed.load_checkpoint()["epoch"] == 1
+    resumed.save_checkpoint(state(2))  # the damaged file is replaced, not kept as "previous"
+    assert RunStore(tmp_path).load_checkpoint()["epoch"] == 2
+    store.checkpoint.unlink()
+    assert RunStore(tmp_path).load_checkpoint()["epoch"] == 1
+
+
+def test_no_good_checkpoint_is_a_clear_error(tmp_path):
+    store = RunStore(tmp_path)
+    store.save_checkpoint(state(1))
+    store.save_checkpoint(state(2))
+    for path in (store.checkpoint, store.prev_checkpoint):
+        path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*trainer.resume=never"):
+        RunStore(tmp_path).load_checkpoint()
+
+
+@pytest.mark.parametrize("crash_at", [0, 1, 2])
+def test_a_crash_at_any_step_of_a_save_leaves_a_good_checkpoint(tmp_path, monkeypatch, crash_at):
+    """save_checkpoint is three steps (checksums, rotation, new file): kill it after each one."""
+    store = RunStore(tmp_path)
+    store.save_checkpoint(state(1))
+    store.save_checkpoint(state(2))
+    import ablate.tracking.store as store_module
+
+    calls = {"n": 0}
+    real_write, real_replace = store_module.atomic_write_bytes, os.replace
+
+    def counting(real):
+        def step(*args):
+            if calls["n"] == crash_at:
+                raise KeyboardInterrupt("killed")
+            calls["n"] += 1
+            return real(*args)
+        return step
+
+    monkeypatch.setattr(store_module, "atomic_write_bytes", counting(real_write))
+    monkeypatch.setattr(store_module.os, "replace", counting(real_replace))
+    with pytest.raises(KeyboardInterrupt):
+        store.save_checkpoint(state(3))
+    monkeypatch.undo()
+    assert RunStore(tmp_path).load_checkpoint()["epoch"] in (2, 3)
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    store = RunStore(tmp_path)
+    store.save_checkpoint({"epoch": 1, "evil": Payload()})
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        RunStore(tmp_path).load_checkpoint()
+
+
+# -- results.json -------------------------------------------------------------------------------------
+def test_results_carry_a_checksum_and_a_changed_record_counts_as_none(tmp_path, caplog):
+    store = RunStore(tmp_path)
+    store.write_results({"status": "completed", "final_test_top1": 88.5, "nan": float("nan")})
+    assert store.finished() and store.read_results()["final_test_top1"] == 88.5
+    assert len(store.results_digest.read_text().strip()) == 64
+    store.results.write_text(store.results.read_text().replace("88.5", "98.5"))
+    with caplog.at_level(logging.WARNING):
+        assert store.read_results() is None and not store.finished()
+    assert "is damaged" in caplog.text
+    store.write_results({"status": "completed", "final_test_top1": 88.5})
+    assert store.finished() and (tmp_path / "results.damaged.json").exists()
+    store.results.write_text('{"status": "compl')  # cut short
+    assert store.read_results() is None
+    store.results_digest.unlink()
+    store.results.write_text(json.dumps({"status": "completed"}))  # written before checksums existed
+    assert store.finished()
+
+
+# -- full disk, unwritable folder ---------------------------------------------------------------------
+def test_a_full_disk_leaves_no_half_written_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="no space left to write .*resumes from its last good checkpoint"):
+        atomic_write_bytes(path, b"new" * 1000)
+    monkeypatch.undo()
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_preflight_names_the_problem_before_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="is a file, not a folder.*trainer.results_root"):
+        RunStore(tmp_path / "file" / "runs" / "a").preflight(1)
+    import ablate.tracking.store as store_module
+
+    real = store_module.shutil.disk_usage
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: type(real(p))(100, 90, 10))
+    with pytest.raises(OSError, match="not enough free disk space"):
+        RunStore(tmp_path / "runs" / "a").preflight(10**6)
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+# -- one writer per run folder ------------------------------------------------------------------------
+def test_a_second_job_on_a_run_folder_is_refused(tmp_path):
+    first, second = RunStore(tmp_path), RunStore(tmp_path)
+    first.lock()
+    with pytest.raises(RunLocked, match=f"another job is training the run.*pid {os.getpid()}"):
+        second.lock()
+    first.unlock()
+    second.lock()
+    second.unlock()
+
+
+def test_a_killed_job_releases_its_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ablate.tracking import RunStore; s = RunStore(sys.argv[1]); s.lock(); "
+        "print('locked', flush=True); time.sleep(60)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunLocked):
+        RunStore(tmp_path).lock()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    RunStore(tmp_path).lock()
+
+
+# -- secrets and names --------------------------------------------------------------------------------
+SECRET = "wk_" + "9f3c1a7e5b2d4c6a8e0f1b3d5c7a9e1f2b4d6c8a"
+
+
+def test_the_scrubber_redacts_keys_env_values_and_token_shapes(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    record = {"logger": {"api_key": "abc12345", "tags": ["x", f"key={SECRET}"], "project": "ablate"},
+              "note": "ghp_" + "a" * 36, "git_commit": "0123456789abcdef0123456789abcdef01234567",
+              "layout": {"tokens": 49}, "hf_token": None}
+    clean = scrub(record)
+    assert clean["logger"]["api_key"] == REDACTED and clean["logger"]["tags"] == ["x", f"key={REDACTED}"]
+    assert clean["note"] == REDACTED and clean["git_commit"] == record["git_commit"]
+    assert clean["layout"] == {"tokens": 49} and clean["hf_token"] is None
+    assert SECRET not in scrub_text(f"failed with {SECRET}")
+
+
+def test_the_default_config_passes_the_scrubber_unchanged(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = cfg_for(tmp_path)
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert scrub(container) == container
+
+
+def test_no_secret_reaches_the_config_results_log_or_wandb(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = cfg_for(tmp_path, "+logger.api_key=hunter2hunter2", "+logger.note=${oc.env:WANDB_API_KEY}",
+                  f"logger.tags=[{SECRET}]")
+    logging.getLogger().addHandler(caplog.handler)
+    from ablate.tracking.secrets import install_log_scrubber
+
+    install_log_scrubber()
+    logging.getLogger("ablate.train").warning("echo %s", SECRET)
+    with caplog.at_level(logging.INFO):
+        assert train(cfg)["status"] == "completed"
+    folder = run_folder(cfg)
+    for path in [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".pt"]:
+        text = path.read_bytes()
+        assert SECRET.encode() not in text and b"hunter2hunter2" not in text, path
+    assert SECRET not in caplog.text
+    assert "<redacted>" in (folder / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/etc", "..", ".", "a/../../b", "x" * 500, "\x00",
+                                  "~root", "..%2f..%2fetc"])
+def test_run_folder_names_cannot_escape_the_results_root(tmp_path, name):
+    for key in ("run_name", "sweep"):
+        cfg = cfg_for(tmp_path / "root", f"trainer.{key}='{name}'" if name != "\x00" else f"trainer.{key}=x")
+        if name == "\x00":
+            cfg.trainer[key] = name
+        folder = run_folder(cfg).resolve()
+        root = (tmp_path / "root").resolve()
+        assert folder.is_relative_to(root) and folder != root
+
+
+# -- the fault-injection suite ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_reliability_suite_survives_every_fault(tmp_path):
+    """`make reliability`, reduced: 2 random kills, the damage scenarios, the whole bad-input table."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ablate.reliability", "--kills", "2",
+                           "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    figures = dict(line.rsplit(None, 1) for line in proc.stdout.splitlines()
+                   if line.startswith(("faults", "bad inputs", "clear errors", "results lost")))
+    assert int(figures["results lost"]) == 0
+    assert int(figures["faults injected"]) == int(figures["faults survived"]) >= 7
+    assert int(figures["bad inputs tried"]) == int(figures["clear errors given"]) >= 25
+    assert time.time() - started < 900
