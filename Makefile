@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo sweep report bench test test-all lint measure
+.PHONY: help install data demo sweep report bench reliability test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ report: install ## figures and tables of a sweep's results: make report SWEEP=fi
 
 bench: install ## benchmark operators and models into reports/bench/: make bench ARGS="--quick" or ARGS="--device cuda"
 	$(PY) -m ablate.bench $(ARGS)
+
+reliability: install ## fault-injection suite: random SIGKILLs, damaged checkpoints/records, locks, full disk, bad inputs
+	$(PY) -m ablate.reliability
 
 test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
 	$(PY) -m pytest -q -n 2

@@ -5,10 +5,15 @@
     python -m ablate.train --cfg job --resolve               # the resolved config
     python -m ablate.train --info defaults-tree              # which option of each group
 
+    torchrun --nproc_per_node 2 -m ablate.train trainer=ddp     # one run over 2 processes (DDP)
+
 Read top to bottom: validate the operator, find the run folder (a completed run is not trained
-again; a checkpoint is resumed), build model and recipe, load the data, train epoch by epoch
-(metrics line, then checkpoint), and record `results.json`. Everything random in epoch e is seeded
-from (seed, e), so a run resumed at epoch e replays it exactly on the CPU.
+again; a checkpoint is resumed), check what can be checked before training (batch, disk, data),
+take the run folder's lock, build model and recipe, train epoch by epoch (metrics line, then
+checkpoint), and record `results.json`. Everything random in epoch e is seeded from (seed, e), so a
+run resumed at epoch e replays it exactly on the CPU. Under DDP only rank 0 writes (see
+ablate/distributed.py). Exit codes: 0 completed, 1 failed, 2 bad input (nothing trained; what to
+change is printed), 3 diverged, 4 another job holds the run folder.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import hashlib
 import importlib.metadata
 import logging
 import math
+import os
 import platform
 import random
 import resource
@@ -34,22 +40,41 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import ablate  # noqa: F401  (registers the operator options)
 from ablate.config import CONF_DIR, build_model, operator_label, spec_from_cfg
 from ablate.data import DataError, build_data
+from ablate.distributed import (
+    Dist,
+    average_scalar,
+    init_distributed,
+    pooled_batchnorms,
+    share_error_type,
+    sync_batchnorm,
+)
 from ablate.recipe import build_recipe, check_recipe
 from ablate.space.rules import InvalidOperatorError
 from ablate.sweep import register_sweeper
-from ablate.tracking import RunStore, WandbMirror, run_folder_name, safe_name
+from ablate.tracking import (
+    CheckpointError,
+    RunLocked,
+    RunStore,
+    WandbMirror,
+    run_folder_name,
+    safe_name,
+    scrub,
+)
+from ablate.tracking.secrets import install_log_scrubber
 
-__all__ = ["train", "run_folder"]
+__all__ = ["train", "run_folder", "cli", "EXIT_CODES"]
 
 log = logging.getLogger("ablate.train")
 register_sweeper()  # `python -m ablate.train -m` sweeps with ablate's sweeper (conf/hydra/sweeper/)
 
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3}
+EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4}
+share_error_type(DataError, CheckpointError, RunLocked)  # rank 0's decisions fail alike on every rank
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
 
 
@@ -60,13 +85,18 @@ class Diverged(Exception):
 
 
 # -- where the run lives ------------------------------------------------------------------------
+# Where a run executes and how it is shown, not what it is: changing these never starts a new run.
+# `ops` picks an implementation of the same operator (the fast paths agree with the reference).
+NOT_IDENTITY = ("trainer", "logger", "ops")
+
+
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """What defines the experiment: everything but where it runs and how it is shown.
 
     trainer and logger are dropped before resolving: their values may come from the launcher
     (`${hydra:launcher...}`), which a sweeper planning jobs in its own process does not have.
     """
-    experiment = {k: cfg[k] for k in cfg if k not in ("trainer", "logger")}
+    experiment = {k: cfg[k] for k in cfg if k not in NOT_IDENTITY}
     identity = OmegaConf.to_container(OmegaConf.create(experiment, parent=cfg), resolve=True,
                                       enum_to_str=True)
     identity["seed"] = cfg.trainer.seed
@@ -78,9 +108,15 @@ def run_label(cfg: DictConfig) -> str:
 
 
 def run_folder(cfg: DictConfig) -> Path:
+    """results_root/<sweep>/<name>: both parts pass safe_name, so no override (a run_name with `..`
+    or `/`) can put a run outside the results root; checked here once more."""
     t = cfg.trainer
     name = safe_name(t.run_name) if t.run_name else run_folder_name(run_label(cfg), run_identity(cfg))
-    return Path(t.results_root) / safe_name(t.sweep or "runs") / name
+    root = Path(t.results_root)
+    folder = root / safe_name(t.sweep or "runs") / name
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"the run folder {folder} would lie outside trainer.results_root={root}")
+    return folder
 
 
 def describe_run(cfg: DictConfig, folder: Path) -> dict[str, Any]:
@@ -98,12 +134,21 @@ def record_unrunnable(cfg: DictConfig, err: Exception) -> Path:
     store = RunStore(run_folder(cfg))
     if not store.finished():
         store.create()
-        invalid = isinstance(err, InvalidOperatorError)
-        record = {"status": "skipped" if invalid else "failed", **describe_run(cfg, store.folder),
-                  "reason" if invalid else "error": str(err)}
-        if invalid:
-            record["rule"] = err.rule
-        store.write_results(record)
+        try:
+            store.lock()
+        except RunLocked:  # the job holding the folder records it; this one must not touch it
+            log.warning("not recording %s: another job holds %s", err, store.folder)
+            return store.folder
+        try:
+            invalid = isinstance(err, InvalidOperatorError)
+            record = {"status": "skipped" if invalid else "failed", **describe_run(cfg, store.folder),
+                      "reason" if invalid else "error": str(err)}
+            if invalid:
+                record["rule"] = err.rule
+            if not store.finished():  # re-read under the lock: a job may have just finished it
+                store.write_results(record)
+        finally:
+            store.unlock()
     return store.folder
 
 
@@ -112,15 +157,6 @@ def _percent(value: float | None) -> str:
 
 
 # -- the machine --------------------------------------------------------------------------------
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
-    return device
-
-
 def autocast(device: torch.device, precision: str):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -174,12 +210,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # -- one epoch ----------------------------------------------------------------------------------
-def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int) -> dict[str, float]:
+def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int,
+                    dist: Dist | None = None) -> dict[str, float]:
+    """One epoch. Under DDP the loss shown, summed and checked for NaN is the global batch's (the
+    mean over ranks), so every rank sees the same numbers and a divergence stops every rank."""
+    dist = dist or Dist()
     model.train()
     clip = cfg.optim.clip_grad
     total, samples, start = 0.0, 0, time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
-               disable=cfg.trainer.quiet, dynamic_ncols=True, file=sys.stderr)
+               disable=cfg.trainer.quiet or not dist.is_main, dynamic_ncols=True, file=sys.stderr)
     for images, labels in loader:
         targets = labels
         if recipe.mixup is not None:
@@ -187,7 +227,7 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int) -> d
         with amp():
             logits = model(images)
         loss = recipe.criterion(logits.float(), targets)
-        value = loss.item()
+        value = average_scalar(dist, loss).item()
         if not math.isfinite(value):
             bar.close()
             raise Diverged(step, value)
@@ -200,8 +240,8 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int) -> d
         recipe.scheduler.step_update(step)
         if recipe.ema is not None:
             recipe.ema.update(model, step=step)
-        total += value * labels.shape[0]
-        samples += labels.shape[0]
+        total += value * labels.shape[0] * dist.world_size
+        samples += labels.shape[0] * dist.world_size
         bar.update()
         bar.set_postfix(loss=f"{value:.3f}", refresh=False)
     bar.close()
@@ -211,7 +251,8 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int) -> d
 
 
 @torch.no_grad()
-def evaluate(model, loader, amp) -> dict[str, float]:
+def evaluate(model, loader, amp, dist: Dist | None = None) -> dict[str, float]:
+    """Top-1/top-5 in %. Under DDP each rank scores its share and the counts are summed."""
     model.eval()
     correct1 = correct5 = seen = 0
     for images, labels in loader:
@@ -222,6 +263,7 @@ def evaluate(model, loader, amp) -> dict[str, float]:
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         seen += labels.shape[0]
+    correct1, correct5, seen = (dist or Dist()).sum([correct1, correct5, seen])
     if seen == 0:  # data.val_size=0: no validation split
         return {"top1": float("nan"), "top5": float("nan")}
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen}
@@ -255,47 +297,140 @@ def inference_throughput(model, loader, amp, batches: int) -> float | None:
     return images_seen / (time.perf_counter() - start)
 
 
+# -- before training ----------------------------------------------------------------------------
+def check_trainer(t) -> None:
+    """trainer.* settings that cannot work, named with what to change (before anything runs)."""
+    if t.resume not in ("auto", "never"):
+        raise ValueError(f"trainer.resume must be auto or never; got {t.resume!r}")
+    if t.threads is not None and t.threads < 1:
+        raise ValueError(f"trainer.threads must be a positive number of CPU threads, or null for torch's "
+                         f"default; got {t.threads}")
+    if t.inference_batches < 0:
+        raise ValueError(f"trainer.inference_batches must be >= 0; got {t.inference_batches}")
+
+
+def check_logger(logger) -> None:
+    if logger.name not in ("wandb", "none"):
+        raise ValueError(f"logger.name must be wandb or none (logger=wandb, logger=none); "
+                         f"got {logger.name!r}")
+    # the configured mode itself, even where WANDB_MODE in the environment would override it
+    if logger.mode not in (None, "", "auto", "dryrun", "online", "offline", "disabled"):
+        raise ValueError(f"logger.mode must be online, offline, disabled or auto; got {logger.mode!r}")
+
+
+def check_batchnorm_batch(model: torch.nn.Module, cfg: DictConfig, dist: Dist) -> None:
+    """BatchNorm over globally pooled features (the dynamic weight predictors) sees one value per
+    channel per sample: a step of one sample cannot be normalised. Under DDP with synchronised BN the
+    global batch counts, so one sample per GPU works; one process with a batch of one is an error."""
+    synced = dist.world_size if dist.enabled and cfg.trainer.sync_bn else 1
+    if cfg.data.batch_size * synced >= 2:
+        return
+    pooled = pooled_batchnorms(model, cfg.data.in_chans, cfg.data.img_size)
+    if pooled:
+        fix = ("set trainer.sync_bn=true" if dist.enabled else
+               "train on several processes (torchrun ... trainer=ddp: BatchNorm synchronised over them)")
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} gives BatchNorm a single sample per step, "
+                         f"but {len(pooled)} BatchNorm layers normalise globally pooled features (one value "
+                         f"per channel per sample, e.g. {pooled[0]}: a dynamic weight predictor), which "
+                         f"needs at least 2. Raise data.batch_size to 2 or more, or {fix}.")
+
+
+def checkpoint_bytes(model: torch.nn.Module, cfg: DictConfig) -> int:
+    """The disk a run needs: a checkpoint (weights, two AdamW moments, an EMA copy) three times over
+    (checkpoint.pt, checkpoint.prev.pt and the one being written), plus room for the records."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 3 * weights * (3 + bool(cfg.optim.ema)) + 4 * 2**20
+
+
+def _finished_record(store: RunStore) -> dict[str, Any] | None:
+    return store.read_results() if store.finished() else None
+
+
+def _open_run(store: RunStore, resume: bool, world_size: int) -> tuple[str, Any]:
+    """Rank 0: create the folder, take its lock, and read what the run resumes from. Returns
+    ("finished", record) when another job finished it meanwhile, else ("ok", checkpoint or None)."""
+    store.create()
+    store.lock()
+    try:
+        if store.finished():
+            return "finished", store.read_results()
+        checkpoint = store.load_checkpoint() if resume else None
+        if checkpoint is not None and checkpoint.get("world_size", 1) != world_size:
+            raise CheckpointError(
+                f"the checkpoint in {store.folder} was trained by {checkpoint.get('world_size', 1)} "
+                f"process(es), this job has {world_size}: the global batch (and so the learning rate) "
+                "would change mid-run. Resume with the same number of processes, or set "
+                "trainer.resume=never to start over.")
+        return "ok", checkpoint
+    except BaseException:
+        store.unlock()
+        raise
+
+
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and record one run; returns its results (status completed, failed or diverged).
 
-    Raises InvalidOperatorError or DataError for input that must be fixed first; once the run
-    folder exists, every failure is recorded there instead of raised.
+    Raises InvalidOperatorError, DataError, ValueError, OSError (unwritable or full results disk),
+    CheckpointError or RunLocked for what must be fixed first: all of these come before the run is
+    recorded, so no record is touched. Once training starts, every failure is recorded instead.
     """
     t = cfg.trainer
     check_recipe(cfg.optim, cfg.schedule)  # bad settings fail before a run folder exists
+    check_trainer(t)
+    check_logger(cfg.logger)
     reset_process_state(t.seed)  # the initial weights; nothing left over from an earlier job
     if t.threads:
         torch.set_num_threads(t.threads)
     model = build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
-    spec = spec_from_cfg(cfg)
-
+    dist = init_distributed(t.distributed, t.device, t.backend, t.dist_timeout_min)
     store = RunStore(run_folder(cfg))
-    if store.finished():
-        results = store.read_results()
-        log.info("run already %s: %s (test top-1 %s); nothing to do. Delete the folder or change the "
-                 "config to train again.", results["status"], store.folder,
-                 _percent(results.get("final_test_top1")))
-        return results
-    if t.resume not in ("auto", "never"):
-        raise ValueError(f"trainer.resume must be auto or never; got {t.resume!r}")
-    store.create()
-    store.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        return _train(cfg, model, dist, store)
+    finally:
+        store.unlock()
+        dist.close()
 
-    device = select_device(t.device)
+
+def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any]:
+    t = cfg.trainer
+    spec = spec_from_cfg(cfg)
+    done = dist.decide(_finished_record, store)
+    if done is not None:
+        log.info("run already %s: %s (test top-1 %s); nothing to do. Delete the folder or change the "
+                 "config to train again.", done["status"], store.folder,
+                 _percent(done.get("final_test_top1")))
+        return done
+
+    # what can fail is checked before anything is written: batch, disk, device, data
+    device = dist.device(t.device)
     amp = autocast(device, t.precision)
+    check_batchnorm_batch(model, cfg, dist)
+    dist.decide(store.preflight, checkpoint_bytes(model, cfg))
+    try:
+        data = build_data(cfg.data, device, seed=t.seed, rank=dist.rank, world_size=dist.world_size)
+    except OSError as err:  # e.g. PIL's UnidentifiedImageError: a damaged image file
+        raise DataError(f"the data cannot be read: {err}. Replace or delete the damaged file, or set "
+                        "data.root= to another copy of the data set.") from err
+
+    state, checkpoint = dist.decide(_open_run, store, t.resume == "auto", dist.world_size)
+    if state == "finished":
+        log.info("run finished by another job meanwhile: %s", store.folder)
+        return checkpoint
+    container = scrub(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if dist.is_main:
+        store.write_config(OmegaConf.to_yaml(OmegaConf.create(container)))
+
     channels_last = device.type == "cuda" if t.channels_last is None else t.channels_last
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if t.compile else model
-
-    data = build_data(cfg.data, device, seed=t.seed)
-    recipe = build_recipe(model, cfg.optim, cfg.schedule, cfg.data.num_classes,
-                          cfg.data.batch_size, len(data.train))
+    if dist.enabled and t.sync_bn:
+        model = sync_batchnorm(model, device)
+    global_batch = cfg.data.batch_size * dist.world_size
+    recipe = build_recipe(model, cfg.optim, cfg.schedule, cfg.data.num_classes, global_batch, len(data.train))
 
     start_epoch, step, best, history, elapsed = 0, 0, None, [], 0.0
-    checkpoint = store.load_checkpoint() if t.resume == "auto" else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         recipe.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -304,19 +439,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
         elapsed = checkpoint["elapsed_s"]
         recipe.scheduler.step_update(step)
-        history = store.keep_metrics_before(start_epoch)
         log.info("resuming %s at epoch %d/%d", store.folder, start_epoch + 1, cfg.schedule.epochs)
-    else:
-        store.keep_metrics_before(0)
+    del checkpoint
+    if dist.is_main:
+        history = store.keep_metrics_before(start_epoch)
+    history = dist.broadcast(history)
+
+    forward = model
+    if dist.enabled:
+        # buffers are not broadcast each step: synchronised BN keeps them equal on every rank
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+    if t.compile:
+        forward = torch.compile(forward)
+    # evaluation needs no gradient sync: the plain module (or its EMA); under DDP no collective runs
+    # in it, so rank 0 alone can time inference
+    evaluated = (lambda: recipe.ema.module if recipe.ema is not None  # noqa: E731
+                 else (model if dist.enabled else forward))
 
     about = describe_run(cfg, store.folder)
     wandb_run = WandbMirror(
         folder=store.folder, project=cfg.logger.project, entity=cfg.logger.entity,
         name=store.folder.name, group=about["sweep"], job_type=about["preset"],
-        tags=[*cfg.logger.tags, about["preset"], about["model"], about["data"]],
-        config={**OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                **{f"axes/{k}": v for k, v in spec.axes.items()}},
-        mode=cfg.logger.mode if cfg.logger.name == "wandb" else "disabled",
+        tags=scrub([*container["logger"]["tags"], about["preset"], about["model"], about["data"]]),
+        config={**container, **{f"axes/{k}": v for k, v in spec.axes.items()}},
+        mode=cfg.logger.mode if cfg.logger.name == "wandb" and dist.is_main else "disabled",
         init_timeout=cfg.logger.init_timeout,
         run_id=hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16],
     )
@@ -327,20 +474,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "img_size": cfg.data.img_size, "num_classes": cfg.data.num_classes,
         "params": params, "params_m": params / 1e6, "gmac": model.macs() / 1e9,
         "epochs": cfg.schedule.epochs,
-        "batch_size": cfg.data.batch_size, "lr": recipe.lr, "device": str(device),
+        "batch_size": cfg.data.batch_size, "world_size": dist.world_size, "global_batch_size": global_batch,
+        "lr": recipe.lr, "device": str(device),
         "train_size": data.train_size, "val_size": data.val_size, "test_size": data.test_size,
         **provenance(),
     }
-    ema_or_model = lambda: recipe.ema.module if recipe.ema is not None else forward  # noqa: E731
     run_start = time.perf_counter() - elapsed
     try:
         for epoch in range(start_epoch, cfg.schedule.epochs):
             seed_epoch(t.seed, epoch)
             data.train.set_epoch(epoch)
-            stats = train_one_epoch(forward, data.train, recipe, amp, cfg, epoch, step)
+            stats = train_one_epoch(forward, data.train, recipe, amp, cfg, epoch, step, dist)
             step = stats["step"]
-            val = evaluate(ema_or_model(), data.val, amp)
-            test = evaluate(ema_or_model(), data.test, amp)
+            val = evaluate(evaluated(), data.val, amp, dist)
+            test = evaluate(evaluated(), data.test, amp, dist)
             row = {"epoch": epoch, "step": step, "train_loss": stats["train_loss"],
                    "val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"],
                    "test_top5": test["top5"], "lr": recipe.optimizer.param_groups[0]["lr"],
@@ -349,24 +496,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # the best epoch by validation accuracy (without a validation split: the latest epoch)
             if best is None or not row["val_top1"] <= best["val_top1"]:
                 best = {k: row[k] for k in ("epoch", "val_top1", "val_top5", "test_top1", "test_top5")}
-            store.append_metrics(row)
             history.append(row)
-            store.save_checkpoint({
-                "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
-                "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
-                "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"]})
+            if dist.is_main:
+                store.append_metrics(row)
+                store.save_checkpoint({
+                    "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
+                    "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
+                    "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"],
+                    "world_size": dist.world_size})
             wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=step)
             log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %.2f/%.2f  lr %.2e  %.0f img/s  %.0f s",
                      epoch + 1, cfg.schedule.epochs, row["train_loss"], row["val_top1"], row["val_top5"],
                      row["test_top1"], row["test_top5"], row["lr"], row["samples_per_s"], row["elapsed_s"])
         results["status"] = "completed"
         results["inference_samples_per_s"] = inference_throughput(
-            ema_or_model(), data.test, amp, t.inference_batches)
+            evaluated(), data.test, amp, t.inference_batches) if dist.is_main else None
     except Diverged as err:
         results.update(status="diverged", diverged_step=err.step,
                        error=f"diverged: {err}; the checkpoint of the last finished epoch is kept. "
                              "Lower optim.lr or set optim.clip_grad.")
-        log.error("run diverged: %s", err)
+        log.error("run %s", results["error"])
     except (torch.OutOfMemoryError, MemoryError) as err:
         results.update(status="failed", error=f"out of memory ({type(err).__name__}): lower "
                        f"data.batch_size (now {cfg.data.batch_size}), use a smaller model, or on a "
@@ -387,10 +536,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{f"final_{k}": history[-1][k] for k in ("val_top1", "val_top5", "test_top1", "test_top5")
            if history},
     })
-    store.write_results(results)
-    wandb_run.summary({k: v for k, v in results.items() if isinstance(v, (int, float, str))})
+    if dist.is_main:
+        store.write_results(results)
+    wandb_run.summary({k: v for k, v in scrub(results).items() if isinstance(v, (int, float, str))})
     wandb_run.finish(exit_code=EXIT_CODES.get(results["status"], 1))
-    if not t.quiet:
+    if not t.quiet and dist.is_main:
         print_results(results, store.folder)
     return results
 
@@ -413,24 +563,81 @@ def print_results(results: dict[str, Any], folder: Path) -> None:
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
 
 
+_job_started = False  # set by main: Hydra exits 1 on a config it cannot compose, before any job
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """One job. A single run exits with its code; a sweep job returns its outcome to the sweeper,
     having recorded it in the run folder whatever happened, so the sweep goes on."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    global _job_started
+    _job_started = True
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the other ranks only warn
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", force=True)
+    install_log_scrubber()
     single_run = HydraConfig.get().mode == RunMode.RUN
     try:
         results = train(cfg)
+    except RunLocked as err:  # another job owns the folder: record nothing, touch nothing
+        log.error("error: %s", err)
+        if single_run:
+            sys.exit(EXIT_CODES["locked"])
+        return {"status": "locked", "folder": str(run_folder(cfg)), "error": str(err)}
     except (InvalidOperatorError, DataError, ValueError, OSError, RuntimeError) as err:
         log.error("error: %s", err)
         if single_run:
-            sys.exit(2)
-        folder = record_unrunnable(cfg, err)
+            sys.exit(EXIT_CODES["bad input"])
+        folder = run_folder(cfg)
+        if rank0:
+            try:
+                record_unrunnable(cfg, err)
+            except OSError as again:  # e.g. the disk is full: said above; the sweep goes on
+                log.error("could not record the failure in %s: %s", folder, again)
         return {"status": RunStore(folder).status(), "folder": str(folder), "error": str(err)}
     if single_run:
         sys.exit(EXIT_CODES.get(results["status"], 1))
     return {"status": results["status"], "folder": str(run_folder(cfg)), "error": results.get("error")}
 
 
+def _check_override_syntax(args: list[str]) -> None:
+    """Hydra's message for an override it cannot parse does not say which one; this one does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            print(f"error: cannot parse the override {arg!r}: {str(err).splitlines()[0]}. An override is "
+                  "key=value (a list: key=[a,b]; quote a value with spaces or brackets: key='a b'); see "
+                  "https://hydra.cc/docs/advanced/override_grammar/basic/", file=sys.stderr)
+            sys.exit(EXIT_CODES["bad input"])
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python -m ablate.train [args]`: exits 2 (bad input) for an override that does not parse or a
+    config that does not compose (an unknown option, a misspelt key), as for any other bad input."""
+    global _job_started
+    saved = sys.argv
+    if argv is not None:
+        sys.argv = [saved[0] if saved else "ablate.train", *argv]
+    args = sys.argv[1:]
+    try:
+        _check_override_syntax(args)
+        _job_started = False
+        try:
+            main()
+        except SystemExit as exit_:
+            multirun = "-m" in args or "--multirun" in args
+            if exit_.code == 1 and not _job_started and not multirun:
+                sys.exit(EXIT_CODES["bad input"])
+            raise
+    finally:
+        sys.argv = saved
+
+
 if __name__ == "__main__":
-    main()
+    cli()
