@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ablate.sweep.plan import Job
 from ablate.tracking import RunStore
 
-__all__ = ["SweepProgress", "summarize", "format_duration"]
+__all__ = ["SweepProgress", "format_duration", "recorded_since", "summarize"]
 
 
 def format_duration(seconds: float) -> str:
@@ -28,6 +28,14 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def recorded_since(job: Job, since: float) -> bool:
+    """The job's results.json was written at or after `since` (1 s of file-time slack)."""
+    try:
+        return RunStore(job.folder).results.stat().st_mtime >= since - 1.0
+    except FileNotFoundError:
+        return False
 
 
 def _say(text: str) -> None:
@@ -51,11 +59,7 @@ class SweepProgress:
     # -- reading the store ----------------------------------------------------------------------
     def ended(self, job: Job) -> bool:
         """This launch's record of the job exists (an older record of a failed try does not count)."""
-        results = RunStore(job.folder).results
-        try:
-            return results.stat().st_mtime >= self.started - 1.0
-        except FileNotFoundError:
-            return False
+        return recorded_since(job, self.started)
 
     def counts(self) -> Counter:
         ran = Counter(RunStore(j.folder).status() for j in self.to_run if self.ended(j))

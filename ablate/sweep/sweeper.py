@@ -25,8 +25,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.sweep.plan import Job, expand_grids, plan_jobs
-from ablate.sweep.progress import SweepProgress, summarize, summary_text
-from ablate.tracking import RunStore
+from ablate.sweep.progress import SweepProgress, recorded_since, summarize, summary_text
 
 __all__ = ["GridSweeper", "register_sweeper"]
 
@@ -119,15 +118,8 @@ class GridSweeper(Sweeper):
             failures = {id(j): r._return_value for j, r in zip(batch, returns)
                         if r.status == JobStatus.FAILED}
         lost = [(job, failures[id(job)]) for job in batch
-                if id(job) in failures and not _recorded_since(job, launched)]
+                if id(job) in failures and not recorded_since(job, launched)]
         return returns, lost
-
-
-def _recorded_since(job: Job, since: float) -> bool:
-    try:
-        return RunStore(job.folder).results.stat().st_mtime >= since - 1.0
-    except FileNotFoundError:
-        return False
 
 
 def register_sweeper() -> None:
