@@ -310,7 +310,7 @@ def _attention_candidates(n, c, res, shifted, device, dtype, seed) -> list[Candi
             in_proj, out_proj = in_proj.to(memory_format=fmt), out_proj.to(memory_format=fmt)
             xi = _leaf(x.contiguous(memory_format=fmt))
             params = [*mixer.parameters(), *in_proj.parameters(), *out_proj.parameters()]
-            return (lambda: out_proj(mixer(in_proj(xi), context=xi))), [xi], params
+            return (lambda: out_proj(mixer(xi, value_proj=in_proj))), [xi], params  # as the Swin block
         return setup
 
     return [Candidate("timm Swin WindowAttention", timm_setup, baseline=True),

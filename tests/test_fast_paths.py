@@ -19,9 +19,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ablate.config import CONF_DIR, build_model
+from ablate.models.blocks import SwinBlock
 from ablate.ops import backend as ops_backend
+from ablate.ops.fast import attention as window_attention_module
 from ablate.ops.fast import cpu
 from ablate.ops.functional import sliding_aggregate
+from ablate.ops.layouts import build_layout
 from ablate.ops.mixer import SpatialMixer
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity
@@ -126,6 +129,78 @@ def test_window_attention_sdpa_matches_reference(preset, res, shifted):
     gy = torch.randn(2, 8, *res)
     _compare(fast, ref, x, context, gy, 1e-5)
     _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-5)
+    with torch.no_grad():  # inference: the mask needs no gradient, so SDPA's fused kernel runs
+        torch.testing.assert_close(fast(x, context), ref(x, context), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("res,shifted", [((14, 14), False), ((14, 14), True), ((9, 11), True),
+                                         ((5, 6), False)])
+def test_window_gathers_are_the_partition_and_each_others_transpose(res, shifted):
+    """The fast path's one-gather roll + pad + partition is the layout's `partition`, its inverse
+    `merge`; and each gather's backward (the other gather) is its exact adjoint (float64 gradcheck)."""
+    layout = build_layout(Connectivity("window", 7, shift=shifted), res)
+    t = torch.randn(2, 6, *res, dtype=torch.float64)
+    rows = window_attention_module._to_windows(t, layout)  # (N * nW * T, C)
+    want = layout.partition(t).transpose(2, 3).reshape(-1, 6)  # (N, nW, C, T) -> rows
+    assert torch.equal(rows, want)
+    assert torch.equal(window_attention_module._from_windows(rows, layout, 2), t)
+    maps = t.permute(0, 2, 3, 1).reshape(2, res[0] * res[1], 6).requires_grad_(True)
+    torch.autograd.gradcheck(lambda m: window_attention_module._ToWindows.apply(m, layout), (maps,))
+    slots = torch.randn(rows.shape, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r: window_attention_module._FromWindows.apply(r, layout, 2), (slots,))
+    torch.autograd.gradgradcheck(lambda m: window_attention_module._ToWindows.apply(m, layout), (maps,))
+
+
+def _block_pair(preset, res, shifted, dim=8, cpg=4):
+    torch.manual_seed(0)
+    spec = PRESETS[preset].spec
+    spec = replace(spec, connectivity=replace(spec.connectivity, kernel_size=7))
+    blocks = []
+    for backend in ("fast", "reference"):
+        torch.manual_seed(0)
+        mixer = SpatialMixer(spec, dim, res, cpg, shifted=shifted, backend=backend)
+        blocks.append(SwinBlock(mixer))
+    with torch.no_grad():
+        for p in blocks[0].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    return blocks
+
+
+@pytest.mark.parametrize("preset,res,shifted", [
+    ("local_attention", (14, 14), True),
+    ("local_attention", (9, 11), True),
+    ("global_attention", (5, 6), False),
+])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_swin_block_fused_qkv_matches_reference(preset, res, shifted, layout):
+    """The Swin block hands its value projection to the operator: the fast path makes v, q and k in
+    one GEMM. Forward and every gradient (training: the bias needs its gradient), and inference
+    (SDPA's fused kernel), against the reference block."""
+    fast, ref = _block_pair(preset, res, shifted)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 8, *res).contiguous(memory_format=fmt)
+    gy = torch.randn(2, 8, *res)
+    outs = []
+    for block in (fast, ref):
+        xi = x.clone().requires_grad_(True)
+        y = block(xi)
+        outs.append((y, *torch.autograd.grad(y, [xi, *block.parameters()], gy)))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_value_projection_that_cannot_fuse_is_applied_first():
+    spec = PRESETS["local_attention"].spec
+    fast, ref = _mixer_pair(spec, 8, (14, 14), 4, shifted=True)
+    proj = torch.nn.Conv2d(8, 8, 3, padding=1)  # not a 1x1 projection: values computed on their own
+    x = torch.randn(2, 8, 14, 14)
+    torch.testing.assert_close(fast(x, value_proj=proj), ref(proj(x), context=x), rtol=1e-5, atol=1e-5)
+    other = torch.randn(2, 8, 14, 14)  # a context other than x: the values cannot share its GEMM
+    pw = torch.nn.Conv2d(8, 8, 1)
+    torch.testing.assert_close(fast(x, other, value_proj=pw), ref(pw(x), context=other), rtol=1e-5, atol=1e-5)
 
 
 def test_effective_weights_unchanged_by_backend(eager_forms):

@@ -3,6 +3,8 @@ while only the operator changes is one override.
 
 swin:  x + out_proj(op(in_proj(LN(x)), context=LN(x))), then x + MLP(LN(x)). The operator's weights
        are computed from LN(x), as Swin's q and k; in_proj plays Swin's v, out_proj its proj.
+       The block hands in_proj to the operator (`op(LN(x), value_proj=in_proj)`), so that a fast
+       path can compute v, q and k with one GEMM, as Swin's qkv.
 dwnet: the official DWNet block: 1x1 conv-BN-ReLU, operator, BN-ReLU, 1x1 conv-BN, then
        x + MLP(BN(x)). The operator's weights are computed from its own input.
 """
@@ -53,7 +55,7 @@ class SwinBlock(nn.Module):
 
     def forward(self, x):
         u = self.norm1(x)
-        x = x + self.drop_path(self.out_proj(self.mixer(self.in_proj(u), context=u)))
+        x = x + self.drop_path(self.out_proj(self.mixer(u, value_proj=self.in_proj)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def macs(self) -> int:

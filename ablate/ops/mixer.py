@@ -56,15 +56,23 @@ class SpatialMixer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if spec.dynamic.bias else None
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                value_proj: nn.Module | None = None) -> torch.Tensor:
+        """y (N, C, H, W): x aggregated with weights computed from `context` (default x).
+
+        With `value_proj`, the values are value_proj(x), x still being the default context: the Swin
+        block's form (values, queries and keys all from its normed input), which lets the fast path
+        compute them with one GEMM as Swin's qkv does.
+        """
         context = x if context is None else context
         fast_path = resolve(self.backend) == "fast"
-        y = fast.fused_forward(self, x, context) if fast_path else None
+        y = fast.fused_forward(self, x, context, value_proj) if fast_path else None
         if y is None:
+            values = x if value_proj is None else value_proj(x)
             w = self.weights(context, self.layout)
-            y = fast.aggregate(self.layout, x, w) if fast_path else None
+            y = fast.aggregate(self.layout, values, w) if fast_path else None
             if y is None:  # the reference (or no fast path for this device, dtype and size)
-                y = self.layout.aggregate(x, w)
+                y = self.layout.aggregate(values, w)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import importlib.util
 import torch
 
 from ablate.ops.fast import cpu
-from ablate.ops.fast.attention import window_attention
+from ablate.ops.fast.attention import fusable_projection, window_attention
 
 __all__ = ["aggregate", "fused_forward", "triton_available"]
 
@@ -54,10 +54,12 @@ def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return cpu.position_aggregate(x.reshape(n, g, c // g, h, wd), w, k).reshape(n, c, h, wd)
 
 
-def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor | None:
+def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None) -> torch.Tensor | None:
     """The mixer's output without materialising its weights (attention), or None."""
     from ablate.ops.sources.attention import WindowAttentionWeights
 
-    if type(mixer.weights) is WindowAttentionWeights and x.dtype != torch.float64:
-        return window_attention(mixer.weights, x, context, mixer.layout)
-    return None
+    if type(mixer.weights) is not WindowAttentionWeights or x.dtype == torch.float64:
+        return None
+    if value_proj is not None and not (context is x and fusable_projection(value_proj, x.shape[1])):
+        x, value_proj = value_proj(x), None  # values from their own projection, then as usual
+    return window_attention(mixer.weights, x, context, mixer.layout, value_proj)
