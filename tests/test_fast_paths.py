@@ -21,8 +21,7 @@ from hydra import compose, initialize_config_dir
 from ablate.config import CONF_DIR, build_model
 from ablate.models.blocks import SwinBlock
 from ablate.ops import backend as ops_backend
-from ablate.ops.fast import attention as window_attention_module
-from ablate.ops.fast import cpu
+from ablate.ops.fast import attention, cpu
 from ablate.ops.functional import sliding_aggregate
 from ablate.ops.layouts import build_layout
 from ablate.ops.mixer import SpatialMixer
@@ -140,15 +139,17 @@ def test_window_gathers_are_the_partition_and_each_others_transpose(res, shifted
     `merge`; and each gather's backward (the other gather) is its exact adjoint (float64 gradcheck)."""
     layout = build_layout(Connectivity("window", 7, shift=shifted), res)
     t = torch.randn(2, 6, *res, dtype=torch.float64)
-    rows = window_attention_module._to_windows(t, layout)  # (N * nW * T, C)
-    want = layout.partition(t).transpose(2, 3).reshape(-1, 6)  # (N, nW, C, T) -> rows
-    assert torch.equal(rows, want)
-    assert torch.equal(window_attention_module._from_windows(rows, layout, 2), t)
-    maps = t.permute(0, 2, 3, 1).reshape(2, res[0] * res[1], 6).requires_grad_(True)
-    torch.autograd.gradcheck(lambda m: window_attention_module._ToWindows.apply(m, layout), (maps,))
-    slots = torch.randn(rows.shape, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda r: window_attention_module._FromWindows.apply(r, layout, 2), (slots,))
-    torch.autograd.gradgradcheck(lambda m: window_attention_module._ToWindows.apply(m, layout), (maps,))
+    (rows,) = attention._to_windows(t, layout, 1, 2)  # (N * nW, G, T, Cg)
+    want = layout.partition(t)  # (N, nW, C, T)
+    assert torch.equal(rows, want.reshape(rows.shape[0], 2, 3, -1).transpose(2, 3))
+    assert torch.equal(attention._from_windows(rows, layout, 2), t)
+    q, k, v = attention._to_windows(torch.cat([t, 2 * t, 3 * t], 1), layout, 3, 2)  # heads split
+    assert torch.equal(q, rows) and torch.equal(k, 2 * rows) and torch.equal(v, 3 * rows)
+    maps = t.clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda m: attention._to_windows(m, layout, 1, 3), (maps,))
+    torch.autograd.gradgradcheck(lambda m: attention._to_windows(m, layout, 1, 3), (maps,))
+    windows = torch.randn(rows.shape, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r: attention._from_windows(r, layout, 2), (windows,))
 
 
 def _block_pair(preset, res, shifted, dim=8, cpg=4):

@@ -7,8 +7,9 @@ weights. The fast path computes the same operator the way Swin's own code does, 
 - one GEMM for the projections: the queries (with the 1/sqrt(d) scale folded into their weights),
   the keys and, when the block hands over its value projection (`SpatialMixer(..., value_proj=)`),
   the values too, as Swin's fused qkv;
-- one gather for the roll, the padding and the window partition (`WindowLayout.window_rows`), and
-  one for the way back, on the (position, channel) rows of a channels_last map;
+- one gather for the roll, the padding, the window partition and the split into heads (built from
+  `WindowLayout.window_rows`) straight into contiguous q, k, v, and one gather for the way back,
+  on the rows of a channels_last map (its positions' channels are contiguous);
 - the position bias and the shift mask as one additive (nW, G, T, T) term;
 - `scaled_dot_product_attention` where its fused kernels take the mask: always on a GPU, and on a
   CPU when the mask needs no gradient (inference, or no learned position bias). The CPU's fused
@@ -17,6 +18,8 @@ weights. The fast path computes the same operator the way Swin's own code does, 
   (q k^T plus the mask, softmax, times v) as Swin does.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -35,57 +38,77 @@ def fusable_projection(module: nn.Module | None, in_channels: int) -> bool:
             and module.in_channels == in_channels)
 
 
-def _gather_windows(rows: torch.Tensor, layout) -> torch.Tensor:
-    """(N, H * W, P) map rows -> (N * nW * T, P) rows in window order: roll, pad, partition."""
-    n, positions, p = rows.shape
-    if layout.padded != layout.resolution:  # padding positions read an appended zero row
-        rows, positions = F.pad(rows, (0, 0, 0, 1)), positions + 1
-    index = layout.window_rows[None] + positions * torch.arange(n, device=rows.device)[:, None]
-    return rows.reshape(n * positions, p).index_select(0, index.reshape(-1))
+class _Gather(torch.autograd.Function):
+    """out = rows[index] for a gather that reads every row at most once; `adjoint[r]` is the output
+    row that read row r. Where `pads` says so, an index equal to len(rows) reads a zero row (window
+    padding); an adjoint equal to len(out) marks a row nobody read (its gradient is zero).
 
+    Such a gather's transpose is the gather by `adjoint`, so the backward is one more gather, where
+    autograd's own backward of `index_select` would zero a buffer and scatter-add into it.
+    """
 
-def _gather_map(rows: torch.Tensor, layout, n: int) -> torch.Tensor:
-    """(N * nW * T, P) rows in window order -> (N, H * W, P) map rows: the inverse."""
-    slots = layout.window_rows.numel()
-    index = layout.window_slots[None] + slots * torch.arange(n, device=rows.device)[:, None]
-    return rows.index_select(0, index.reshape(-1)).view(n, -1, rows.shape[-1])
-
-
-# The two gathers are each other's transpose (every map position sits in exactly one window slot;
-# padding slots read zeros), so each one's backward is the other: a gather, where autograd's own
-# backward of a gather would zero a buffer and scatter-add into it.
-class _ToWindows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, layout):
-        ctx.layout, ctx.n = layout, rows.shape[0]
-        return _gather_windows(rows, layout)
+    def forward(ctx, rows, index, adjoint, pads):
+        ctx.save_for_backward(index, adjoint)
+        ctx.pads = pads
+        if pads[0]:
+            rows = F.pad(rows, (0, 0, 0, 1))
+        return rows.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
-        return _FromWindows.apply(grad, ctx.layout, ctx.n), None
+        index, adjoint = ctx.saved_tensors
+        return _Gather.apply(grad, adjoint, index, ctx.pads[::-1]), None, None, None
 
 
-class _FromWindows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, layout, n):
-        ctx.layout = layout
-        return _gather_map(rows, layout, n)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ToWindows.apply(grad, ctx.layout), None, None
+_INDICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layout -> {key: (index, adjoint)}
 
 
-def _to_windows(t: torch.Tensor, layout) -> torch.Tensor:
-    """(N, P, H, W) -> (N * nW * T, P) rows in window order (a view of a channels_last map, gathered)."""
-    n, p, h, w = t.shape
-    return _ToWindows.apply(t.permute(0, 2, 3, 1).reshape(n, h * w, p), layout)
+def _window_indices(layout, n: int, parts: int, groups: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices from the rows of `parts * groups` heads per position of a channels_last map,
+    (N, H * W, parts, G) rows of Cg channels, to windows with the heads split off,
+    (parts, N * nW, G, T) rows: the contiguous q, k, v of the attention. Returns (index, adjoint)."""
+    key = (n, parts, groups, str(device))
+    cache = _INDICES.setdefault(layout, {})
+    if key not in cache:
+        if len(cache) > 16:  # a handful of batch sizes in practice (train, last batch, eval)
+            cache.clear()
+        slots = layout.window_rows.to(device)  # (nW * T,): the position each slot reads
+        positions = layout.resolution[0] * layout.resolution[1]
+        nw, t = layout.num_windows, layout.tokens
+        part, image, group = (torch.arange(k, device=device) for k in (parts, n, groups))
+        # index[part, image, window, group, token] = row ((image, position), part, group) of the map
+        pos = slots.view(1, 1, nw, 1, t)
+        index = (image.view(1, n, 1, 1, 1) * positions + pos) * parts + part.view(parts, 1, 1, 1, 1)
+        index = index * groups + group.view(1, 1, 1, groups, 1)
+        total = n * positions * parts * groups
+        index = torch.where(pos < positions, index, total).reshape(-1)  # padding reads the zero row
+        adjoint = torch.empty(total, dtype=torch.long, device=device)
+        inside = index < total
+        adjoint[index[inside]] = torch.arange(index.numel(), device=device)[inside]
+        cache[key] = (index, adjoint)
+    return cache[key]
 
 
-def _from_windows(rows: torch.Tensor, layout, n: int) -> torch.Tensor:
-    """(N * nW * T, C) rows in window order -> (N, C, H, W) in channels_last memory."""
+def _to_windows(t: torch.Tensor, layout, parts: int, groups: int) -> tuple[torch.Tensor, ...]:
+    """(N, parts * C, H, W) map -> `parts` tensors (N * nW, G, T, Cg), contiguous: roll, pad, window
+    partition and head split in one gather (a view of a channels_last map's rows, gathered)."""
+    n, channels = t.shape[:2]
+    width = channels // (parts * groups)
+    index, adjoint = _window_indices(layout, n, parts, groups, t.device)
+    pads = (layout.padded != layout.resolution, False)  # padding slots read zeros; every position is read
+    rows = _Gather.apply(t.permute(0, 2, 3, 1).reshape(-1, width), index, adjoint, pads)
+    return rows.view(parts, n * layout.num_windows, groups, layout.tokens, width).unbind(0)
+
+
+def _from_windows(y: torch.Tensor, layout, n: int) -> torch.Tensor:
+    """(N * nW, G, T, Cg) -> (N, C, H, W) in channels_last memory: the transpose of `_to_windows`."""
+    groups, width = y.shape[1], y.shape[-1]
+    index, adjoint = _window_indices(layout, n, 1, groups, y.device)
+    pads = (False, layout.padded != layout.resolution)
+    rows = _Gather.apply(y.reshape(-1, width), adjoint, index, pads)
     h, w = layout.resolution
-    return _FromWindows.apply(rows, layout, n).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return rows.view(n, h, w, groups * width).permute(0, 3, 1, 2)
 
 
 def _additive_mask(source, layout, dtype) -> torch.Tensor | None:
@@ -132,15 +155,10 @@ def window_attention(source, x: torch.Tensor, context: torch.Tensor, layout,
                      value_proj: nn.Module | None = None) -> torch.Tensor:
     """y (N, C, H, W) of a `WindowAttentionWeights` source: queries and keys from `context`; values x,
     or `value_proj(x)` when it is given (then `x` is the context, and one GEMM makes all three)."""
-    n, t = x.shape[0], layout.tokens
-    g, dim = source.groups, source.dim
+    n, g, dim = x.shape[0], source.groups, source.dim
     weight, bias = _fused_projection(source, value_proj)
-    rows = _to_windows(F.conv2d(context, weight, bias), layout)  # (N * nW * T, 2C or 3C)
-    parts = rows.view(-1, t, weight.shape[0] // dim, g, dim // g).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = parts[:2]
-    if value_proj is None:
-        v = _to_windows(x, layout).view(-1, t, g, dim // g).transpose(1, 2)
-    else:
-        v = parts[2]
+    parts = weight.shape[0] // dim  # q, k (and v)
+    q, k, *v = _to_windows(F.conv2d(context, weight, bias), layout, parts, g)
+    v = v[0] if v else _to_windows(x, layout, 1, g)[0]
     y = _attend(q, k, v, _additive_mask(source, layout, q.dtype), n)  # (N * nW, G, T, Cg)
-    return _from_windows(y.transpose(1, 2).reshape(-1, dim), layout, n)
+    return _from_windows(y, layout, n)
