@@ -48,8 +48,9 @@ class WindowLayout(nn.Module):
         self.register_buffer("same_region", mask, persistent=False)  # (nW, T, T) bool or None
         rows = window_rows(self.resolution, self.padded, self.window, self.shift)
         self.register_buffer("window_rows", rows, persistent=False)  # (nW * T,) long
-        slots = torch.empty(h * w, dtype=torch.long)  # the inverse: the window slot of each position
-        slots[rows[rows < h * w]] = torch.arange(rows.numel())[rows < h * w]
+        # the inverse: the window slot of each position (padding slots land in a dropped last entry;
+        # a scatter, not a boolean index, so that a build on the meta device works too)
+        slots = torch.zeros(h * w + 1, dtype=torch.long).scatter_(0, rows, torch.arange(rows.numel()))[:-1]
         self.register_buffer("window_slots", slots, persistent=False)  # (H * W,) long
 
     @property

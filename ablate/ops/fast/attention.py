@@ -83,9 +83,8 @@ def _window_indices(layout, n: int, parts: int, groups: int, device) -> tuple[to
         index = index * groups + group.view(1, 1, 1, groups, 1)
         total = n * positions * parts * groups
         index = torch.where(pos < positions, index, total).reshape(-1)  # padding reads the zero row
-        adjoint = torch.empty(total, dtype=torch.long, device=device)
-        inside = index < total
-        adjoint[index[inside]] = torch.arange(index.numel(), device=device)[inside]
+        adjoint = torch.zeros(total + 1, dtype=torch.long, device=device)  # + the zero row, dropped
+        adjoint = adjoint.scatter_(0, index, torch.arange(index.numel(), device=device))[:-1]
         cache[key] = (index, adjoint)
     return cache[key]
 
