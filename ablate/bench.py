@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import gc
 import json
 import platform
@@ -53,6 +54,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release_free_heap() -> None:
+    """Hand glibc's free heap pages back to the OS (malloc_trim), so that a call's allocations fault
+    pages in again and its peak shows in the resident set's high-water mark; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the start of one call: the CUDA allocator's, or on Linux the resident set's
     high-water mark (reset through /proc/self/clear_refs), else None."""
@@ -77,6 +87,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_heap()  # else re-used heap pages never show in the resident set
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self.start = self._status("VmRSS")
