@@ -28,5 +28,8 @@ def save_figure(fig: Figure, stem: Path, formats: tuple[str, ...] = ("png", "pdf
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(f".{kind}") for kind in formats]
     for path in paths:
-        fig.savefig(path, dpi=dpi)
+        # no creation date (PDF) or software stamp: the same runs render to the same bytes, so a
+        # re-rendered report shows no change
+        metadata = {"CreationDate": None} if path.suffix == ".pdf" else {"Software": None}
+        fig.savefig(path, dpi=dpi, metadata=metadata)
     return paths

@@ -443,3 +443,16 @@ def test_demo_report_matches_results_demo():
     verify_effects(results, report)
     assert len(axis_effects(load_runs(results))) == len(read_csv(report / "axis_effects.csv"))
     assert len(comparison_table(load_runs(results))) == len(read_csv(report / "comparison.csv"))
+
+
+def test_figures_carry_no_date(tmp_path):
+    """No date in the files: re-rendering a report from the same runs leaves the committed one as is."""
+    from analysis.plotting import new_figure, save_figure
+
+    fig = new_figure((3, 2))
+    fig.add_subplot().plot([0, 1, 2], [1, 0, 2])
+    first = save_figure(fig, tmp_path / "a" / "fig")
+    assert b"/CreationDate" not in first[1].read_bytes()  # matplotlib writes the time of saving
+    second = save_figure(fig, tmp_path / "b" / "fig")
+    for one, two in zip(first, second):
+        assert one.read_bytes() == two.read_bytes(), one.name
