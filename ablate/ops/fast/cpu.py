@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,51 +160,46 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(0, keepdim=True) if shape[0] == 1 and grad.shape[0] != 1 else grad
 
 
-class _PositionAggregate(torch.autograd.Function):
+class _Form(NamedTuple):
+    """The three passes of one aggregation, on zero-padded maps (xp: x padded by K // 2)."""
+
+    forward: Callable  # (xp, w, k) -> y
+    input_grad: Callable  # (gy padded, w, k) -> gx
+    weight_grad: Callable  # (gy, xp, k) -> gw
+
+
+def _flipped_kernel_forward(gyp: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    return kernel_forward(gyp, w.flip(-1), k)  # the transpose of a convolution: the flipped kernel
+
+
+_POSITION = _Form(position_forward, position_input_grad, position_weight_grad)
+_KERNEL = _Form(kernel_forward, _flipped_kernel_forward, kernel_weight_grad)
+
+
+class _Aggregate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, k):
+    def forward(ctx, x, w, k, form):
         xp = _pad(x, k // 2)
         ctx.save_for_backward(xp, w)
-        ctx.k, ctx.x_shape = k, x.shape
-        return position_forward(xp, w, k).to(x.dtype)
+        ctx.k, ctx.form, ctx.x_shape = k, form, x.shape
+        return form.forward(xp, w, k).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
         xp, w = ctx.saved_tensors
-        k = ctx.k
+        k, form = ctx.k, ctx.form
         gy = gy.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _sum_to(position_input_grad(_pad(gy, k // 2), w, k), ctx.x_shape).to(xp.dtype)
+            gx = _sum_to(form.input_grad(_pad(gy, k // 2), w, k), ctx.x_shape).to(xp.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _sum_to(position_weight_grad(gy, xp, k), w.shape).to(w.dtype)
-        return gx, gw, None
-
-
-class _KernelAggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, k):
-        xp = _pad(x, k // 2)
-        ctx.save_for_backward(xp, w)
-        ctx.k = k
-        return kernel_forward(xp, w, k).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, gy):
-        xp, w = ctx.saved_tensors
-        k = ctx.k
-        gy = gy.contiguous()
-        gx = gw = None
-        if ctx.needs_input_grad[0]:  # the transpose of a convolution: the flipped kernel
-            gx = kernel_forward(_pad(gy, k // 2), w.flip(-1), k).to(xp.dtype)
-        if ctx.needs_input_grad[1]:
-            gw = _sum_to(kernel_weight_grad(gy, xp, k), w.shape).to(w.dtype)
-        return gx, gw, None
+            gw = _sum_to(form.weight_grad(gy, xp, k), w.shape).to(w.dtype)
+        return gx, gw, None, None
 
 
 def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x (N, G, Cg, H, W), w (N|1, G, K*K, H, W) -> (N, G, Cg, H, W); as `sliding_aggregate`."""
-    return _PositionAggregate.apply(x.contiguous(), w.contiguous(), kernel_size)
+    return _Aggregate.apply(x.contiguous(), w.contiguous(), kernel_size, _POSITION)
 
 
 def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -211,7 +207,7 @@ def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torc
     instance (and group), without folding the batch into the channels."""
     c = x.shape[1]
     wc = w.repeat_interleave(c // w.shape[1], dim=1) if w.shape[1] != c else w
-    return _KernelAggregate.apply(x.contiguous(), wc.contiguous(), kernel_size)
+    return _Aggregate.apply(x.contiguous(), wc.contiguous(), kernel_size, _KERNEL)
 
 
 def depthwise_conv_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -20,6 +20,9 @@ this module); the tests do that on tiny shapes.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -215,51 +218,57 @@ def naive_position_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Te
     return y
 
 
-class _KernelAggregate(torch.autograd.Function):
+class _Form(NamedTuple):
+    """The three passes of one aggregation on NHWC maps."""
+
+    forward: Callable  # (x, w, k) -> y
+    input_grad: Callable  # (gy, w, k) -> gx
+    weight_grad: Callable  # (x, gy, w, k) -> gw, shaped and typed as w
+
+
+def _kernel_input_grad(gy, w, k):
+    return _kernel_forward(gy, w.flip(-1), k)  # the transpose of a convolution: the flipped kernel
+
+
+def _kernel_weight_grad_as_w(x, gy, w, k):
+    return _kernel_weight_grad(x, gy, w.shape, k).to(w.dtype)
+
+
+def _position_input_grad(gy, w, k):
+    return _position_forward(gy, w, k, adjoint=True)
+
+
+def _position_weight_grad_as_w(x, gy, w, k):
+    gw = _position_weight_grad(x, gy, w.shape[1], k, w.dtype)
+    return gw.sum(0, keepdim=True) if w.shape[0] == 1 and gw.shape[0] != 1 else gw
+
+
+_KERNEL = _Form(_kernel_forward, _kernel_input_grad, _kernel_weight_grad_as_w)
+_POSITION = _Form(_position_forward, _position_input_grad, _position_weight_grad_as_w)
+
+
+class _Aggregate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, k):
+    def forward(ctx, x, w, k, form):
         ctx.save_for_backward(x, w)
-        ctx.k = k
-        return _kernel_forward(x, w, k)
+        ctx.k, ctx.form = k, form
+        return form.forward(x, w, k)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        gx = gw = None
-        if ctx.needs_input_grad[0]:  # the transpose of a convolution: the flipped kernel
-            gx = _kernel_forward(gy, w.flip(-1), ctx.k)
-        if ctx.needs_input_grad[1]:
-            gw = _kernel_weight_grad(x, gy, w.shape, ctx.k).to(w.dtype)
-        return gx, gw, None
-
-
-class _PositionAggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, k):
-        ctx.save_for_backward(x, w)
-        ctx.k = k
-        return _position_forward(x, w, k)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = _position_forward(gy, w, ctx.k, adjoint=True)
-        if ctx.needs_input_grad[1]:
-            gw = _position_weight_grad(x, gy, w.shape[1], ctx.k, w.dtype)
-            if w.shape[0] == 1 and gw.shape[0] != 1:
-                gw = gw.sum(0, keepdim=True)
-        return gx, gw, None
+        gx = ctx.form.input_grad(gy, w, ctx.k) if ctx.needs_input_grad[0] else None
+        gw = ctx.form.weight_grad(x, gy, w, ctx.k) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None
 
 
 def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x (N, C, H, W), w (N|1, G, K*K) -> (N, C, H, W): static or homogeneous depth-wise conv."""
     c = x.shape[1]
     wc = w.repeat_interleave(c // w.shape[1], dim=1) if w.shape[1] != c else w
-    return _KernelAggregate.apply(x, wc.contiguous(), kernel_size)
+    return _Aggregate.apply(x, wc.contiguous(), kernel_size, _KERNEL)
 
 
 def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x (N, C, H, W), w (N|1, G, K*K, H, W) -> (N, C, H, W): inhomogeneous / locally connected."""
-    return _PositionAggregate.apply(x, w.contiguous(), kernel_size)
+    return _Aggregate.apply(x, w.contiguous(), kernel_size, _POSITION)
