@@ -48,10 +48,6 @@ class WindowLayout(nn.Module):
         self.register_buffer("same_region", mask, persistent=False)  # (nW, T, T) bool or None
         rows = window_rows(self.resolution, self.padded, self.window, self.shift)
         self.register_buffer("window_rows", rows, persistent=False)  # (nW * T,) long
-        # the inverse: the window slot of each position (padding slots land in a dropped last entry;
-        # a scatter, not a boolean index, so that a build on the meta device works too)
-        slots = torch.zeros(h * w + 1, dtype=torch.long).scatter_(0, rows, torch.arange(rows.numel()))[:-1]
-        self.register_buffer("window_slots", slots, persistent=False)  # (H * W,) long
 
     @property
     def offsets(self) -> int:
@@ -157,7 +153,7 @@ def window_rows(resolution: tuple[int, int], padded: tuple[int, int], window: tu
     padding position, read from a zero row appended to the map.
 
     The fast path cuts maps into windows with one gather of this index (roll, pad and partition in
-    one copy) and merges them with one gather of its inverse (`WindowLayout.window_slots`).
+    one copy) and merges them with one gather of its inverse.
     """
     (h, w), (wh, ww) = resolution, window
     rows = torch.full(padded, h * w, dtype=torch.long)
