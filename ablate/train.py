@@ -66,6 +66,7 @@ from ablate.tracking import (
     safe_name,
     scrub,
 )
+from ablate.tracking.identity import NOT_IDENTITY, experiment_key, identity_from_config
 from ablate.tracking.secrets import install_log_scrubber
 
 __all__ = ["train", "run_folder", "cli", "EXIT_CODES"]
@@ -85,22 +86,17 @@ class Diverged(Exception):
 
 
 # -- where the run lives ------------------------------------------------------------------------
-# Where a run executes and how it is shown, not what it is: changing these never starts a new run.
-# `ops` picks an implementation of the same operator (the fast paths agree with the reference).
-NOT_IDENTITY = ("trainer", "logger", "ops")
-
-
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What defines the experiment: everything but where it runs and how it is shown.
+    """What defines the run: every setting but where it runs and how it is shown, plus the seed
+    (ablate/tracking/identity.py says what is left out and why).
 
     trainer and logger are dropped before resolving: their values may come from the launcher
     (`${hydra:launcher...}`), which a sweeper planning jobs in its own process does not have.
     """
     experiment = {k: cfg[k] for k in cfg if k not in NOT_IDENTITY}
-    identity = OmegaConf.to_container(OmegaConf.create(experiment, parent=cfg), resolve=True,
+    resolved = OmegaConf.to_container(OmegaConf.create(experiment, parent=cfg), resolve=True,
                                       enum_to_str=True)
-    identity["seed"] = cfg.trainer.seed
-    return identity
+    return identity_from_config(resolved, cfg.trainer.seed)
 
 
 def run_label(cfg: DictConfig) -> str:
@@ -120,10 +116,13 @@ def run_folder(cfg: DictConfig) -> Path:
 
 
 def describe_run(cfg: DictConfig, folder: Path) -> dict[str, Any]:
-    """What a record says the run is: its name, sweep, preset, every axis value, model, data, seed."""
+    """What a record says the run is: its name, sweep, preset, every axis value, model, data, seed,
+    and the experiment it belongs to (its key, and the identity that key hashes)."""
+    identity = run_identity(cfg)
     return {"run": folder.name, "sweep": cfg.trainer.sweep or "runs", "preset": cfg.preset,
             "operator": operator_label(cfg), "block": cfg.block.style.name, **spec_from_cfg(cfg).axes,
-            "model": cfg.model.size.name, "data": cfg.data.name, "seed": cfg.trainer.seed}
+            "model": cfg.model.size.name, "data": cfg.data.name, "seed": cfg.trainer.seed,
+            "experiment": experiment_key(identity), "identity": identity}
 
 
 def record_unrunnable(cfg: DictConfig, err: Exception) -> Path:

@@ -1,0 +1,105 @@
+"""What a run is: its identity, its experiment, and the settings that tell two experiments apart.
+
+A run's **identity** is every resolved setting that can change what it computes (the operator's axes,
+block, model, data, optimizer, schedule) plus its seed. Where it runs and how it is shown (`trainer`,
+`logger`, `ops`: the fast kernels agree with the reference) and where its data files lie are not part
+of it: the same experiment run on a cluster with its data elsewhere is still the same experiment.
+
+An **experiment** is an identity without the seed: the runs of one experiment differ only in their
+seed, so they, and only they, are averaged, and their spread is seed-to-seed noise. The experiment
+key (a hash) is written into every results.json; the analysis groups by it.
+
+Everything here works on plain nested dicts (a resolved config, a results.json record, a W&B run's
+config), so the trainer, the sweeper and the analysis share one definition.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["NOT_IDENTITY", "EXECUTION_ONLY", "AXIS_SETTINGS", "identity_from_config", "experiment_of",
+           "experiment_key", "flatten", "differing_keys", "axis_of_setting", "IdentityConflict",
+           "LABEL_SETTINGS"]
+
+# Top-level config groups that say where a run executes and how it is shown, never what it computes.
+NOT_IDENTITY = ("trainer", "logger", "ops")
+# Settings inside the identity's groups that only say how data reach the model (same numbers either way).
+EXECUTION_ONLY = ("data.root", "data.download", "data.num_workers", "data.in_memory", "data.eval_batch_size")
+# The paper's axes as settings of the identity (flattened keys, by prefix): a pair of experiments
+# differs "in one axis" when every setting that differs belongs to the same entry here.
+AXIS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "connectivity": ("connectivity.",),
+    "spatial": ("sharing.spatial",),
+    "channels": ("sharing.channels_per_group", "sharing.groups"),
+    "dynamic": ("dynamic.",),
+}
+# A preset is a name for a point of the axes (and a block), not a setting of its own.
+LABEL_SETTINGS = ("preset",)
+
+
+class IdentityConflict(ValueError):
+    """A run folder holds another experiment than the command asks for: nothing may touch it."""
+
+
+def _drop(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return
+    tree.pop(leaf, None)
+
+
+def identity_from_config(experiment: Mapping[str, Any], seed: Any) -> dict[str, Any]:
+    """The identity of a run from its resolved config (a plain nested dict; groups of NOT_IDENTITY are
+    dropped if present) and its seed."""
+    identity = json.loads(json.dumps({k: v for k, v in experiment.items() if k not in NOT_IDENTITY},
+                                     default=str))
+    for dotted in EXECUTION_ONLY:
+        _drop(identity, dotted)
+    identity["seed"] = seed
+    return identity
+
+
+def experiment_of(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity without its seed: what every seed of one experiment shares."""
+    return {k: v for k, v in identity.items() if k != "seed"}
+
+
+def experiment_key(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of the experiment (the identity without the seed)."""
+    text = json.dumps(experiment_of(identity), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}; lists become tuples (hashable, comparable)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}.") if value else {name: "{}"})
+        else:
+            flat[name] = _hashable(value)
+    return flat
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The flattened settings in which two identities (or experiments) differ, sorted."""
+    fa, fb = flatten(a), flatten(b)
+    missing = object()
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, missing) != fb.get(k, missing))
+
+
+def axis_of_setting(key: str) -> str | None:
+    """The axis a flattened setting belongs to ("dynamic.reduction" -> "dynamic"), or None."""
+    for axis, prefixes in AXIS_SETTINGS.items():
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes):
+            return axis
+    return None
