@@ -16,15 +16,16 @@ import pandas as pd
 from analysis.comparison import COMPARISON_PRINTED, comparison_table
 from analysis.effects import EFFECTS_PRINTED, axis_effects
 from analysis.records import load_runs
-from analysis.tables import MISSING
+from analysis.tables import Cell
 
-__all__ = ["TableMismatch", "read_markdown_table", "parse_printed", "check_tables"]
+__all__ = ["TableMismatch", "read_markdown_table", "check_tables"]
 
-_COMPARISON_KEYS = {"operator": "operator", "block": "block", "model": "model", "data": "data",
-                    "epochs": "epochs", "train_size": "train images"}
+# the columns that tell the rows apart: (numbers column, printed header)
+_COMPARISON_KEYS = {"operator": "operator", "settings": "settings", "block": "block", "model": "model",
+                    "data": "data", "epochs": "epochs", "train_size": "train images"}
 _EFFECT_KEYS = {"axis": "axis", "from": "from", "to": "to", "from_operator": "from operator",
-                "to_operator": "to operator", "block": "block", "model": "model", "data": "data",
-                "epochs": "epochs", "train_size": "train images"}
+                "to_operator": "to operator", "settings": "settings", "block": "block", "model": "model",
+                "data": "data", "epochs": "epochs", "train_size": "train images"}
 
 
 class TableMismatch(AssertionError):
@@ -41,32 +42,32 @@ def read_markdown_table(path: Path) -> pd.DataFrame:
     return pd.DataFrame([split(line) for line in lines[2:]], columns=header)
 
 
-def parse_printed(text: str) -> tuple[float, float, float]:
-    """(value, spread or NaN, tolerance) of a printed cell: "55.70 ± 0.14", "+1.2", "3", "n/a".
-
-    The tolerance is half a unit of the last printed digit: the most rounding can have moved it.
-    """
-    if text == MISSING:
-        return float("nan"), float("nan"), 0.0
-    parts = text.split(" ± ")
-    values = [float(p) for p in parts]
-    decimals = len(parts[0].split(".")[1]) if "." in parts[0] else 0
-    return values[0], values[1] if len(values) > 1 else float("nan"), 0.5 * 10 ** -decimals + 1e-9
-
-
-def _same(expected: float, found: float, tolerance: float) -> bool:
+def _same(expected, found, tolerance: float | None) -> bool:
+    if tolerance is None:  # a word
+        return (None if pd.isna(expected) else str(expected)) == found
     if pd.isna(expected) or pd.isna(found):
         return pd.isna(expected) and pd.isna(found)
+    if math.isinf(float(expected)) or math.isinf(float(found)):
+        return float(expected) == float(found)
     return math.isclose(float(expected), float(found), rel_tol=1e-12, abs_tol=tolerance)
 
 
+def _text(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""  # an empty cell: CSV reads an empty settings cell back as NaN
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
+
+
 def _key(row, columns) -> tuple[str, ...]:
-    return tuple(str(int(v)) if isinstance(v, float) and v == int(v) else str(v)
-                 for v in (row[c] for c in columns))
+    """The row's identifying cells as text; a column the table does not print (no settings) is ""."""
+    return tuple(_text(row[c]) if c in row.index else "" for c in columns)
 
 
 def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, keys: dict[str, str],
-           printed: dict[str, tuple[str, str]], spread: tuple[str, str]) -> int:
+           printed: dict[str, Cell]) -> int:
     """Compare one table's CSV and Markdown with `expected`; returns the number of values checked."""
     for path in (csv_path, md_path):
         if not path.is_file():
@@ -78,29 +79,26 @@ def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, key
                "Markdown": {_key(r, list(keys.values())): r for _, r in md.iterrows()}}
     checked = 0
     for source, found in sources.items():
-        if set(found) != set(want):
+        if set(found) != set(want) or len(found) != len(expected):
             raise TableMismatch(f"{name} ({source}): rows differ from the store: only in the report "
                                 f"{sorted(set(found) - set(want))}, only in the store "
                                 f"{sorted(set(want) - set(found))}")
-    numeric = [column for column, _ in printed.values()]
+    numeric = [c for cell in printed.values() for c in cell.columns]
     for key, row in want.items():
         got = sources["CSV"][key]
-        for column in [*numeric, spread[1]]:
-            if not _same(row[column], got[column], 1e-12):
+        for column in numeric:
+            numeric_value = not isinstance(row[column], str)
+            if not _same(row[column], got[column] if numeric_value else str(got[column]),
+                         1e-12 if numeric_value else None):
                 raise TableMismatch(f"{name}.csv, row {key}, {column}: report {got[column]!r}, "
                                     f"store {row[column]!r}")
             checked += 1
         cells = sources["Markdown"][key]
-        for header, (column, _) in printed.items():
-            value, spread_value, tolerance = parse_printed(cells[header])
-            if not _same(row[column], value, tolerance):
-                raise TableMismatch(f"{name}.md, row {key}, {header!r}: report {cells[header]!r}, store "
-                                    f"{row[column]!r}")
-            checked += 1
-            if column == spread[0] and not pd.isna(row[spread[1]]):
-                if not _same(row[spread[1]], spread_value, tolerance):
-                    raise TableMismatch(f"{name}.md, row {key}, {header!r} spread: report {cells[header]!r}, "
-                                        f"store {row[spread[1]]!r}")
+        for header, cell in printed.items():
+            for column, (value, tolerance) in zip(cell.columns, cell.parse(cells[header])):
+                if not _same(row[column], value, tolerance):
+                    raise TableMismatch(f"{name}.md, row {key}, {header!r}: report {cells[header]!r}, "
+                                        f"store {row[column]!r}")
                 checked += 1
     return checked
 
@@ -111,9 +109,7 @@ def check_tables(results_dir: str | Path, report_dir: str | Path) -> int:
     runs = load_runs(results_dir)
     report_dir = Path(report_dir)
     checked = _check("comparison", comparison_table(runs), report_dir / "comparison.csv",
-                     report_dir / "comparison.md", _COMPARISON_KEYS, COMPARISON_PRINTED,
-                     ("top1_mean", "top1_std"))
+                     report_dir / "comparison.md", _COMPARISON_KEYS, COMPARISON_PRINTED)
     checked += _check("axis_effects", axis_effects(runs), report_dir / "axis_effects.csv",
-                      report_dir / "axis_effects.md", _EFFECT_KEYS, EFFECTS_PRINTED,
-                      ("delta_top1_mean", "delta_top1_std"))
+                      report_dir / "axis_effects.md", _EFFECT_KEYS, EFFECTS_PRINTED)
     return checked

@@ -42,10 +42,13 @@ def pareto_front(frame: pd.DataFrame, x: str, y: str, x_better: str = "lower",
 
 
 def _labels(table: pd.DataFrame) -> list[str]:
-    """Operator names, with model and data where the table mixes several."""
-    extra = [c for c in ("model", "data") if table[c].nunique() > 1]
-    return [row["operator"] + (f" ({', '.join(str(row[c]) for c in extra)})" if extra else "")
-            for _, row in table.iterrows()]
+    """Operator names, with model, data and the distinguishing settings where the table mixes several."""
+    labels = []
+    for _, row in table.iterrows():
+        extra = [str(row[c]) for c in ("model", "data") if table[c].nunique() > 1]
+        extra += [row["settings"]] if row["settings"] else []
+        labels.append(row["operator"] + (f" ({', '.join(extra)})" if extra else ""))
+    return labels
 
 
 def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = ACCURACY):
@@ -61,7 +64,10 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
         front = pareto_front(table, x, "top1_mean", x_better=better)
         for i, row in table.iterrows():
             on_front = bool(front.iloc[i])
-            ax.errorbar(row[x], row["top1_mean"], yerr=0 if pd.isna(row["top1_std"]) else row["top1_std"],
+            # the 95% interval of the mean; one seed has none (no bar, not a bar of 0)
+            yerr = None if pd.isna(row["ci_low"]) else [[row["top1_mean"] - row["ci_low"]],
+                                                        [row["ci_high"] - row["top1_mean"]]]
+            ax.errorbar(row[x], row["top1_mean"], yerr=yerr,
                         fmt="o", color=f"C{i % 10}", markersize=7 if on_front else 5,
                         markeredgecolor="black" if on_front else "none", capsize=2)
             ax.annotate(labels[i], (row[x], row["top1_mean"]), textcoords="offset points", xytext=(4, 4),
@@ -74,7 +80,7 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
         ax.set_xlabel(f"{xlabel} ({better} is better)")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.grid(True, alpha=0.3)
-    fig.suptitle("Accuracy against cost (mean ± std over seeds)", fontsize=10)
+    fig.suptitle("Accuracy against cost (mean, 95% interval over seeds)", fontsize=10)
     if out_stem is not None:
         save_figure(fig, Path(out_stem))
     return fig

@@ -1,10 +1,12 @@
-"""The axis-effect table: what flipping exactly one axis does to accuracy and cost.
+"""The axis-effect table: what flipping exactly one axis does to accuracy and cost, and how sure that is.
 
 The paper's argument is made of such single flips (local MLP -> local attention is not one, it
 changes spatial sharing and dynamic at once; dwconv -> dynamic dwconv is one: static ->
-homogeneous). Two operators are compared only when everything else is equal (the other axes,
-block, model, data, epochs, training-set size), and runs are paired by seed, so the seed-to-seed
-noise of the initialisation and data order cancels in each difference.
+homogeneous). Two experiments form a pair only when every setting that differs between them belongs
+to one axis (ablate.tracking.identity.AXIS_SETTINGS): the same recipe, model, data and budget. Runs
+are paired by seed, so the seed-to-seed noise of the initialisation and data order cancels in each
+difference; the mean difference comes with its paired 95% t-interval and a verdict (resolved when
+the interval excludes 0), and an unresolved one with the paired seeds that would resolve it.
 """
 from __future__ import annotations
 
@@ -13,24 +15,60 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.axes import AXIS_COLUMNS, AXIS_GROUPS, EXPERIMENT_COLUMNS, ORDER, axis_value_label, is_missing
+from ablate.tracking.identity import LABEL_SETTINGS, axis_of_setting, differing_keys
+from analysis.axes import AXIS_GROUPS, ORDER, axis_value_label
 from analysis.comparison import ACCURACY
-from analysis.records import completed, group_runs
-from analysis.tables import fmt, format_table, mean_std, write_table
+from analysis.experiments import distinguishing_settings, experiments
+from analysis.stats import MAX_SEEDS, paired_difference
+from analysis.tables import (
+    MISSING,
+    Cell,
+    count_cell,
+    fmt,
+    format_table,
+    interval_cell,
+    number_cell,
+    printed_cells,
+    text_cell,
+    write_table,
+)
 
-__all__ = ["EFFECT_COLUMNS", "EFFECTS_PRINTED", "axis_effects", "printed_effects", "write_axis_effects"]
+__all__ = ["EFFECT_COLUMNS", "EFFECTS_SHOWN", "EFFECTS_PRINTED", "axis_effects", "printed_effects",
+           "write_axis_effects"]
 
-EFFECT_COLUMNS = ("axis", "from", "to", "from_operator", "to_operator", "block", "model", "data", "epochs",
-                  "train_size", "pairs", "delta_top1_mean", "delta_top1_std", "delta_params_m",
-                  "delta_gmac", "speed_ratio")
+EFFECT_COLUMNS = ("axis", "from", "to", "from_operator", "to_operator", "settings", "block", "model", "data",
+                  "epochs", "train_size", "pairs", "delta_top1_mean", "delta_top1_std", "ci_low", "ci_high",
+                  "p_value", "verdict", "seeds_needed", "delta_params_m", "delta_gmac", "speed_ratio")
+EFFECTS_SHOWN = ("from_operator", "block", "model", "data", "epochs", "train_size")
 
-# printed header -> (numbers column, format); the checker (analysis.check) reads the same map.
+
+def _seeds_needed_text(row) -> str:
+    if row["verdict"] == "resolved":
+        return "-"
+    needed = row["seeds_needed"]
+    if pd.isna(needed):
+        return "needs 2 seeds" if row["pairs"] == 1 else MISSING
+    if needed == float("inf"):
+        return "never (Δ = 0)" if row["delta_top1_mean"] == 0 else f"> {MAX_SEEDS}"
+    return f"{int(needed)}"
+
+
+def _read_seeds_needed(text: str):
+    if text.isdigit():
+        return [(float(text), 0.0)]
+    return [(float("inf"), 0.0)] if text.startswith((">", "never")) else [(float("nan"), 0.0)]
+
+
+# printed header -> the numbers it shows; the checker (analysis.check) reads them back with the same cells.
 EFFECTS_PRINTED = {
-    "pairs": ("pairs", "d"),
-    "Δtop-1 (points)": ("delta_top1_mean", "+.2f"),  # with delta_top1_std as "mean ± std"
-    "Δparams (M)": ("delta_params_m", "+.3f"),
-    "ΔGMAC": ("delta_gmac", "+.4f"),
-    "speed ratio": ("speed_ratio", ".2f"),
+    "paired seeds": count_cell("pairs", "seed"),
+    "Δtop-1 (points)": number_cell("delta_top1_mean", "+.2f"),
+    "95% CI": interval_cell("ci_low", "ci_high", "pairs", "+.2f"),
+    "verdict": text_cell("verdict"),
+    "seeds to resolve": Cell(("seeds_needed",), _seeds_needed_text, _read_seeds_needed),
+    "Δparams (M)": number_cell("delta_params_m", "+.3f"),
+    "ΔGMAC": number_cell("delta_gmac", "+.4f"),
+    "speed ratio": number_cell("speed_ratio", ".2f"),
 }
 
 
@@ -48,72 +86,73 @@ def _axis_rank(axis: str, config: dict, cpg: float) -> tuple:
     return (known.index(value) if value in known else len(known), str(value))
 
 
-def _by_seed(rows: pd.DataFrame) -> dict[int, pd.Series]:
-    """One run per seed (the first found, should a seed be in two sweeps)."""
-    seeds: dict[int, pd.Series] = {}
-    for _, row in rows.iterrows():
-        if not is_missing(row["seed"]):
-            seeds.setdefault(int(row["seed"]), row)
-    return seeds
+def _flipped_axis(a: dict, b: dict) -> str | None:
+    """The one axis in which two experiments differ, or None (they differ in none, in several, or in
+    a setting outside the axes: a learning rate, a block, a model)."""
+    axes = {axis_of_setting(k) for k in differing_keys(a, b) if k not in LABEL_SETTINGS}
+    return axes.pop() if len(axes) == 1 and None not in axes else None
 
 
 def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
-    """One row per pair of operators that differ in exactly one axis, with paired-seed differences.
+    """One row per pair of experiments that differ in exactly one axis, with paired-seed differences.
 
-    delta_* = to - from, averaged over the paired seeds (std: sample std, NaN for one pair);
-    speed_ratio = mean over pairs of to / from training samples per second (>1: faster).
+    delta_* = to - from over the paired seeds: mean, sample std, 95% t-interval (ci_low, ci_high;
+    NaN for one pair), p_value (paired t-test), verdict, seeds_needed (paired seeds that resolve a
+    difference of this size and spread 4 times in 5; NaN when resolved or not estimable, inf when
+    never); speed_ratio = mean over pairs of to / from training samples per second (>1: faster).
     """
-    configs = group_runs(completed(runs), (*AXIS_COLUMNS, *EXPERIMENT_COLUMNS))
-    rows = []
-    for (a, runs_a), (b, runs_b) in combinations(configs, 2):
-        if any(a[c] != b[c] for c in EXPERIMENT_COLUMNS):
+    groups = experiments(runs)
+    rows, settings = [], []
+    for (_, runs_a), (_, runs_b) in combinations(groups, 2):
+        a, b = runs_a.iloc[0], runs_b.iloc[0]
+        axis = _flipped_axis(a["settings"], b["settings"])
+        if axis is None:
             continue
-        flipped = [axis for axis, cols in AXIS_GROUPS.items() if any(a[c] != b[c] for c in cols)]
-        if len(flipped) != 1:
-            continue
-        axis = flipped[0]
-        ranks = [_axis_rank(axis, c, r["cpg"].iloc[0]) for c, r in ((a, runs_a), (b, runs_b))]
+        ranks = [_axis_rank(axis, r, r["cpg"]) for r in (a, b)]
         (src, src_runs), (dst, dst_runs) = ((a, runs_a), (b, runs_b)) if ranks[0] <= ranks[1] else \
             ((b, runs_b), (a, runs_a))
-        src_seeds, dst_seeds = _by_seed(src_runs), _by_seed(dst_runs)
-        paired = sorted(set(src_seeds) & set(dst_seeds))
+        src_seeds, dst_seeds = src_runs.set_index("seed"), dst_runs.set_index("seed")
+        paired = sorted(set(src_seeds.index) & set(dst_seeds.index))
         if not paired:
             continue  # no seed in common: nothing to pair
-        pairs = [(src_seeds[s], dst_seeds[s]) for s in paired]
-        delta = pd.Series([d[metric] - s[metric] for s, d in pairs], dtype=float).dropna()
-        speed = pd.Series([d["train_samples_per_s"] / s["train_samples_per_s"] for s, d in pairs],
-                          dtype=float).dropna()
+        s, d = src_seeds.loc[paired], dst_seeds.loc[paired]
+        difference = paired_difference((d[metric] - s[metric]).to_numpy(dtype=float))
+        speed = (d["train_samples_per_s"] / s["train_samples_per_s"]).dropna()
         rows.append({
             "axis": axis, "from": axis_value_label(axis, src), "to": axis_value_label(axis, dst),
-            "from_operator": src_runs["operator"].iloc[0], "to_operator": dst_runs["operator"].iloc[0],
-            **{c: src[c] for c in EXPERIMENT_COLUMNS}, "pairs": len(pairs),
-            "delta_top1_mean": delta.mean() if len(delta) else float("nan"),
-            "delta_top1_std": delta.std(ddof=1) if len(delta) > 1 else float("nan"),
-            "delta_params_m": sum(d["params_m"] - s["params_m"] for s, d in pairs) / len(pairs),
-            "delta_gmac": sum(d["gmac"] - s["gmac"] for s, d in pairs) / len(pairs),
+            "from_operator": src["operator"], "to_operator": dst["operator"], "settings": "",
+            **{c: src[c] for c in ("block", "model", "data", "epochs", "train_size")}, "pairs": len(paired),
+            "delta_top1_mean": difference.interval.mean, "delta_top1_std": difference.interval.std,
+            "ci_low": difference.interval.low, "ci_high": difference.interval.high,
+            "p_value": difference.p_value, "verdict": difference.verdict,
+            "seeds_needed": difference.seeds_needed,
+            "delta_params_m": float((d["params_m"] - s["params_m"]).mean()),
+            "delta_gmac": float((d["gmac"] - s["gmac"]).mean()),
             "speed_ratio": speed.mean() if len(speed) else float("nan"),
         })
+        settings.append(src["settings"])
     table = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
     if table.empty:
         return table
+    table["settings"] = distinguishing_settings(settings, {c: list(table[c]) for c in EFFECTS_SHOWN})
     axis_order = list(AXIS_GROUPS)
     order = sorted(range(len(table)), key=lambda i: (
         axis_order.index(table["axis"].iloc[i]), str(table["from_operator"].iloc[i]),
-        str(table["to_operator"].iloc[i]), *(str(table[c].iloc[i]) for c in EXPERIMENT_COLUMNS)))
+        str(table["to_operator"].iloc[i]), str(table["settings"].iloc[i]),
+        *(str(table[c].iloc[i]) for c in EFFECTS_SHOWN[1:])))
     return table.iloc[order].reset_index(drop=True)
 
 
 def printed_effects(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as read in Markdown."""
+    """The table as read in Markdown (a settings column only where pairs differ in one)."""
     columns = {"axis": lambda r: r["axis"], "from": lambda r: r["from"], "to": lambda r: r["to"],
-               "from operator": lambda r: r["from_operator"], "to operator": lambda r: r["to_operator"],
-               "block": lambda r: r["block"], "model": lambda r: r["model"], "data": lambda r: r["data"],
-               "epochs": lambda r: fmt(r["epochs"], "d"), "train images": lambda r: fmt(r["train_size"], "d")}
-    for header, (column, spec) in EFFECTS_PRINTED.items():
-        if column == "delta_top1_mean":
-            columns[header] = lambda r: mean_std(r["delta_top1_mean"], r["delta_top1_std"], "+.2f", ".2f")
-        else:
-            columns[header] = lambda r, c=column, s=spec: fmt(r[c], s)
+               "from operator": lambda r: r["from_operator"], "to operator": lambda r: r["to_operator"]}
+    if len(table) and (table["settings"] != "").any():
+        columns["settings"] = lambda r: r["settings"]
+    columns.update({"block": lambda r: r["block"], "model": lambda r: r["model"], "data": lambda r: r["data"],
+                    "epochs": lambda r: fmt(r["epochs"], "d"),
+                    "train images": lambda r: fmt(r["train_size"], "d")})
+    columns.update(printed_cells(EFFECTS_PRINTED))
     return format_table(table, columns)
 
 

@@ -4,30 +4,50 @@ The results store is the source of truth: every run folder ends with a `results.
 failed, diverged, or a skipped grid cell). `row_from_record` is the one place that turns such a
 record into a row, so the local store and the W&B mirror (`analysis.wandb_source`) give identical
 tables.
+
+Each row carries its experiment (`experiment`: the key of every setting but the seed; `settings`:
+those settings, flattened), so that tables average only the seeds of one experiment. A record that
+cannot be trusted (cut short, not a JSON object, changed after it was written, a missing or
+mistyped field) is never half-used: it becomes a row with status `unreadable` and the reason, which
+every table leaves out and the report lists.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
+from ablate.tracking.identity import experiment_key, experiment_of, flatten, identity_from_config
+from ablate.tracking.store import parse_record
 from analysis.axes import AXIS_COLUMNS, is_missing
 
-__all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "row_from_record", "runs_frame", "load_runs",
-           "completed", "first_stage_channels_per_group", "group_runs"]
+__all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "row_from_record", "runs_frame",
+           "load_runs", "read_record", "record_problems", "completed", "unreadable",
+           "first_stage_channels_per_group", "group_runs"]
+
+UNREADABLE = "unreadable"  # the status of a row made from a record that cannot be trusted
 
 _DESCRIBING = ("sweep", "run", "status", "preset", "operator", "block", *AXIS_COLUMNS, "model", "data",
-               "seed")
+               "seed", "experiment", "settings")
 _RESULTS = ("cpg", "epochs", "epochs_done", "train_size", "val_size", "test_size", "img_size",
             "num_classes", "batch_size", "lr", "params", "params_m", "gmac", "train_samples_per_s",
             "inference_samples_per_s", "peak_memory_mb", "wall_time_s", "best_epoch",
             "best_val_top1", "best_val_top5", "best_test_top1", "best_test_top5",
             "final_val_top1", "final_val_top5", "final_test_top1", "final_test_top5")
 _EXPLAINING = ("reason", "rule", "error", "git_commit", "path")
+
+# What a record must hold to be used, and of which type: every record names its run; a completed one
+# also carries what the tables and figures read. Fields of _RESULTS that are present must be numbers
+# (or null: not measured).
+_TEXT, _INTEGER, _NUMBER, _OBJECT = "text", "an integer", "a number", "an object"
+_REQUIRED = {"status": _TEXT, "run": _TEXT, "preset": _TEXT, "operator": _TEXT}
+_REQUIRED_COMPLETED = {"model": _TEXT, "data": _TEXT, "block": _TEXT, "seed": _INTEGER, "epochs": _INTEGER,
+                       "epochs_done": _INTEGER, "params_m": _NUMBER, "gmac": _NUMBER,
+                       "final_test_top1": _NUMBER, "experiment": _TEXT, "identity": _OBJECT}
 
 COLUMNS: tuple[str, ...] = (*_DESCRIBING, *_RESULTS, *_EXPLAINING)
 INTEGER_COLUMNS = ("seed", "epochs", "epochs_done", "train_size", "val_size", "test_size", "img_size",
@@ -59,6 +79,69 @@ def first_stage_channels_per_group(record: Mapping[str, Any], config: Mapping[st
     return float("nan")
 
 
+def _is(value: Any, kind: str) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str)
+    if kind == _OBJECT:
+        return isinstance(value, Mapping)
+    if isinstance(value, bool):  # JSON true/false are never counts or accuracies
+        return False
+    if kind == _INTEGER:
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, (int, float))
+
+
+def record_problems(record: Mapping[str, Any]) -> list[str]:
+    """What keeps a parsed record from being used: missing keys and values of the wrong type."""
+    required = dict(_REQUIRED)
+    if record.get("status") == "completed":
+        required.update(_REQUIRED_COMPLETED)
+    problems = []
+    for key, kind in required.items():
+        if key not in record or record[key] is None:
+            problems.append(f"missing key {key!r}")
+        elif not _is(record[key], kind):
+            problems.append(f"{key!r} is {record[key]!r}, not {kind}")
+    for key in (*NUMERIC_COLUMNS, *INTEGER_COLUMNS):  # cpg is computed here, never read from a record
+        present = key not in required and key != "cpg" and record.get(key) is not None
+        if present and not _is(record[key], _NUMBER):
+            problems.append(f"{key!r} is {record[key]!r}, not a number")
+    return problems
+
+
+def _identity_from_config_file(folder: Path, seed: Any) -> dict[str, Any] | None:
+    """The identity of a run recorded before records carried one, from the config.yaml beside it."""
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+    except Exception:  # noqa: BLE001  no config, or one that does not parse: no identity
+        return None
+    return identity_from_config(config, seed) if isinstance(config, dict) else None
+
+
+def read_record(file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) for a results.json the analysis can use, else (None, the reason)."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        return None, f"cannot be read: {err.strerror or err}"
+    try:
+        digest = (file.parent / "results.sha256").read_text().strip()
+    except OSError:
+        digest = None
+    record, problem = parse_record(data, digest)
+    if record is None:
+        return None, problem
+    if record.get("status") == "completed" and "identity" not in record:  # written before identities
+        identity = _identity_from_config_file(file.parent, record.get("seed"))
+        if identity is not None:
+            record = {**record, "identity": identity, "experiment": experiment_key(identity)}
+    problems = record_problems(record)
+    if problems:
+        return None, "; ".join(problems)
+    return record, None
+
+
 def row_from_record(record: Mapping[str, Any], path: str | None = None,
                     config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One row (every name of COLUMNS) from a results.json record; absent fields are None.
@@ -73,7 +156,18 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
     for rate in _RATES:
         if row[rate] is not None and not row[rate] > 0:
             row[rate] = None
+    identity = record.get("identity")
+    if isinstance(identity, Mapping):
+        row["settings"] = flatten(experiment_of(identity))
+        row["experiment"] = record.get("experiment") or experiment_key(identity)
     row["path"] = path if path is not None else record.get("path")
+    return row
+
+
+def _unreadable_row(file: Path, reason: str) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS)
+    row.update(status=UNREADABLE, run=file.parent.name, sweep=file.parent.parent.name, reason=reason,
+               path=str(file.parent))
     return row
 
 
@@ -97,7 +191,9 @@ def _result_files(folder: Path):
 def load_runs(*folders: str | os.PathLike) -> pd.DataFrame:
     """Every run under `folders` (searched recursively, dot-folders skipped): one row per results.json.
 
-    Raises FileNotFoundError for a folder that does not exist, so that a typo is not an empty table.
+    A record that cannot be used is a row with status `unreadable` and the reason (`reason`), left
+    out of every table by `completed`. Raises FileNotFoundError for a folder that does not exist, so
+    that a typo is not an empty table.
     """
     rows = []
     for folder in folders:
@@ -105,17 +201,20 @@ def load_runs(*folders: str | os.PathLike) -> pd.DataFrame:
         if not folder.is_dir():
             raise FileNotFoundError(f"no results folder {folder}")
         for file in _result_files(folder):
-            try:
-                record = json.loads(file.read_text())
-            except json.JSONDecodeError as err:  # written atomically, so this is not a half-written one
-                raise ValueError(f"{file} is not valid JSON: {err}") from err
-            rows.append(row_from_record(record, path=str(file.parent)))
+            record, problem = read_record(file)
+            rows.append(_unreadable_row(file, problem) if record is None
+                        else row_from_record(record, path=str(file.parent)))
     return runs_frame(rows)
 
 
 def completed(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that finished training (what curves and tables average over)."""
     return runs[runs["status"] == "completed"].reset_index(drop=True)
+
+
+def unreadable(runs: pd.DataFrame) -> pd.DataFrame:
+    """The records that could not be used, with their reasons."""
+    return runs[runs["status"] == UNREADABLE].reset_index(drop=True)
 
 
 def group_runs(runs: pd.DataFrame, columns) -> list[tuple[dict[str, Any], pd.DataFrame]]:

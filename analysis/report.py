@@ -4,15 +4,21 @@
     python -m analysis.report results/sweeps --out reports/sweeps
 
 Writes figure2.png/.pdf, comparison.md/.tex/.csv, cost.png/.pdf, axis_effects.md/.csv, weights.png
-(+ weights.csv), runs.md/.csv (every run, skipped cells with their reasons and failed runs with
-their errors) and index.md + index.html. A piece the store cannot support (no channel sweep for
-Figure 2, no single-axis pair) is explained in the index instead of failing the report; a store
-without any completed run is an error, since there is nothing to report.
+(+ weights.csv), runs.md/.csv (every run, skipped cells with their reasons, failed runs with
+their errors, unreadable records with what is wrong with them) and index.md + index.html. A piece
+the store cannot support (no channel sweep for Figure 2, no single-axis pair) is explained in the
+index instead of failing the report; a store without any completed run is an error, since there is
+nothing to report.
+
+Exit codes: 0 the report holds every record; 1 it was written, but records that cannot be trusted
+were left out (the last line says how many; runs.md lists them with the reason); 2 bad input (no
+such folder, no completed run).
 """
 from __future__ import annotations
 
 import argparse
 import html
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +30,7 @@ from analysis.comparison import comparison_table, printed_comparison, write_comp
 from analysis.cost import plot_cost
 from analysis.effects import axis_effects, printed_effects, write_axis_effects
 from analysis.figure2 import figure2_data, plot_figure2
-from analysis.records import completed, load_runs
+from analysis.records import completed, load_runs, unreadable
 from analysis.tables import fmt, format_table, to_html, to_markdown, write_table
 from analysis.weights import plot_weights, select_weight_runs, weight_maps
 
@@ -105,9 +111,18 @@ def _weights(runs, out: Path) -> _Section:
     return _Section(title, text, ["weights.png", "weights.csv"], image="weights.png", table=printed)
 
 
+def _runs_numbers(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv: every column, the settings as one JSON object per run."""
+    numbers = runs.copy()
+    numbers["settings"] = [json.dumps(s, default=str) if isinstance(s, dict) else ""
+                           for s in runs["settings"]]
+    return numbers
+
+
 def render_report(results_dir: str | Path, out_dir: str | Path | None = None, weights: bool = True) -> Path:
     """Write the report of the runs under `results_dir` into `out_dir` (default reports/<name of
-    results_dir>); returns the path of index.md. Raises ValueError without a completed run."""
+    results_dir>); returns the path of index.md. Raises ValueError without a completed run.
+    Unreadable records are listed in runs.md and left out of everything else."""
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else Path("reports") / results_dir.resolve().name
     runs = load_runs(results_dir)
@@ -122,9 +137,11 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
 
     sections = [_figure2(runs, out)]
     write_comparison(runs, out)
-    sections.append(_Section("Comparison", "One row per operator x model x data x training budget, "
-                             "averaged over seeds (top-1: final test accuracy, mean ± sample std). "
-                             "Ordered by connectivity, spatial sharing, dynamic, channels per group.",
+    sections.append(_Section("Comparison", "One row per experiment (every setting equal but the seed), "
+                             "averaged over its seeds (top-1: final test accuracy; 95% CI: Student-t "
+                             "interval of the mean over seeds; one seed has no interval). Rows that differ "
+                             "in a setting no column shows name it under settings. Ordered by connectivity, "
+                             "spatial sharing, dynamic, channels per group.",
                              ["comparison.md", "comparison.tex", "comparison.csv"],
                              table=printed_comparison(comparison_table(runs))))
     plot_cost(runs, out / "cost")
@@ -134,17 +151,22 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
     write_axis_effects(runs, out)
     effects = axis_effects(runs)
     sections.append(_Section(
-        "Axis effects", "Pairs of operators that differ in exactly one axis, all else equal, paired by "
-        "seed: Δ = to - from (mean ± std over pairs); speed ratio = to / from training images/s."
+        "Axis effects", "Pairs of experiments that differ in exactly one axis and in nothing else, paired "
+        "by seed: Δ = to - from (mean over the paired seeds, with its paired 95% t-interval). The verdict "
+        "is resolved when the interval excludes 0, else unresolved; seeds to resolve = paired seeds at "
+        "which a difference of this size and spread is resolved 4 times in 5. Speed ratio = to / from "
+        "training images/s."
         + ("" if len(effects) else " No such pair in this store."),
         ["axis_effects.md", "axis_effects.csv"], table=printed_effects(effects) if len(effects) else None))
     if weights:
         sections.append(_weights(runs, out))
     printed_runs = runs_table(runs)
-    write_table(runs, printed_runs, out / "runs", formats=("csv", "md"))
+    write_table(_runs_numbers(runs), printed_runs, out / "runs", formats=("csv", "md"))
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
-    sections.append(_Section("Runs", f"{len(runs)} runs: {counts}.", ["runs.md", "runs.csv"],
-                             table=printed_runs))
+    left_out = len(unreadable(runs))
+    sections.append(_Section("Runs", f"{len(runs)} runs: {counts}." + (
+        f" {left_out} unreadable record(s) were left out of every table and figure; the reason for each "
+        "is under reason / error." if left_out else ""), ["runs.md", "runs.csv"], table=printed_runs))
 
     title = f"ablate report: {results_dir}"
     (out / "index.md").write_text(_index_markdown(title, sections))
@@ -198,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     checked = check_tables(args.results, index.parent)  # the tables say what the records say
     print(f"report written to {index.parent}/ (open {index} or {index.with_suffix('.html')}); "
           f"{checked} numbers of its tables checked against the results.json files")
+    runs = load_runs(args.results)
+    left_out = unreadable(runs)
+    if len(left_out):
+        for _, run in left_out.iterrows():
+            print(f"  unreadable: {run['path']}/results.json: {run['reason']}", file=sys.stderr)
+        print(f"{len(left_out)} of {len(runs)} records left out as unreadable (listed in "
+              f"{index.parent / 'runs.md'})")
+        return 1
+    print(f"all {len(runs)} records read")
     return 0
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,8 @@ import pandas as pd
 
 from analysis.axes import is_missing
 
-__all__ = ["MISSING", "fmt", "mean_std", "format_table", "to_markdown", "to_latex", "to_html",
-           "write_table"]
+__all__ = ["MISSING", "fmt", "plural", "Cell", "number_cell", "interval_cell", "count_cell",
+           "text_cell", "format_table", "printed_cells", "to_markdown", "to_latex", "to_html", "write_table"]
 
 MISSING = "n/a"  # how an absent number prints (not measured, one seed has no spread, ...)
 
@@ -27,11 +29,74 @@ def fmt(value: Any, spec: str) -> str:
     return MISSING if is_missing(value) else format(value, spec)
 
 
-def mean_std(mean: float, std: float, spec: str = ".2f", std_spec: str | None = None) -> str:
-    """"mean ± std"; a single seed has no spread, so only its mean is printed."""
-    if is_missing(mean):
-        return MISSING
-    return fmt(mean, spec) if is_missing(std) else f"{fmt(mean, spec)} ± {fmt(std, std_spec or spec)}"
+def plural(count: int, unit: str) -> str:
+    """"1 seed", "3 seeds"."""
+    return f"{count} {unit}" + ("" if count == 1 else "s")
+
+
+def _half_unit(text: str) -> float:
+    """Half a unit of the last printed digit: the most rounding can have moved a printed number."""
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return 0.5 * 10 ** -decimals + 1e-9
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One printed column: how a row prints (`render`), and what a printed cell says about the numbers
+    it came from (`parse`: one (value, tolerance) per name of `columns`; tolerance None compares text).
+    The report prints with `render`; analysis.check reads the written tables back with `parse`."""
+
+    columns: tuple[str, ...]
+    render: Callable[[Any], str]
+    parse: Callable[[str], list[tuple[Any, float | None]]]
+
+
+def _read_number(text: str) -> tuple[float, float]:
+    return (math.nan, 0.0) if text == MISSING else (float(text), _half_unit(text))
+
+
+def number_cell(column: str, spec: str) -> Cell:
+    """A number, formatted with `spec` ("n/a" when missing)."""
+    return Cell((column,), lambda r: fmt(r[column], spec), lambda text: [_read_number(text)])
+
+
+_INTERVAL = re.compile(r"\[(\S+), (\S+)\]")
+
+
+def interval_cell(low: str, high: str, count: str, spec: str, unit: str = "seed") -> Cell:
+    """A confidence interval "[low, high]"; with one value, "1 seed: no interval" (never a fake ± 0)."""
+    def render(row):
+        if is_missing(row[low]) or is_missing(row[high]):
+            n = row[count]
+            return MISSING if is_missing(n) or int(n) != 1 else f"1 {unit}: no interval"
+        return f"[{fmt(row[low], spec)}, {fmt(row[high], spec)}]"
+
+    def parse(text):
+        match = _INTERVAL.fullmatch(text)
+        if not match:
+            return [(math.nan, 0.0), (math.nan, 0.0)]
+        return [_read_number(match.group(1)), _read_number(match.group(2))]
+    return Cell((low, high), render, parse)
+
+
+def count_cell(column: str, unit: str) -> Cell:
+    """A count with its unit: "3 seeds"."""
+    def parse(text):
+        return [(math.nan, 0.0)] if text == MISSING else [(float(text.split()[0]), 0.0)]
+    def render(row):
+        return MISSING if is_missing(row[column]) else plural(int(row[column]), unit)
+    return Cell((column,), render, parse)
+
+
+def text_cell(column: str) -> Cell:
+    """A word, compared as printed: "resolved"."""
+    return Cell((column,), lambda r: MISSING if is_missing(r[column]) else str(r[column]),
+                lambda text: [(None if text == MISSING else text, None)])
+
+
+def printed_cells(cells: Mapping[str, Cell]) -> dict[str, Callable[[Any], str]]:
+    """header -> render, for format_table."""
+    return {header: cell.render for header, cell in cells.items()}
 
 
 def format_table(frame: pd.DataFrame, columns: Mapping[str, Callable[[Any], str]]) -> pd.DataFrame:

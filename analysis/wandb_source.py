@@ -5,8 +5,8 @@ this reads the online mirror when a server is reachable, e.g. for runs trained o
 results folders are not at hand. Each run mirrors its record as:
     config   = the nested resolved Hydra config, plus flat `axes/<name>` keys (the operator's axes);
     group    = the sweep, job_type = the preset, name = the run folder's name;
-    summary  = every scalar of results.json (lists and nulls are not scalars: they are rebuilt here
-               from the config).
+    summary  = every scalar of results.json (lists, nulls and the identity are not scalars: they are
+               rebuilt here from the config, with the function the trainer used).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablate.tracking.identity import experiment_key, identity_from_config
 from analysis.axes import AXIS_COLUMNS
 from analysis.records import row_from_record, runs_frame
 
@@ -52,6 +53,10 @@ def record_from_wandb(config: Mapping[str, Any], summary: Mapping[str, Any], *, 
     for key, value in fallbacks.items():
         if record.get(key) is None and value is not None:
             record[key] = value
+    if "identity" not in record and _get(config, "preset") is not None:
+        nested = {k: v for k, v in config.items() if "/" not in k}  # not the flat axes/* copies
+        record["identity"] = identity_from_config(nested, record.get("seed"))
+        record.setdefault("experiment", experiment_key(record["identity"]))
     return record
 
 

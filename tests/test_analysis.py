@@ -4,6 +4,7 @@ arithmetic, so that a bug shared by the analysis and its own checker cannot hide
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -60,6 +61,23 @@ def stdev(values):
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def t_interval(values):
+    """scipy's 95% t-interval of the mean (NaN for fewer than 2 values)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    return stats.t.interval(0.95, len(values) - 1, loc=mean(values), scale=stdev(values) / math.sqrt(len(values)))
+
+
+def experiment_of(record) -> str:
+    """The experiment key, recomputed: sha256 of the identity without its seed."""
+    identity = {k: v for k, v in record["identity"].items() if k != "seed"}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    assert key == record["experiment"], record["run"]
+    return key
+
+
 def rate(record, key):
     value = record.get(key)
     return value if value is not None and value > 0 else None  # 0 = not measured
@@ -70,18 +88,24 @@ def budget(record):
 
 
 def expected_comparison(root: Path) -> dict[tuple, dict]:
-    groups: dict[tuple, list[dict]] = {}
+    """Per printed key (operator, block, model, data, epochs, train images): the numbers of the one
+    experiment it shows (the stores used here have one experiment per printed key)."""
+    groups: dict[str, list[dict]] = {}
     for r in read_records(root):
         if r["status"] == "completed":
-            groups.setdefault((r["operator"], r["block"], *budget(r)), []).append(r)
+            groups.setdefault(experiment_of(r), []).append(r)
     expected = {}
-    for key, rs in groups.items():
+    for rs in groups.values():
         top1 = [r["final_test_top1"] for r in rs]
         rates = {k: [rate(r, k) for r in rs if rate(r, k) is not None]
                  for k in ("train_samples_per_s", "inference_samples_per_s")}
+        low, high = t_interval(top1)
+        key = (rs[0]["operator"], rs[0]["block"], *budget(rs[0]))
+        assert key not in expected, f"two experiments print as {key}"
         expected[key] = {"params_m": mean([r["params_m"] for r in rs]), "gmac": mean([r["gmac"] for r in rs]),
                          **{k: mean(v) for k, v in rates.items()},
-                         "top1_mean": mean(top1), "top1_std": stdev(top1), "seeds": len(rs)}
+                         "top1_mean": mean(top1), "top1_std": stdev(top1), "ci_low": low, "ci_high": high,
+                         "seeds": len({r["seed"] for r in rs})}
     return expected
 
 
@@ -95,7 +119,9 @@ def expected_effect(root: Path, row: dict) -> dict:
     src, dst = by[(row["from_operator"], *rest)], by[(row["to_operator"], *rest)]
     seeds = sorted(set(src) & set(dst))
     delta = [dst[s]["final_test_top1"] - src[s]["final_test_top1"] for s in seeds]
+    low, high = t_interval(delta)
     return {"pairs": len(seeds), "delta_top1_mean": mean(delta), "delta_top1_std": stdev(delta),
+            "ci_low": low, "ci_high": high,
             "delta_params_m": mean([dst[s]["params_m"] - src[s]["params_m"] for s in seeds]),
             "delta_gmac": mean([dst[s]["gmac"] - src[s]["gmac"] for s in seeds]),
             "speed_ratio": mean([dst[s]["train_samples_per_s"] / src[s]["train_samples_per_s"]
@@ -127,9 +153,12 @@ def close_printed(text: str, value: float) -> bool:
     return abs(float(text) - value) <= 0.5 * 10 ** -decimals + 1e-9
 
 
-def split_pm(text: str) -> tuple[str, str]:
-    mean_text, _, std_text = text.partition(" ± ")
-    return mean_text, std_text or "n/a"
+def split_interval(text: str) -> tuple[str, str]:
+    """"[1.25, 3.50]" -> ("1.25", "3.50"); "1 seed: no interval" -> ("n/a", "n/a")."""
+    if not text.startswith("["):
+        return "n/a", "n/a"
+    low, high = text[1:-1].split(", ")
+    return low, high
 
 
 def verify_comparison(results: Path, report: Path) -> int:
@@ -146,14 +175,17 @@ def verify_comparison(results: Path, report: Path) -> int:
     md_rows = read_markdown(report / "comparison.md")
     assert len(md_rows) == len(expected)
     printed = {"params (M)": "params_m", "GMAC": "gmac", "train img/s": "train_samples_per_s",
-               "inference img/s": "inference_samples_per_s", "seeds": "seeds"}
+               "inference img/s": "inference_samples_per_s", "top-1 (%)": "top1_mean"}
     for r in md_rows:
         want = expected[(r["operator"], r["block"], r["model"], r["data"], r["epochs"], r["train images"])]
         for header, column in printed.items():
             assert close_printed(r[header], float(want[column])), (r["operator"], header, r[header])
-        top1, spread = split_pm(r["top-1 (%)"])
-        assert close_printed(top1, want["top1_mean"]) and close_printed(spread, want["top1_std"]), r
-        checked += len(printed) + 2
+        low, high = split_interval(r["95% CI"])
+        assert close_printed(low, want["ci_low"]) and close_printed(high, want["ci_high"]), r
+        seeds = want["seeds"]
+        assert r["seeds"] == f"{seeds} seed{'s' if seeds != 1 else ''}"
+        assert seeds > 1 or r["95% CI"] == "1 seed: no interval"
+        checked += len(printed) + 3
     return checked
 
 
@@ -168,9 +200,13 @@ def verify_effects(results: Path, report: Path) -> int:
         want = expected_effect(results, {"from_operator": r["from operator"], "to_operator": r["to operator"],
                                          "block": r["block"], "model": r["model"], "data": r["data"],
                                          "epochs": r["epochs"], "train_size": r["train images"]})
-        delta, spread = split_pm(r["Δtop-1 (points)"])
-        assert close_printed(delta, want["delta_top1_mean"]) and close_printed(spread, want["delta_top1_std"])
-        assert int(r["pairs"]) == want["pairs"]
+        assert close_printed(r["Δtop-1 (points)"], want["delta_top1_mean"])
+        low, high = split_interval(r["95% CI"])
+        assert close_printed(low, want["ci_low"]) and close_printed(high, want["ci_high"])
+        resolved = want["ci_low"] > 0 or want["ci_high"] < 0
+        assert r["verdict"] == ("resolved" if resolved else "unresolved")
+        assert r["seeds to resolve"] == "-" if resolved else int(r["seeds to resolve"].lstrip("> ")) >= 2
+        assert r["paired seeds"] == f"{want['pairs']} seeds"
         assert close_printed(r["Δparams (M)"], want["delta_params_m"])
         assert close_printed(r["ΔGMAC"], want["delta_gmac"])
         assert close_printed(r["speed ratio"], want["speed_ratio"])
@@ -227,13 +263,13 @@ def test_load_runs_rejects_a_missing_folder(tmp_path):
 
 # -- comparison table ---------------------------------------------------------------------------
 def test_comparison_numbers_equal_the_results_json(report, mini_store):  # noqa: F811
-    assert verify_comparison(mini_store, report) == 6 * 7 + 6 * 7
+    assert verify_comparison(mini_store, report) == 6 * 9 + 6 * 8
     order = [r["operator"] for r in read_csv(report / "comparison.csv")]
     assert order == ["local_mlp[channels_per_group=1]", "local_mlp[channels_per_group=8]", "local_mlp",
                      "local_attention", "dwconv", "dynamic_dwconv"]  # window < sliding; window < none; cpg
     tex = (report / "comparison.tex").read_text()
     assert r"\begin{tabular}" in tex and tex.count(r"\\") == 1 + 6  # header + rows
-    assert "local\\_mlp" in tex and "$\\pm$" in tex
+    assert "local\\_mlp" in tex and "[" in tex
 
 
 def test_axis_effects_numbers_equal_the_results_json(report, mini_store):  # noqa: F811
@@ -247,7 +283,7 @@ def test_axis_effects_numbers_equal_the_results_json(report, mini_store):  # noq
         ("dynamic", "static", "homogeneous", "dwconv", "dynamic_dwconv"),
     }
     assert all(r["pairs"] == "2" for r in rows)
-    assert verify_effects(mini_store, report) == 4 * 6 + 4 * 6
+    assert verify_effects(mini_store, report) == 4 * 8 + 4 * 6
 
 
 def test_check_tables_counts_and_catches_an_edit(report, mini_store, tmp_path):  # noqa: F811

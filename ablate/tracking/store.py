@@ -36,8 +36,8 @@ import torch
 
 from ablate.tracking.secrets import scrub
 
-__all__ = ["FINISHED", "CheckpointError", "RunLocked", "RunStore", "atomic_write_bytes", "run_folder_name",
-           "safe_name"]
+__all__ = ["FINISHED", "CheckpointError", "RunLocked", "RunStore", "atomic_write_bytes", "parse_record",
+           "run_folder_name", "safe_name"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
+
+
+def parse_record(data: bytes, digest: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) for an intact results.json, (None, why not) for a damaged one.
+
+    `digest` is the sha256 written beside it (results.sha256), None for records written before
+    checksums existed: those are trusted if they parse. The most specific reason wins: a file cut
+    short says so rather than only that its checksum disagrees.
+    """
+    try:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"not valid JSON ({len(data)} bytes; cut short or overwritten?): {err}"
+    if not isinstance(record, dict):
+        return None, f"holds a JSON {type(record).__name__}, not the object of a run record"
+    if digest is not None and digest != hashlib.sha256(data).hexdigest():
+        return None, "changed after it was written: its sha256 disagrees with results.sha256"
+    return record, None
 
 
 class _suppress_oserror:
@@ -217,17 +235,10 @@ class RunStore:
             expected = self.results_digest.read_text().strip()
         except FileNotFoundError:
             expected = None
-        record = None
-        if expected in (None, hashlib.sha256(data).hexdigest()):
-            try:
-                record = json.loads(data)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(record, dict):
-            log.warning("%s is damaged (cut, or changed after it was written: its sha256 disagrees): the "
-                        "run counts as not recorded; it resumes from its checkpoint and is recorded again",
-                        self.results)
-            return None
+        record, problem = parse_record(data, expected)
+        if record is None:
+            log.warning("%s is damaged (%s): the run counts as not recorded; it resumes from its checkpoint "
+                        "and is recorded again", self.results, problem)
         return record
 
     def status(self) -> str | None:

@@ -1,0 +1,213 @@
+"""Comparisons you can trust: a table pools only the seeds of one experiment, says how sure it is,
+and survives damaged records. Intervals are checked against scipy, computed here independently."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mini_store import REPO, mini_store  # noqa: F401  (the session fixture)
+from scipy import stats
+
+from analysis import axis_effects, comparison_table, figure2_data, load_runs, plot_figure2
+from analysis.comparison import printed_comparison
+from analysis.effects import printed_effects
+from analysis.experiments import distinguishing_settings
+from analysis.report import main as report_main
+from analysis.stats import paired_difference, seeds_to_resolve, t_interval
+
+pytestmark = pytest.mark.xdist_group("mini_store")
+
+LR_SWEEP = ["optim.lr=1e-4,1e-2", "data.train_subset=500", "schedule.epochs=1", "logger=none",
+            "data.test_subset=500", "data.val_size=500", "trainer.quiet=true", "trainer.threads=1"]
+
+
+def train_sweep(root: Path, *overrides: str) -> None:
+    command = [sys.executable, "-m", "ablate.train", "-m", *LR_SWEEP, *overrides,
+               f"trainer.results_root={root}"]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def lr_store(tmp_path_factory) -> Path:
+    """The README's trap: one operator at two learning rates, seeds 0, 1, 2 (6 real runs)."""
+    root = tmp_path_factory.mktemp("lr")
+    train_sweep(root, "trainer.seed=0,1,2")
+    return root / "runs"
+
+
+def copy_runs(store: Path, to: Path, keep) -> Path:
+    for results in store.rglob("results.json"):
+        record = json.loads(results.read_text())
+        if keep(record):
+            shutil.copytree(results.parent, to / results.parent.name)
+    return to
+
+
+# -- one experiment per row ---------------------------------------------------------------------
+def test_two_learning_rates_are_two_rows_that_name_the_rate(lr_store, tmp_path):
+    one_seed = load_runs(copy_runs(lr_store, tmp_path / "seed0", lambda r: r["seed"] == 0))
+    table = comparison_table(one_seed)
+    assert len(table) == 2  # main pooled them into one row of "2 seeds"
+    printed = printed_comparison(table)
+    assert sorted(printed["settings"]) == ["optim.lr=0.0001", "optim.lr=0.01"]
+    assert list(printed["seeds"]) == ["1 seed", "1 seed"]
+    assert list(printed["95% CI"]) == ["1 seed: no interval"] * 2  # never a fake ± 0
+    assert table["ci_low"].isna().all()
+
+
+def test_three_seeds_give_scipys_t_interval(lr_store):
+    runs = load_runs(lr_store)
+    table = comparison_table(runs)
+    assert len(table) == 2 and list(printed_comparison(table)["seeds"]) == ["3 seeds", "3 seeds"]
+    for _, row in table.iterrows():
+        lr = float(row["settings"].split("=")[1])
+        accuracies = [json.loads(p.read_text())["final_test_top1"] for p in lr_store.rglob("results.json")
+                      if json.loads(p.read_text())["identity"]["optim"]["lr"] == lr]
+        assert len(accuracies) == 3
+        low, high = stats.t.interval(0.95, 2, loc=np.mean(accuracies), scale=stats.sem(accuracies))
+        assert row["ci_low"] == pytest.approx(low, abs=1e-9) and row["ci_high"] == pytest.approx(high, abs=1e-9)
+        assert row["top1_mean"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+
+
+def test_settings_are_named_only_where_no_column_shows_them():
+    base = {"preset": "dwconv", "model.size": "micro", "model.depths": (1, 1, 3, 1), "optim.lr": 1e-3}
+    tiny = {**base, "model.size": "tiny", "model.depths": (2, 2, 6, 2)}
+    # a model column stands for the model's settings; nothing stands for the learning rate
+    assert distinguishing_settings([base, tiny], {"model": ["micro", "tiny"]}) == ["", ""]
+    other_lr = {**base, "optim.lr": 1e-2}
+    assert distinguishing_settings([base, other_lr, tiny], {"model": ["micro", "micro", "tiny"]}) == \
+        ["optim.lr=0.001", "optim.lr=0.01", "optim.lr=0.001"]
+    # a model override that the model's name does not show is named
+    deeper = {**base, "model.depths": (1, 1, 6, 1)}
+    assert distinguishing_settings([base, deeper], {"model": ["micro", "micro"]}) == \
+        ["model.depths=[1,1,3,1]", "model.depths=[1,1,6,1]"]
+
+
+def synthetic(record: dict, run: str, **settings) -> dict:
+    """A copy of a real record as another experiment: its identity changed, its key recomputed."""
+    from ablate.tracking.identity import experiment_key
+
+    record = json.loads(json.dumps(record))
+    for dotted, value in settings.items():
+        group, key = dotted.split(".")
+        record["identity"][group][key] = value
+    record["experiment"] = experiment_key(record["identity"])
+    record["run"] = run
+    return record
+
+
+def write_store(root: Path, records: list[dict]) -> Path:
+    for record in records:
+        (root / record["run"]).mkdir(parents=True)
+        (root / record["run"] / "results.json").write_text(json.dumps(record))  # no sha256: trusted
+    return root
+
+
+def test_an_axis_pair_differs_in_its_axis_and_nothing_else(mini_store, tmp_path):  # noqa: F811
+    records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
+    records = [r for r in records if r["status"] == "completed" and r["preset"] in ("dwconv", "dynamic_dwconv")]
+    assert len(records) == 4
+    # the same two operators again at another learning rate, and dwconv alone at a third
+    again = [synthetic(r, f"{r['run']}-lr", **{"optim.lr": 1e-2}) for r in records]
+    alone = [synthetic(r, f"{r['run']}-lr3", **{"optim.lr": 3e-3}) for r in records if r["preset"] == "dwconv"]
+    runs = load_runs(write_store(tmp_path / "store", records + again + alone))
+    effects = axis_effects(runs)
+    # two pairs (one per learning rate); dwconv at 3e-3 has no partner; no pair across rates
+    assert len(effects) == 2 and set(effects["axis"]) == {"dynamic"}
+    assert sorted(effects["settings"]) == ["optim.lr=0.006", "optim.lr=0.01"]
+    assert len(comparison_table(runs)) == 5
+    printed = printed_effects(effects)
+    assert {"95% CI", "verdict", "seeds to resolve", "settings"} <= set(printed.columns)
+
+
+def test_figure2_lines_split_by_setting_and_bands_only_with_two_seeds(mini_store, tmp_path):  # noqa: F811
+    records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
+    mlp = [r for r in records if r["status"] == "completed" and r["preset"] == "local_mlp"]
+    assert len(mlp) == 6  # cpg 1, 8, 32 x seeds 0, 1
+    other = [synthetic(r, f"{r['run']}-lr", **{"optim.lr": 1e-2}) for r in mlp if r["seed"] == 0]
+    runs = load_runs(write_store(tmp_path / "store", mlp + other))
+    data = figure2_data(runs)
+    assert sorted(data["line"].unique()) == ["local_mlp (optim.lr=0.006)", "local_mlp (optim.lr=0.01)"]
+    one_seed = data[data["line"].str.contains("0.01")]
+    assert one_seed["ci_low"].isna().all() and (one_seed["seeds"] == 1).all()
+    fig = plot_figure2(runs)
+    bands = [c for c in fig.axes[0].collections if type(c).__name__ == "FillBetweenPolyCollection"]
+    drawn = [len(b.get_paths()) > 0 and any(len(p.vertices) > 0 for p in b.get_paths()) for b in bands]
+    assert drawn == [True, False]  # the 2-seed line has a band, the 1-seed line none
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def test_intervals_are_scipys():
+    values = [81.2, 80.4, 82.9, 81.7]
+    interval = t_interval(values)
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
+    assert (interval.low, interval.high) == pytest.approx((low, high), abs=1e-12)
+    assert math.isnan(t_interval([80.0]).low)
+    before, after = np.array([80.1, 81.0, 79.5]), np.array([80.9, 81.3, 80.6])
+    difference = paired_difference(after - before)
+    ci = stats.ttest_rel(after, before).confidence_interval(0.95)
+    assert (difference.interval.low, difference.interval.high) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert difference.verdict == ("resolved" if ci.low > 0 or ci.high < 0 else "unresolved")
+
+
+def test_seeds_to_resolve_is_the_first_count_with_80_percent_power():
+    mean, std = 0.25, 0.57  # the axis-effect row that printed "-0.25 ± 0.57" over 2 pairs
+    n = int(seeds_to_resolve(mean, std))
+
+    def power(k):
+        critical = stats.t.ppf(0.975, k - 1)
+        return stats.nct.sf(critical, k - 1, mean / std * math.sqrt(k))
+
+    assert power(n) >= 0.8 > power(n - 1)
+    assert 35 <= n <= 50
+    unresolved = paired_difference([-0.25 - 0.4, -0.25 + 0.4])
+    assert unresolved.verdict == "unresolved" and unresolved.seeds_needed > 2
+    assert paired_difference([0.5]).verdict == "unresolved" and math.isnan(paired_difference([0.5]).seeds_needed)
+    assert seeds_to_resolve(0.0, 1.0) == math.inf
+
+
+# -- damaged records ----------------------------------------------------------------------------
+def test_a_store_with_damaged_records_still_reports_and_lists_them(mini_store, tmp_path, capsys):  # noqa: F811
+    store = tmp_path / "store"
+    shutil.copytree(mini_store, store)
+    good = sorted(store.rglob("results.json"))
+    completed = [p for p in good if json.loads(p.read_text())["status"] == "completed"]
+    damage = {
+        "missing key": lambda r: {k: v for k, v in r.items() if k != "final_test_top1"},
+        "JSON list": lambda r: [r],
+        "wrong types": lambda r: {**r, "seed": "zero", "gmac": "fast"},
+    }
+    for (kind, change), path in zip(damage.items(), completed):
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+        (path.parent / "results.sha256").unlink()  # as a person would leave it: no checksum to fail
+    truncated = completed[3]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    edited = completed[4]  # a changed number that still parses: caught by its sha256
+    record = json.loads(edited.read_text())
+    record["final_test_top1"] += 5
+    edited.write_text(json.dumps(record, indent=2) + "\n")
+
+    out = tmp_path / "report"
+    code = report_main([str(store), "--out", str(out), "--no-weights"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 1
+    assert lines[-1].startswith(f"5 of {len(good)} records left out as unreadable")
+    runs_md = (out / "runs.md").read_text()
+    for reason in ("missing key 'final_test_top1'", "holds a JSON list", "'seed' is 'zero', not an integer",
+                   "not valid JSON", "sha256 disagrees"):
+        assert reason in runs_md, reason
+    assert runs_md.count("| unreadable |") == 5
+    runs = load_runs(store)
+    assert len(runs) == len(good) and (runs["status"] == "unreadable").sum() == 5
+    left = comparison_table(runs)["seeds"].sum()
+    assert left == len(completed) - 5  # the damaged ones are in no table
+    assert (out / "comparison.md").exists() and (out / "index.md").exists()
