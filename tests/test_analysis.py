@@ -67,7 +67,8 @@ def t_interval(values):
 
     if len(values) < 2:
         return math.nan, math.nan
-    return stats.t.interval(0.95, len(values) - 1, loc=mean(values), scale=stdev(values) / math.sqrt(len(values)))
+    n = len(values)
+    return stats.t.interval(0.95, n - 1, loc=mean(values), scale=stdev(values) / math.sqrt(n))
 
 
 def experiment_of(record) -> str:

@@ -74,7 +74,7 @@ def test_three_seeds_give_scipys_t_interval(lr_store):
                       if json.loads(p.read_text())["identity"]["optim"]["lr"] == lr]
         assert len(accuracies) == 3
         low, high = stats.t.interval(0.95, 2, loc=np.mean(accuracies), scale=stats.sem(accuracies))
-        assert row["ci_low"] == pytest.approx(low, abs=1e-9) and row["ci_high"] == pytest.approx(high, abs=1e-9)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), abs=1e-9)
         assert row["top1_mean"] == pytest.approx(np.mean(accuracies), abs=1e-12)
 
 
@@ -114,11 +114,13 @@ def write_store(root: Path, records: list[dict]) -> Path:
 
 def test_an_axis_pair_differs_in_its_axis_and_nothing_else(mini_store, tmp_path):  # noqa: F811
     records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
-    records = [r for r in records if r["status"] == "completed" and r["preset"] in ("dwconv", "dynamic_dwconv")]
+    records = [r for r in records
+               if r["status"] == "completed" and r["preset"] in ("dwconv", "dynamic_dwconv")]
     assert len(records) == 4
     # the same two operators again at another learning rate, and dwconv alone at a third
     again = [synthetic(r, f"{r['run']}-lr", **{"optim.lr": 1e-2}) for r in records]
-    alone = [synthetic(r, f"{r['run']}-lr3", **{"optim.lr": 3e-3}) for r in records if r["preset"] == "dwconv"]
+    alone = [synthetic(r, f"{r['run']}-lr3", **{"optim.lr": 3e-3})
+             for r in records if r["preset"] == "dwconv"]
     runs = load_runs(write_store(tmp_path / "store", records + again + alone))
     effects = axis_effects(runs)
     # two pairs (one per learning rate); dwconv at 3e-3 has no partner; no pair across rates
@@ -171,7 +173,8 @@ def test_seeds_to_resolve_is_the_first_count_with_80_percent_power():
     assert 35 <= n <= 50
     unresolved = paired_difference([-0.25 - 0.4, -0.25 + 0.4])
     assert unresolved.verdict == "unresolved" and unresolved.seeds_needed > 2
-    assert paired_difference([0.5]).verdict == "unresolved" and math.isnan(paired_difference([0.5]).seeds_needed)
+    one_pair = paired_difference([0.5])
+    assert one_pair.verdict == "unresolved" and math.isnan(one_pair.seeds_needed)
     assert seeds_to_resolve(0.0, 1.0) == math.inf
 
 
@@ -181,12 +184,12 @@ def test_a_store_with_damaged_records_still_reports_and_lists_them(mini_store, t
     shutil.copytree(mini_store, store)
     good = sorted(store.rglob("results.json"))
     completed = [p for p in good if json.loads(p.read_text())["status"] == "completed"]
-    damage = {
-        "missing key": lambda r: {k: v for k, v in r.items() if k != "final_test_top1"},
-        "JSON list": lambda r: [r],
-        "wrong types": lambda r: {**r, "seed": "zero", "gmac": "fast"},
-    }
-    for (kind, change), path in zip(damage.items(), completed):
+    damage = (
+        lambda r: {k: v for k, v in r.items() if k != "final_test_top1"},  # a missing key
+        lambda r: [r],  # a JSON list
+        lambda r: {**r, "seed": "zero", "gmac": "fast"},  # wrong types
+    )
+    for change, path in zip(damage, completed):
         path.write_text(json.dumps(change(json.loads(path.read_text()))))
         (path.parent / "results.sha256").unlink()  # as a person would leave it: no checksum to fail
     truncated = completed[3]
