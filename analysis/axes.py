@@ -1,32 +1,19 @@
 """The operator axes as the analysis sees them: their order, how they group, how they read.
 
 Tables are ordered along the paper's axes (sparsest connectivity first, most shared first, static
-first) rather than alphabetically, so that neighbouring rows differ in one step of one axis. The
-axis-effect table and Figure 2 need to know which columns form one axis: channel sharing is given
-by `channels_per_group` or `groups`, and connectivity comes with its kernel size and shift.
+first) rather than alphabetically, so that neighbouring rows differ in one step of one axis. Which
+settings form one axis (channel sharing is `channels_per_group` or `groups`; connectivity comes with
+its kernel size and shift) is said once, in ablate.tracking.identity.AXIS_SETTINGS.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-__all__ = ["AXIS_COLUMNS", "AXIS_GROUPS", "ORDER", "EXPERIMENT_COLUMNS", "axis_sort_key",
-           "sort_by_axes", "axis_value_label", "is_missing"]
+__all__ = ["AXIS_COLUMNS", "ORDER", "axis_sort_key", "sort_by_axes", "axis_value_label", "is_missing"]
 
 # The flat axis fields of a record (`OperatorSpec.axes`).
 AXIS_COLUMNS = ("connectivity", "kernel_size", "shift", "spatial", "channels_per_group", "groups", "dynamic")
-
-# One axis of the paper = these columns together (a flip of `groups` and `channels_per_group` at once
-# is one change of channel sharing; a window size is part of the connectivity).
-AXIS_GROUPS: dict[str, tuple[str, ...]] = {
-    "connectivity": ("connectivity", "kernel_size", "shift"),
-    "spatial": ("spatial",),
-    "channels": ("channels_per_group", "groups"),
-    "dynamic": ("dynamic",),
-}
-
-# What must stay equal for two runs to be comparable, besides the operator's axes.
-EXPERIMENT_COLUMNS = ("block", "model", "data", "epochs", "train_size")
 
 ORDER: dict[str, tuple[str, ...]] = {
     "connectivity": ("window", "sliding", "global"),

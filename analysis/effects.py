@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablate.tracking.identity import LABEL_SETTINGS, axis_of_setting, differing_keys
-from analysis.axes import AXIS_GROUPS, ORDER, axis_value_label
+from ablate.tracking.identity import AXIS_SETTINGS, LABEL_SETTINGS, axis_of_setting, differing_keys
+from analysis.axes import ORDER, axis_value_label
 from analysis.comparison import ACCURACY
 from analysis.experiments import distinguishing_settings, experiments
 from analysis.stats import MAX_SEEDS, paired_difference
@@ -135,7 +135,7 @@ def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
     if table.empty:
         return table
     table["settings"] = distinguishing_settings(settings, {c: list(table[c]) for c in EFFECTS_SHOWN})
-    axis_order = list(AXIS_GROUPS)
+    axis_order = list(AXIS_SETTINGS)
     order = sorted(range(len(table)), key=lambda i: (
         axis_order.index(table["axis"].iloc[i]), str(table["from_operator"].iloc[i]),
         str(table["to_operator"].iloc[i]), str(table["settings"].iloc[i]),

@@ -27,7 +27,7 @@ from analysis.axes import AXIS_COLUMNS, is_missing
 
 __all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "row_from_record", "runs_frame",
            "load_runs", "read_record", "record_problems", "completed", "unreadable",
-           "first_stage_channels_per_group", "group_runs"]
+           "first_stage_channels_per_group"]
 
 UNREADABLE = "unreadable"  # the status of a row made from a record that cannot be trusted
 
@@ -215,17 +215,3 @@ def completed(runs: pd.DataFrame) -> pd.DataFrame:
 def unreadable(runs: pd.DataFrame) -> pd.DataFrame:
     """The records that could not be used, with their reasons."""
     return runs[runs["status"] == UNREADABLE].reset_index(drop=True)
-
-
-def group_runs(runs: pd.DataFrame, columns) -> list[tuple[dict[str, Any], pd.DataFrame]]:
-    """Runs grouped by `columns`, in first-seen order, as (key values, the group's rows).
-
-    Plain Python grouping rather than DataFrame.groupby: axis columns hold None, tuples and NaN,
-    which groupby would drop or refuse; here every missing value is one key, None.
-    """
-    columns = list(columns)
-    groups: dict[tuple, list[int]] = {}
-    for i, values in enumerate(runs[columns].itertuples(index=False, name=None)):
-        key = tuple(None if is_missing(v) else v for v in values)
-        groups.setdefault(key, []).append(i)
-    return [(dict(zip(columns, key)), runs.iloc[rows]) for key, rows in groups.items()]
