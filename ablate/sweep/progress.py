@@ -63,14 +63,15 @@ class SweepProgress:
 
     def counts(self) -> Counter:
         ran = Counter(RunStore(j.folder).status() for j in self.to_run if self.ended(j))
-        ran["already finished"] = sum(j.state == "finished" for j in self.jobs)
-        ran["invalid"] = sum(j.state == "invalid" for j in self.jobs)
+        for state in ("already finished", "invalid", "refused"):  # decided by the plan
+            ran[state] = sum(j.state == state.removeprefix("already ") for j in self.jobs)
         return ran
 
     def line(self) -> str:
         c = self.counts()
-        ran_now = sum(v for k, v in c.items() if k not in ("already finished", "invalid"))
-        done = ran_now + c["already finished"] + c["invalid"]
+        planned = ("already finished", "invalid", "refused")
+        ran_now = sum(v for k, v in c.items() if k not in planned)
+        done = ran_now + sum(c[k] for k in planned)
         total = len(self.jobs)
         elapsed = time.time() - self.started
         parts = [f"{k} {c[k]}" for k in ("completed", "failed", "diverged", "skipped") if c[k]]
@@ -78,6 +79,8 @@ class SweepProgress:
             parts.append(f"already finished {c['already finished']}")
         if c["invalid"]:
             parts.append(f"invalid (skipped) {c['invalid']}")
+        if c["refused"]:
+            parts.append(f"refused {c['refused']}")
         left = len(self.to_run) - ran_now
         eta = f", about {format_duration(elapsed / ran_now * left)} left" if ran_now and left else ""
         bar_width = 20
@@ -124,12 +127,13 @@ def summarize(name: str, jobs: Sequence[Job], seconds: float,
         if job.state == "finished":
             statuses[f"already {job.status}"] += 1
             continue
-        record = RunStore(job.folder).read_results() or {}
+        # a refused job's folder holds another run's record, never its own
+        record = {} if job.status == "refused" else RunStore(job.folder).read_results() or {}
         status = record.get("status") or job.status or "lost"
         statuses[status] += 1
         if status == "skipped":
             skipped_why[record.get("rule") or record.get("reason") or "invalid"] += 1
-        elif status in ("failed", "diverged", "lost"):
+        elif status in ("failed", "diverged", "lost", "refused"):
             error = record.get("error") or job.error or "the job ended without writing a record"
             failures.append({"run": job.folder.name, "status": status,
                              "error": error.strip().splitlines()[0][:300], "folder": str(job.folder)})
