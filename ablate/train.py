@@ -7,14 +7,14 @@
 
     torchrun --nproc_per_node 2 -m ablate.train trainer=ddp     # one run over 2 processes (DDP)
 
-Read top to bottom: find the run folder (one that records another experiment is refused: exit 2,
-nothing touched), validate the operator, see what the folder holds (a completed run is not trained
-again; a checkpoint is resumed, metrics.jsonl restored from it), check what can be checked before
-training (batch, disk, data), take the run folder's lock, build model and recipe, train epoch by epoch (metrics line, then
-checkpoint), and record `results.json`. Everything random in epoch e is seeded from (seed, e), so a
-run resumed at epoch e replays it exactly on the CPU. Under DDP only rank 0 writes (see
-ablate/distributed.py). Exit codes: 0 completed, 1 failed, 2 bad input (nothing trained; what to
-change is printed), 3 diverged, 4 another job holds the run folder.
+Read top to bottom: find the run folder (one that records another run is refused: exit 2, nothing
+touched), validate the operator, see what the folder holds (a completed run is not trained again; a
+checkpoint is resumed, metrics.jsonl restored from it), check what can be checked before training
+(batch, disk, data), take the run folder's lock, build model and recipe, train epoch by epoch
+(metrics line, then checkpoint), and record `results.json`. Everything random in epoch e is seeded
+from (seed, e), so a run resumed at epoch e replays it exactly on the CPU. Under DDP only rank 0
+writes (see ablate/distributed.py). Exit codes: 0 completed, 1 failed, 2 bad input (nothing
+trained; what to change is printed), 3 diverged, 4 another job holds the run folder.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ log = logging.getLogger("ablate.train")
 register_sweeper()  # `python -m ablate.train -m` sweeps with ablate's sweeper (conf/hydra/sweeper/)
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4}
-share_error_type(DataError, CheckpointError, RunLocked, IdentityConflict)  # rank 0's decisions fail alike on every rank
+# rank 0's decisions fail alike on every rank
+share_error_type(DataError, CheckpointError, RunLocked, IdentityConflict)
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
 
 

@@ -95,7 +95,7 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
     """
     from ablate.train import record_unrunnable, run_folder, run_identity  # the job's own naming and records
 
-    jobs, claimed = [], {}  # run folder -> identity of the first job that maps to it
+    jobs, claimed = [], {}  # run folder -> identity of the job of this sweep that runs in it
     for overrides in job_overrides:
         cfg = job_config(config_loader, master, overrides)
         folder, identity = run_folder(cfg), run_identity(cfg)
@@ -107,13 +107,13 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
                      "job its own trainer.run_name, or none: the default name differs per run.")
             jobs.append(Job(list(overrides), folder, "refused", cfg, status="refused", error=error))
             continue
-        claimed[folder] = identity
         store = RunStore(folder)
         try:  # a finished record of another run is not this job's
             store.check_identity(identity)
         except IdentityConflict as err:
             jobs.append(Job(list(overrides), folder, "refused", cfg, status="refused", error=str(err)))
             continue
+        claimed[folder] = identity  # by the first job the folder accepts, not by one it refused
         status = store.status()
         if status in FINISHED:
             jobs.append(Job(list(overrides), folder, "finished", cfg, status=status))

@@ -62,9 +62,12 @@ class SweepProgress:
         return recorded_since(job, self.started)
 
     def counts(self) -> Counter:
-        ran = Counter(RunStore(j.folder).status() for j in self.to_run if self.ended(j))
-        for state in ("already finished", "invalid", "refused"):  # decided by the plan
-            ran[state] = sum(j.state == state.removeprefix("already ") for j in self.jobs)
+        ran = Counter(RunStore(j.folder).status() for j in self.to_run
+                      if j.status != "refused" and self.ended(j))
+        ran["already finished"] = sum(j.state == "finished" for j in self.jobs)
+        ran["invalid"] = sum(j.state == "invalid" for j in self.jobs)
+        # by the plan or by the job itself; nothing is recorded, the folder is another run's
+        ran["refused"] = sum(j.status == "refused" for j in self.jobs)
         return ran
 
     def line(self) -> str:
@@ -81,7 +84,7 @@ class SweepProgress:
             parts.append(f"invalid (skipped) {c['invalid']}")
         if c["refused"]:
             parts.append(f"refused {c['refused']}")
-        left = len(self.to_run) - ran_now
+        left = total - done
         eta = f", about {format_duration(elapsed / ran_now * left)} left" if ran_now and left else ""
         bar_width = 20
         filled = round(bar_width * done / total) if total else bar_width
@@ -154,6 +157,6 @@ def summary_text(summary: dict[str, Any], results_dir: Path) -> str:
     for f in s["failures"]:
         lines.append(f"  {f['status']}: {f['run']}: {f['error']}")
     lines.append(f"  results: {results_dir}   report: python -m analysis.report {results_dir}")
-    if s["failures"]:
+    if any(f["status"] != "refused" for f in s["failures"]):  # a refused job needs another run_name
         lines.append("  launch the same command again to retry the failed jobs; finished runs are kept")
     return "\n".join(lines)
