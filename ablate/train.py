@@ -7,13 +7,14 @@
 
     torchrun --nproc_per_node 2 -m ablate.train trainer=ddp     # one run over 2 processes (DDP)
 
-Read top to bottom: validate the operator, find the run folder (a completed run is not trained
-again; a checkpoint is resumed), check what can be checked before training (batch, disk, data),
-take the run folder's lock, build model and recipe, train epoch by epoch (metrics line, then
-checkpoint), and record `results.json`. Everything random in epoch e is seeded from (seed, e), so a
-run resumed at epoch e replays it exactly on the CPU. Under DDP only rank 0 writes (see
-ablate/distributed.py). Exit codes: 0 completed, 1 failed, 2 bad input (nothing trained; what to
-change is printed), 3 diverged, 4 another job holds the run folder.
+Read top to bottom: find the run folder (one that records another run is refused: exit 2, nothing
+touched), validate the operator, see what the folder holds (a completed run is not trained again; a
+checkpoint is resumed, metrics.jsonl restored from it), check what can be checked before training
+(batch, disk, data), take the run folder's lock, build model and recipe, train epoch by epoch
+(metrics line, then checkpoint), and record `results.json`. Everything random in epoch e is seeded
+from (seed, e), so a run resumed at epoch e replays it exactly on the CPU. Under DDP only rank 0
+writes (see ablate/distributed.py). Exit codes: 0 completed, 1 failed, 2 bad input (nothing
+trained; what to change is printed), 3 diverged, 4 another job holds the run folder.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ from ablate.tracking import (
     safe_name,
     scrub,
 )
-from ablate.tracking.identity import NOT_IDENTITY, experiment_key, identity_from_config
+from ablate.tracking.identity import NOT_IDENTITY, IdentityConflict, experiment_key, identity_from_config
 from ablate.tracking.secrets import install_log_scrubber
 
 __all__ = ["train", "run_folder", "cli", "EXIT_CODES"]
@@ -75,7 +76,8 @@ log = logging.getLogger("ablate.train")
 register_sweeper()  # `python -m ablate.train -m` sweeps with ablate's sweeper (conf/hydra/sweeper/)
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4}
-share_error_type(DataError, CheckpointError, RunLocked)  # rank 0's decisions fail alike on every rank
+# rank 0's decisions fail alike on every rank
+share_error_type(DataError, CheckpointError, RunLocked, IdentityConflict)
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
 
 
@@ -128,9 +130,15 @@ def describe_run(cfg: DictConfig, folder: Path) -> dict[str, Any]:
 def record_unrunnable(cfg: DictConfig, err: Exception) -> Path:
     """Record a sweep job that cannot run: an invalid cell is `skipped`, other bad input `failed`.
 
-    A finished record (completed, diverged) is never replaced: nothing computed is lost.
+    A finished record (completed, diverged) is never replaced: nothing computed is lost; nor is a
+    folder of another experiment written to (the job that maps to it says so).
     """
     store = RunStore(run_folder(cfg))
+    try:
+        store.check_identity(run_identity(cfg))
+    except IdentityConflict as conflict:
+        log.warning("not recording %s: %s", err, conflict)
+        return store.folder
     if not store.finished():
         store.create()
         try:
@@ -345,12 +353,14 @@ def _finished_record(store: RunStore) -> dict[str, Any] | None:
     return store.read_results() if store.finished() else None
 
 
-def _open_run(store: RunStore, resume: bool, world_size: int) -> tuple[str, Any]:
+def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_size: int) -> tuple[str, Any]:
     """Rank 0: create the folder, take its lock, and read what the run resumes from. Returns
     ("finished", record) when another job finished it meanwhile, else ("ok", checkpoint or None)."""
     store.create()
     store.lock()
     try:
+        # checked again under the lock: another experiment's job may have claimed the folder since
+        store.check_identity(identity)
         if store.finished():
             return "finished", store.read_results()
         checkpoint = store.load_checkpoint() if resume else None
@@ -371,10 +381,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and record one run; returns its results (status completed, failed or diverged).
 
     Raises InvalidOperatorError, DataError, ValueError, OSError (unwritable or full results disk),
-    CheckpointError or RunLocked for what must be fixed first: all of these come before the run is
-    recorded, so no record is touched. Once training starts, every failure is recorded instead.
+    CheckpointError, RunLocked or IdentityConflict for what must be fixed first: all of these come
+    before the run is recorded, so no record is touched. Once training starts, every failure is
+    recorded instead.
     """
     t = cfg.trainer
+    store = RunStore(run_folder(cfg))
+    # first: a folder that holds another experiment is neither trained, resumed nor reported as this
+    # run (every rank reads; only rank 0's folder has files)
+    store.check_identity(run_identity(cfg))
     check_recipe(cfg.optim, cfg.schedule)  # bad settings fail before a run folder exists
     check_trainer(t)
     check_logger(cfg.logger)
@@ -383,7 +398,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(t.threads)
     model = build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
     dist = init_distributed(t.distributed, t.device, t.backend, t.dist_timeout_min)
-    store = RunStore(run_folder(cfg))
     try:
         return _train(cfg, model, dist, store)
     finally:
@@ -412,7 +426,8 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
         raise DataError(f"the data cannot be read: {err}. Replace or delete the damaged file, or set "
                         "data.root= to another copy of the data set.") from err
 
-    state, checkpoint = dist.decide(_open_run, store, t.resume == "auto", dist.world_size)
+    identity = scrub(run_identity(cfg))
+    state, checkpoint = dist.decide(_open_run, store, identity, t.resume == "auto", dist.world_size)
     if state == "finished":
         log.info("run finished by another job meanwhile: %s", store.folder)
         return checkpoint
@@ -437,11 +452,12 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
             recipe.ema.load_state_dict(checkpoint["ema"])
         start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
         elapsed = checkpoint["elapsed_s"]
+        history = checkpoint.get("history")  # None in checkpoints written before they carried it
         recipe.scheduler.step_update(step)
         log.info("resuming %s at epoch %d/%d", store.folder, start_epoch + 1, cfg.schedule.epochs)
     del checkpoint
     if dist.is_main:
-        history = store.keep_metrics_before(start_epoch)
+        history = store.resume_metrics(start_epoch, history)
     history = dist.broadcast(history)
 
     forward = model
@@ -502,7 +518,9 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
                     "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
                     "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
                     "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"],
-                    "world_size": dist.world_size})
+                    "world_size": dist.world_size, "identity": identity,
+                    # the rows of metrics.jsonl so far: a resume restores the file from them
+                    "history": history})
             wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=step)
             log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %.2f/%.2f  lr %.2e  %.0f img/s  %.0f s",
                      epoch + 1, cfg.schedule.epochs, row["train_loss"], row["val_top1"], row["val_top5"],
@@ -577,11 +595,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     single_run = HydraConfig.get().mode == RunMode.RUN
     try:
         results = train(cfg)
-    except RunLocked as err:  # another job owns the folder: record nothing, touch nothing
+    except (RunLocked, IdentityConflict) as err:  # another job's or experiment's folder: touch nothing
         log.error("error: %s", err)
+        refused = isinstance(err, IdentityConflict)
         if single_run:
-            sys.exit(EXIT_CODES["locked"])
-        return {"status": "locked", "folder": str(run_folder(cfg)), "error": str(err)}
+            sys.exit(EXIT_CODES["bad input" if refused else "locked"])
+        return {"status": "refused" if refused else "locked", "folder": str(run_folder(cfg)),
+                "error": str(err)}
     except (InvalidOperatorError, DataError, ValueError, OSError, RuntimeError) as err:
         log.error("error: %s", err)
         if single_run:

@@ -3,7 +3,9 @@
 Hydra's basic sweeper takes one cartesian product. A figure or table often needs a union of a few
 (the presets x seeds, plus one preset x channels_per_group x seeds), so a sweep file may list
 `grids`; every grid is multiplied with the shared `params` and with the command line, whose values
-win on a shared key. Jobs that resolve to the same run folder run once.
+win on a shared key. Jobs that resolve to the same run folder run once; a job whose run folder holds
+another run, or is that of an earlier job with other settings (a fixed trainer.run_name), is refused
+and not launched.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from ablate.config import build_model
 from ablate.space.rules import InvalidOperatorError
 from ablate.tracking import FINISHED, RunStore
+from ablate.tracking.identity import IdentityConflict, describe_difference, differing_keys
 
 __all__ = ["Job", "expand_grids", "plan_jobs"]
 
@@ -31,10 +34,11 @@ class Job:
 
     overrides: list[str]
     folder: Path
-    state: str  # "finished" (recorded earlier), "invalid" (recorded as skipped now), "run"
+    state: str  # "finished" (recorded earlier), "invalid" (recorded as skipped now), "refused", "run"
     cfg: DictConfig | None = field(default=None, repr=False)  # the job's config, without `hydra`
     reason: str | None = None  # for invalid cells: the rule and the nearest valid settings
-    status: str | None = None  # the recorded status after the sweep (or before, when finished)
+    status: str | None = None  # the recorded status after the sweep (or before, when finished);
+    # "refused" when the run folder is another run's: nothing is recorded there
     error: str | None = None
 
 
@@ -84,20 +88,33 @@ def check_operator(cfg: DictConfig) -> None:
 
 
 def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[Job]:
-    """Compose every job and decide: finished (skip), invalid (record as skipped), or run.
+    """Compose every job and decide: finished (skip), invalid (record as skipped), refused (its run
+    folder is another run's), or run.
 
     A composition error (a misspelt key or option) raises here, before any job is launched.
     """
-    from ablate.train import record_unrunnable, run_folder  # the job's own naming and records
+    from ablate.train import record_unrunnable, run_folder, run_identity  # the job's own naming and records
 
-    jobs, seen = [], set()
+    jobs, claimed = [], {}  # run folder -> identity of the job of this sweep that runs in it
     for overrides in job_overrides:
         cfg = job_config(config_loader, master, overrides)
-        folder = run_folder(cfg)
-        if folder in seen:  # two spellings of the same experiment
+        folder, identity = run_folder(cfg), run_identity(cfg)
+        if folder in claimed:
+            if not differing_keys(claimed[folder], identity):  # two spellings of the same run
+                continue
+            error = (f"jobs of this sweep with different settings map to one run folder {folder} "
+                     f"({describe_difference(claimed[folder], identity, 'in an earlier job')}). Give each "
+                     "job its own trainer.run_name, or none: the default name differs per run.")
+            jobs.append(Job(list(overrides), folder, "refused", cfg, status="refused", error=error))
             continue
-        seen.add(folder)
-        status = RunStore(folder).status()
+        store = RunStore(folder)
+        try:  # a finished record of another run is not this job's
+            store.check_identity(identity)
+        except IdentityConflict as err:
+            jobs.append(Job(list(overrides), folder, "refused", cfg, status="refused", error=str(err)))
+            continue
+        claimed[folder] = identity  # by the first job the folder accepts, not by one it refused
+        status = store.status()
         if status in FINISHED:
             jobs.append(Job(list(overrides), folder, "finished", cfg, status=status))
             continue

@@ -62,15 +62,19 @@ class SweepProgress:
         return recorded_since(job, self.started)
 
     def counts(self) -> Counter:
-        ran = Counter(RunStore(j.folder).status() for j in self.to_run if self.ended(j))
+        ran = Counter(RunStore(j.folder).status() for j in self.to_run
+                      if j.status != "refused" and self.ended(j))
         ran["already finished"] = sum(j.state == "finished" for j in self.jobs)
         ran["invalid"] = sum(j.state == "invalid" for j in self.jobs)
+        # by the plan or by the job itself; nothing is recorded, the folder is another run's
+        ran["refused"] = sum(j.status == "refused" for j in self.jobs)
         return ran
 
     def line(self) -> str:
         c = self.counts()
-        ran_now = sum(v for k, v in c.items() if k not in ("already finished", "invalid"))
-        done = ran_now + c["already finished"] + c["invalid"]
+        planned = ("already finished", "invalid", "refused")
+        ran_now = sum(v for k, v in c.items() if k not in planned)
+        done = ran_now + sum(c[k] for k in planned)
         total = len(self.jobs)
         elapsed = time.time() - self.started
         parts = [f"{k} {c[k]}" for k in ("completed", "failed", "diverged", "skipped") if c[k]]
@@ -78,7 +82,9 @@ class SweepProgress:
             parts.append(f"already finished {c['already finished']}")
         if c["invalid"]:
             parts.append(f"invalid (skipped) {c['invalid']}")
-        left = len(self.to_run) - ran_now
+        if c["refused"]:
+            parts.append(f"refused {c['refused']}")
+        left = total - done
         eta = f", about {format_duration(elapsed / ran_now * left)} left" if ran_now and left else ""
         bar_width = 20
         filled = round(bar_width * done / total) if total else bar_width
@@ -124,12 +130,13 @@ def summarize(name: str, jobs: Sequence[Job], seconds: float,
         if job.state == "finished":
             statuses[f"already {job.status}"] += 1
             continue
-        record = RunStore(job.folder).read_results() or {}
+        # a refused job's folder holds another run's record, never its own
+        record = {} if job.status == "refused" else RunStore(job.folder).read_results() or {}
         status = record.get("status") or job.status or "lost"
         statuses[status] += 1
         if status == "skipped":
             skipped_why[record.get("rule") or record.get("reason") or "invalid"] += 1
-        elif status in ("failed", "diverged", "lost"):
+        elif status in ("failed", "diverged", "lost", "refused"):
             error = record.get("error") or job.error or "the job ended without writing a record"
             failures.append({"run": job.folder.name, "status": status,
                              "error": error.strip().splitlines()[0][:300], "folder": str(job.folder)})
@@ -150,6 +157,6 @@ def summary_text(summary: dict[str, Any], results_dir: Path) -> str:
     for f in s["failures"]:
         lines.append(f"  {f['status']}: {f['run']}: {f['error']}")
     lines.append(f"  results: {results_dir}   report: python -m analysis.report {results_dir}")
-    if s["failures"]:
+    if any(f["status"] != "refused" for f in s["failures"]):  # a refused job needs another run_name
         lines.append("  launch the same command again to retry the failed jobs; finished runs are kept")
     return "\n".join(lines)

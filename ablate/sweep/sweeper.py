@@ -73,10 +73,13 @@ class GridSweeper(Sweeper):
         to_run = [j for j in jobs if j.state == "run"]
         finished = sum(j.state == "finished" for j in jobs)
         invalid = sum(j.state == "invalid" for j in jobs)
+        refused = [j for j in jobs if j.state == "refused"]
         launcher = type(self.launcher).__name__
         print(f"[sweep {name}] {len(jobs)} jobs: {finished} already finished, {invalid} invalid cells "
-              f"(recorded as skipped), {len(to_run)} to run with {launcher}; results in {results_dir}",
-              flush=True)
+              f"(recorded as skipped), {len(refused)} refused (their run folder is another run's), "
+              f"{len(to_run)} to run with {launcher}; results in {results_dir}", flush=True)
+        for job in refused:
+            log.error("refused: %s", job.error)
 
         returns: list[Sequence[Any]] = []
         batch_size = self.max_batch_size or max(len(to_run), 1)
@@ -100,7 +103,7 @@ class GridSweeper(Sweeper):
 
         summary = summarize(name, jobs, time.time() - started, sweep_dir)
         print(summary_text(summary, results_dir), flush=True)
-        if any(f["status"] in ("failed", "lost") for f in summary["failures"]):
+        if any(f["status"] in ("failed", "lost", "refused") for f in summary["failures"]):
             sys.exit(1)  # everything that could run did; a script still learns that some jobs failed
         return returns
 
@@ -117,6 +120,10 @@ class GridSweeper(Sweeper):
         else:
             failures = {id(j): r._return_value for j, r in zip(batch, returns)
                         if r.status == JobStatus.FAILED}
+            for job, r in zip(batch, returns):  # refused at run time: the folder holds no record of it
+                outcome = r.return_value if r.status == JobStatus.COMPLETED else None
+                if isinstance(outcome, dict) and outcome.get("status") == "refused":
+                    job.status, job.error = "refused", outcome.get("error")
         lost = [(job, failures[id(job)]) for job in batch
                 if id(job) in failures and not recorded_since(job, launched)]
         return returns, lost

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["NOT_IDENTITY", "EXECUTION_ONLY", "AXIS_SETTINGS", "identity_from_config", "experiment_of",
-           "experiment_key", "flatten", "differing_keys", "axis_of_setting", "IdentityConflict",
-           "LABEL_SETTINGS"]
+           "experiment_key", "flatten", "differing_keys", "describe_difference", "axis_of_setting",
+           "IdentityConflict", "folder_conflict", "LABEL_SETTINGS"]
 
 # Top-level config groups that say where a run executes and how it is shown, never what it computes.
 NOT_IDENTITY = ("trainer", "logger", "ops")
@@ -41,6 +41,15 @@ LABEL_SETTINGS = ("preset",)
 
 class IdentityConflict(ValueError):
     """A run folder holds another experiment than the command asks for: nothing may touch it."""
+
+
+def folder_conflict(folder: Any, source: str, theirs: Mapping[str, Any],
+                    ours: Mapping[str, Any]) -> IdentityConflict:
+    """The error for a run folder whose `source` file records the identity `theirs`, not `ours`."""
+    return IdentityConflict(
+        f"the run folder {folder} holds another run (its {source}: {describe_difference(theirs, ours)}). "
+        "Give this run another trainer.run_name (or trainer.sweep), or delete that folder to replace "
+        "the run it holds.")
 
 
 def _drop(tree: dict[str, Any], dotted: str) -> None:
@@ -95,6 +104,29 @@ def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     fa, fb = flatten(a), flatten(b)
     missing = object()
     return sorted(k for k in set(fa) | set(fb) if fa.get(k, missing) != fb.get(k, missing))
+
+
+def _shown(flat: Mapping[str, Any], key: str) -> str:
+    if key not in flat:
+        return "(unset)"
+    value = flat[key]
+    return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def describe_difference(theirs: Mapping[str, Any], ours: Mapping[str, Any], theirs_as: str = "recorded",
+                        limit: int = 6) -> str:
+    """What tells two identities apart, for a message: the operator first when the presets differ
+    ("operator: dwconv recorded, local_attention here"), then up to `limit` differing settings with
+    both values ("and N more")."""
+    parts = []
+    if theirs.get("preset") != ours.get("preset"):
+        parts.append(f"operator: {theirs.get('preset')} {theirs_as}, {ours.get('preset')} here")
+    keys = [k for k in differing_keys(theirs, ours) if k not in LABEL_SETTINGS]
+    flat_theirs, flat_ours = flatten(theirs), flatten(ours)
+    parts += [f"{k}: {_shown(flat_theirs, k)} {theirs_as}, {_shown(flat_ours, k)} here" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return "; ".join(parts)
 
 
 def axis_of_setting(key: str) -> str | None:

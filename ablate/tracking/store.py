@@ -3,7 +3,8 @@
     results/<sweep or "runs">/<run name>/
         config.yaml          the resolved config (written at start; secrets scrubbed)
         metrics.jsonl        one JSON line per finished epoch
-        checkpoint.pt        model, optimizer, schedule and progress after the last finished epoch
+        checkpoint.pt        model, optimizer, schedule and progress after the last finished epoch,
+                             with the run's identity and its epoch rows (metrics.jsonl's truth)
         checkpoint.prev.pt   the checkpoint before it: the fallback when checkpoint.pt is damaged
         checkpoint.sha256    the sha256 of every good checkpoint file
         results.json         status and every summary field (written when the run ends)
@@ -15,6 +16,9 @@ renamed over the old one, so a kill at any instant leaves either the old or the 
 half-written one. Checksums catch what atomic writes cannot: a file truncated or overwritten later (a
 copy cut short, a bad disk, a person). A damaged checkpoint falls back to the previous good one; a
 damaged results.json counts as no record (the run resumes from its checkpoint and records again).
+
+A folder holds one run: config.yaml, results.json and the checkpoints record its identity, and a
+command for another identity is refused before it touches anything (`check_identity`).
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
+from ablate.tracking.identity import IdentityConflict, differing_keys, folder_conflict, identity_from_config
 from ablate.tracking.secrets import scrub
 
 __all__ = ["FINISHED", "CheckpointError", "RunLocked", "RunStore", "atomic_write_bytes", "parse_record",
@@ -186,6 +192,43 @@ class RunStore:
             raise OSError(err.errno, f"cannot write to the results folder {self.folder}: {err.strerror}. "
                                      "Set trainer.results_root to a writable folder.") from err
 
+    # -- one experiment per run folder ----------------------------------------------------------
+    def recorded_identities(self) -> dict[str, dict[str, Any]]:
+        """The run identity each file of the folder records, by file name: config.yaml (the resolved
+        config, written when the run starts), results.json and the checkpoints. Absent or damaged
+        files (their damage is reported where they are read) and files written before they carried
+        an identity say nothing. Reads only: the checkpoints are memory-mapped, not read whole."""
+        found = {}
+        if self.config.exists():
+            try:
+                config = OmegaConf.to_container(OmegaConf.load(self.config))
+                found[self.config.name] = identity_from_config(config, config["trainer"]["seed"])
+            except Exception as err:  # noqa: BLE001  a hand-edit gone wrong: what the folder holds is unknown
+                raise IdentityConflict(
+                    f"{self.config} cannot be read ({type(err).__name__}: {str(err)[:200]}), so which "
+                    f"experiment {self.folder} holds is unknown. Restore that file, give this run another "
+                    "trainer.run_name (or trainer.sweep), or delete that folder.") from None
+        record = self.read_results()
+        if record is not None and isinstance(record.get("identity"), dict):
+            found[self.results.name] = record["identity"]
+        for path in (self.checkpoint, self.prev_checkpoint):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001  absent or damaged: load_checkpoint reports it
+                continue
+            if isinstance(state, dict) and isinstance(state.get("identity"), dict):
+                found[path.name] = state["identity"]
+        return found
+
+    def check_identity(self, identity: dict[str, Any]) -> None:
+        """Raise IdentityConflict unless every file here that records an identity records `identity`:
+        a run folder holds one run, so a command for another never resumes, overwrites or reports
+        it. The records are scrubbed of secrets, so `identity` is compared scrubbed too."""
+        ours = scrub(identity)
+        for source, theirs in self.recorded_identities().items():
+            if differing_keys(theirs, ours):
+                raise folder_conflict(self.folder, source, theirs, ours)
+
     # -- one writer per run folder --------------------------------------------------------------
     def lock(self) -> None:
         """Take the run folder's lock for this job (released by `unlock` or when the process dies,
@@ -267,10 +310,23 @@ class RunStore:
                 break
         return rows
 
-    def keep_metrics_before(self, epoch: int) -> list[dict[str, Any]]:
-        """On resume: drop lines of epochs the checkpoint does not include (they will rerun)."""
-        rows = [r for r in self.read_metrics() if r["epoch"] < epoch]
-        atomic_write_bytes(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    def resume_metrics(self, epoch: int, history: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """On resume at `epoch`: metrics.jsonl as of the checkpoint, and its rows. Lines after the
+        checkpoint's epochs (a kill between a metrics line and its checkpoint) are dropped: those
+        epochs rerun. `history`, the checkpoint's rows, is the truth: a file that disagrees with it
+        (cut, edited, a line missing or added) is rebuilt from it, and said so. Checkpoints written
+        before they carried a history (None) keep the file's intact rows before `epoch`."""
+        rows = [r for r in self.read_metrics() if r["epoch"] < epoch] if history is None else history
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        try:
+            old = self.metrics.read_bytes()
+        except FileNotFoundError:
+            old = b""
+        if history is not None and not old.startswith(data):
+            log.warning("%s was damaged or edited: rebuilt from the checkpoint (%d epochs)", self.metrics,
+                        len(rows))
+        if old != data:
+            atomic_write_bytes(self.metrics, data)
         return rows
 
     # -- checkpoints ----------------------------------------------------------------------------
