@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_dir
 from ablate.config import CONF_DIR, build_model
 from ablate.models.blocks import SwinBlock
 from ablate.ops import backend as ops_backend
-from ablate.ops.fast import attention, cpu
-from ablate.ops.functional import sliding_aggregate
+from ablate.ops.fast import attention, cpu, native
+from ablate.ops.functional import sliding_aggregate, sliding_correlate
 from ablate.ops.layouts import build_layout
 from ablate.ops.mixer import SpatialMixer
 from ablate.space.presets import PRESETS
@@ -202,6 +202,81 @@ def test_value_projection_that_cannot_fuse_is_applied_first():
     other = torch.randn(2, 8, 14, 14)  # a context other than x: the values cannot share its GEMM
     pw = torch.nn.Conv2d(8, 8, 1)
     torch.testing.assert_close(fast(x, other, value_proj=pw), ref(pw(x), context=other), rtol=1e-5, atol=1e-5)
+
+
+# -- the native kernels (sliding.c) ---------------------------------------------------------------
+requires_native = pytest.mark.skipif(not native.available(),
+                                     reason="no C compiler to build the native kernels")
+# (N, G, Cg, H, W, K, weight batch): odd and tiny maps, kernels larger than the map, shared weights
+NATIVE_SHAPES = [(3, 2, 3, 5, 6, 3, 3), (2, 4, 1, 14, 14, 7, 1), (2, 1, 2, 2, 3, 7, 2), (2, 2, 3, 4, 4, 7, 2),
+                 (1, 2, 2, 4, 4, 5, 1)]
+
+
+def _native_operands(n, g, c, h, w, k, wn, dtype, position_major=False):
+    gen = torch.Generator().manual_seed(n * 100 + h)
+    x = torch.randn(n, g, c, h, w, generator=gen, dtype=dtype)
+    if position_major:  # the channels_last output of the convolution that predicts the weights
+        weights = torch.randn(wn, h, w, g, k * k, generator=gen, dtype=dtype).permute(0, 3, 4, 1, 2)
+    else:
+        weights = torch.randn(wn, g, k * k, h, w, generator=gen, dtype=dtype)
+    return x.requires_grad_(True), weights.requires_grad_(True)
+
+
+@requires_native
+@pytest.mark.parametrize("shape", NATIVE_SHAPES)
+@pytest.mark.parametrize("position_major", [False, True])
+def test_native_kernels_match_the_reference(shape, position_major):
+    n, g, c, h, w, k, wn = shape
+    x, weights = _native_operands(*shape, torch.float32, position_major)
+    y, ry = native.aggregate(x, weights, k), sliding_aggregate(x, weights, k)
+    gy = torch.randn_like(ry)
+    for got, want in zip((y, *torch.autograd.grad(y, (x, weights), gy)),
+                         (ry, *torch.autograd.grad(ry, (x, weights), gy))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    a, b = x.detach().requires_grad_(True), torch.randn_like(x).requires_grad_(True)
+    logits, ref = native.correlate(a, b, k), sliding_correlate(a, b, k)
+    gl = torch.randn_like(ref)
+    for got, want in zip((logits, *torch.autograd.grad(logits, (a, b), gl)),
+                         (ref, *torch.autograd.grad(ref, (a, b), gl))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@requires_native
+@pytest.mark.parametrize("shape", NATIVE_SHAPES[:3])
+def test_native_kernels_gradcheck_in_float64(shape):
+    k = shape[5]
+    x, weights = _native_operands(*shape, torch.float64, position_major=shape[-1] > 1)
+    assert torch.autograd.gradcheck(lambda a, b: native.aggregate(a, b, k), (x, weights))
+    b = torch.randn_like(x).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, c: native.correlate(a, c, k), (x, b))
+
+
+@requires_native
+@pytest.mark.parametrize("preset", ["idynamic_dwconv", "locally_connected", "neighborhood_attention"])
+def test_native_mixers_match_reference(preset, monkeypatch):
+    """Through SpatialMixer at a micro-like size, where the native kernels are the fast path."""
+    calls = []
+    for name in ("aggregate", "correlate"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    cpg = {"idynamic_dwconv": 3, "locally_connected": 1, "neighborhood_attention": 3}[preset]
+    fast, ref = _mixer_pair(PRESETS[preset].spec, 6, (7, 7), cpg)
+    x, gy = _inputs(3, 6, 7, 7)
+    _compare(fast, ref, x, None, gy, 1e-5)
+    assert "aggregate" in calls and (preset != "neighborhood_attention" or "correlate" in calls)
+
+
+def test_without_native_kernels_the_reference_runs(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setenv("ABLATE_KERNEL_CACHE", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    with caplog.at_level("WARNING"):
+        assert not native.available() and not native.available()
+    assert sum("native sliding kernels unavailable" in r.message for r in caplog.records) == 1
+    fast, ref = _mixer_pair(PRESETS["locally_connected"].spec, 6, (5, 5), 1)
+    x, gy = _inputs(2, 6, 5, 5)
+    _compare(fast, ref, x, None, gy, 1e-6)
 
 
 def test_effective_weights_unchanged_by_backend(eager_forms):

@@ -4,7 +4,8 @@
 |---|---|---|
 | static depth-wise (sliding, offset) | oneDNN depth-wise conv, channels_last | `_kernel_fwd`, stride 0 |
 | homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | `_kernel_fwd`, sample stride |
-| inhomogeneous dynamic, locally connected | compiled shift-and-accumulate | `_position_fwd` |
+| inhomogeneous dynamic, locally connected | native loops (sliding.c); compiled if large | `_position_fwd` |
+| neighbourhood attention (logits, aggregation) | native loops (sliding.c) | the reference |
 | window attention (local, global) | `scaled_dot_product_attention` | `scaled_dot_product_attention` |
 
 `aggregate` and `fused_forward` return None where no fast path applies; the caller then runs the
@@ -16,7 +17,7 @@ import importlib.util
 
 import torch
 
-from ablate.ops.fast import cpu
+from ablate.ops.fast import cpu, native
 from ablate.ops.fast.attention import fusable_projection, window_attention
 
 __all__ = ["aggregate", "fused_forward", "triton_available"]
@@ -43,9 +44,14 @@ def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         if w.dim() == 3:
             return triton_dw.kernel_aggregate(x, w, k)
         return triton_dw.position_aggregate(x, w, k)
+    n, c, h, wd = x.shape
+    if w.dim() == 5 and _native_pays(x):
+        g = w.shape[1]
+        y = native.aggregate(x.reshape(n, g, c // g, h, wd), w, k)
+        if y is not None:
+            return y.reshape(n, c, h, wd)
     if not cpu.compile_pays(x):
         return None
-    n, c, h, wd = x.shape
     if w.dim() == 3 and w.shape[0] == 1:
         return cpu.depthwise_conv_channels_last(x, w, k)
     if w.dim() == 3:
@@ -54,10 +60,26 @@ def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return cpu.position_aggregate(x.reshape(n, g, c // g, h, wd), w, k).reshape(n, c, h, wd)
 
 
+def _native_pays(x: torch.Tensor) -> bool:
+    """The native per-position kernels run on CPU float32 (float64 stays on the reference: the exact
+    checks) below the size where the compiled form takes over."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not cpu.compile_pays(x)
+            and native.available())
+
+
+def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tensor | None:
+    """A fast `sliding_correlate(a, b, kernel_size)` (neighbourhood attention's logits), or None."""
+    return native.correlate(a, b, kernel_size) if _native_pays(a) else None
+
+
 def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None) -> torch.Tensor | None:
     """The mixer's output without materialising its weights (attention), or None."""
-    from ablate.ops.sources.attention import WindowAttentionWeights
+    from ablate.ops.sources.attention import NeighbourhoodAttentionWeights, WindowAttentionWeights
 
+    if type(mixer.weights) is NeighbourhoodAttentionWeights and _native_pays(x):
+        values = x if value_proj is None else value_proj(x)
+        w = mixer.weights(context, mixer.layout, correlate=correlate)
+        return aggregate(mixer.layout, values, w)
     if type(mixer.weights) is not WindowAttentionWeights or x.dtype == torch.float64:
         return None
     if value_proj is not None and not (context is x and fusable_projection(value_proj, x.shape[1])):

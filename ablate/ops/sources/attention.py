@@ -68,10 +68,14 @@ class NeighbourhoodAttentionWeights(_Attention):
     def __init__(self, layout, dim, groups, dynamic, context_dim):
         super().__init__(layout, dim, groups, dynamic, context_dim, layout.tokens)
 
-    def forward(self, context: torch.Tensor, layout) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, layout, correlate=None) -> torch.Tensor:
+        """`correlate`: a faster implementation of `sliding_correlate` (the fast backend's), or None
+        for the reference."""
         n, _, h, w = context.shape
         q, k = self.qk(context).reshape(n, 2, self.groups, -1, h, w).unbind(1)
-        logits = sliding_correlate(q * self.scale, k, layout.kernel_size)
+        logits = (correlate and correlate(q * self.scale, k, layout.kernel_size))
+        if logits is None:
+            logits = sliding_correlate(q * self.scale, k, layout.kernel_size)
         if self.position_bias is not None:
             logits = logits + self.position_bias[None, :, :, None, None]
         logits = logits.masked_fill(~layout.inside, float("-inf"))
