@@ -298,12 +298,12 @@ def _attention_candidates(n, c, res, shifted, device, dtype, seed) -> list[Candi
     shift = 3 if shifted and min(res) > 7 else 0
 
     def timm_setup():
-        attn = WindowAttention(c, heads, window_size=(7, 7)).to(device, dtype)
+        ws = min(7, h)  # a window larger than the map shrinks to it, in Swin as in ablate
+        attn = WindowAttention(c, heads, window_size=(ws, ws)).to(device, dtype)
         mixer = SpatialMixer(spec, c, res, 32, shifted=bool(shift), backend="reference")
         mask = mixer.layout.same_region
         mask = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -100.0).to(device, dtype)
         xi = _leaf(x.permute(0, 2, 3, 1).contiguous())
-        ws = min(7, h)
 
         def fn():
             t = torch.roll(xi, (-shift, -shift), (1, 2)) if shift else xi
@@ -450,11 +450,18 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
             "infer_batch_size": batch, "infer_img_size": img,
             "train_samples_per_sec": round(batch / tr, 2), "train_step_time": round(1e3 * tr, 2),
             "train_batch_size": batch, "train_img_size": img,
-            "param_count": round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2)})
+            "param_count": round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2),
+            "gmac": models[name].macs() / 1e9 if hasattr(models[name], "macs") else None})
     swin = next((r for r in rows if r["model"] == "swin_tiny"), None)
+    dwconv = next((r for r in rows if r["model"] == f"ablate_dwconv_{size}"), None)
     for row in rows:
         row["train_vs_swin_tiny"] = (round(row["train_samples_per_sec"] / swin["train_samples_per_sec"], 3)
                                      if swin else None)
+        # as fast per FLOP as dwconv = 1.0: samples/s x GMAC, relative to dwconv's, in a train step
+        work = row["train_samples_per_sec"] * (row["gmac"] or 0.0)
+        row["efficiency_vs_dwconv"] = (round(work / (dwconv["train_samples_per_sec"] * dwconv["gmac"]), 2)
+                                       if dwconv and row["gmac"] else None)
+        row["gmac"] = None if row["gmac"] is None else round(row["gmac"], 4)
     return rows
 
 
@@ -473,7 +480,7 @@ OP_COLUMNS = ("size", "stage", "shape", "operator", "candidate", "fwd_ms", "bwd_
               "peak_mb", "peak_vs_baseline", "fwd_gbps", "fwd_copy_fraction", "fwd_bwd_copy_fraction")
 MODEL_COLUMNS = ("model", "size", "backend", "channels_last", "train_samples_per_sec",
                  "infer_samples_per_sec", "train_step_time", "infer_step_time", "train_batch_size",
-                 "infer_batch_size",                 "param_count", "train_vs_swin_tiny")
+                 "infer_batch_size", "param_count", "gmac", "efficiency_vs_dwconv", "train_vs_swin_tiny")
 
 
 def _machine(device: torch.device) -> dict:
@@ -557,7 +564,9 @@ def run(args: BenchArgs) -> dict:
     if args.section in ("all", "models"):
         for size in args.sizes:
             batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
-            names = [*args.models, "swin_tiny"] if size == "tiny" else list(args.models)
+            # dwconv is the yardstick of every model's efficiency (samples/s x GMAC relative to it)
+            names = list(dict.fromkeys(["dwconv", *args.models]))
+            names += ["swin_tiny"] if size == "tiny" else []
             print(f"models: {size}, batch {batch}", flush=True)
             model_rounds = 1 if args.quick else (rounds if gpu else 2)
             models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
