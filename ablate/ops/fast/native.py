@@ -88,10 +88,12 @@ def _load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(path))
         # 3 tensors; N, G, C, H, W, K; the 5 strides of the weights (or correlate's output); threads
         signature = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 11 + [ctypes.c_int]
-        for name in _FUNCTIONS:
-            for suffix in DTYPES.values():
+        for suffix in DTYPES.values():
+            for name in _FUNCTIONS:
                 function = getattr(library, f"ablate_{name}_{suffix}")
                 function.argtypes, function.restype = signature, None
+            function = getattr(library, f"ablate_aggregate_backward_{suffix}")  # 5 tensors
+            function.argtypes, function.restype = [ctypes.c_void_p] * 2 + signature, None
         _library = library
     except Exception as err:  # noqa: BLE001  any build or load failure: the eager reference runs
         _failed = True
@@ -170,6 +172,22 @@ def _correlate(a: torch.Tensor, bp: torch.Tensor, k: int, sum_batch: bool,
     return _call("correlate", _pad_right(a, k), bp, out, a.shape, k, out)
 
 
+def _aggregate_backward(gy: torch.Tensor, xp: torch.Tensor, w: torch.Tensor, k: int):
+    """(gx, gw) of aggregate in one pass over gy (gw summed over the batch for shared weights)."""
+    n, g, c, h, wd = gy.shape
+    p = k // 2
+    gxp = gy.new_empty((n, g, c, h + 2 * p + 1, wd + 2 * p))
+    gw = _like(w, w.shape)
+    strides = list(w.stride())
+    if w.shape[0] == 1:
+        strides[0] = 0
+    gyp = _pad_right(gy, k)  # held here: the kernel reads its memory
+    function = getattr(_load(), f"ablate_aggregate_backward_{DTYPES[gy.dtype]}")
+    function(gyp.data_ptr(), xp.data_ptr(), w.data_ptr(), gxp.data_ptr(), gw.data_ptr(),
+             n, g, c, h, wd, k, *strides, torch.get_num_threads())
+    return gxp[..., p: p + h, p: p + wd], gw
+
+
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, k):
@@ -182,6 +200,9 @@ class _Aggregate(torch.autograd.Function):
     def backward(ctx, gy):
         xp, w = ctx.saved_tensors
         k, gy = ctx.k, gy.contiguous()
+        if all(ctx.needs_input_grad[:2]):
+            gx, gw = _aggregate_backward(gy, xp, w, k)
+            return gx, gw, None
         gx = _scatter(gy, w, k) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:

@@ -115,6 +115,49 @@ void ablate_scatter_##S(const T *gyp, const T *w, T *gxp, long N, long G, long C
     }                                                                                                   \
 }                                                                                                       \
                                                                                                         \
+/* The backward of aggregate in one pass: gx (scatter) and gw (correlate of gy with x) share the
+ * weights' grid and every load of gy. gyp (N,G,C,H,Wp) right-padded, xp (N,G,C,Hp,Wp), w (strided)
+ * -> gxp (N,G,C,Hp,Wp), cropped by the caller, and gw (strided like w; wn = 0: summed over the batch,
+ * one unit per group then, the shared weights gridded once) */                                        \
+void ablate_aggregate_backward_##S(const T *gyp, const T *xp, const T *w, T *gxp, T *gw, long N, long G,  \
+                                   long C, long H, long W, long K, long wn, long wgs, long wt, long wh,  \
+                                   long ww, int threads) {                                              \
+    const long p = K / 2, Wp = W + 2 * p, Hp = H + 2 * p + 1, TT = K * K, L = H * Wp;                   \
+    const Strides s = {wn, wgs, wt, wh, ww};                                                            \
+    const long units = wn == 0 ? G : N * G;                                                             \
+    _Pragma("omp parallel num_threads(threads)")                                                        \
+    {                                                                                                   \
+        T *wg = malloc(TT * L * sizeof(T)), *og = malloc(TT * L * sizeof(T));                           \
+        _Pragma("omp for schedule(static)")                                                             \
+        for (long u = 0; u < units; u++) {                                                              \
+            const long g = u % G, n0 = wn == 0 ? 0 : u / G, n1 = wn == 0 ? N : n0 + 1;                  \
+            to_grid_##S(w, s, n0, g, wg, TT, H, W, Wp);                                                 \
+            memset(og, 0, TT * L * sizeof(T));                                                          \
+            for (long n = n0; n < n1; n++)                                                              \
+                for (long c = 0; c < C; c++) {                                                          \
+                    const long plane = (n * G + g) * C + c;                                             \
+                    const T *yc = gyp + plane * L, *xc = xp + plane * Hp * Wp;                          \
+                    T *gc = gxp + plane * Hp * Wp;                                                      \
+                    memset(gc, 0, Hp * Wp * sizeof(T));                                                \
+                    for (long t = 0; t < TT; t++) {                                                     \
+                        if (SKIP(t)) continue;                                                          \
+                        const long off = (t / K) * Wp + t % K;                                          \
+                        const T *wt_ = wg + t * L, *xt = xc + off;                                      \
+                        T *gt = gc + off, *ot = og + t * L;                                             \
+                        _Pragma("omp simd")                                                             \
+                        for (long i = 0; i < L; i++) {                                                  \
+                            gt[i] += wt_[i] * yc[i];                                                    \
+                            ot[i] += yc[i] * xt[i];                                                     \
+                        }                                                                               \
+                    }                                                                                   \
+                }                                                                                       \
+            from_grid_##S(og, gw, s, n0, g, TT, H, W, Wp);                                              \
+        }                                                                                               \
+        free(wg);                                                                                       \
+        free(og);                                                                                       \
+    }                                                                                                   \
+}                                                                                                       \
+                                                                                                        \
 /* ap (N,G,C,H,Wp) right-padded, bp (N,G,C,Hp,Wp) -> out (strided; sn = 0: summed over the batch) */     \
 void ablate_correlate_##S(const T *ap, const T *bp, T *out, long N, long G, long C, long H, long W,     \
                           long K, long on, long ogs, long ot, long oh, long ow, int threads) {           \
