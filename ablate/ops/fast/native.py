@@ -112,12 +112,18 @@ def _call(name: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, shape:
     """Run one kernel; `strided` is the operand read or written through its strides (the weights,
     or correlate's output): a batch of 1 gets stride 0, so one weight set serves the whole batch."""
     n, g, c, h, w = shape
-    strides = list(strided.stride())
-    if strided.shape[0] == 1:
-        strides[0] = 0
     function = getattr(_load(), f"ablate_{name}_{DTYPES[a.dtype]}")
-    function(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, g, c, h, w, k, *strides, torch.get_num_threads())
+    function(a.data_ptr(), b.data_ptr(), out.data_ptr(), n, g, c, h, w, k, *_strides(strided),
+             torch.get_num_threads())
     return out
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    """The kernels' view of a weight-shaped tensor: its strides, batch stride 0 for a batch of 1."""
+    strides = list(t.stride())
+    if t.shape[0] == 1:
+        strides[0] = 0
+    return strides
 
 
 def _dense(w: torch.Tensor) -> torch.Tensor:
@@ -178,13 +184,10 @@ def _aggregate_backward(gy: torch.Tensor, xp: torch.Tensor, w: torch.Tensor, k: 
     p = k // 2
     gxp = gy.new_empty((n, g, c, h + 2 * p + 1, wd + 2 * p))
     gw = _like(w, w.shape)
-    strides = list(w.stride())
-    if w.shape[0] == 1:
-        strides[0] = 0
     gyp = _pad_right(gy, k)  # held here: the kernel reads its memory
     function = getattr(_load(), f"ablate_aggregate_backward_{DTYPES[gy.dtype]}")
     function(gyp.data_ptr(), xp.data_ptr(), w.data_ptr(), gxp.data_ptr(), gw.data_ptr(),
-             n, g, c, h, wd, k, *strides, torch.get_num_threads())
+             n, g, c, h, wd, k, *_strides(w), torch.get_num_threads())
     return gxp[..., p: p + h, p: p + wd], gw
 
 
