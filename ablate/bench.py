@@ -399,8 +399,10 @@ def _model(name: str, size: str, backend: str):
 
 
 def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, rounds: int, warmup: int,
-               backend: str, channels_last: bool) -> list[dict]:
-    """timm's benchmark columns: train and inference samples/s of every model, interleaved in rounds."""
+               backend: str, channels_last: bool, vs_bf16: bool = False) -> list[dict]:
+    """timm's benchmark columns: train and inference samples/s of every model, interleaved in rounds;
+    with `vs_bf16`, each train step is also timed under bf16 autocast in the same rounds
+    (`train_speedup_bf16`: its samples/s over the `dtype` step's)."""
     img = SIZES[size].img_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=gen).to(device)
@@ -416,9 +418,9 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
         opts[name] = torch.optim.SGD(m.parameters(), lr=1e-3)
     amp = dtype != torch.float32
 
-    def train_step(name):
+    def train_step(name, dtype=dtype):
         m = models[name].train()
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = F.cross_entropy(m(x), target)
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
@@ -429,10 +431,13 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             m(x)
 
-    times = {n: {"train": [], "infer": []} for n in names}
+    times = {n: {"train": [], "infer": [], "train_bf16": []} for n in names}
+    steps = [("train", train_step), ("infer", infer_step)]
+    if vs_bf16:
+        steps.append(("train_bf16", lambda name: train_step(name, torch.bfloat16)))
     for r in range(warmup + rounds):
         for name in names:
-            for kind, step in (("train", train_step), ("infer", infer_step)):
+            for kind, step in steps:
                 _sync(device)
                 t = time.perf_counter()
                 step(name)
@@ -452,6 +457,8 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
             "train_batch_size": batch, "train_img_size": img,
             "param_count": round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2),
             "gmac": models[name].macs() / 1e9 if hasattr(models[name], "macs") else None})
+        if vs_bf16:
+            rows[-1]["train_speedup_bf16"] = round(tr / statistics.median(times[name]["train_bf16"]), 3)
     swin = next((r for r in rows if r["model"] == "swin_tiny"), None)
     dwconv = next((r for r in rows if r["model"] == f"ablate_dwconv_{size}"), None)
     for row in rows:
@@ -480,7 +487,8 @@ OP_COLUMNS = ("size", "stage", "shape", "operator", "candidate", "fwd_ms", "bwd_
               "peak_mb", "peak_vs_baseline", "fwd_gbps", "fwd_copy_fraction", "fwd_bwd_copy_fraction")
 MODEL_COLUMNS = ("model", "size", "backend", "channels_last", "train_samples_per_sec",
                  "infer_samples_per_sec", "train_step_time", "infer_step_time", "train_batch_size",
-                 "infer_batch_size", "param_count", "gmac", "efficiency_vs_dwconv", "train_vs_swin_tiny")
+                 "infer_batch_size", "param_count", "gmac", "efficiency_vs_dwconv", "train_vs_swin_tiny",
+                 "train_speedup_bf16")
 
 
 def _machine(device: torch.device) -> dict:
@@ -540,6 +548,7 @@ class BenchArgs:
     dtype: str = "auto"
     backend: str = "fast"
     channels_last: bool = True
+    vs_bf16: bool = False
 
 
 def run(args: BenchArgs) -> dict:
@@ -570,7 +579,7 @@ def run(args: BenchArgs) -> dict:
             print(f"models: {size}, batch {batch}", flush=True)
             model_rounds = 1 if args.quick else (rounds if gpu else 2)
             models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
-                                 channels_last=args.channels_last)
+                                 channels_last=args.channels_last, vs_bf16=args.vs_bf16)
     paths = write_outputs(Path(args.out), ops, models, meta)
     print(paths["markdown"].read_text())
     return {"operators": ops, "models": models, "meta": meta, "paths": paths}
@@ -594,12 +603,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--backend", default="fast", choices=["fast", "reference"], help="backend of the models")
+    p.add_argument("--vs-bf16", action="store_true", help="also time every model's train step under bf16 "
+                   "autocast, interleaved: the train_speedup_bf16 column")
     p.add_argument("--nchw", action="store_true", help="models in NCHW memory (default channels_last, the "
                                                          "fast layout of 1x1 convs on CPU and GPU alike)")
     a = p.parse_args(argv)
     run(BenchArgs(a.device, a.out, a.quick, a.section, tuple(a.sizes), tuple(a.stages), tuple(a.ops),
                   tuple(a.models), a.batch, a.model_batch, a.rounds, a.dtype, a.backend,
-                  not a.nchw))
+                  not a.nchw, a.vs_bf16))
     return 0
 
 

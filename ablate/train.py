@@ -98,7 +98,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     experiment = {k: cfg[k] for k in cfg if k not in NOT_IDENTITY}
     resolved = OmegaConf.to_container(OmegaConf.create(experiment, parent=cfg), resolve=True,
                                       enum_to_str=True)
-    return identity_from_config(resolved, cfg.trainer.seed)
+    return identity_from_config(resolved, cfg.trainer.seed, cfg.trainer.precision)
 
 
 def run_label(cfg: DictConfig) -> str:
@@ -164,13 +164,36 @@ def _percent(value: float | None) -> str:
 
 
 # -- the machine --------------------------------------------------------------------------------
+# CPU features (/proc/cpuinfo flags) that execute bf16 arithmetic natively: x86's AVX512-BF16 and AMX,
+# Arm's BF16 extension. Without them oneDNN emulates bf16 in fp32 and autocast only adds conversions.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags.update(line.split(":", 1)[1].split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def autocast(device: torch.device, precision: str):
+    """The autocast context of a run: fp32 on the CPU by default (a run's numbers must not depend on
+    which CPU ran it), bf16 on a GPU; `bf16` on a CPU only where the CPU computes in bf16."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext
     if precision != "bf16":
         raise ValueError(f"trainer.precision must be auto, bf16 or fp32; got {precision!r}")
+    if device.type == "cpu" and not cpu_has_bf16():
+        raise ValueError("trainer.precision=bf16 needs a CPU with bf16 instructions (flags "
+                         f"{', '.join(BF16_CPU_FLAGS[:2])}; this one has neither, so bf16 would be emulated "
+                         "and slower): use trainer.precision=fp32 here.")
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 

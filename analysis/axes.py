@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["AXIS_COLUMNS", "ORDER", "axis_sort_key", "sort_by_axes", "axis_value_label", "is_missing"]
+__all__ = ["AXIS_COLUMNS", "ORDER", "rank", "axis_sort_key", "sort_by_axes", "axis_value_label", "is_missing"]
 
 # The flat axis fields of a record (`OperatorSpec.axes`).
 AXIS_COLUMNS = ("connectivity", "kernel_size", "shift", "spatial", "channels_per_group", "groups", "dynamic")
@@ -19,6 +19,7 @@ ORDER: dict[str, tuple[str, ...]] = {
     "connectivity": ("window", "sliding", "global"),
     "spatial": ("offset", "window", "none"),
     "dynamic": ("static", "homogeneous", "inhomogeneous", "attention"),
+    "precision": ("auto", "fp32", "bf16"),  # not an axis: a flip of the effect table (identity.FLIPS)
 }
 
 
@@ -32,7 +33,7 @@ def is_missing(value: Any) -> bool:
         return True
 
 
-def _rank(axis: str, value: Any) -> tuple[int, str]:
+def rank(axis: str, value: Any) -> tuple[int, str]:
     """Known options in the paper's order; a user's registered option after them, by name."""
     options = ORDER[axis]
     return (options.index(value), "") if value in options else (len(options), str(value))
@@ -41,8 +42,8 @@ def _rank(axis: str, value: Any) -> tuple[int, str]:
 def axis_sort_key(row: Any) -> tuple:
     """Sort key of a record or a DataFrame row: connectivity, spatial sharing, dynamic, then channels."""
     cpg = row["cpg"] if "cpg" in row else None
-    return (_rank("connectivity", row["connectivity"]), _rank("spatial", row["spatial"]),
-            _rank("dynamic", row["dynamic"]), math.inf if is_missing(cpg) else float(cpg))
+    return (rank("connectivity", row["connectivity"]), rank("spatial", row["spatial"]),
+            rank("dynamic", row["dynamic"]), math.inf if is_missing(cpg) else float(cpg))
 
 
 def sort_by_axes(frame, then: tuple[str, ...] = ()):
@@ -56,6 +57,8 @@ def sort_by_axes(frame, then: tuple[str, ...] = ()):
 
 def axis_value_label(axis: str, row: Any) -> str:
     """How one axis of a run reads in a table: "window 7 shifted", "8 per group", "32 groups"."""
+    if axis == "precision":  # absent from the identity: auto (fp32 on a CPU)
+        return str(row["settings"].get("precision", "auto"))
     if axis == "connectivity":
         kind = row["connectivity"]
         if kind == "global":

@@ -3,7 +3,8 @@
 The paper's argument is made of such single flips (local MLP -> local attention is not one, it
 changes spatial sharing and dynamic at once; dwconv -> dynamic dwconv is one: static ->
 homogeneous). Two experiments form a pair only when every setting that differs between them belongs
-to one axis (ablate.tracking.identity.AXIS_SETTINGS): the same recipe, model, data and budget. Runs
+to one axis (ablate.tracking.identity.AXIS_SETTINGS): the same recipe, model, data and budget. The
+numeric precision is flipped the same way (`identity.FLIPS`): fp32 against bf16 of one experiment. Runs
 are paired by seed, so the seed-to-seed noise of the initialisation and data order cancels in each
 difference; the mean difference comes with its paired 95% t-interval and a verdict (resolved when
 the interval excludes 0), and an unresolved one with the paired seeds that would resolve it.
@@ -15,20 +16,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablate.tracking.identity import AXIS_SETTINGS, LABEL_SETTINGS, axis_of_setting, differing_keys
-from analysis.axes import ORDER, axis_value_label
+from ablate.tracking.identity import FLIPS, LABEL_SETTINGS, axis_of_setting, differing_keys
+from analysis.axes import ORDER, axis_value_label, rank
 from analysis.comparison import ACCURACY
 from analysis.experiments import distinguishing_settings, experiments
-from analysis.stats import MAX_SEEDS, paired_difference
+from analysis.stats import paired_difference
 from analysis.tables import (
-    MISSING,
-    Cell,
     count_cell,
     fmt,
     format_table,
     interval_cell,
     number_cell,
     printed_cells,
+    seeds_needed_cell,
     text_cell,
     write_table,
 )
@@ -42,30 +42,13 @@ EFFECT_COLUMNS = ("axis", "from", "to", "from_operator", "to_operator", "setting
 EFFECTS_SHOWN = ("from_operator", "block", "model", "data", "epochs", "train_size")
 
 
-def _seeds_needed_text(row) -> str:
-    if row["verdict"] == "resolved":
-        return "-"
-    needed = row["seeds_needed"]
-    if pd.isna(needed):
-        return "needs 2 seeds" if row["pairs"] == 1 else MISSING
-    if needed == float("inf"):
-        return "never (Δ = 0)" if row["delta_top1_mean"] == 0 else f"> {MAX_SEEDS}"
-    return f"{int(needed)}"
-
-
-def _read_seeds_needed(text: str):
-    if text.isdigit():
-        return [(float(text), 0.0)]
-    return [(float("inf"), 0.0)] if text.startswith((">", "never")) else [(float("nan"), 0.0)]
-
-
 # printed header -> the numbers it shows; the checker (analysis.check) reads them back with the same cells.
 EFFECTS_PRINTED = {
     "paired seeds": count_cell("pairs", "seed"),
     "Δtop-1 (points)": number_cell("delta_top1_mean", "+.2f"),
     "95% CI": interval_cell("ci_low", "ci_high", "pairs", "+.2f"),
     "verdict": text_cell("verdict"),
-    "seeds to resolve": Cell(("seeds_needed",), _seeds_needed_text, _read_seeds_needed),
+    "seeds to resolve": seeds_needed_cell(),
     "Δparams (M)": number_cell("delta_params_m", "+.3f"),
     "ΔGMAC": number_cell("delta_gmac", "+.4f"),
     "speed ratio": number_cell("speed_ratio", ".2f"),
@@ -76,6 +59,8 @@ def _axis_rank(axis: str, config: dict, cpg: float) -> tuple:
     """Which side of a flip is "from": the sparser, more shared, more static one; fewer channels."""
     if axis == "channels":
         return (cpg,)
+    if axis == "precision":
+        return rank("precision", config["settings"].get("precision", "auto"))
     if axis == "connectivity":
         kind = config["connectivity"]
         known = ORDER["connectivity"]
@@ -89,7 +74,7 @@ def _axis_rank(axis: str, config: dict, cpg: float) -> tuple:
 def _flipped_axis(a: dict, b: dict) -> str | None:
     """The one axis in which two experiments differ, or None (they differ in none, in several, or in
     a setting outside the axes: a learning rate, a block, a model)."""
-    axes = {axis_of_setting(k) for k in differing_keys(a, b) if k not in LABEL_SETTINGS}
+    axes = {axis_of_setting(k, FLIPS) for k in differing_keys(a, b) if k not in LABEL_SETTINGS}
     return axes.pop() if len(axes) == 1 and None not in axes else None
 
 
@@ -135,7 +120,7 @@ def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
     if table.empty:
         return table
     table["settings"] = distinguishing_settings(settings, {c: list(table[c]) for c in EFFECTS_SHOWN})
-    axis_order = list(AXIS_SETTINGS)
+    axis_order = list(FLIPS)
     order = sorted(range(len(table)), key=lambda i: (
         axis_order.index(table["axis"].iloc[i]), str(table["from_operator"].iloc[i]),
         str(table["to_operator"].iloc[i]), str(table["settings"].iloc[i]),

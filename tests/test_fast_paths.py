@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from ablate.config import CONF_DIR, build_model
 from ablate.models.blocks import SwinBlock
 from ablate.ops import backend as ops_backend
-from ablate.ops.fast import attention, cpu, native
+from ablate.ops.fast import attention, cpu, native, predicted
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 from ablate.ops.layouts import build_layout
 from ablate.ops.mixer import SpatialMixer
@@ -104,6 +104,38 @@ def test_sliding_fast_paths_match_reference(preset, kernel_size, eager_forms):
     _compare(fast, ref, x, None, gy, 1e-5)
 
 
+@pytest.mark.parametrize("kernel_size,bias", [(3, True), (7, True), (5, False)])
+def test_idynamic_at_one_channel_per_group_never_materialises_and_matches_reference(
+        kernel_size, bias, monkeypatch):
+    """I-D-DW conv with G = C runs as a depth-wise conv with Ch + 1 kernels per channel and a
+    contraction (predicted.py): the same output and gradients as the reference, in float32 through
+    the mixer and exactly in float64 (train mode: BN's batch statistics), with context != x."""
+    spec = PRESETS["idynamic_dwconv"].spec
+    spec = replace(spec, connectivity=replace(spec.connectivity, kernel_size=kernel_size))
+    fast, ref = _mixer_pair(spec, 8, (5, 6), 1)
+    if not bias:
+        for m in (fast, ref):
+            m.weights.predict[-1].bias = None
+    assert fast.weights.groups == fast.dim == 8
+    calls = []
+    real = predicted.inhomogeneous_sliding
+    monkeypatch.setattr(predicted, "inhomogeneous_sliding", lambda *a: calls.append(1) or real(*a))
+    x, context = _inputs(2, 8, 5, 6)
+    gy = torch.randn(2, 8, 5, 6)
+    _compare(fast, ref, x, context, gy, 1e-5)
+    _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), None, gy, 1e-5)
+    assert len(calls) == 2
+    ref.double().train()
+    xd, cd = x.double().requires_grad_(True), context.double().requires_grad_(True)
+    got = real(ref.weights, xd, cd, ref.layout)
+    want = ref(xd, context=cd)
+    params = [xd, cd] + list(ref.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(y, params, gy.double()) for y in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_position_form_in_bf16_accumulates_in_fp32(dtype, eager_forms):
     x = torch.randn(2, 2, 3, 6, 6)
@@ -130,6 +162,31 @@ def test_window_attention_sdpa_matches_reference(preset, res, shifted):
     _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-5)
     with torch.no_grad():  # inference: the mask needs no gradient, so SDPA's fused kernel runs
         torch.testing.assert_close(fast(x, context), ref(x, context), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("windows,masks,chunk", [
+    (4, 4, 200),   # a mask per window (shifted), each image's logits split into blocks of query rows
+    (4, 1, 200),   # one mask (the position bias) broadcast over the windows
+    (4, 1, 1500),  # whole images per chunk, two at a time
+    (1, 1, 10 ** 6),
+])
+def test_learned_mask_attention_in_chunks_is_autograds_composition(monkeypatch, windows, masks, chunk):
+    """The CPU training path of attention with a learned mask computes softmax(q k^T + mask) v and its
+    four gradients (the mask's summed over images) exactly as autograd does, whatever the chunking;
+    float64 gradcheck on the chunked form itself."""
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk)
+    n, g, t, d = 3, 2, 9, 5
+    q, k, v = (torch.randn(n * windows, g, t, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.randn(masks, g, t, t, dtype=torch.float64, requires_grad=True)
+    logits = torch.matmul(q, k.transpose(-2, -1)).view(n, windows, g, t, t) + mask
+    want = torch.matmul(logits.softmax(-1).flatten(0, 1), v)
+    got = attention._attend(q, k, v, mask, n)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(y, (q, k, v, mask), gy) for y in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    torch.autograd.gradcheck(lambda *a: attention._attend(*a, n), (q, k, v, mask))
 
 
 @pytest.mark.parametrize("res,shifted", [((14, 14), False), ((14, 14), True), ((9, 11), True),

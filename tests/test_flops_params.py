@@ -92,6 +92,11 @@ def test_macs_equal_flop_counter(preset, img_size):
 
 def _elementwise_macs(mixer) -> int:
     """The analytic MACs of the parts the counter cannot see."""
+    from ablate.ops.backend import resolve
+    from ablate.ops.fast import predicted
+
+    if predicted.applies(mixer.weights, mixer.layout, torch.empty(0)) and resolve(mixer.backend) == "fast":
+        return 0  # I-D-DW conv at one channel per group runs as one convolution: the counter sees it all
     h, w = mixer.layout.resolution
     missing = h * w * mixer.dim * mixer.layout.tokens  # shift-and-accumulate aggregation
     if mixer.spec.dynamic.kind == "attention":  # logits: (q * k_j).sum over the head's channels
@@ -106,7 +111,7 @@ def test_macs_minus_elementwise_parts_equal_flop_counter(preset, img_size):
     model = _micro(preset, img_size)
     counted = _counted_macs(model, torch.randn(2, 1, img_size, img_size))
     missing = sum(_elementwise_macs(m) for m in model.mixers())
-    assert missing > 0.03 * model.macs()  # the subtracted part is not negligible ...
+    assert missing > 0.02 * model.macs()  # the subtracted part is not negligible ...
     assert counted == pytest.approx(model.macs() - missing, rel=1e-9)  # ... and is all that differs
 
 

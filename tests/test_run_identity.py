@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from test_train import ROOT, cfg_for, run_cli
 
@@ -184,3 +185,37 @@ def test_lines_after_the_checkpoint_are_dropped_quietly(tmp_path, caplog):
     # a checkpoint written before checkpoints carried the history: the file's intact rows are kept
     store.append_metrics(rows[2])
     assert store.resume_metrics(3, None) == rows
+
+
+# -- the precision a run asks for is part of what it is --------------------------------------------
+def test_an_explicit_precision_is_another_experiment_and_auto_keeps_the_old_identity(tmp_path):
+    from ablate.tracking.identity import experiment_key
+    from ablate.train import run_identity
+
+    auto, fp32, bf16 = (cfg_for(tmp_path, f"trainer.precision={p}") for p in ("auto", "fp32", "bf16"))
+    ids = {name: run_identity(c) for name, c in (("auto", auto), ("fp32", fp32), ("bf16", bf16))}
+    assert "precision" not in ids["auto"]  # default runs keep the identity (and folder) they had
+    assert ids["bf16"]["precision"] == "bf16" and ids["fp32"]["precision"] == "fp32"
+    assert len({experiment_key(i) for i in ids.values()}) == 3
+    assert len({run_folder(c) for c in (auto, fp32, bf16)}) == 3  # a bf16 run never resumes an fp32 one
+    # read back from a config.yaml (the analysis' fallback for old records): trainer.precision counts
+    from ablate.tracking.identity import identity_from_config
+    written = {"model": {"size": "micro"}, "trainer": {"precision": "bf16", "device": "cpu"}}
+    assert identity_from_config(written, 0) == {"model": {"size": "micro"}, "precision": "bf16", "seed": 0}
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_bad_input(tmp_path, monkeypatch):
+    import ablate.train as train_module
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert not train_module.cpu_has_bf16(str(flags))
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert train_module.cpu_has_bf16(str(flags))
+    flags.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # Arm
+    assert train_module.cpu_has_bf16(str(flags))
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="trainer.precision=bf16 needs a CPU with bf16") as err:
+        train_module.autocast(torch.device("cpu"), "bf16")
+    assert "trainer.precision=fp32" in str(err.value)
+    assert train_module.autocast(torch.device("cpu"), "auto")() is not None  # fp32 needs nothing

@@ -4,6 +4,9 @@ A run's **identity** is every resolved setting that can change what it computes 
 block, model, data, optimizer, schedule) plus its seed. Where it runs and how it is shown (`trainer`,
 `logger`, `ops`: the fast kernels agree with the reference) and where its data files lie are not part
 of it: the same experiment run on a cluster with its data elsewhere is still the same experiment.
+One trainer setting does change the numbers: the precision a run asks for. An explicit
+`trainer.precision=bf16` (or `fp32`) is recorded as `precision`; `auto` (the device's default: fp32 on
+a CPU, bf16 autocast on a GPU) adds nothing, so every default run keeps the identity it always had.
 
 An **experiment** is an identity without the seed: the runs of one experiment differ only in their
 seed, so they, and only they, are averaged, and their spread is seed-to-seed noise. The experiment
@@ -16,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["NOT_IDENTITY", "EXECUTION_ONLY", "AXIS_SETTINGS", "identity_from_config", "experiment_of",
            "experiment_key", "flatten", "differing_keys", "describe_difference", "axis_of_setting",
-           "IdentityConflict", "folder_conflict", "LABEL_SETTINGS"]
+           "IdentityConflict", "folder_conflict", "LABEL_SETTINGS", "FLIPS", "matches_setting"]
 
 # Top-level config groups that say where a run executes and how it is shown, never what it computes.
 NOT_IDENTITY = ("trainer", "logger", "ops")
@@ -37,6 +40,9 @@ AXIS_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 # A preset is a name for a point of the axes (and a block), not a setting of its own.
 LABEL_SETTINGS = ("preset",)
+# What the effect table flips one at a time: the paper's axes, and the numeric precision (the same
+# experiment in bf16 against fp32: what bf16 costs in accuracy).
+FLIPS: dict[str, tuple[str, ...]] = {**AXIS_SETTINGS, "precision": ("precision",)}
 
 
 class IdentityConflict(ValueError):
@@ -61,13 +67,19 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
     tree.pop(leaf, None)
 
 
-def identity_from_config(experiment: Mapping[str, Any], seed: Any) -> dict[str, Any]:
+def identity_from_config(experiment: Mapping[str, Any], seed: Any, precision: Any = None) -> dict[str, Any]:
     """The identity of a run from its resolved config (a plain nested dict; groups of NOT_IDENTITY are
-    dropped if present) and its seed."""
+    dropped if present), its seed and its requested precision (default: the config's
+    trainer.precision, where it has one)."""
+    if precision is None:
+        trainer = experiment.get("trainer")
+        precision = trainer.get("precision") if isinstance(trainer, Mapping) else None
     identity = json.loads(json.dumps({k: v for k, v in experiment.items() if k not in NOT_IDENTITY},
                                      default=str))
     for dotted in EXECUTION_ONLY:
         _drop(identity, dotted)
+    if precision not in (None, "auto"):
+        identity["precision"] = str(precision)
     identity["seed"] = seed
     return identity
 
@@ -129,9 +141,15 @@ def describe_difference(theirs: Mapping[str, Any], ours: Mapping[str, Any], thei
     return "; ".join(parts)
 
 
-def axis_of_setting(key: str) -> str | None:
+def matches_setting(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether a flattened setting is one of `prefixes`: a key itself ("preset"), or a group ending
+    in "." ("dynamic." holds "dynamic.reduction")."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def axis_of_setting(key: str, axes: Mapping[str, tuple[str, ...]] = AXIS_SETTINGS) -> str | None:
     """The axis a flattened setting belongs to ("dynamic.reduction" -> "dynamic"), or None."""
-    for axis, prefixes in AXIS_SETTINGS.items():
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes):
+    for axis, prefixes in axes.items():
+        if matches_setting(key, prefixes):
             return axis
     return None

@@ -5,8 +5,9 @@
 | static depth-wise (sliding, offset) | oneDNN depth-wise conv, channels_last | `_kernel_fwd`, stride 0 |
 | homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | `_kernel_fwd`, sample stride |
 | inhomogeneous dynamic, locally connected | native loops (sliding.c); compiled if large | `_position_fwd` |
+| I-D-DW conv, one channel per group | weights never materialised (predicted.py) | `_position_fwd` |
 | neighbourhood attention (logits, aggregation) | native loops (sliding.c) | the reference |
-| window attention (local, global) | `scaled_dot_product_attention` | `scaled_dot_product_attention` |
+| window attention (local, global) | SDPA; training with a learned bias: chunks | SDPA |
 
 `aggregate` and `fused_forward` return None where no fast path applies; the caller then runs the
 reference. Every fast path is checked against its reference in tests/test_fast_paths.py.
@@ -17,7 +18,7 @@ import importlib.util
 
 import torch
 
-from ablate.ops.fast import cpu, native
+from ablate.ops.fast import cpu, native, predicted
 from ablate.ops.fast.attention import fusable_projection, window_attention
 
 __all__ = ["aggregate", "fused_forward", "triton_available"]
@@ -73,9 +74,12 @@ def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tenso
 
 
 def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None) -> torch.Tensor | None:
-    """The mixer's output without materialising its weights (attention), or None."""
+    """The mixer's output without materialising its weights (attention, I-D-DW conv at one channel per
+    group), or None."""
     from ablate.ops.sources.attention import NeighbourhoodAttentionWeights, WindowAttentionWeights
-
+    if predicted.applies(mixer.weights, mixer.layout, x):
+        values = x if value_proj is None else value_proj(x)
+        return predicted.inhomogeneous_sliding(mixer.weights, values, context, mixer.layout)
     if type(mixer.weights) is NeighbourhoodAttentionWeights and _native_pays(x):
         values = x if value_proj is None else value_proj(x)
         w = mixer.weights(context, mixer.layout, correlate=correlate)

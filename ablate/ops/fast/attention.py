@@ -122,12 +122,80 @@ def _additive_mask(source, layout, dtype) -> torch.Tensor | None:
     return mask
 
 
+# Elements of logits one chunk of `_LearnedMaskAttention` holds: 8 MB of float32, so a chunk's mask add,
+# softmax and its backward run in the last-level cache (32 MB here) rather than in memory.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(n: int, per_image: int, rows: int):
+    """(image slice, query-row slice) blocks of (n, ..., rows, T) logits with about CHUNK_ELEMENTS each:
+    whole images where one fits (many of them at once), else blocks of one image's query rows."""
+    if per_image <= CHUNK_ELEMENTS:
+        step = max(1, CHUNK_ELEMENTS // per_image)
+        return [(slice(i, min(i + step, n)), slice(None)) for i in range(0, n, step)]
+    # images inner: a block of the mask (and of its gradient) stays in cache across the batch
+    step = max(1, rows * CHUNK_ELEMENTS // per_image)
+    return [(slice(i, i + 1), slice(r, min(r + step, rows))) for r in range(0, rows, step) for i in range(n)]
+
+
+class _LearnedMaskAttention(torch.autograd.Function):
+    """softmax(q k^T + mask) v with the gradient of a mask shared by every image (the learned position
+    bias), in cache-sized chunks.
+
+    Autograd's composition of the same steps writes and reads the whole (N, nW, G, T, T) logits about
+    ten times (the product, the mask add, the softmax, their gradients, the mask's sum over the batch),
+    each time into a freshly allocated buffer; at global attention's 3136 tokens that is 0.9 GB per
+    layer and image batch of 8, so the step is bound by memory, not by its FLOPs. Here each chunk's
+    logits are added to, softmaxed, used and differentiated while they sit in cache; only the softmax
+    P goes to memory (written once, read once by the backward). q, k, v: (N, nW, G, T, Cg); mask:
+    (nW | 1, G, T, T). The softmax is kept as one contiguous tensor per chunk, as computed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        n, t = q.shape[0], q.shape[-2]
+        chunks = _chunks(n, q[0].numel() // q.shape[-1] * t, t)
+        y = torch.empty_like(v)
+        kt = k.transpose(-2, -1)
+        probs = []
+        for im, rows in chunks:
+            s = torch.matmul(q[im, ..., rows, :], kt[im]).add_(mask[..., rows, :])
+            torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place: row by row
+            probs.append(s)
+            y[im, ..., rows, :] = torch.matmul(s, v[im])
+        ctx.save_for_backward(q, k, v)
+        ctx.chunks, ctx.probs, ctx.mask_shape = chunks, probs, mask.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        q, k, v = ctx.saved_tensors
+        gq, gk, gv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        gmask = q.new_zeros(ctx.mask_shape, dtype=torch.promote_types(q.dtype, torch.float32))
+        for (im, rows), p in zip(ctx.chunks, ctx.probs):
+            g = gy[im, ..., rows, :]
+            gs = torch.matmul(g, v[im].transpose(-2, -1))
+            gv[im] += torch.matmul(p.transpose(-2, -1), g)
+            torch.ops.aten._softmax_backward_data.out(gs, p, -1, gs.dtype, grad_input=gs)  # in place
+            part = gs.sum(0)  # (nW, G, rows, T): the mask is the same for every image
+            gmask[..., rows, :] += part.sum(0, keepdim=True) if ctx.mask_shape[0] == 1 else part
+            gq[im, ..., rows, :] = torch.matmul(gs, k[im])
+            gk[im] += torch.matmul(gs.transpose(-2, -1), q[im, ..., rows, :])
+        return gq, gk, gv, gmask.to(q.dtype)
+
+
 def _attend(q, k, v, mask, n: int) -> torch.Tensor:
     """softmax(q k^T + mask) v over (N * nW, G, T, Cg) windows; q carries the scale already."""
     if mask is not None and q.device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled():
-        logits = torch.matmul(q, k.transpose(-2, -1))
-        logits = logits.view(n, -1, *logits.shape[1:]) + mask  # the mask is shared over the batch
-        return torch.matmul(logits.softmax(dim=-1).flatten(0, 1), v)
+        if q.dtype == torch.bfloat16:  # autocast: autograd's composition, with its fp32 softmax
+            logits = torch.matmul(q, k.transpose(-2, -1))
+            logits = logits.view(n, -1, *logits.shape[1:]) + mask  # the mask is shared over the batch
+            return torch.matmul(logits.softmax(dim=-1).flatten(0, 1), v)
+
+        def split(t):
+            return t.view(n, -1, *t.shape[1:])
+
+        return _LearnedMaskAttention.apply(split(q), split(k), split(v), mask).flatten(0, 1)
     if mask is not None:  # one mask per window, the same for every image: (N * nW, G, T, T)
         b, g, t = q.shape[:3]
         mask = mask.expand(b // n, g, t, t)[None].expand(n, b // n, g, t, t).reshape(b, g, t, t)
