@@ -9,6 +9,9 @@ Configured by `hydra.sweeper` (conf/hydra/sweeper/grid.yaml, and the files of `s
     retries:         launches again, up to this many times, the jobs that ended without a record
                      (a killed process, a lost node); they resume from their checkpoints
     poll_seconds:    how often the progress line looks at the results store
+    tune:            null, or {setting, values, seed, metric}: every cell at its own value of `setting`,
+                     chosen on the validation split with one seed, then trained with every seed
+                     (ablate/sweep/tuning.py)
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ablate.sweep.plan import Job, expand_grids, plan_jobs
 from ablate.sweep.progress import SweepProgress, recorded_since, summarize, summary_text
+from ablate.sweep.tuning import TuningPlan, parse_tuning
+from ablate.tracking import RunStore
 
 __all__ = ["GridSweeper", "register_sweeper"]
 
@@ -38,10 +43,11 @@ class GridSweeper(Sweeper):
 
     def __init__(self, max_batch_size: int | None = None, params: Mapping[str, Any] | None = None,
                  grids: Sequence[Mapping[str, Any]] | None = None, poll_seconds: float = 2.0,
-                 retries: int = 1):
+                 retries: int = 1, tune: Mapping[str, Any] | None = None):
         super().__init__()
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"hydra.sweeper.max_batch_size must be null or >= 1; got {max_batch_size}")
+        self.tuning = parse_tuning(tune)
         self.max_batch_size, self.poll_seconds, self.retries = max_batch_size, poll_seconds, retries
         self.params = dict(params or {})
         self.grids = [dict(g) for g in grids or []]
@@ -55,8 +61,6 @@ class GridSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[Any]]:
-        from ablate.train import record_unrunnable  # the job's own records
-
         assert self.config is not None and self.launcher is not None
         started = time.time()
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # the launchers' job lines
@@ -67,23 +71,62 @@ class GridSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         overrides = expand_grids(arguments, self.params, self.grids)
-        print(f"[sweep {name}] planning {len(overrides)} jobs: composing each config, reading its run "
-              "folder", flush=True)
+        returns: list[Sequence[Any]] = []
+        all_jobs: list[Job] = []
+        if self.tuning is not None:  # phase 1: each cell at every value, one seed; choose on validation
+            plan = TuningPlan(self.tuning, overrides)
+            jobs = self._run_phase(name, f"selection of {self.tuning.setting}", plan.selection_jobs(),
+                                   results_dir, returns)
+            all_jobs += jobs
+            by_overrides = {tuple(j.overrides): j for j in jobs}
+
+            def record_of(job_overrides):
+                job = by_overrides.get(tuple(job_overrides))
+                return None if job is None else RunStore(job.folder).read_results()
+
+            plan.choose(record_of)
+            path = plan.write(results_dir)
+            for cell in plan.untunable():
+                log.error("no completed selection run for %s: it is not trained further", cell)
+            print(f"[sweep {name}] {self.tuning.setting} chosen on {self.tuning.metric} (seed "
+                  f"{self.tuning.seed}) for {len(plan.cells) - len(plan.untunable())} of {len(plan.cells)} "
+                  f"cells: {path}", flush=True)
+            overrides = plan.final_jobs()
+        all_jobs += self._run_phase(name, "final" if self.tuning else "", overrides, results_dir, returns)
+
+        unique: dict[tuple[str, ...], Job] = {}
+        for job in all_jobs:  # a selection job is also the final job of its seed: counted once, as run
+            unique.setdefault(tuple(job.overrides), job)  # (by its overrides: two jobs may share a folder)
+        unique = list(unique.values())
+        summary = summarize(name, unique, time.time() - started, sweep_dir)
+        print(summary_text(summary, results_dir), flush=True)
+        if any(f["status"] in ("failed", "lost", "refused") for f in summary["failures"]):
+            sys.exit(1)  # everything that could run did; a script still learns that some jobs failed
+        return returns
+
+    def _run_phase(self, name: str, phase: str, overrides: list[list[str]], results_dir: Path,
+                   returns: list[Sequence[Any]]) -> list[Job]:
+        """Plan `overrides`, launch what is missing (in batches, with retries), follow it; returns the
+        planned jobs (their states and statuses updated)."""
+        from ablate.train import record_unrunnable  # the job's own records
+
+        label = f"[sweep {name}{' ' + phase if phase else ''}]"
+        print(f"{label} planning {len(overrides)} jobs: composing each config, reading its run folder",
+              flush=True)
         jobs = plan_jobs(self.hydra_context.config_loader, self.config, overrides)
         to_run = [j for j in jobs if j.state == "run"]
         finished = sum(j.state == "finished" for j in jobs)
         invalid = sum(j.state == "invalid" for j in jobs)
         refused = [j for j in jobs if j.state == "refused"]
         launcher = type(self.launcher).__name__
-        print(f"[sweep {name}] {len(jobs)} jobs: {finished} already finished, {invalid} invalid cells "
+        print(f"{label} {len(jobs)} jobs: {finished} already finished, {invalid} invalid cells "
               f"(recorded as skipped), {len(refused)} refused (their run folder is another run's), "
               f"{len(to_run)} to run with {launcher}; results in {results_dir}", flush=True)
         for job in refused:
             log.error("refused: %s", job.error)
 
-        returns: list[Sequence[Any]] = []
         batch_size = self.max_batch_size or max(len(to_run), 1)
-        job_idx = 0
+        job_idx = sum(len(r) for r in returns)
         with SweepProgress(name, jobs, self.poll_seconds):
             for start in range(0, len(to_run), batch_size):
                 pending = to_run[start:start + batch_size]
@@ -94,18 +137,13 @@ class GridSweeper(Sweeper):
                     pending = [job for job, _ in lost]
                     if not lost or attempt == self.retries:
                         break
-                    print(f"[sweep {name}] {len(lost)} job(s) ended without a record (killed or lost by "
+                    print(f"{label} {len(lost)} job(s) ended without a record (killed or lost by "
                           f"the launcher); launching them again, they resume from their checkpoints "
                           f"(retry {attempt + 1}/{self.retries})", flush=True)
                 for job, err in lost:
                     job.error = f"{type(err).__name__}: {err}"
                     record_unrunnable(job.cfg, RuntimeError(f"the job did not finish: {job.error}"))
-
-        summary = summarize(name, jobs, time.time() - started, sweep_dir)
-        print(summary_text(summary, results_dir), flush=True)
-        if any(f["status"] in ("failed", "lost", "refused") for f in summary["failures"]):
-            sys.exit(1)  # everything that could run did; a script still learns that some jobs failed
-        return returns
+        return jobs
 
     def _launch(self, batch: list[Job], initial_job_idx: int) -> tuple[Sequence[Any], list]:
         """Launch one batch; return the launcher's returns and the jobs it lost: those that raised
