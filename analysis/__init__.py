@@ -6,10 +6,11 @@
     render_report("results/demo", "reports/demo")     # every figure and table + index.md/.html
 
 The results store is the source of truth; `load_wandb_runs` reads the W&B mirror into the same rows.
-Modules, one concern each: records, wandb_source, axes, tables, comparison, effects, figure2, cost,
-weights, check, report.
+Modules, one concern each: records, wandb_source, axes, tables, comparison, effects, claims (the paper's
+claims of claims.yaml, with verdicts), figure2, cost, weights, check, report.
 """
 from analysis.check import TableMismatch, check_tables
+from analysis.claims import claims_table, load_claims, write_claims
 from analysis.comparison import ACCURACY, comparison_table, printed_comparison, write_comparison
 from analysis.cost import pareto_front, plot_cost
 from analysis.effects import axis_effects, printed_effects, write_axis_effects
@@ -19,7 +20,8 @@ from analysis.wandb_source import load_wandb_runs, record_from_wandb, row_from_w
 from analysis.weights import WeightMaps, plot_weights, select_weight_runs, weight_maps, weight_variation
 
 __all__ = [
-    "ACCURACY", "COLUMNS", "TableMismatch", "WeightMaps", "axis_effects", "check_tables", "comparison_table",
+    "ACCURACY", "COLUMNS", "TableMismatch", "WeightMaps", "axis_effects", "check_tables", "claims_table",
+    "comparison_table", "load_claims", "write_claims",
     "completed", "figure2_data", "load_runs", "load_wandb_runs", "pareto_front", "plot_cost", "plot_figure2",
     "plot_weights", "printed_comparison", "printed_effects", "record_from_wandb", "render_report",
     "row_from_record", "row_from_wandb_run", "select_weight_runs", "weight_maps", "weight_variation",

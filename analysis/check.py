@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.claims import CLAIMS_FILE, CLAIMS_PRINTED, claims_table, load_claims
 from analysis.comparison import COMPARISON_PRINTED, comparison_table
 from analysis.effects import EFFECTS_PRINTED, axis_effects
-from analysis.records import load_runs
 from analysis.tables import Cell
+from analysis.tuning import report_runs
 
 __all__ = ["TableMismatch", "read_markdown_table", "check_tables"]
 
@@ -26,6 +27,8 @@ _COMPARISON_KEYS = {"operator": "operator", "settings": "settings", "block": "bl
 _EFFECT_KEYS = {"axis": "axis", "from": "from", "to": "to", "from_operator": "from operator",
                 "to_operator": "to operator", "settings": "settings", "block": "block", "model": "model",
                 "data": "data", "epochs": "epochs", "train_size": "train images"}
+_CLAIM_KEYS = {"claim": "claim", "from": "from", "to": "to", "settings": "settings", "model": "model",
+               "data": "data", "epochs": "epochs", "train_size": "train images"}
 
 
 class TableMismatch(AssertionError):
@@ -103,13 +106,18 @@ def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, key
     return checked
 
 
-def check_tables(results_dir: str | Path, report_dir: str | Path) -> int:
-    """Every number of comparison.csv/.md and axis_effects.csv/.md in `report_dir`, recomputed from the
-    runs under `results_dir`; returns how many were checked, raises TableMismatch at the first miss."""
-    runs = load_runs(results_dir)
+def check_tables(results_dir: str | Path, report_dir: str | Path,
+                 claims_file: str | Path = CLAIMS_FILE) -> int:
+    """Every number of comparison, axis_effects and claims (.csv and .md) in `report_dir`, recomputed
+    from the runs under `results_dir` (the claims from `claims_file`); returns how many were checked,
+    raises TableMismatch at the first miss."""
+    _, runs, tuning = report_runs(results_dir)  # as the report: a tuned sweep's chosen runs
+    free = (tuning["setting"],) if tuning else ()
     report_dir = Path(report_dir)
     checked = _check("comparison", comparison_table(runs), report_dir / "comparison.csv",
                      report_dir / "comparison.md", _COMPARISON_KEYS, COMPARISON_PRINTED)
     checked += _check("axis_effects", axis_effects(runs), report_dir / "axis_effects.csv",
                       report_dir / "axis_effects.md", _EFFECT_KEYS, EFFECTS_PRINTED)
+    checked += _check("claims", claims_table(runs, load_claims(claims_file), free=free),
+                      report_dir / "claims.csv", report_dir / "claims.md", _CLAIM_KEYS, CLAIMS_PRINTED)
     return checked

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablate.tracking.identity import matches_setting
 from analysis.axes import is_missing
 from analysis.records import completed
 
@@ -28,10 +29,6 @@ EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "model": ("model.",), "data": ("data.",), "epochs": ("schedule.epochs",),
     "train_size": ("data.train_subset", "data.val_size"),
 }
-
-
-def _matches(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
 
 
 def one_run_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
@@ -81,7 +78,7 @@ def distinguishing_settings(settings: Sequence[Mapping[str, Any]],
 
     def explained(key: str) -> bool:
         for column, values in shown.items():
-            if not _matches(key, EXPLAINED_BY.get(column, ())):
+            if not matches_setting(key, EXPLAINED_BY.get(column, ())):
                 continue
             seen: dict[str, str] = {}
             if all(seen.setdefault(str(v), repr(s.get(key, missing))) == repr(s.get(key, missing))

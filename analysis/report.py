@@ -3,7 +3,9 @@
     python -m analysis.report results/demo                  # -> reports/demo/
     python -m analysis.report results/sweeps --out reports/sweeps
 
-Writes figure2.png/.pdf, comparison.md/.tex/.csv, cost.png/.pdf, axis_effects.md/.csv, weights.png
+Writes figure2.png/.pdf, data_scale.png/.pdf (accuracy against training images), comparison.md/.tex/
+.csv, cost.png/.pdf, axis_effects.md/.csv, claims.md/.csv (the paper's claims of analysis/claims.yaml,
+or of --claims FILE, with verdicts), selection.png/.md/.csv (a tuned sweep's choices), weights.png
 (+ weights.csv), runs.md/.csv (every run, skipped cells with their reasons, failed runs with
 their errors, unreadable records with what is wrong with them) and index.md + index.html. A piece
 the store cannot support (no channel sweep for Figure 2, no single-axis pair) is explained in the
@@ -26,12 +28,15 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.check import check_tables
+from analysis.claims import CLAIMS_FILE, claims_table, load_claims, printed_claims, write_claims
 from analysis.comparison import comparison_table, printed_comparison, write_comparison
 from analysis.cost import plot_cost
+from analysis.data_scale import data_scale_data, plot_data_scale
 from analysis.effects import axis_effects, printed_effects, write_axis_effects
 from analysis.figure2 import figure2_data, plot_figure2
 from analysis.records import completed, load_runs, unreadable
 from analysis.tables import fmt, format_table, to_html, to_markdown, write_table
+from analysis.tuning import printed_selection, report_runs, write_selection
 from analysis.weights import plot_weights, select_weight_runs, weight_maps
 
 __all__ = ["render_report", "runs_table", "main"]
@@ -78,6 +83,17 @@ def _figure2(runs, out: Path) -> _Section:
                     image="figure2.png")
 
 
+def _data_scale(runs, out: Path) -> _Section:
+    title = "Accuracy against training images"
+    if plot_data_scale(runs, out / "data_scale") is None:
+        return _Section(title, "No data-scale sweep in this store: no operator was run at two or more "
+                               "training-set sizes (`sweeps=data_scale`, or `data.train_subset=1000,10000`).")
+    lines = data_scale_data(runs)["line"].unique()
+    return _Section(title, f"{len(lines)} line(s): {', '.join(lines)}. Mean and 95% interval over seeds "
+                    "(band), seeds as faint points; log x axis.", ["data_scale.png", "data_scale.pdf"],
+                    image="data_scale.png")
+
+
 def _weights(runs, out: Path) -> _Section:
     title = "Effective weights"
     selected = select_weight_runs(runs)
@@ -119,13 +135,17 @@ def _runs_numbers(runs: pd.DataFrame) -> pd.DataFrame:
     return numbers
 
 
-def render_report(results_dir: str | Path, out_dir: str | Path | None = None, weights: bool = True) -> Path:
+def render_report(results_dir: str | Path, out_dir: str | Path | None = None, weights: bool = True,
+                  claims_file: str | Path = CLAIMS_FILE) -> Path:
     """Write the report of the runs under `results_dir` into `out_dir` (default reports/<name of
-    results_dir>); returns the path of index.md. Raises ValueError without a completed run.
-    Unreadable records are listed in runs.md and left out of everything else."""
+    results_dir>); returns the path of index.md. Raises ValueError without a completed run or with a
+    claims file that cannot be read. Unreadable records are listed in runs.md and left out of
+    everything else."""
     results_dir = Path(results_dir)
+    claims = load_claims(claims_file)
     out = Path(out_dir) if out_dir is not None else Path("reports") / results_dir.resolve().name
-    runs = load_runs(results_dir)
+    every_run, runs, tuning = report_runs(results_dir)  # tuned sweep: the tables use the chosen values
+    free = (tuning["setting"],) if tuning else ()
     if runs.empty:
         raise ValueError(f"no runs in {results_dir}: no results.json below it. Train a sweep first "
                          f"(python -m ablate.train -m ... trainer.results_root=...).")
@@ -135,7 +155,16 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
                          f"See the reasons and errors in the runs' results.json.")
     out.mkdir(parents=True, exist_ok=True)
 
-    sections = [_figure2(runs, out)]
+    sections = [_figure2(runs, out), _data_scale(runs, out)]
+    if tuning:
+        selection, _ = write_selection(every_run, tuning, out)
+        sections.insert(0, _Section(
+            f"Selection of {tuning['setting']}", f"Every cell at each value of {tuning['setting']} with seed "
+            f"{tuning['seed']}, scored on the validation split ({tuning['metric']}); the best value (ringed) "
+            "is trained with every seed, and every other table and figure uses those runs only: each "
+            f"operator at its own {tuning['setting']}.", ["selection.png", "selection.pdf", "selection.md",
+                                                         "selection.csv"],
+            image="selection.png", table=printed_selection(selection)))
     write_comparison(runs, out)
     sections.append(_Section("Comparison", "One row per experiment (every setting equal but the seed), "
                              "averaged over its seeds (top-1: final test accuracy; 95% CI: Student-t "
@@ -158,8 +187,19 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
         "training images/s."
         + ("" if len(effects) else " No such pair in this store."),
         ["axis_effects.md", "axis_effects.csv"], table=printed_effects(effects) if len(effects) else None))
+    write_claims(runs, out, claims, free=free)
+    sections.append(_Section(
+        "The paper's claims", f"Each claim of {Path(claims_file).name} compares two operators trained in one "
+        "experiment otherwise (every setting outside the operator equal), paired by seed: Δ = to - from "
+        "with its paired 95% t-interval. better: supported when the interval is above 0, contradicted when "
+        "below; on par: supported when the interval lies within ±tolerance, contradicted when wholly "
+        "outside; otherwise unresolved, with the paired seeds that would settle it 4 times in 5. A claim "
+        "whose two sides this store does not hold in one experiment says so."
+        + (f" Tuned sweep: each side at its own chosen {tuning['setting']}." if tuning else ""),
+        ["claims.md", "claims.csv"], table=printed_claims(claims_table(runs, claims, free=free))))
     if weights:
         sections.append(_weights(runs, out))
+    runs = every_run  # the runs table lists all of them, selection runs included
     printed_runs = runs_table(runs)
     write_table(_runs_numbers(runs), printed_runs, out / "runs", formats=("csv", "md"))
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
@@ -211,13 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="report folder (default: reports/<name of the results folder>)")
     parser.add_argument("--no-weights", action="store_true", help="skip the weight maps (no checkpoints "
                         "are loaded)")
+    parser.add_argument("--claims", default=str(CLAIMS_FILE), help="the claims to judge (default: "
+                        "analysis/claims.yaml)")
     args = parser.parse_args(argv)
     try:
-        index = render_report(args.results, args.out, weights=not args.no_weights)
-    except (ValueError, FileNotFoundError) as err:
+        index = render_report(args.results, args.out, weights=not args.no_weights, claims_file=args.claims)
+    except (ValueError, FileNotFoundError) as err:  # ClaimsFileError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checked = check_tables(args.results, index.parent)  # the tables say what the records say
+    checked = check_tables(args.results, index.parent, args.claims)  # the tables say what the records say
     print(f"report written to {index.parent}/ (open {index} or {index.with_suffix('.html')}); "
           f"{checked} numbers of its tables checked against the results.json files")
     runs = load_runs(args.results)

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["LEVEL", "POWER", "MAX_SEEDS", "Interval", "t_interval", "PairedDifference", "paired_difference",
-           "seeds_to_resolve"]
+           "seeds_to_resolve", "seeds_to_bound"]
 
 LEVEL = 0.95   # the confidence level of every interval in the reports
 POWER = 0.80   # the chance of resolving a real difference that `seeds_to_resolve` plans for
@@ -113,9 +113,14 @@ def seeds_to_resolve(mean: float, std: float, level: float = LEVEL, power: float
         lower = float(stats.nct.cdf(-critical, df, noncentrality))  # the wrong-sign tail: NaN far out
         return (upper if math.isfinite(upper) else 1.0) + (lower if math.isfinite(lower) else 0.0)
 
+    return _first_reaching(power_at, power, max_seeds)
+
+
+def _first_reaching(power_at, power: float, max_seeds: int) -> float:
+    """The fewest n in [2, max_seeds] with power_at(n) >= power (power grows with n), or inf."""
     if power_at(max_seeds) < power:
         return math.inf
-    low, high = 2, max_seeds  # power grows with n: bisect for the first n that reaches it
+    low, high = 2, max_seeds
     while low < high:
         mid = (low + high) // 2
         if power_at(mid) >= power:
@@ -123,3 +128,36 @@ def seeds_to_resolve(mean: float, std: float, level: float = LEVEL, power: float
         else:
             low = mid + 1
     return float(low)
+
+
+def seeds_to_bound(mean: float, std: float, tolerance: float, level: float = LEVEL, power: float = POWER,
+                   max_seeds: int = MAX_SEEDS) -> float:
+    """The fewest paired seeds at which the `level` interval of a true difference `mean` with spread
+    `std` settles "within +-tolerance" with probability `power`: the whole interval inside the band when
+    |mean| < tolerance (an equivalence), or wholly outside it when |mean| > tolerance; inf when the
+    mean sits on the band's edge or beyond max_seeds.
+
+    The interval is mean_hat +- h with h = t(n - 1) std / sqrt(n); mean_hat is taken as normal with
+    standard error std / sqrt(n) (the spread as observed), so the chance is a difference of normal
+    probabilities.
+    """
+    if not (math.isfinite(mean) and math.isfinite(std) and tolerance > 0) or std < 0:
+        return math.nan
+    inside = abs(mean) < tolerance
+    if abs(mean) == tolerance:
+        return math.inf
+    if std == 0:
+        return 2.0
+
+    def power_at(n: int) -> float:
+        se = std / math.sqrt(n)
+        h = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+        if inside:
+            if h >= tolerance:
+                return 0.0
+            return float(stats.norm.cdf((tolerance - h - mean) / se)
+                         - stats.norm.cdf((h - tolerance - mean) / se))
+        return float(stats.norm.cdf((mean - tolerance - h) / se)
+                     + stats.norm.cdf((-tolerance - h - mean) / se))
+
+    return _first_reaching(power_at, power, max_seeds)

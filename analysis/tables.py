@@ -17,9 +17,11 @@ from typing import Any
 import pandas as pd
 
 from analysis.axes import is_missing
+from analysis.stats import MAX_SEEDS
 
 __all__ = ["MISSING", "fmt", "plural", "Cell", "number_cell", "interval_cell", "count_cell",
-           "text_cell", "format_table", "printed_cells", "to_markdown", "to_latex", "to_html", "write_table"]
+           "text_cell", "seeds_needed_cell", "format_table", "printed_cells", "to_markdown", "to_latex",
+           "to_html", "write_table"]
 
 MISSING = "n/a"  # how an absent number prints (not measured, one seed has no spread, ...)
 
@@ -58,6 +60,29 @@ def _read_number(text: str) -> tuple[float, float]:
 def number_cell(column: str, spec: str) -> Cell:
     """A number, formatted with `spec` ("n/a" when missing)."""
     return Cell((column,), lambda r: fmt(r[column], spec), lambda text: [_read_number(text)])
+
+
+def _seeds_needed_text(row) -> str:
+    if row["verdict"] != "unresolved":
+        return "-"
+    needed = row["seeds_needed"]
+    if is_missing(needed):
+        return "needs 2 seeds" if row["pairs"] == 1 else MISSING
+    if needed == float("inf"):
+        return "never (Δ = 0)" if row["delta_top1_mean"] == 0 else f"> {MAX_SEEDS}"
+    return f"{int(needed)}"
+
+
+def _read_seeds_needed(text: str) -> list[tuple[float, float]]:
+    if text.isdigit():
+        return [(float(text), 0.0)]
+    return [(float("inf"), 0.0)] if text.startswith((">", "never")) else [(float("nan"), 0.0)]
+
+
+def seeds_needed_cell() -> Cell:
+    """The paired seeds that would settle an unresolved difference (`seeds_needed`; "-" for any other
+    verdict, "> MAX_SEEDS" for too small a difference, "never" for none at all)."""
+    return Cell(("seeds_needed",), _seeds_needed_text, _read_seeds_needed)
 
 
 _INTERVAL = re.compile(r"\[(\S+), (\S+)\]")

@@ -98,8 +98,8 @@ def synthetic(record: dict, run: str, **settings) -> dict:
 
     record = json.loads(json.dumps(record))
     for dotted, value in settings.items():
-        group, key = dotted.split(".")
-        record["identity"][group][key] = value
+        *group, key = dotted.split(".")
+        (record["identity"][group[0]] if group else record["identity"])[key] = value
     record["experiment"] = experiment_key(record["identity"])
     record["run"] = run
     return record
@@ -129,6 +129,57 @@ def test_an_axis_pair_differs_in_its_axis_and_nothing_else(mini_store, tmp_path)
     assert len(comparison_table(runs)) == 5
     printed = printed_effects(effects)
     assert {"95% CI", "verdict", "seeds to resolve", "settings"} <= set(printed.columns)
+
+
+def test_a_bf16_twin_is_a_precision_flip_paired_by_seed(mini_store, tmp_path):  # noqa: F811
+    """The same experiment in bf16 pairs with its default (auto) twin as a `precision` flip, seed by
+    seed; bf16 runs of two operators do not pair across operators and precisions at once."""
+    records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
+    records = [r for r in records
+               if r["status"] == "completed" and r["preset"] in ("dwconv", "dynamic_dwconv")]
+    twins = []
+    for r in records:
+        twin = synthetic(r, f"{r['run']}-bf16", precision="bf16")
+        twin["final_test_top1"] = r["final_test_top1"] - (0.5 if r["seed"] == 0 else 0.7)
+        twins.append(twin)
+    effects = axis_effects(load_runs(write_store(tmp_path / "store", records + twins)))
+    flips = effects[effects["axis"] == "precision"]
+    assert len(flips) == 2 and set(flips["from"]) == {"auto"} and set(flips["to"]) == {"bf16"}
+    assert sorted(flips["from_operator"]) == sorted(flips["to_operator"])
+    assert all(flips["pairs"] == 2) and np.allclose(flips["delta_top1_mean"], -0.6)
+    assert len(effects[effects["axis"] == "dynamic"]) == 2  # dwconv -> dynamic in each precision
+    assert "precision" in set(printed_effects(effects)["axis"])
+
+
+def test_the_data_scale_figure_is_a_line_per_operator_over_training_images(mini_store, tmp_path):  # noqa: F811
+    """Runs that differ only in data.train_subset form one line per operator, x = the images trained
+    on, the band scipy's t-interval over the seeds; another learning rate is another line."""
+    from analysis.data_scale import data_scale_data, plot_data_scale
+
+    records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
+    default_cpg = {"dwconv": 1, "local_mlp": 32}  # the presets as defined, not the Figure-2 variants
+    records = [r for r in records if r["status"] == "completed" and r["preset"] in default_cpg
+               and r["identity"]["sharing"]["channels_per_group"] == default_cpg[r["preset"]]]
+    sized = []
+    for r in records:
+        for size, bonus in ((300, -5.0), (1200, 5.0)):
+            twin = synthetic(r, f"{r['run']}-n{size}", **{"data.train_subset": size})
+            twin["train_size"], twin["final_test_top1"] = size, r["final_test_top1"] + bonus
+            sized.append(twin)
+    lr = [synthetic(t, f"{t['run']}-lr", **{"optim.lr": 1e-2}) for t in sized if t["preset"] == "dwconv"]
+    runs = load_runs(write_store(tmp_path / "store", records + sized + lr))
+    data = data_scale_data(runs)
+    lines = sorted(data["line"].unique())
+    assert lines == ["dwconv (optim.lr=0.006)", "dwconv (optim.lr=0.01)", "local_mlp (optim.lr=0.006)"]
+    original = {r["preset"]: r["train_size"] for r in records}
+    dw = data[data["line"] == "dwconv (optim.lr=0.006)"].sort_values("train_size")
+    assert dw["train_size"].tolist() == sorted([300.0, 1200.0, float(original["dwconv"])])
+    top = dw.iloc[-1] if original["dwconv"] > 1200 else dw[dw["train_size"] == 1200].iloc[0]
+    values = np.array(top["values"])
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert np.isclose(top["ci_low"], low) and np.isclose(top["ci_high"], high) and top["seeds"] == 2
+    assert plot_data_scale(runs, tmp_path / "data_scale") is not None
+    assert (tmp_path / "data_scale.png").is_file()
 
 
 def test_figure2_lines_split_by_setting_and_bands_only_with_two_seeds(mini_store, tmp_path):  # noqa: F811

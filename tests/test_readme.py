@@ -83,3 +83,43 @@ def test_the_demo_section_shows_the_demo_report_itself():
             assert i in measured or a == b, (written[0][i], a, b)
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", demo):
         assert (report.parent.parent / image).is_file(), image
+
+
+def sweep_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in section("Sweeps").splitlines():
+        m = re.match(r"\| `(\w+)` \|", line)
+        if m:
+            rows[m.group(1)] = [cell.strip() for cell in line.strip("|").split("|")]
+    return rows
+
+
+def test_the_sweeps_table_lists_every_sweep_file_with_its_number_of_runs():
+    """Every sweeps/*.yaml has a row whose "jobs" is the number of distinct runs it plans (jobs that
+    compose to one run identity, e.g. a preset and the same preset with its default set again, are
+    one run folder). A tuned sweep plans its selection runs and the final runs of the other seeds,
+    whichever value is chosen (here: the first)."""
+    import yaml
+
+    from ablate.sweep import expand_grids
+    from ablate.sweep.tuning import TuningPlan, parse_tuning
+    from ablate.tracking.identity import experiment_key
+    from ablate.train import run_identity
+
+    rows = sweep_rows()
+    files = sorted(p.stem for p in (CONF_DIR.parent / "sweeps").glob("*.yaml"))
+    assert sorted(rows) == files
+    for name in files:
+        text = (CONF_DIR.parent / "sweeps" / f"{name}.yaml").read_text()
+        sweeper = yaml.safe_load(text)["hydra"]["sweeper"]
+        jobs = expand_grids([], sweeper.get("params"), sweeper.get("grids"))
+        tuning = parse_tuning(sweeper.get("tune"))
+        if tuning:
+            plan = TuningPlan(tuning, jobs)
+            scored = {"status": "completed", tuning.metric: 1.0}
+            plan.choose(lambda job, scored=scored: scored)
+            jobs = plan.selection_jobs() + plan.final_jobs()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            runs = {(experiment_key(i := run_identity(compose("train", overrides=[f"sweeps={name}", *job]))),
+                     i["seed"]) for job in jobs}
+        assert int(rows[name][2]) == len(runs), f"sweeps/{name}.yaml plans {len(runs)} runs"
