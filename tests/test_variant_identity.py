@@ -67,21 +67,24 @@ def grid_maps(w: torch.Tensor) -> torch.Tensor:
 def window_support(res, k, shift, regions=True):
     """(Hi, Wi, Hj, Wj) bool: i sees j, written from Swin's definition independently of the code.
 
-    The map is rolled by -shift and cut into k x k windows; with a shift, the rolled map is split
-    into regions by the row slices (0, -k), (-k, -shift), (-shift, None) (and the same for columns),
-    and a position sees only its own region inside its window (Swin's attention mask).
+    The map is zero-padded to whole windows, rolled by -shift and cut into k x k windows; with a
+    shift, the rolled map is split into regions by the row slices (0, -k), (-k, -shift), (-shift,
+    None) (and the same for columns), and a position sees only its own region inside its window
+    (Swin's attention mask). Padding before the roll is the official Swin's order for maps that
+    windows do not tile (its detection code); the mask's regions are drawn on the padded map.
     """
     h, w = res
-    r = (torch.arange(h) - shift) % h  # the row of each original position in the rolled map
-    c = (torch.arange(w) - shift) % w
+    hp, wp = -(-h // k) * k, -(-w // k) * k
+    r = (torch.arange(h) - shift) % hp  # the row of each original position in the rolled map
+    c = (torch.arange(w) - shift) % wp
 
     def region(t, size):
         if not (shift and regions):
             return torch.zeros_like(t)
         return (t >= size - k).long() + (t >= size - shift).long()
 
-    row_key = (r // k) * 3 + region(r, h)
-    col_key = (c // k) * 3 + region(c, w)
+    row_key = (r // k) * 3 + region(r, hp)
+    col_key = (c // k) * 3 + region(c, wp)
     same_row = row_key[:, None] == row_key[None, :]
     same_col = col_key[:, None] == col_key[None, :]
     return same_row[:, None, :, None] & same_col[None, :, None, :]
@@ -281,6 +284,22 @@ def test_window_connectivity_support(name, shifted):
     if shifted:  # the shift moved the windows, and the mask removed pairs inside rolled windows
         assert (support != window_support(RES, k, 0)).any()
         assert (window_support(RES, k, k // 2, regions=False) & ~support).any()
+
+
+@pytest.mark.parametrize("name,shifted", _cases(lambda s: s.connectivity.kind == "window"))
+def test_window_connectivity_support_on_a_padded_map(name, shifted):
+    """Window 3 on a 14x14 map (micro's first stage): padded to 15, then shifted by 1. Opposite
+    borders of the map never see each other (rolling before padding, timm's order, lets them)."""
+    spec = _spec(name).with_axes(kernel_size=3)
+    mixer = build(spec, shifted=shifted)
+    w = grid_maps(mixer.effective_weights(torch.randn(2, DIM, *RES), ALL_POSITIONS))
+    support = window_support(RES, 3, 1 if shifted else 0)
+    assert (w[..., ~support] == 0).all()
+    assert (w[..., support] != 0).all()
+    assert not support[0, 0, 13, 13] and not support[0, 0, 0, 13] and not support[13, 0, 0, 0]
+    if shifted:
+        assert support[0, 0, 0, 0] and support.sum(dim=(2, 3))[0, 0] == 1  # (0, 0) is alone in its region
+        assert (support != window_support(RES, 3, 0)).any()
 
 
 def test_window_support_helper_matches_swin_regions():

@@ -55,13 +55,19 @@ class WindowLayout(nn.Module):
         return (2 * self.window[0] - 1) * (2 * self.window[1] - 1)
 
     def partition(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, nW, C, T): roll, pad, cut into windows."""
+        """(N, C, H, W) -> (N, nW, C, T): pad, roll, cut into windows.
+
+        Padding comes first, as in the official Swin for detection and segmentation: the roll then
+        wraps at the padded map's edge, where `shift_region_mask` draws its regions. Rolling first
+        (timm's order, pytorch-image-models issue 2438) wraps at the map's own edge, and the mask
+        then lets opposite borders of the map attend to each other.
+        """
         n, c = t.shape[:2]
-        if any(self.shift):
-            t = torch.roll(t, shifts=(-self.shift[0], -self.shift[1]), dims=(2, 3))
         ph, pw = self.padded[0] - self.resolution[0], self.padded[1] - self.resolution[1]
         if ph or pw:
             t = F.pad(t, (0, pw, 0, ph))
+        if any(self.shift):
+            t = torch.roll(t, shifts=(-self.shift[0], -self.shift[1]), dims=(2, 3))
         (gh, gw), (wh, ww) = self.grid, self.window
         t = t.reshape(n, c, gh, wh, gw, ww).permute(0, 2, 4, 1, 3, 5)
         return t.reshape(n, gh * gw, c, wh * ww)
@@ -70,11 +76,10 @@ class WindowLayout(nn.Module):
         """(N, nW, C, T) -> (N, C, H, W): the inverse of `partition`."""
         n, _, c, _ = t.shape
         (gh, gw), (wh, ww) = self.grid, self.window
-        t = t.reshape(n, gh, gw, c, wh, ww).permute(0, 3, 1, 4, 2, 5)
-        t = t.reshape(n, c, gh * wh, gw * ww)[:, :, : self.resolution[0], : self.resolution[1]]
+        t = t.reshape(n, gh, gw, c, wh, ww).permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * wh, gw * ww)
         if any(self.shift):
             t = torch.roll(t, shifts=self.shift, dims=(2, 3))
-        return t
+        return t[:, :, : self.resolution[0], : self.resolution[1]]
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Attention logits (N, nW, G, T, T): pairs from different shift regions get -inf."""
@@ -149,15 +154,16 @@ def relative_offset_index(wh: int, ww: int) -> torch.Tensor:
 def window_rows(resolution: tuple[int, int], padded: tuple[int, int], window: tuple[int, int],
                 shift: tuple[int, int]) -> torch.Tensor:
     """(nW * T,) long: `partition` as a gather. Entry s is the row of the flattened H x W map that
-    window position s (in `partition`'s order, after the cyclic shift) reads; H * W stands for a
+    window position s (in `partition`'s order, after padding and the cyclic shift) reads; H * W stands for a
     padding position, read from a zero row appended to the map.
 
-    The fast path cuts maps into windows with one gather of this index (roll, pad and partition in
+    The fast path cuts maps into windows with one gather of this index (pad, roll and partition in
     one copy) and merges them with one gather of its inverse.
     """
     (h, w), (wh, ww) = resolution, window
     rows = torch.full(padded, h * w, dtype=torch.long)
-    rows[:h, :w] = torch.roll(torch.arange(h * w).view(h, w), shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    rows[:h, :w] = torch.arange(h * w).view(h, w)
+    rows = torch.roll(rows, shifts=(-shift[0], -shift[1]), dims=(0, 1))
     gh, gw = padded[0] // wh, padded[1] // ww
     return rows.reshape(gh, wh, gw, ww).permute(0, 2, 1, 3).reshape(-1)
 
@@ -165,8 +171,8 @@ def window_rows(resolution: tuple[int, int], padded: tuple[int, int], window: tu
 def shift_region_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
     """(nW, T, T) bool: whether i and j of a shifted window come from the same region of the map.
 
-    After a cyclic roll, a window at the border holds positions from opposite sides of the map; as
-    in Swin, they must not see each other. None when there is no shift.
+    After a cyclic roll of the padded map, a window at the border holds positions from opposite
+    sides of it; as in Swin, they must not see each other. None when there is no shift.
     """
     if not any(shift):
         return None

@@ -90,7 +90,7 @@ def _window_indices(layout, n: int, parts: int, groups: int, device) -> tuple[to
 
 
 def _to_windows(t: torch.Tensor, layout, parts: int, groups: int) -> tuple[torch.Tensor, ...]:
-    """(N, parts * C, H, W) map -> `parts` tensors (N * nW, G, T, Cg), contiguous: roll, pad, window
+    """(N, parts * C, H, W) map -> `parts` tensors (N * nW, G, T, Cg), contiguous: pad, roll, window
     partition and head split in one gather (a view of a channels_last map's rows, gathered)."""
     n, channels = t.shape[:2]
     width = channels // (parts * groups)
