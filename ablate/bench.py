@@ -25,6 +25,7 @@ import csv
 import ctypes
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -41,7 +42,6 @@ from ablate.models.backbone import SIZES, stage_geometry
 from ablate.ops.backend import apply_backend
 from ablate.ops.mixer import SpatialMixer
 from ablate.space.presets import PRESETS
-from ablate.space.spec import OperatorSpec
 
 __all__ = ["OPERATORS", "main", "run"]
 
@@ -196,24 +196,27 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 
 
-def _spec(preset: str) -> OperatorSpec:
-    return PRESETS[preset].spec
-
-
-def _dw_family(kind: str, n: int, c: int, h: int, w: int, groups: int, device, dtype, seed: int):
-    """The tensors of one depth-wise family operator: x, w (the weights as the layout receives them)."""
+def _dw_family(kind: str, n: int, c: int, h: int, w: int, groups: int, k: int, device, dtype, seed: int):
+    """The tensors of one depth-wise family operator with a k x k kernel: x, w (the weights as the
+    layout receives them: the kernel's k * k taps in dim 2)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=gen).to(device, dtype)
-    shape = {"static": (1, c, 49), "homogeneous": (n, c, 49), "inhomogeneous": (n, groups, 49, h, w)}[kind]
-    wt = (torch.randn(shape, generator=gen) / 7).to(device, dtype)
+    shape = {"static": (1, c, k * k), "homogeneous": (n, c, k * k),
+             "inhomogeneous": (n, groups, k * k, h, w)}[kind]
+    wt = (torch.randn(shape, generator=gen) / k).to(device, dtype)
     return x, wt
+
+
+def _kernel(wt: torch.Tensor) -> int:
+    """The kernel size of weights made by `_dw_family`."""
+    return math.isqrt(wt.shape[2])
 
 
 def _layout_candidate(name: str, backend: str, x, wt, device, baseline=False) -> Candidate:
     from ablate.ops import fast
     from ablate.ops.layouts import SlidingLayout
 
-    layout = SlidingLayout(tuple(x.shape[-2:]), 7).to(device)
+    layout = SlidingLayout(tuple(x.shape[-2:]), _kernel(wt)).to(device)
 
     def setup():
         xi, wi = _leaf(x), _leaf(wt)
@@ -230,13 +233,13 @@ def _layout_candidate(name: str, backend: str, x, wt, device, baseline=False) ->
 
 
 def _static_candidates(x, wt, device) -> list[Candidate]:
-    c = x.shape[1]
+    c, k = x.shape[1], _kernel(wt)
 
     def conv(memory_format):
         def setup():
             xi = _leaf(x.contiguous(memory_format=memory_format))
-            k = _leaf(wt[0].reshape(c, 1, 7, 7))
-            return (lambda: F.conv2d(xi, k, padding=3, groups=c)), [xi], [k]
+            kernel = _leaf(wt[0].reshape(c, 1, k, k))
+            return (lambda: F.conv2d(xi, kernel, padding=k // 2, groups=c)), [xi], [kernel]
         return setup
 
     return [Candidate("nn.Conv2d NCHW", conv(torch.contiguous_format), baseline=True),
@@ -246,11 +249,11 @@ def _static_candidates(x, wt, device) -> list[Candidate]:
 
 
 def _homogeneous_candidates(x, wt, device) -> list[Candidate]:
-    n, c, h, w = x.shape
+    (n, c, h, w), k = x.shape, _kernel(wt)
 
     def folded():  # the official DWNet: fold the batch into the channels of one grouped conv
         xi, wi = _leaf(x), _leaf(wt)
-        return (lambda: F.conv2d(xi.reshape(1, n * c, h, w), wi.reshape(n * c, 1, 7, 7), padding=3,
+        return (lambda: F.conv2d(xi.reshape(1, n * c, h, w), wi.reshape(n * c, 1, k, k), padding=k // 2,
                                  groups=n * c).reshape(n, c, h, w)), [xi], [wi]
 
     return [Candidate("batch-folded grouped conv", folded, baseline=True),
@@ -259,14 +262,13 @@ def _homogeneous_candidates(x, wt, device) -> list[Candidate]:
 
 
 def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
-    n, c, h, w = x.shape
-    g = wt.shape[1]
+    (n, c, h, w), g, k = x.shape, wt.shape[1], _kernel(wt)
 
     def unfold():  # involution's naive form: unfold the neighbourhoods, multiply, sum
         xi, wi = _leaf(x), _leaf(wt)
 
         def fn():
-            cols = F.unfold(xi, 7, padding=3).view(n, g, c // g, 49, h, w)
+            cols = F.unfold(xi, k, padding=k // 2).view(n, g, c // g, k * k, h, w)
             return (cols * wi[:, :, None]).sum(3).view(n, c, h, w)
         return fn, [xi], [wi]
 
@@ -278,45 +280,46 @@ def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
 
         def naive():
             xi, wi = _leaf(x), _leaf(wt)
-            return (lambda: triton_dw.naive_position_forward(xi, wi, 7)), [xi], [wi]
+            return (lambda: triton_dw.naive_position_forward(xi, wi, k)), [xi], [wi]
         cands.append(Candidate("triton one-thread-per-output (fwd only)", naive))
     return cands
 
 
-def _attention_candidates(n, c, res, shifted, device, dtype, seed) -> list[Candidate]:
-    """The attention layer with its projections: timm's Swin (roll, partition, WindowAttention,
-    reverse, roll) against ablate's in_proj, mixer and out_proj of the Swin block."""
+def _attention_candidates(n, c, res, shifted, k, device, dtype, seed) -> list[Candidate]:
+    """The attention layer (window k) with its projections: timm's Swin (pad, roll, partition,
+    WindowAttention, reverse, roll, crop) against ablate's in_proj, mixer and out_proj of the Swin
+    block."""
     from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
 
     from ablate.models.blocks import pointwise
 
     heads = c // 32
     h, w = res
-    spec = _spec("local_attention")
+    spec = PRESETS["local_attention"].at_window(k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=gen).to(device, dtype)
-    shift = 3 if shifted and min(res) > 7 else 0
 
     def timm_setup():
-        ws = min(7, h)  # a window larger than the map shrinks to it, in Swin as in ablate
+        mixer = SpatialMixer(spec, c, res, 32, shifted=shifted, backend="reference")
+        (ws, _), (shift, _), (hp, wp) = mixer.layout.window, mixer.layout.shift, mixer.layout.padded
         attn = WindowAttention(c, heads, window_size=(ws, ws)).to(device, dtype)
-        mixer = SpatialMixer(spec, c, res, 32, shifted=bool(shift), backend="reference")
         mask = mixer.layout.same_region
         mask = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -100.0).to(device, dtype)
         xi = _leaf(x.permute(0, 2, 3, 1).contiguous())
 
         def fn():
-            t = torch.roll(xi, (-shift, -shift), (1, 2)) if shift else xi
+            t = F.pad(xi, (0, 0, 0, wp - w, 0, hp - h)) if (hp, wp) != (h, w) else xi
+            t = torch.roll(t, (-shift, -shift), (1, 2)) if shift else t
             t = window_partition(t, (ws, ws)).reshape(-1, ws * ws, c)
-            t = window_reverse(attn(t, mask=mask).reshape(-1, ws, ws, c), (ws, ws), h, w)
-            return torch.roll(t, (shift, shift), (1, 2)) if shift else t
+            t = window_reverse(attn(t, mask=mask).reshape(-1, ws, ws, c), (ws, ws), hp, wp)
+            return (torch.roll(t, (shift, shift), (1, 2)) if shift else t)[:, :h, :w]
         return fn, [xi], list(attn.parameters())
 
     def ours(backend, channels_last=False):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
         def setup():
-            mixer = SpatialMixer(spec, c, res, 32, shifted=bool(shift), backend=backend).to(device, dtype)
+            mixer = SpatialMixer(spec, c, res, 32, shifted=shifted, backend=backend).to(device, dtype)
             in_proj, out_proj = pointwise(c, c).to(device, dtype), pointwise(c, c).to(device, dtype)
             in_proj, out_proj = in_proj.to(memory_format=fmt), out_proj.to(memory_format=fmt)
             xi = _leaf(x.contiguous(memory_format=fmt))
@@ -353,10 +356,11 @@ def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: i
             if kind == "attention":
                 if c % 32:
                     continue
-                cands = _attention_candidates(batch, c, (h, w), True, device, dtype, s)
+                cands = _attention_candidates(batch, c, (h, w), True, dims.window, device, dtype, s)
                 moved = {}
             else:
-                x, wt = _dw_family(kind, batch, c, h, w, 32 if c % 32 == 0 else c, device, dtype, s)
+                groups = 32 if c % 32 == 0 else c
+                x, wt = _dw_family(kind, batch, c, h, w, groups, dims.window, device, dtype, s)
                 cands = {"static": _static_candidates, "homogeneous": _homogeneous_candidates,
                          "inhomogeneous": _inhomogeneous_candidates}[kind](x, wt, device)
                 moved = _bytes_moved(kind, x, wt)

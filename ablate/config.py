@@ -84,6 +84,7 @@ class ModelConf:
     mlp_ratio: float = 4.0
     img_size: int = MISSING
     drop_path_rate: float = 0.0
+    window: int = 7  # the window / kernel size of this size; conf/connectivity takes it as kernel_size
 
 
 @dataclass
@@ -214,7 +215,8 @@ def operator_label(cfg: DictConfig) -> str:
     if base is None:
         return str(cfg.preset)
     spec, block = spec_from_cfg(cfg), _plain(cfg.block.style)
-    ours, theirs = spec.axes, base.spec.axes
+    window = OmegaConf.select(cfg, "model.window", default=base.spec.connectivity.kernel_size)
+    ours, theirs = spec.axes, base.at_window(window).axes
     changed = [f"{k}={ours[k]}" for k in ours if ours[k] != theirs[k]]
     if block != base.block:
         changed.append(f"block={block}")

@@ -156,9 +156,13 @@ def _preset_settings(preset: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, _canonical(v)) for k, v in flat.items() if _is_operator_setting(k)))
 
 
-def side_settings(side: Mapping[str, Any]) -> dict[str, str]:
-    """The operator settings a run must have to stand for `side` (canonical values)."""
+def side_settings(side: Mapping[str, Any], window: Any = None) -> dict[str, str]:
+    """The operator settings a run must have to stand for `side` (canonical values), in a context
+    whose model has `window` (`model.window`, which a preset's kernel size follows unless the side
+    sets its own)."""
     wanted = dict(_preset_settings(side["operator"]))
+    if window is not None and "connectivity.kernel_size" in wanted:
+        wanted["connectivity.kernel_size"] = _canonical(window)
     for key, value in side.items():
         if key != "operator":
             wanted[key] = _canonical(value)
@@ -209,11 +213,13 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
         by_context.setdefault(context, []).append((operator, group))
     rows, settings = [], []
     for claim in claims:
-        wanted = [side_settings(side) for side in claim.sides]
         base = {"id": claim.id, "claim": claim.claim, "expect": claim.expect, "tolerance": claim.tolerance,
                 "from": claim.labels[0], "to": claim.labels[1], "where": claim.where, "settings": ""}
         found = False
-        for members in by_context.values():
+        for context, members in by_context.items():
+            window = json.loads(context).get("model.window")  # canonical (JSON) like every value here
+            window = None if window is None else json.loads(window)
+            wanted = [side_settings(side, window) for side in claim.sides]
             sides = [next((g for op, g in members if op == w), None) for w in wanted]
             if sides[0] is None or sides[1] is None:
                 continue

@@ -103,13 +103,25 @@ def test_sides_pair_only_within_one_context_and_as_the_preset_defines_them(mini_
                # another context holding only one side: no row of its own, never paired across
                + three_seeds(mini_store, "dynamic_dwconv", BASE - 5, "-small", **{"data.train_subset": 300})
                # dwconv with another kernel is another operator: it never stands for `dwconv`
-               + three_seeds(mini_store, "dwconv", BASE + 9, "-k3", **{"connectivity.kernel_size": 3}))
+               + three_seeds(mini_store, "dwconv", BASE + 9, "-k5", **{"connectivity.kernel_size": 5}))
     table = claims_table(load_runs(write_store(tmp_path / "store", records)))
     rows = table[table["id"] == "dynamic_beats_static"]
     assert len(rows) == 1 and np.isclose(rows.iloc[0]["delta_top1_mean"], 1.0)
     missing = table[table["id"] == "inhomogeneous_on_par_with_homogeneous"].iloc[0]
     assert missing["verdict"] == "not in this store" and missing["pairs"] == 0
     assert "not in this store" in set(printed_claims(table)["verdict"])
+
+
+def test_a_side_follows_its_models_window(mini_store, tmp_path):  # noqa: F811
+    """A preset's kernel is its model's window (conf/connectivity: ${model.window}): at a size with
+    window 7, dwconv 7x7 stands for `dwconv`; the 5x5 one beside it does not."""
+    seven = {"model.window": 7, "connectivity.kernel_size": 7}
+    five = seven | {"connectivity.kernel_size": 5}
+    records = (three_seeds(mini_store, "dwconv", BASE, "-w7", **seven)
+               + three_seeds(mini_store, "dynamic_dwconv", BASE + 1, "-w7", **seven)
+               + three_seeds(mini_store, "dwconv", BASE + 9, "-w7k5", **five))
+    rows = claim_rows(records, tmp_path, "dynamic_beats_static")
+    assert len(rows) == 1 and np.isclose(rows.iloc[0]["delta_top1_mean"], 1.0)
 
 
 def test_two_contexts_are_two_rows_that_name_their_setting(mini_store, tmp_path):  # noqa: F811

@@ -34,9 +34,12 @@ def run_measure(*args: str, env: dict | None = None) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_operator_yaml_selects_the_python_preset(name):
-    cfg = composed(f"operator={name}")
-    assert spec_from_cfg(cfg) == PRESETS[name].spec
+@pytest.mark.parametrize("size", ["tiny", "micro"])
+def test_operator_yaml_selects_the_python_preset(name, size):
+    """The preset at the size's window: the paper's 7 at tiny, 3 at micro (conf/model)."""
+    cfg = composed(f"operator={name}", f"model={size}")
+    assert spec_from_cfg(cfg) == PRESETS[name].at_window(SIZES[size].window)
+    assert (size != "tiny") or spec_from_cfg(cfg) == PRESETS[name].spec
     assert cfg.block.style.name == PRESETS[name].block
     assert operator_label(cfg) == name
 
@@ -57,8 +60,9 @@ def test_operator_yaml_sets_no_axis_field():
 def test_model_yaml_matches_sizes(size):
     m = composed(f"model={size}").model
     ref = SIZES[size]
-    assert (m.embed_dim, tuple(m.depths), m.patch_size, m.img_size, m.drop_path_rate, m.mlp_ratio) == (
-        ref.embed_dim, ref.depths, ref.patch_size, ref.img_size, ref.drop_path_rate, ref.mlp_ratio)
+    fields = ("embed_dim", "depths", "patch_size", "img_size", "drop_path_rate", "mlp_ratio", "window")
+    composed_values = {f: getattr(m, f) for f in fields} | {"depths": tuple(m.depths)}
+    assert composed_values == {f: getattr(ref, f) for f in fields}
 
 
 def test_command_line_axis_overrides_win_over_the_preset():

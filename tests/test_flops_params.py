@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ablate
+from ablate.models.backbone import SIZES
 from ablate.space.presets import PAPER, PRESETS
 
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def _counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def _micro(preset: str, img_size: int) -> ablate.AblateNet:
-    # 28 px: every window divides its map; 32 px: maps of 16 and 8 are padded to windows of 7
+    # 28 px: maps of 14, 7, 4, 2 padded to windows of 3; 32 px: 16, 8, 4, 2
     return ablate.create(preset, "micro", in_chans=1, num_classes=10, img_size=img_size).eval()
 
 
@@ -127,7 +128,7 @@ def test_mixer_macs_equal_flop_counter_per_module(preset):
     per_module = counter.get_flop_counts()
     names = {m: n for n, m in model.named_modules()}
     mixers = model.mixers()
-    assert len(mixers) == 6  # micro depths (1, 1, 3, 1)
+    assert len(mixers) == sum(SIZES["micro"].depths)
     for mixer in mixers:
         key = f"{type(model).__name__}.{names[mixer]}"
         counted = sum(per_module.get(key, {}).values()) / 2 / 2

@@ -189,7 +189,8 @@ def test_invalid_axes_fail_before_any_data_loads(tmp_path):
 def test_cfg_job_and_defaults_tree(tmp_path):
     proc = run_cli(tmp_path, "--cfg", "job", "--resolve")
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "kernel_size: 7" in out and "name: fashion_mnist" in out
+    assert proc.returncode == 0 and "name: fashion_mnist" in out
+    assert "kernel_size: 3" in out and "window: 3" in out  # the kernel follows the model size's window
     proc = run_cli(tmp_path, "--info", "defaults-tree")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "operator: dwconv" in out and "data: fashion_mnist" in out

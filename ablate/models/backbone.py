@@ -30,11 +30,15 @@ class ModelSize:
     img_size: int
     drop_path_rate: float
     mlp_ratio: float = 4.0
+    window: int = 7  # window / kernel size of the operators (Swin, DWNet: 7 at 224 px)
 
 
-# micro: for 28-32 px images on a CPU (patch 2: maps of 14, 7, 4, 2 at 28 px; MLP ratio 2).
+# micro: for 28-32 px images on a CPU, with Swin-T's geometry scaled down (docs/DESIGN.md, "Model
+# sizes"): patch 2 gives maps of 14, 7, 4, 2 at 28 px; window 3 leaves 5 and 3 windows per side in the
+# first two stages (Swin-T: 8 and 4), two blocks per stage shift every second window there, and 6 of
+# the 8 mixing layers are local (Swin-T: 10 of 12). MLP ratio 2.
 SIZES: dict[str, ModelSize] = {
-    "micro": ModelSize(32, (1, 1, 3, 1), 2, 28, 0.0, mlp_ratio=2.0),
+    "micro": ModelSize(32, (2, 2, 2, 2), 2, 28, 0.0, mlp_ratio=2.0, window=3),
     "tiny": ModelSize(96, (2, 2, 6, 2), 4, 224, 0.2),
     "small": ModelSize(96, (2, 2, 18, 2), 4, 224, 0.3),
     "base": ModelSize(128, (2, 2, 18, 2), 4, 224, 0.5),

@@ -21,9 +21,9 @@ __all__ = ["create", "model_names"]
 
 def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> AblateNet:
     preset, dims = PRESETS[preset_name], SIZES[size]
-    args = dict(spec=preset.spec, block=preset.block, embed_dim=dims.embed_dim, depths=dims.depths,
-                patch_size=dims.patch_size, mlp_ratio=dims.mlp_ratio, img_size=dims.img_size,
-                drop_path_rate=dims.drop_path_rate)
+    args = dict(spec=preset.at_window(dims.window), block=preset.block, embed_dim=dims.embed_dim,
+                depths=dims.depths, patch_size=dims.patch_size, mlp_ratio=dims.mlp_ratio,
+                img_size=dims.img_size, drop_path_rate=dims.drop_path_rate)
     cfg = kwargs.pop("pretrained_cfg", None) or {}  # timm's create_model passes its own, maybe None
     args.update(kwargs)
     variant = f"ablate_{preset_name}_{size}"

@@ -1,8 +1,9 @@
 """Named points of the operator space: the paper's models and the references around them.
 
 Each preset is one option per axis plus the block the paper used with it (so parameter counts
-reproduce the paper). `conf/operator/<name>.yaml` selects the same options in Hydra; a test checks
-that both agree.
+reproduce the paper). Its window / kernel size is the paper's 7; a model size may scale it
+(`Preset.at_window`), as conf/connectivity takes it from `model.window`.
+`conf/operator/<name>.yaml` selects the same options in Hydra; a test checks that both agree.
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class Preset:
     spec: OperatorSpec
     block: str  # the block style the paper used: "swin" or "dwnet"
     note: str
+
+    def at_window(self, window: int) -> OperatorSpec:
+        """The operator at a model size's window / kernel size (`ModelSize.window`, `model.window`):
+        the specs above carry the paper's 7, which the smaller sizes scale down."""
+        return self.spec.with_axes(kernel_size=window)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
