@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from ablate.sweep.plan import Job
 from ablate.tracking import RunStore
 
-__all__ = ["SweepProgress", "format_duration", "recorded_since", "summarize"]
+__all__ = ["SweepProgress", "Overall", "format_duration", "recorded_since", "summarize"]
 
 
 def format_duration(seconds: float) -> str:
@@ -45,11 +46,31 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
+@dataclass
+class Overall:
+    """A sweep of several phases (a tuned sweep: selection, final, followers) as one count: the
+    progress line of each phase shows the whole sweep's jobs and one ETA for all of it."""
+
+    total: int  # every job of the sweep (later phases estimated until they are planned)
+    started: float = field(default_factory=time.time)
+    done: int = 0  # jobs of finished phases that ended (or were found finished)
+    ran: int = 0  # of them, trained in this launch: the rate behind the ETA
+    counted: set = field(default_factory=set)  # their run folders: a later phase's job there is not new
+
+    def add(self, progress: SweepProgress) -> None:
+        fresh = progress.fresh_jobs()
+        self.done += sum(progress.is_done(j) for j in fresh)
+        self.ran += sum(j in progress.to_run and progress.ended(j) for j in fresh)
+        self.counted |= {j.folder for j in fresh}
+
+
 class SweepProgress:
     """Counts the jobs of one launch as their records appear; prints a line whenever one ends."""
 
-    def __init__(self, name: str, jobs: Sequence[Job], poll_seconds: float = 2.0, say=_say):
+    def __init__(self, name: str, jobs: Sequence[Job], poll_seconds: float = 2.0, say=_say,
+                 overall: Overall | None = None):
         self.name, self.jobs, self.poll_seconds, self.say = name, list(jobs), poll_seconds, say
+        self.overall = overall
         self.to_run = [j for j in self.jobs if j.state == "run"]
         self.started = time.time()
         self._last: tuple | None = None
@@ -60,6 +81,14 @@ class SweepProgress:
     def ended(self, job: Job) -> bool:
         """This launch's record of the job exists (an older record of a failed try does not count)."""
         return recorded_since(job, self.started)
+
+    def is_done(self, job: Job) -> bool:
+        return job.state != "run" or job.status == "refused" or self.ended(job)
+
+    def fresh_jobs(self) -> list[Job]:
+        """This phase's jobs that no earlier phase counted (a final job that was a selection run)."""
+        counted = self.overall.counted if self.overall else set()
+        return [j for j in self.jobs if j.folder not in counted]
 
     def counts(self) -> Counter:
         ran = Counter(RunStore(j.folder).status() for j in self.to_run
@@ -86,11 +115,19 @@ class SweepProgress:
             parts.append(f"refused {c['refused']}")
         left = total - done
         eta = f", about {format_duration(elapsed / ran_now * left)} left" if ran_now and left else ""
+        if self.overall is not None:  # the whole sweep: its jobs, its elapsed time, its ETA
+            fresh = self.fresh_jobs()
+            done = self.overall.done + sum(self.is_done(j) for j in fresh)
+            ran = self.overall.ran + sum(j in self.to_run and self.ended(j) for j in fresh)
+            total = max(self.overall.total, done)
+            elapsed, left = time.time() - self.overall.started, total - done
+            eta = f", about {format_duration(elapsed / ran * left)} left" if ran and left else ""
         bar_width = 20
         filled = round(bar_width * done / total) if total else bar_width
         bar = "#" * filled + "." * (bar_width - filled)
-        return (f"[sweep {self.name}] [{bar}] {done}/{total} jobs done ({', '.join(parts) or 'none yet'}); "
-                f"{format_duration(elapsed)} elapsed{eta}")
+        counts = ', '.join(parts) or 'none yet'
+        of = f"jobs of the sweep done (this phase: {counts})" if self.overall else f"jobs done ({counts})"
+        return f"[sweep {self.name}] [{bar}] {done}/{total} {of}; {format_duration(elapsed)} elapsed{eta}"
 
     # -- the polling thread ---------------------------------------------------------------------
     def report(self, force: bool = False) -> None:

@@ -28,7 +28,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.sweep.plan import Job, expand_grids, plan_jobs
-from ablate.sweep.progress import SweepProgress, recorded_since, summarize, summary_text
+from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
 from ablate.sweep.tuning import TuningPlan, parse_tuning
 from ablate.tracking import RunStore
 
@@ -73,10 +73,15 @@ class GridSweeper(Sweeper):
         overrides = expand_grids(arguments, self.params, self.grids)
         returns: list[Sequence[Any]] = []
         all_jobs: list[Job] = []
+        overall = None
         if self.tuning is not None:  # phase 1: each cell at every value, one seed; choose on validation
             plan = TuningPlan(self.tuning, overrides)
+            followers = (expand_grids(arguments, self.params, self.tuning.follow_grids)
+                         if self.tuning.follow_grids else [])
+            overall = Overall(0, started)
+            later = plan.new_final_jobs() + len(followers)
             jobs = self._run_phase(name, f"selection of {self.tuning.setting}", plan.selection_jobs(),
-                                   results_dir, returns)
+                                   results_dir, returns, overall, later=later)
             all_jobs += jobs
             by_overrides = {tuple(j.overrides): j for j in jobs}
 
@@ -92,7 +97,13 @@ class GridSweeper(Sweeper):
                   f"{self.tuning.seed}) for {len(plan.cells) - len(plan.untunable())} of {len(plan.cells)} "
                   f"cells: {path}", flush=True)
             overrides = plan.final_jobs()
-        all_jobs += self._run_phase(name, "final" if self.tuning else "", overrides, results_dir, returns)
+        all_jobs += self._run_phase(name, "final" if self.tuning else "", overrides, results_dir, returns,
+                                    overall, later=len(followers) if self.tuning else 0)
+        if self.tuning is not None and followers:  # phase 3: more jobs at their tuned cell's value
+            jobs, left_out = plan.follower_jobs(followers)
+            for job in left_out:
+                log.error("no chosen %s for the follower %s: it is not trained", self.tuning.setting, job)
+            all_jobs += self._run_phase(name, "followers", jobs, results_dir, returns, overall)
 
         unique: dict[tuple[str, ...], Job] = {}
         for job in all_jobs:  # a selection job is also the final job of its seed: counted once, as run
@@ -105,9 +116,10 @@ class GridSweeper(Sweeper):
         return returns
 
     def _run_phase(self, name: str, phase: str, overrides: list[list[str]], results_dir: Path,
-                   returns: list[Sequence[Any]]) -> list[Job]:
+                   returns: list[Sequence[Any]], overall: Overall | None = None, later: int = 0) -> list[Job]:
         """Plan `overrides`, launch what is missing (in batches, with retries), follow it; returns the
-        planned jobs (their states and statuses updated)."""
+        planned jobs (their states and statuses updated). With `overall`, the progress line counts
+        the whole sweep: the phases before, this one, and about `later` jobs of the phases after."""
         from ablate.train import record_unrunnable  # the job's own records
 
         label = f"[sweep {name}{' ' + phase if phase else ''}]"
@@ -127,7 +139,11 @@ class GridSweeper(Sweeper):
 
         batch_size = self.max_batch_size or max(len(to_run), 1)
         job_idx = sum(len(r) for r in returns)
-        with SweepProgress(name, jobs, self.poll_seconds):
+        progress = SweepProgress(f"{name} {phase}" if phase else name, jobs, self.poll_seconds,
+                                 overall=overall)
+        if overall is not None:
+            overall.total = overall.done + len(progress.fresh_jobs()) + later
+        with progress:
             for start in range(0, len(to_run), batch_size):
                 pending = to_run[start:start + batch_size]
                 for attempt in range(self.retries + 1):
@@ -143,6 +159,8 @@ class GridSweeper(Sweeper):
                 for job, err in lost:
                     job.error = f"{type(err).__name__}: {err}"
                     record_unrunnable(job.cfg, RuntimeError(f"the job did not finish: {job.error}"))
+        if overall is not None:
+            overall.add(progress)
         return jobs
 
     def _launch(self, batch: list[Job], initial_job_idx: int) -> tuple[Sequence[Any], list]:

@@ -9,6 +9,11 @@ One learning rate for every operator measures the rate as much as the operator. 
    the test split is never looked at to choose), with every seed of the grid. The selection run at
    the chosen value is the final run of that seed: it is not trained twice.
 
+3. **followers** (optional, `tune.followers: {by: [operator], grids: [...]}`): more jobs that are not
+   tuned themselves but take the value chosen for the tuned cell they share the `by` settings with,
+   e.g. a Figure-2 sweep or a data-scale sweep of each operator at that operator's chosen rate. A
+   follower that is also a final job (the same settings) is the same run: it is not trained twice.
+
 A value whose run failed or diverged (a rate too high) scores -inf; a cell without any completed
 selection run is not trained further and is reported. The choice is a function of the records, so a
 relaunched sweep makes the same choice and trains only what is missing. `tuning.json` in the sweep's
@@ -36,6 +41,33 @@ class Tuning:
     values: tuple[Any, ...]
     seed: int = 0
     metric: str = "final_val_top1"
+    follow_by: tuple[str, ...] = ()  # the settings a follower shares with the tuned cell it follows
+    follow_grids: tuple[dict[str, Any], ...] = ()  # the followers' grids (like hydra.sweeper.grids)
+
+
+def _parse_followers(followers: Any, setting: str) -> tuple[tuple[str, ...], tuple[dict[str, Any], ...]]:
+    if followers is None:
+        return (), ()
+    where = "hydra.sweeper.tune.followers"
+    if not isinstance(followers, Mapping) or set(followers) - {"by", "grids"}:
+        raise ValueError(f"{where} must be a mapping with `by` (settings) and `grids` (a list of grids); "
+                         f"got {followers!r}")
+    by = followers.get("by")
+    by = [by] if isinstance(by, str) else by
+    if not isinstance(by, Sequence) or not by or not all(isinstance(k, str) and k for k in by):
+        raise ValueError(f"{where}.by must name the settings a follower shares with its tuned cell (e.g. "
+                         f"[operator]); got {followers.get('by')!r}")
+    grids = followers.get("grids")
+    if not isinstance(grids, Sequence) or isinstance(grids, str) or not grids \
+            or not all(isinstance(g, Mapping) for g in grids):
+        raise ValueError(f"{where}.grids must be a list of grids (mappings of setting: values); "
+                         f"got {grids!r}")
+    for grid in grids:
+        missing = [k for k in by if k not in grid]
+        if missing or setting in grid:
+            raise ValueError(f"{where}: every grid sets {', '.join(by)} (to find its tuned cell) and never "
+                             f"{setting} (it follows the choice); got {dict(grid)!r}")
+    return tuple(by), tuple(dict(g) for g in grids)
 
 
 def parse_tuning(tune: Mapping[str, Any] | None) -> Tuning | None:
@@ -45,10 +77,10 @@ def parse_tuning(tune: Mapping[str, Any] | None) -> Tuning | None:
     if not isinstance(tune, Mapping):
         raise ValueError("hydra.sweeper.tune must be a mapping (setting, values, seed, metric); "
                          f"got {tune!r}")
-    unknown = set(tune) - {"setting", "values", "seed", "metric"}
+    unknown = set(tune) - {"setting", "values", "seed", "metric", "followers"}
     if unknown:
         raise ValueError(f"hydra.sweeper.tune: unknown key(s) {', '.join(sorted(unknown))}; it takes "
-                         "setting, values, seed, metric")
+                         "setting, values, seed, metric, followers")
     setting = tune.get("setting", "optim.lr")
     if not isinstance(setting, str) or not setting or setting == SEED:
         raise ValueError(f"hydra.sweeper.tune.setting must name a setting other than the seed (e.g. "
@@ -66,7 +98,7 @@ def parse_tuning(tune: Mapping[str, Any] | None) -> Tuning | None:
     if metric not in METRICS:
         raise ValueError(f"hydra.sweeper.tune.metric must be one of {', '.join(METRICS)} (a validation "
                          f"number); got {metric!r}")
-    return Tuning(setting, tuple(values), seed, metric)
+    return Tuning(setting, tuple(values), seed, metric, *_parse_followers(tune.get("followers"), setting))
 
 
 def _key(override: str) -> str:
@@ -125,6 +157,43 @@ class TuningPlan:
         """Every cell with a chosen value, at that value, with every seed of the grid."""
         return [self._with(c, c.chosen, s) for c in self.cells.values() if c.chosen is not None
                 for s in c.seeds]
+
+    def follower_jobs(self, jobs: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[str]]:
+        """The followers' jobs at the value chosen for the tuned cell with the same `follow_by`
+        settings, and the followers left out (their cell has no choice), as text."""
+        by = self.tuning.follow_by
+
+        def shared(overrides: Sequence[str]) -> tuple[str, ...] | None:
+            found = {_key(o): o for o in overrides}
+            return tuple(found[k] for k in by) if all(k in found for k in by) else None
+
+        chosen: dict[tuple[str, ...], Any] = {}
+        for cell in self.cells.values():
+            key = shared(cell.overrides)
+            if key is None:
+                raise ValueError(f"hydra.sweeper.tune.followers.by: the tuned cell "
+                                 f"{' '.join(cell.overrides)} does not set {', '.join(by)}")
+            if key in chosen and chosen[key] != cell.chosen:
+                raise ValueError(f"hydra.sweeper.tune.followers.by: several tuned cells share "
+                                 f"{' '.join(key)} with different choices; add the settings that tell them "
+                                 "apart to `by`")
+            chosen[key] = cell.chosen
+        out, left_out = [], []
+        for job in jobs:
+            key = shared(job)
+            if key not in chosen:
+                raise ValueError(f"hydra.sweeper.tune.followers: no tuned cell has {' '.join(key or ())}: "
+                                 "add it to the tuned grid, or drop the follower")
+            if chosen[key] is None:
+                left_out.append(" ".join(job))
+            else:
+                out.append([*job, f"{self.tuning.setting}={chosen[key]}"])
+        return out, left_out
+
+    def new_final_jobs(self) -> int:
+        """The final jobs that are not selection runs, before any value is chosen (for an ETA)."""
+        selection_seed = f"{SEED}={self.tuning.seed}"
+        return sum(s != selection_seed for c in self.cells.values() for s in c.seeds)
 
     def untunable(self) -> list[str]:
         return [" ".join(c.overrides) or "(the defaults)" for c in self.cells.values() if c.chosen is None]
