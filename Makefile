@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo sweep report bench reliability test test-all lint measure
+.PHONY: help install data demo study sweep report bench reliability test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,10 @@ RESULTS := results
 demo: install ## install, run the demo sweep on the real Fashion-MNIST, render reports/demo/
 	$(PY) -m ablate.train -m sweeps=demo
 	$(PY) -m analysis.report $(RESULTS)/demo --out reports/demo
+
+study: install ## the paper's questions on the default model (sweeps/study.yaml, about 2 h on 2 cores; resumable): reports/study/
+	$(PY) -m ablate.train -m sweeps=study
+	$(PY) -m analysis.report $(RESULTS)/study --out reports/study
 
 sweep: install ## run a named grid of sweeps/: make sweep SWEEP=figure2_local_mlp ARGS="model=tiny"
 	$(PY) -m ablate.train -m sweeps=$(SWEEP) $(ARGS)

@@ -97,8 +97,8 @@ def sweep_rows() -> dict[str, list[str]]:
 def test_the_sweeps_table_lists_every_sweep_file_with_its_number_of_runs():
     """Every sweeps/*.yaml has a row whose "jobs" is the number of distinct runs it plans (jobs that
     compose to one run identity, e.g. a preset and the same preset with its default set again, are
-    one run folder). A tuned sweep plans its selection runs and the final runs of the other seeds,
-    whichever value is chosen (here: the first)."""
+    one run folder). A tuned sweep plans its selection runs, the final runs of the other seeds and its
+    followers, whichever value is chosen (here: the first)."""
     import yaml
 
     from ablate.sweep import expand_grids
@@ -118,7 +118,8 @@ def test_the_sweeps_table_lists_every_sweep_file_with_its_number_of_runs():
             plan = TuningPlan(tuning, jobs)
             scored = {"status": "completed", tuning.metric: 1.0}
             plan.choose(lambda job, scored=scored: scored)
-            jobs = plan.selection_jobs() + plan.final_jobs()
+            followers, _ = plan.follower_jobs(expand_grids([], sweeper.get("params"), tuning.follow_grids))
+            jobs = plan.selection_jobs() + plan.final_jobs() + followers
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             runs = {(experiment_key(i := run_identity(compose("train", overrides=[f"sweeps={name}", *job]))),
                      i["seed"]) for job in jobs}
