@@ -20,7 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-data: $(FMNIST_RAW)/.complete ## put the real Fashion-MNIST where torchvision reads it (Debian's dataset-fashion-mnist)
+FMNIST_SUMS := $(CURDIR)/ablate/data/fashion_mnist.sha256
+
+data: ## put the real Fashion-MNIST where torchvision reads it (Debian's dataset-fashion-mnist), checksums checked
+	@if [ -f $(FMNIST_RAW)/.complete ] && ! (cd $(FMNIST_RAW) && sha256sum --quiet -c $(FMNIST_SUMS) >/dev/null 2>&1); then \
+	  echo "Fashion-MNIST in $(FMNIST_RAW) fails its checksums: rebuilding it"; rm -f $(FMNIST_RAW)/.complete; fi
+	@$(MAKE) --no-print-directory $(FMNIST_RAW)/.complete
 
 $(FMNIST_RAW)/.complete:
 	@set -euo pipefail; src=/usr/share/datasets/fashion-mnist; \
@@ -35,7 +40,11 @@ $(FMNIST_RAW)/.complete:
 	mkdir -p $(FMNIST_RAW); \
 	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
 	  gunzip -c $$src/$$f.gz > $(FMNIST_RAW)/$$f; \
-	done; touch $@; echo "Fashion-MNIST ready in $(FMNIST_RAW)"
+	done; \
+	(cd $(FMNIST_RAW) && sha256sum --quiet -c $(FMNIST_SUMS)) || { \
+	  echo "error: $$src/*.gz do not decompress to the original Fashion-MNIST files (checksums above);" \
+	       "reinstall the package: apt-get install --reinstall dataset-fashion-mnist" >&2; exit 2; }; \
+	touch $@; echo "Fashion-MNIST ready in $(FMNIST_RAW) (checksums match)"
 
 SWEEP ?= demo
 RESULTS := results

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import ablate  # noqa: F401  (registers the operators)
+from ablate.errors import run_cli
 from ablate.models.backbone import SIZES, stage_geometry
 from ablate.ops.backend import apply_backend
 from ablate.ops.mixer import SpatialMixer
@@ -619,4 +620,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -10,15 +10,15 @@ meta device, so base-size models measure in a moment without allocating their we
 from __future__ import annotations
 
 import json
-import sys
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 import ablate  # noqa: F401  (registers the operator options)
-from ablate.config import CONF_DIR, build_model, operator_label
-from ablate.space.rules import InvalidOperatorError
+from ablate.config import CONF_DIR, MeasureConfig, build_model, operator_label
+from ablate.errors import run_cli
+from ablate.schema import MEASURE_RULES, validate_config
 
 __all__ = ["measure"]
 
@@ -43,12 +43,9 @@ def _significant(value: float, digits: int) -> float:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="measure", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        print(json.dumps(measure(cfg)), flush=True)
-    except InvalidOperatorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    validate_config(cfg, MeasureConfig, MEASURE_RULES)
+    print(json.dumps(measure(cfg)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, hydra_app=True)

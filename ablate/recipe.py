@@ -16,30 +16,16 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from ablate.schema import ConfigError
+
 __all__ = ["Recipe", "build_recipe", "check_recipe", "scaled_lr"]
 
 
 def check_recipe(optim, schedule) -> None:
-    """Settings no optimizer or schedule can use, named with what to change (before anything runs)."""
-    problems = []
-    if not optim.lr > 0:
-        problems.append(f"optim.lr must be positive (the rate at optim.lr_batch_size="
-                        f"{optim.lr_batch_size} images per step); got {optim.lr}")
-    if not optim.lr_batch_size > 0:
-        problems.append(f"optim.lr_batch_size must be positive; got {optim.lr_batch_size}")
-    if optim.weight_decay < 0:
-        problems.append(f"optim.weight_decay must be >= 0; got {optim.weight_decay}")
-    if optim.clip_grad is not None and not optim.clip_grad > 0:
-        problems.append(f"optim.clip_grad must be positive or null (no clipping); got {optim.clip_grad}")
-    if not 0 <= optim.label_smoothing < 1:
-        problems.append(f"optim.label_smoothing must be in [0, 1); got {optim.label_smoothing}")
-    if not schedule.epochs >= 1:
-        problems.append(f"schedule.epochs must be at least 1; got {schedule.epochs}")
-    if not 0 <= schedule.warmup_epochs <= schedule.epochs:
-        problems.append(f"schedule.warmup_epochs must be between 0 and schedule.epochs "
-                        f"({schedule.epochs}); got {schedule.warmup_epochs}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    """What the schema's ranges (ablate/schema.py) cannot see: warmup within the training."""
+    if not schedule.warmup_epochs <= schedule.epochs:
+        raise ConfigError(f"schedule.warmup_epochs={schedule.warmup_epochs} must be between 0 and "
+                          f"schedule.epochs ({schedule.epochs}): lower it or raise schedule.epochs.")
 
 
 def scaled_lr(base_lr: float, lr_batch_size: int, global_batch_size: int) -> float:

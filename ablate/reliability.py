@@ -8,6 +8,10 @@ It does to real training what a cluster and its users do, and checks that nothin
   run must still match the reference), an edited results.json (detected, recorded again), both
   checkpoints damaged (a clear error, nothing touched), a run folder locked by another job, a disk
   that fills during training (a `failed` record saying so, no half-written file, then a resume);
+- signals: SIGINT and SIGTERM to a run after its first epoch (one line, exit 130 / 143, then the same
+  command resumes it to the reference's metrics) and SIGTERM to a joblib sweep (no worker left behind);
+- W&B unreachable: an API key and a server that refuses connections (one decision, a complete offline
+  run, the reference's metrics);
 - bad input: every row of BAD_INPUTS (shared with tests/test_bad_input.py) must end with its exit
   code and a message that says what to change, and leave a finished record beside it untouched.
 
@@ -37,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
+
+from ablate.errors import run_cli
 
 __all__ = ["BAD_INPUTS", "BadInput", "Figures", "run_bad_input", "run_table", "main"]
 
@@ -96,24 +102,28 @@ BAD_INPUTS: list[BadInput] = [
     _row("override with bad syntax", "optim.lr=[", "cannot parse the override 'optim.lr=['", "key=value"),
     _row("value of the wrong type", "data.batch_size=many", "data.batch_size", "many"),
     # numbers that cannot work
-    _row("zero learning rate", "optim.lr=0", "optim.lr must be positive"),
-    _row("negative learning rate", "optim.lr=-0.001", "optim.lr must be positive"),
-    _row("NaN learning rate", "optim.lr=nan", "optim.lr must be positive"),
-    _row("zero batch size", "data.batch_size=0", "data.batch_size=0 must be positive"),
-    _row("negative batch size", "data.batch_size=-8", "data.batch_size=-8 must be positive"),
+    _row("zero learning rate", "optim.lr=0", "optim.lr=0.0 must be a finite number > 0"),
+    _row("negative learning rate", "optim.lr=-0.001", "optim.lr=-0.001 must be"),
+    _row("NaN learning rate", "optim.lr=nan", "optim.lr=nan must be a finite number"),
+    _row("zero batch size", "data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
+    _row("negative batch size", "data.batch_size=-8", "data.batch_size=-8 must be an integer >= 1"),
     _row("batch larger than the data", "data.batch_size=100000", "larger than the training split",
          "lower data.batch_size"),
-    _row("zero epochs", "schedule.epochs=0", "schedule.epochs must be at least 1"),
-    _row("warmup longer than training", "schedule.warmup_epochs=5", "schedule.warmup_epochs must be between"),
+    _row("zero epochs", "schedule.epochs=0", "schedule.epochs=0 must be an integer >= 1"),
+    _row("warmup longer than training", "schedule.warmup_epochs=5",
+         "schedule.warmup_epochs=5.0 must be between 0 and schedule.epochs"),
     _row("wrong number of classes", "data.num_classes=5", "set data.num_classes=10"),
     _row("wrong number of channels", "data.in_chans=3 data.mean=[0.5,0.5,0.5] data.std=[0.5,0.5,0.5]",
          "set data.in_chans=1"),
     _row("one BatchNorm sample per step", "operator=dynamic_dwconv data.batch_size=1",
          "BatchNorm a single sample", "raise data.batch_size"),
-    _row("unknown resume mode", "trainer.resume=sometimes", "trainer.resume must be auto or never"),
-    _row("zero CPU threads", "trainer.threads=0", "trainer.threads must be a positive number"),
-    _row("unknown precision", "trainer.precision=fp8", "trainer.precision must be auto, bf16 or fp32"),
-    _row("unknown W&B mode", "logger=wandb logger.mode=sometimes", "logger.mode must be online"),
+    _row("unknown resume mode", "trainer.resume=sometimes",
+         "trainer.resume='sometimes' must be one of auto, never"),
+    _row("zero CPU threads", "trainer.threads=0", "trainer.threads=0 must be an integer >= 1"),
+    _row("unknown precision", "trainer.precision=fp8",
+         "trainer.precision='fp8' must be one of auto, bf16, fp32"),
+    _row("unknown W&B mode", "logger=wandb logger.mode=sometimes",
+         "logger.mode='sometimes' must be one of auto, online, offline, disabled"),
     # the data on disk
     _row("missing data set folder", "data.root={tmp}/nowhere data.download=false", "Fashion-MNIST not found"),
     _row("empty data set folder", "data=imagenet data.root={tmp}/empty model=micro data.img_size=28",
@@ -128,6 +138,31 @@ BAD_INPUTS: list[BadInput] = [
     _row("corrupt checkpoint", "", "no usable checkpoint", "checkpoint.pt fails its checksum",
          "trainer.resume=never", setup="corrupt_checkpoint"),
     _row("run folder held by another job", "", "another job is training the run", code=4, setup="locked"),
+    # the same input in a sweep gives the same exit code as in a single run (ablate/errors.py)
+    _row("unknown sweep", "-m sweeps=nope", "Could not find 'sweeps/nope'", "The options of sweeps"),
+    _row("unknown preset in a sweep", "-m operator=dwconvx", "Could not find 'operator/dwconvx'",
+         "operator=dwconv"),
+    _row("misspelt key in a sweep", "-m optim.lrr=0.1", "Key 'lrr' not in 'OptimConf'",
+         "Did you mean optim.lr"),
+    _row("value out of range in a sweep", "-m optim.lr=0", "optim.lr=0.0 must be a finite number > 0"),
+    _row("sweep file with a misspelt key", "-m sweeps=misspelt hydra.searchpath=[file://{tmp}/conf]",
+         "In 'sweeps/misspelt'", "Key 'epoch' not in 'ScheduleConf'", "schedule.epochs", setup="sweep_files"),
+    _row("sweep file that is not YAML", "-m sweeps=broken hydra.searchpath=[file://{tmp}/conf]",
+         "broken.yaml, line", "is not valid YAML", setup="sweep_files"),
+    _row("a sweeper setting of the wrong kind", "-m hydra.sweeper.tune=5",
+         "hydra.sweeper.tune must be a mapping"),
+    _row("defaults tree of an unknown preset", "--info defaults-tree operator=nope",
+         "Could not find 'operator/nope'"),
+    # values of the schema (ablate/schema.py): named with what they must be, before anything is built
+    _row("unknown device", "trainer.device=tpu9", "trainer.device='tpu9' must be auto, cpu, cuda"),
+    _row("beta out of range", "optim.betas=[2,0.999]", "optim.betas=[2.0, 0.999] must be a list of 2 values"),
+    _row("window larger than every map", "connectivity.kernel_size=29", "larger than",
+         "connectivity.kernel_size="),
+    # damaged data: named, with the fix (the published checksums, ablate/data/fashion_mnist.sha256)
+    _row("Fashion-MNIST labels of random bytes", "data.root={tmp}/fmnist",
+         "train-labels-idx1-ubyte is damaged", "make data", setup="random_labels"),
+    _row("truncated Fashion-MNIST images", "data.root={tmp}/fmnist", "train-images-idx3-ubyte is damaged",
+         "make data", setup="truncated_images"),
     # a NaN loss: the run ends, recorded as diverged, with what to change
     _row("NaN loss", "optim.lr=1e12 schedule.warmup_epochs=0 optim.clip_grad=null schedule.epochs=2",
          "diverged", "Lower optim.lr", code=3),
@@ -210,9 +245,42 @@ def _locked(tmp: Path, overrides: list[str]) -> Iterator[None]:
         store.unlock()
 
 
+@contextlib.contextmanager
+def _sweep_files(tmp: Path, overrides: list[str]) -> Iterator[None]:
+    """A user's sweep folder beside the project's: one file with a misspelt key, one not YAML."""
+    sweeps = tmp / "conf" / "sweeps"
+    sweeps.mkdir(parents=True)
+    (sweeps / "misspelt.yaml").write_text("# @package _global_\nschedule:\n  epoch: 2\n")
+    (sweeps / "broken.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    grids: [\n")
+    yield
+
+
+def _damaged_fashion_mnist(damage: Callable[[Path], None]):
+    @contextlib.contextmanager
+    def setup(tmp: Path, overrides: list[str]) -> Iterator[None]:
+        from ablate.data.sources import FMNIST_SHA256
+
+        raw = tmp / "fmnist" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        source = REPO / "data" / "FashionMNIST" / "raw"
+        for line in FMNIST_SHA256.read_text().split("\n"):
+            if line.strip():
+                name = line.split()[1]
+                (raw / name).write_bytes((source / name).read_bytes())
+        damage(raw)
+        yield
+
+    return setup
+
+
 SETUPS: dict[str, Callable[[Path, list[str]], contextlib.AbstractContextManager]] = {
     "empty_folder": _empty_folder, "bad_image": _bad_image, "file_as_root": _file_as_root,
     "full_disk": _full_disk, "corrupt_checkpoint": _corrupt_checkpoint, "locked": _locked,
+    "sweep_files": _sweep_files,
+    "random_labels": _damaged_fashion_mnist(
+        lambda raw: (raw / "train-labels-idx1-ubyte").write_bytes(random.Random(0).randbytes(60008))),
+    "truncated_images": _damaged_fashion_mnist(
+        lambda raw: os.truncate(raw / "train-images-idx3-ubyte", 1_000_000)),
 }
 
 
@@ -248,7 +316,9 @@ def run_bad_input(row: BadInput, tmp: Path) -> Outcome:
     tmp.mkdir(parents=True, exist_ok=True)
     root = tmp / "results"
     sentinel, before = _sentinel(root)
-    overrides = [*QUICK, f"trainer.results_root={root}", *(o.format(tmp=tmp) for o in row.overrides)]
+    given = [o.format(tmp=tmp) for o in row.overrides]
+    flags = [o for o in given if o.startswith("-") or o == "defaults-tree"]  # Hydra's flags come first
+    overrides = [*flags, *QUICK, f"trainer.results_root={root}", *(o for o in given if o not in flags)]
     setup = SETUPS[row.setup](tmp, overrides) if row.setup else contextlib.nullcontext()
     err = io.StringIO()
     with setup, contextlib.redirect_stderr(err), contextlib.redirect_stdout(err), \
@@ -314,14 +384,19 @@ class Figures:
         ])
 
 
-def _start(root: Path, *extra: str, limit_file_bytes: int | None = None) -> subprocess.Popen:
+def _start(root: Path, *extra: str, limit_file_bytes: int | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     def limits():
         if limit_file_bytes is not None:  # a disk that fills: writes past this size fail (EFBIG)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
 
+    flags = [e for e in extra if e.startswith("-")]  # Hydra's flags (-m) before the overrides
+    environ = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    environ = {k: v for k, v in environ.items() if v != ""}  # "": unset it
     return subprocess.Popen(
-        [sys.executable, "-m", "ablate.train", *TRAIN, f"trainer.results_root={root}", *extra], cwd=REPO,
-        env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "ablate.train", *flags, *TRAIN, f"trainer.results_root={root}",
+         *(e for e in extra if e not in flags)], cwd=REPO,
+        env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True, preexec_fn=limits)
 
 
@@ -362,6 +437,95 @@ def _kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _after_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Wait until the run under `root` has checkpointed an epoch (False: it ended first)."""
+    from ablate.tracking import RunStore
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        folder = _folder(root)
+        if folder is not None and RunStore(folder).read_metrics():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Processes still alive in the session `sid` (a started command and everything it started)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+def run_signals(work: Path, reference: dict[str, Any], ref_rows: list[dict], figures: Figures) -> None:
+    """Ctrl-C and SIGTERM end a run with one line and 130 / 143 after its last checkpoint, and the same
+    command resumes it to the reference's metrics; SIGTERM to a joblib sweep stops its workers."""
+    print("signals: SIGINT / SIGTERM to a run after its first epoch, SIGTERM to a joblib sweep", flush=True)
+    for sig, code_wanted in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        root = work / f"signal-{sig.name}"
+        proc = _start(root)
+        if not _after_first_epoch(root, proc):
+            figures.fault(f"{sig.name} to a run", False, "it ended before its first epoch was checkpointed")
+            continue
+        proc.send_signal(sig)
+        code, out = _finish(proc)
+        said = out.strip().splitlines()[-1] if out.strip() else ""
+        clean = (code == code_wanted and "the same command resumes" in said and "Traceback" not in out)
+        code2, _ = _finish(_start(root))
+        survived, detail = _matches(root, reference, ref_rows)
+        figures.results_lost += not survived
+        figures.fault(f"{sig.name} to a run, then the same command", clean and survived and code2 == 0,
+                      f"exit {code}: {said[:110]}; then {detail}")
+
+    root = work / "signal-sweep"
+    sweep = ["-m", "operator=dwconv,local_mlp", "launcher=joblib", "hydra.launcher.n_jobs=2"]
+    proc = _start(root, *sweep)
+    started = _after_first_epoch(root, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, out = _finish(proc)
+    time.sleep(0.5)
+    orphans = _session_processes(proc.pid)
+    for pid in orphans:  # leave nothing behind, whatever the verdict
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    code2, out2 = _finish(_start(root, *sweep))
+    dwconv = next((p for p in (root / "runs").glob("dwconv-*")), None) if (root / "runs").exists() else None
+    from ablate.tracking import RunStore
+
+    record = RunStore(dwconv).read_results() if dwconv else None
+    same = record is not None and all(record.get(k) == reference.get(k) for k in COMPARED)
+    figures.results_lost += not same
+    figures.fault("SIGTERM to a joblib sweep of 2, then the same command",
+                  started and code == 143 and not orphans and code2 == 0 and same,
+                  f"exit {code}, {len(orphans)} orphan processes; then exit {code2}, dwconv "
+                  f"{'equals' if same else 'DIFFERS FROM'} the reference")
+
+
+def run_unreachable_wandb(work: Path, reference: dict[str, Any], ref_rows: list[dict],
+                          figures: Figures) -> None:
+    """An API key and a W&B server that refuses connections: decided at once, the run is logged offline
+    (complete, for `wandb sync`) and trains as the reference did."""
+    root = work / "wandb-unreachable"
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:1",
+           "HOME": str(work / "wandb-home")}
+    started = time.perf_counter()
+    code, out = _finish(_start(root, "logger=wandb", env=env))
+    wall = time.perf_counter() - started
+    survived, detail = _matches(root, reference, ref_rows)
+    folder = _folder(root)
+    files = list((folder / "wandb").glob("offline-run-*/*.wandb")) if folder else []
+    complete = len(files) == 1 and b"final_test_top1" in files[0].read_bytes()
+    figures.results_lost += not survived
+    figures.fault("W&B server unreachable (an API key, connections refused)",
+                  code == 0 and survived and complete and out.count("cannot be reached") == 1,
+                  f"{wall:.0f} s, offline run {'complete' if complete else 'MISSING OR INCOMPLETE'}; "
+                  + detail)
 
 
 def run_faults(work: Path, kills: int, seed: int, figures: Figures) -> None:
@@ -466,6 +630,9 @@ def run_faults(work: Path, kills: int, seed: int, figures: Figures) -> None:
                   ("recorded failed: " + record["error"][:90] + "...; then " if failed_clearly else
                    f"record {record}, leftovers {leftovers}; ") + detail)
 
+    run_signals(work, reference, ref_rows, figures)
+    run_unreachable_wandb(work, reference, ref_rows, figures)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -494,4 +661,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,9 @@ from ablate.distributed import (
     share_error_type,
     sync_batchnorm,
 )
+from ablate.errors import EXIT_CODES, Interrupted, explain, run_cli
 from ablate.recipe import build_recipe, check_recipe
+from ablate.schema import validate_config
 from ablate.space.rules import InvalidOperatorError
 from ablate.sweep import register_sweeper
 from ablate.tracking import (
@@ -75,10 +78,14 @@ __all__ = ["train", "run_folder", "cli", "EXIT_CODES"]
 log = logging.getLogger("ablate.train")
 register_sweeper()  # `python -m ablate.train -m` sweeps with ablate's sweeper (conf/hydra/sweeper/)
 
-EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4}
 # rank 0's decisions fail alike on every rank
 share_error_type(DataError, CheckpointError, RunLocked, IdentityConflict)
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
+
+
+def _epochs_kept(done: int) -> str:
+    return ("no epoch was finished" if done == 0 else "epoch 1 is checkpointed" if done == 1
+            else f"epochs 1-{done} are checkpointed")
 
 
 class Diverged(Exception):
@@ -328,26 +335,6 @@ def inference_throughput(model, loader, amp, batches: int) -> float | None:
 
 
 # -- before training ----------------------------------------------------------------------------
-def check_trainer(t) -> None:
-    """trainer.* settings that cannot work, named with what to change (before anything runs)."""
-    if t.resume not in ("auto", "never"):
-        raise ValueError(f"trainer.resume must be auto or never; got {t.resume!r}")
-    if t.threads is not None and t.threads < 1:
-        raise ValueError(f"trainer.threads must be a positive number of CPU threads, or null for torch's "
-                         f"default; got {t.threads}")
-    if t.inference_batches < 0:
-        raise ValueError(f"trainer.inference_batches must be >= 0; got {t.inference_batches}")
-
-
-def check_logger(logger) -> None:
-    if logger.name not in ("wandb", "none"):
-        raise ValueError(f"logger.name must be wandb or none (logger=wandb, logger=none); "
-                         f"got {logger.name!r}")
-    # the configured mode itself, even where WANDB_MODE in the environment would override it
-    if logger.mode not in (None, "", "auto", "dryrun", "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode must be online, offline, disabled or auto; got {logger.mode!r}")
-
-
 def check_batchnorm_batch(model: torch.nn.Module, cfg: DictConfig, dist: Dist) -> None:
     """BatchNorm over globally pooled features (the dynamic weight predictors) sees one value per
     channel per sample: a step of one sample cannot be normalised. Under DDP with synchronised BN the
@@ -409,13 +396,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     recorded instead.
     """
     t = cfg.trainer
+    validate_config(cfg)  # every field in its range (ablate/schema.py), before anything is built
     store = RunStore(run_folder(cfg))
-    # first: a folder that holds another experiment is neither trained, resumed nor reported as this
+    # then: a folder that holds another experiment is neither trained, resumed nor reported as this
     # run (every rank reads; only rank 0's folder has files)
     store.check_identity(run_identity(cfg))
     check_recipe(cfg.optim, cfg.schedule)  # bad settings fail before a run folder exists
-    check_trainer(t)
-    check_logger(cfg.logger)
     reset_process_state(t.seed)  # the initial weights; nothing left over from an earlier job
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -556,6 +542,13 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
                        error=f"diverged: {err}; the checkpoint of the last finished epoch is kept. "
                              "Lower optim.lr or set optim.clip_grad.")
         log.error("run %s", results["error"])
+    except Interrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint of the last finished epoch stays
+        wandb_run.finish(exit_code=stop.code)
+        done = len(history)
+        raise stop.saying(
+            f"interrupted at epoch {done + 1} of {cfg.schedule.epochs} by {signal.Signals(stop.signum).name}"
+            f"; {_epochs_kept(done)} in "
+            f"{store.folder}: the same command resumes") from None
     except (torch.OutOfMemoryError, MemoryError) as err:
         results.update(status="failed", error=f"out of memory ({type(err).__name__}): lower "
                        f"data.batch_size (now {cfg.data.batch_size}), use a smaller model, or on a "
@@ -603,15 +596,10 @@ def print_results(results: dict[str, Any], folder: Path) -> None:
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
 
 
-_job_started = False  # set by main: Hydra exits 1 on a config it cannot compose, before any job
-
-
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """One job. A single run exits with its code; a sweep job returns its outcome to the sweeper,
     having recorded it in the run folder whatever happened, so the sweep goes on."""
-    global _job_started
-    _job_started = True
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the other ranks only warn
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", force=True)
     install_log_scrubber()
@@ -626,7 +614,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         return {"status": "refused" if refused else "locked", "folder": str(run_folder(cfg)),
                 "error": str(err)}
     except (InvalidOperatorError, DataError, ValueError, OSError, RuntimeError) as err:
-        log.error("error: %s", err)
+        log.error("error: %s", explain(err) or err)
         if single_run:
             sys.exit(EXIT_CODES["bad input"])
         folder = run_folder(cfg)
@@ -660,23 +648,15 @@ def _check_override_syntax(args: list[str]) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`python -m ablate.train [args]`: exits 2 (bad input) for an override that does not parse or a
-    config that does not compose (an unknown option, a misspelt key), as for any other bad input."""
-    global _job_started
+    """`python -m ablate.train [args]`, through the one error path of ablate/errors.py: bad input
+    (an override that does not parse, a config that does not compose or validate, in a single run or
+    a sweep) exits 2 with what to change; Ctrl-C 130, SIGTERM 143."""
     saved = sys.argv
     if argv is not None:
         sys.argv = [saved[0] if saved else "ablate.train", *argv]
-    args = sys.argv[1:]
     try:
-        _check_override_syntax(args)
-        _job_started = False
-        try:
-            main()
-        except SystemExit as exit_:
-            multirun = "-m" in args or "--multirun" in args
-            if exit_.code == 1 and not _job_started and not multirun:
-                sys.exit(EXIT_CODES["bad input"])
-            raise
+        _check_override_syntax(sys.argv[1:])
+        run_cli(main, hydra_app=True)
     finally:
         sys.argv = saved
 

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from ablate.errors import BadInput
 from ablate.tracking.identity import matches_setting
 from analysis.axes import is_missing
 from analysis.comparison import ACCURACY
@@ -56,7 +57,7 @@ CLAIM_COLUMNS = ("id", "claim", "expect", "tolerance", "from", "to", "settings",
 CONTEXT_SHOWN = ("model", "data", "epochs", "train_size")
 
 
-class ClaimsFileError(ValueError):
+class ClaimsFileError(BadInput, ValueError):
     """The claims file cannot be read as claims: names the file, the claim and the key."""
 
 

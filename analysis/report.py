@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ablate.errors import run_cli
 from analysis.check import check_tables
 from analysis.claims import CLAIMS_FILE, claims_table, load_claims, printed_claims, write_claims
 from analysis.comparison import comparison_table, printed_comparison, write_comparison
@@ -275,4 +276,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

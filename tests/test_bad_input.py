@@ -33,11 +33,17 @@ def test_bad_input_gives_a_clear_error_and_touches_no_result(tmp_path, row):
 @pytest.mark.parametrize("overrides, message", [
     (["operator=dwconvx"], "Could not find 'operator/dwconvx'"),
     (["optim.lr=["], "cannot parse the override 'optim.lr=['"),
-    (["data.batch_size=0"], "data.batch_size=0 must be positive"),
+    (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+    (["-m", "data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),  # a sweep: the same code
+    (["-m", "operator=dwconvx"], "Could not find 'operator/dwconvx'"),
 ])
 def test_the_real_command_line_exits_2(tmp_path, overrides, message):
-    proc = subprocess.run([sys.executable, "-m", "ablate.train", *QUICK, f"trainer.results_root={tmp_path}",
-                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    flags = [o for o in overrides if o.startswith("-")]
+    proc = subprocess.run([sys.executable, "-m", "ablate.train", *flags, *QUICK,
+                           f"trainer.results_root={tmp_path}", *(o for o in overrides if o not in flags)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and len(errors) <= 6, proc.stderr[-2000:]  # a few lines, no trace
     assert not list(tmp_path.rglob("results.json"))

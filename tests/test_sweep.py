@@ -27,15 +27,19 @@ TINY = ["data.train_subset=200", "data.val_size=100", "data.test_subset=200", "d
         "trainer.inference_batches=1"]
 
 
-def sweep_cli(root: Path, *overrides: str, wandb: str = "disabled", **kwargs) -> subprocess.Popen:
+def sweep_cli(root: Path, *overrides: str, wandb: str | None = "disabled", env: dict | None = None,
+              **kwargs) -> subprocess.Popen:
+    """`python -m ablate.train -m ...`; WANDB_MODE=`wandb` (None: unset, the config decides)."""
+    environ = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | {"WANDB_SILENT": "true"}
     return subprocess.Popen(
         [sys.executable, "-m", "ablate.train", "-m", f"trainer.results_root={root}", *overrides],
-        cwd=ROOT, env={**os.environ, "WANDB_MODE": wandb, "WANDB_SILENT": "true"}, text=True,
+        cwd=ROOT, env=environ | ({"WANDB_MODE": wandb} if wandb else {}) | (env or {}), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 
-def run_sweep(root: Path, *overrides: str, timeout: float = 600, wandb: str = "disabled") -> tuple[int, str]:
-    proc = sweep_cli(root, *overrides, wandb=wandb)
+def run_sweep(root: Path, *overrides: str, timeout: float = 600, wandb: str | None = "disabled",
+              env: dict | None = None) -> tuple[int, str]:
+    proc = sweep_cli(root, *overrides, wandb=wandb, env=env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -126,15 +130,25 @@ def test_a_sweep_killed_midway_completes_only_the_missing_jobs(tmp_path):
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    code, out = run_sweep(tmp_path, "operator=dwconv", "optim.lr=1e-3,-1", "trainer.sweep=mixed", *TINY)
+    # a batch larger than the training split: found when the job loads its data, not before
+    tiny = [o for o in TINY if not o.startswith("data.batch_size")]
+    code, out = run_sweep(tmp_path, "operator=dwconv", "data.batch_size=100,5000", "trainer.sweep=mixed",
+                          *tiny)
     found = records(tmp_path / "mixed")
     statuses = sorted(r["status"] for r in found.values())
     assert statuses == ["completed", "failed"], out[-3000:]
     failed = next(r for r in found.values() if r["status"] == "failed")
-    assert "optim.lr must be positive" in failed["error"]
+    assert "larger than the training split" in failed["error"]
     assert code == 1  # the sweep finished all it could, and says some jobs failed
     summary = json.loads((tmp_path / "mixed" / ".hydra" / "summary.json").read_text())
     assert summary["statuses"] == {"completed": 1, "failed": 1}
+
+
+def test_a_value_out_of_range_stops_the_sweep_before_any_job_trains(tmp_path):
+    # as in a single run: exit 2, the key named; the valid cell is not trained either
+    code, out = run_sweep(tmp_path, "operator=dwconv", "optim.lr=1e-3,-1", "trainer.sweep=bad", *TINY)
+    assert code == 2 and "optim.lr=-1.0 must be a finite number > 0" in out, out[-3000:]
+    assert "Traceback" not in out and not records(tmp_path / "bad")
 
 
 def test_a_joblib_sweep_runs_four_jobs_on_two_workers(tmp_path):
@@ -154,6 +168,24 @@ def test_a_joblib_sweep_runs_four_jobs_on_two_workers(tmp_path):
     wandb_runs = [list((tmp_path / "joblib" / n / "wandb").glob("offline-run-*")) for n in found]
     assert all(len(runs) == 1 for runs in wandb_runs)
     assert len({runs[0].name.rsplit("-", 1)[1] for runs in wandb_runs}) == 4  # four distinct run ids
+
+
+def test_an_unreachable_wandb_server_is_found_once_and_every_run_is_logged_offline(tmp_path):
+    # an API key, so the runs would be online, and a server that refuses connections (port 1 of this
+    # machine: nothing listens there). The sweep decides once; both runs are complete offline runs.
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:1", "HOME": str(tmp_path)}
+    code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", "trainer.sweep=unreachable", "logger=wandb",
+                          *[o for o in TINY if not o.startswith("logger")], wandb=None, env=env)
+    assert code == 0, out[-3000:]
+    assert out.count("cannot be reached") == 1, out[-3000:]  # decided once, by the sweep, for every job
+    found = records(tmp_path / "unreachable")
+    assert len(found) == 2 and {r["status"] for r in found.values()} == {"completed"}
+    for name in found:
+        runs = list((tmp_path / "unreachable" / name / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, name
+        history = next(runs[0].glob("*.wandb")).read_bytes()
+        # complete: the run's config, its epoch's metrics and the summary written just before finish
+        assert b"axes/dynamic" in history and b"val_top1" in history and b"final_test_top1" in history
 
 
 def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):

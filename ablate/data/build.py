@@ -66,18 +66,15 @@ def build_data(conf: DataConf | DictConfig, device: torch.device, seed: int, *, 
 
 
 def _check_settings(conf: DataConf) -> None:
-    for key in ("batch_size", "eval_batch_size", "img_size", "in_chans", "num_classes"):
-        if getattr(conf, key) <= 0:
-            raise DataError(f"data.{key}={getattr(conf, key)} must be positive: set data.{key}= to a "
-                            f"positive number.")
-    if conf.num_workers < 0 or conf.crop_padding < 0:
-        raise DataError("data.num_workers and data.crop_padding must be >= 0.")
+    """The ranges of ablate/schema.py (for callers that did not validate the whole config), then how
+    the fields relate."""
+    from ablate.schema import validate_config
+
+    validate_config(OmegaConf.structured(conf), DataConf, prefix="data.")
     for key in ("mean", "std"):
         if len(getattr(conf, key)) != conf.in_chans:
             raise DataError(f"data.{key} has {len(getattr(conf, key))} values for data.in_chans="
                             f"{conf.in_chans} channels: give one value per channel.")
-    if any(s <= 0 for s in conf.std):
-        raise DataError(f"data.std={list(conf.std)} must be positive.")
 
 
 def _check_classes(conf: DataConf, labels: torch.Tensor, classes: list[str], where: str) -> None:

@@ -5,11 +5,14 @@ Each reader looks for the local files first and downloads only when they are mis
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,44 @@ _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-ima
                  "t10k-labels-idx1-ubyte")
 
 
+# sha256 of the four original IDX files (decompressed), as Zalando publishes them and Debian's
+# dataset-fashion-mnist ships them; `make data` checks them with sha256sum -c too
+FMNIST_SHA256 = Path(__file__).with_name("fashion_mnist.sha256")
+_VERIFIED = ".verified.json"  # in the data folder: (size, mtime) of each file whose checksum matched
+
+
+def verify_checksums(folder: str | Path, sums_file: Path, fix: str) -> None:
+    """Check every file of `sums_file` (sha256sum's format) in `folder`; DataError naming a damaged
+    file and `fix`. A file is hashed once per size and modification time (remembered in the folder
+    when it is writable), so a sweep's jobs do not hash the data set again."""
+    folder = Path(folder)
+    expected = dict(reversed(line.split()) for line in sums_file.read_text().splitlines() if line.strip())
+    try:
+        known = json.loads((folder / _VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = {}
+    changed = False
+    for name, digest in expected.items():
+        path = folder / name
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, digest]
+        if known.get(name) == stamp:
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            raise DataError(f"{path} is damaged: its sha256 is {h.hexdigest()[:16]}..., the original file's "
+                            f"{digest[:16]}... ({stat.st_size} bytes). {fix}")
+        known[name], changed = stamp, True
+    if changed:
+        try:
+            (folder / _VERIFIED).write_text(json.dumps(known))
+        except OSError:  # a read-only copy of the data: checked again next time, which is cheap
+            pass
+
+
 def load_fashion_mnist(root: str, download: bool) -> tuple[TensorSplit, TensorSplit]:
     """(train 60k, test 10k) of Fashion-MNIST from <root>/FashionMNIST/raw (torchvision's place)."""
     raw = os.path.join(root, "FashionMNIST", "raw")
@@ -52,6 +93,10 @@ def load_fashion_mnist(root: str, download: bool) -> tuple[TensorSplit, TensorSp
             raise DataError(
                 f"Fashion-MNIST not found in {raw} and downloading it failed ({_one_line(err)}). "
                 f"{fix}") from err
+    verify_checksums(raw, FMNIST_SHA256, fix=(
+        "Run `make data` again (it rebuilds data/FashionMNIST/raw from Debian's package; if that fails "
+        "its check too, reinstall it: apt-get install --reinstall dataset-fashion-mnist), or delete the "
+        "file and keep data.download=true on a machine with internet."))
     splits = []
     for train in (True, False):
         ds = datasets.FashionMNIST(root, train=train, download=False)

@@ -124,7 +124,7 @@ class AblateNet(nn.Module):
                                        [f"block={b}" for b in BLOCKS])
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         widths, sizes = stage_geometry(img_size, patch_size, embed_dim, len(depths))
-        channels_per_group = validate(spec, widths, sizes)
+        channels_per_group = validate(spec, widths, sizes, whole_model=True)
         self.spec, self.block, self.img_size = spec, block, img_size
         self.stage_channels_per_group = channels_per_group
         self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate

@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 
+from ablate.errors import BadInput
 from ablate.ops.registry import LAYOUT_OF, dynamic_option, dynamic_options, weight_source_class
 from ablate.space.spec import CONNECTIVITY_KINDS, SPATIAL_SHARING, OperatorSpec
 
 __all__ = ["InvalidOperatorError", "validate", "stage_channels_per_group"]
 
 
-class InvalidOperatorError(ValueError):
+class InvalidOperatorError(BadInput, ValueError):
     """An invalid point of the operator space: which rule, and what to change."""
 
     def __init__(self, rule: str, message: str, nearest: Sequence[str] = ()):
@@ -47,9 +48,13 @@ def validate(
     spec: OperatorSpec,
     widths: Sequence[int],
     resolutions: Sequence[tuple[int, int]] | None = None,
+    whole_model: bool = False,
 ) -> list[int]:
     """Check `spec` for stages of the given channel widths (and feature-map sizes, when fixed).
 
+    `whole_model`: the stages are all of a model's, so a window or kernel larger than every one of
+    their maps (global connectivity under another name) is refused; a single stage's map may be
+    smaller than the window (Swin's last stage: the window shrinks to the map).
     Returns the channels per weight group of each stage. Raises InvalidOperatorError otherwise.
     """
     conn, shar, dyn = spec.connectivity, spec.sharing, spec.dynamic
@@ -90,6 +95,16 @@ def validate(
                 f"a sliding neighbourhood is centred on its position, so kernel_size={k} has no centre.",
                 [f"connectivity.kernel_size={k - 1}", f"connectivity.kernel_size={k + 1}",
                  "connectivity=window"])
+    if whole_model and resolutions and conn.kind != "global" and isinstance(k, int):
+        largest = max(max(r) for r in resolutions)
+        if k > largest:
+            sizes = [v for v in range(largest, 0, -1) if conn.kind != "sliding" or v % 2][:2]
+            raise InvalidOperatorError(
+                "kernel_size larger than every map",
+                f"kernel_size={k} is larger than the largest feature map ({largest}x{largest}, the first "
+                f"stage's): every position would see the whole map, which is global connectivity.",
+                [f"connectivity.kernel_size={v} (or model.window={v})" for v in sizes]
+                + ["connectivity=global"])
     if conn.shift and conn.kind != "window":
         raise InvalidOperatorError(
             "shift needs window connectivity",

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict, read_write
 
 from ablate.config import build_model
+from ablate.schema import validate_config
 from ablate.space.rules import InvalidOperatorError
 from ablate.tracking import FINISHED, RunStore
 from ablate.tracking.identity import IdentityConflict, describe_difference, differing_keys
@@ -81,6 +82,13 @@ def job_config(config_loader, master: DictConfig, overrides: Sequence[str]) -> D
     return cfg
 
 
+def check_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]]) -> None:
+    """Compose and validate jobs without planning them (a later phase's, before the first trains):
+    raises the error its job would meet."""
+    for overrides in job_overrides:
+        validate_config(job_config(config_loader, master, overrides))
+
+
 def check_operator(cfg: DictConfig) -> None:
     """Raise InvalidOperatorError for an invalid cell; builds on the meta device, so it is instant."""
     with torch.device("meta"):
@@ -91,13 +99,15 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
     """Compose every job and decide: finished (skip), invalid (record as skipped), refused (its run
     folder is another run's), or run.
 
-    A composition error (a misspelt key or option) raises here, before any job is launched.
+    A composition error (a misspelt key or option) or a value out of its range (ablate/schema.py)
+    raises here, before any job is launched.
     """
     from ablate.train import record_unrunnable, run_folder, run_identity  # the job's own naming and records
 
     jobs, claimed = [], {}  # run folder -> identity of the job of this sweep that runs in it
     for overrides in job_overrides:
         cfg = job_config(config_loader, master, overrides)
+        validate_config(cfg)
         folder, identity = run_folder(cfg), run_identity(cfg)
         if folder in claimed:
             if not differing_keys(claimed[folder], identity):  # two spellings of the same run

@@ -27,10 +27,12 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from ablate.sweep.plan import Job, expand_grids, plan_jobs
+from ablate.schema import ConfigError
+from ablate.sweep.plan import Job, check_jobs, expand_grids, plan_jobs
 from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
 from ablate.sweep.tuning import TuningPlan, parse_tuning
 from ablate.tracking import RunStore
+from ablate.tracking.wandb_logger import resolve_mode
 
 __all__ = ["GridSweeper", "register_sweeper"]
 
@@ -46,7 +48,7 @@ class GridSweeper(Sweeper):
                  retries: int = 1, tune: Mapping[str, Any] | None = None):
         super().__init__()
         if max_batch_size is not None and max_batch_size < 1:
-            raise ValueError(f"hydra.sweeper.max_batch_size must be null or >= 1; got {max_batch_size}")
+            raise ConfigError(f"hydra.sweeper.max_batch_size must be null or >= 1; got {max_batch_size}")
         self.tuning = parse_tuning(tune)
         self.max_batch_size, self.poll_seconds, self.retries = max_batch_size, poll_seconds, retries
         self.params = dict(params or {})
@@ -69,6 +71,8 @@ class GridSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        if self.config.logger.name == "wandb":  # whether W&B can be reached: decided once, for every job
+            resolve_mode(self.config.logger.mode)  # (workers inherit it), not by each run's timeout
 
         overrides = expand_grids(arguments, self.params, self.grids)
         returns: list[Sequence[Any]] = []
@@ -78,6 +82,9 @@ class GridSweeper(Sweeper):
             plan = TuningPlan(self.tuning, overrides)
             followers = (expand_grids(arguments, self.params, self.tuning.follow_grids)
                          if self.tuning.follow_grids else [])
+            # a bad value in a follower must not wait for the phases before it to train
+            check_jobs(self.hydra_context.config_loader, self.config,
+                       [[*f, f"{self.tuning.setting}={self.tuning.values[0]}"] for f in followers])
             overall = Overall(0, started)
             later = plan.new_final_jobs() + len(followers)
             jobs = self._run_phase(name, f"selection of {self.tuning.setting}", plan.selection_jobs(),
@@ -136,6 +143,9 @@ class GridSweeper(Sweeper):
               f"{len(to_run)} to run with {launcher}; results in {results_dir}", flush=True)
         for job in refused:
             log.error("refused: %s", job.error)
+        if jobs and invalid == len(jobs):  # nothing of it can run: the input is wrong, as in a single run
+            raise ConfigError(f"every job of {label} is an invalid operator (recorded as skipped): "
+                              f"{jobs[0].reason}")
 
         batch_size = self.max_batch_size or max(len(to_run), 1)
         job_idx = sum(len(r) for r in returns)

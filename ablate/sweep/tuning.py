@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ablate.schema import ConfigError
+
 __all__ = ["Tuning", "TUNING_FILE", "METRICS", "parse_tuning", "TuningPlan", "read_tuning"]
 
 TUNING_FILE = "tuning.json"
@@ -50,22 +52,22 @@ def _parse_followers(followers: Any, setting: str) -> tuple[tuple[str, ...], tup
         return (), ()
     where = "hydra.sweeper.tune.followers"
     if not isinstance(followers, Mapping) or set(followers) - {"by", "grids"}:
-        raise ValueError(f"{where} must be a mapping with `by` (settings) and `grids` (a list of grids); "
+        raise ConfigError(f"{where} must be a mapping with `by` (settings) and `grids` (a list of grids); "
                          f"got {followers!r}")
     by = followers.get("by")
     by = [by] if isinstance(by, str) else by
     if not isinstance(by, Sequence) or not by or not all(isinstance(k, str) and k for k in by):
-        raise ValueError(f"{where}.by must name the settings a follower shares with its tuned cell (e.g. "
+        raise ConfigError(f"{where}.by must name the settings a follower shares with its tuned cell (e.g. "
                          f"[operator]); got {followers.get('by')!r}")
     grids = followers.get("grids")
     if not isinstance(grids, Sequence) or isinstance(grids, str) or not grids \
             or not all(isinstance(g, Mapping) for g in grids):
-        raise ValueError(f"{where}.grids must be a list of grids (mappings of setting: values); "
+        raise ConfigError(f"{where}.grids must be a list of grids (mappings of setting: values); "
                          f"got {grids!r}")
     for grid in grids:
         missing = [k for k in by if k not in grid]
         if missing or setting in grid:
-            raise ValueError(f"{where}: every grid sets {', '.join(by)} (to find its tuned cell) and never "
+            raise ConfigError(f"{where}: every grid sets {', '.join(by)} (to find its tuned cell) and never "
                              f"{setting} (it follows the choice); got {dict(grid)!r}")
     return tuple(by), tuple(dict(g) for g in grids)
 
@@ -75,28 +77,28 @@ def parse_tuning(tune: Mapping[str, Any] | None) -> Tuning | None:
     if tune is None:
         return None
     if not isinstance(tune, Mapping):
-        raise ValueError("hydra.sweeper.tune must be a mapping (setting, values, seed, metric); "
+        raise ConfigError("hydra.sweeper.tune must be a mapping (setting, values, seed, metric); "
                          f"got {tune!r}")
     unknown = set(tune) - {"setting", "values", "seed", "metric", "followers"}
     if unknown:
-        raise ValueError(f"hydra.sweeper.tune: unknown key(s) {', '.join(sorted(unknown))}; it takes "
+        raise ConfigError(f"hydra.sweeper.tune: unknown key(s) {', '.join(sorted(unknown))}; it takes "
                          "setting, values, seed, metric, followers")
     setting = tune.get("setting", "optim.lr")
     if not isinstance(setting, str) or not setting or setting == SEED:
-        raise ValueError(f"hydra.sweeper.tune.setting must name a setting other than the seed (e.g. "
+        raise ConfigError(f"hydra.sweeper.tune.setting must name a setting other than the seed (e.g. "
                          f"optim.lr); got {setting!r}")
     values = tune.get("values")
     if isinstance(values, str):
         values = [v.strip() for v in values.split(",") if v.strip()]
     if not isinstance(values, Sequence) or len(values) < 2 or len(set(map(str, values))) != len(values):
-        raise ValueError(f"hydra.sweeper.tune.values must list at least two different values of {setting}; "
+        raise ConfigError(f"hydra.sweeper.tune.values must list at least two different values of {setting}; "
                          f"got {values!r}")
     seed = tune.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"hydra.sweeper.tune.seed must be an integer (the selection seed); got {seed!r}")
+        raise ConfigError(f"hydra.sweeper.tune.seed must be an integer (the selection seed); got {seed!r}")
     metric = tune.get("metric", "final_val_top1")
     if metric not in METRICS:
-        raise ValueError(f"hydra.sweeper.tune.metric must be one of {', '.join(METRICS)} (a validation "
+        raise ConfigError(f"hydra.sweeper.tune.metric must be one of {', '.join(METRICS)} (a validation "
                          f"number); got {metric!r}")
     return Tuning(setting, tuple(values), seed, metric, *_parse_followers(tune.get("followers"), setting))
 
@@ -121,8 +123,8 @@ class TuningPlan:
         self.cells: dict[tuple[str, ...], _Cell] = {}
         for job in jobs:
             if any(_key(o) == tuning.setting for o in job):
-                raise ValueError(f"{tuning.setting} is chosen by hydra.sweeper.tune for every cell; leave it "
-                                 "out of the grid and the command line (or set tune: null)")
+                raise ConfigError(f"{tuning.setting} is chosen by hydra.sweeper.tune for every cell; leave "
+                                  "it out of the grid and the command line (or set tune: null)")
             seed = next((o for o in job if _key(o) == SEED), None)
             cell = tuple(o for o in job if _key(o) != SEED)
             entry = self.cells.setdefault(cell, _Cell(cell, []))
@@ -171,10 +173,10 @@ class TuningPlan:
         for cell in self.cells.values():
             key = shared(cell.overrides)
             if key is None:
-                raise ValueError(f"hydra.sweeper.tune.followers.by: the tuned cell "
+                raise ConfigError(f"hydra.sweeper.tune.followers.by: the tuned cell "
                                  f"{' '.join(cell.overrides)} does not set {', '.join(by)}")
             if key in chosen and chosen[key] != cell.chosen:
-                raise ValueError(f"hydra.sweeper.tune.followers.by: several tuned cells share "
+                raise ConfigError(f"hydra.sweeper.tune.followers.by: several tuned cells share "
                                  f"{' '.join(key)} with different choices; add the settings that tell them "
                                  "apart to `by`")
             chosen[key] = cell.chosen
@@ -182,7 +184,7 @@ class TuningPlan:
         for job in jobs:
             key = shared(job)
             if key not in chosen:
-                raise ValueError(f"hydra.sweeper.tune.followers: no tuned cell has {' '.join(key or ())}: "
+                raise ConfigError(f"hydra.sweeper.tune.followers: no tuned cell has {' '.join(key or ())}: "
                                  "add it to the tuned grid, or drop the follower")
             if chosen[key] is None:
                 left_out.append(" ".join(job))

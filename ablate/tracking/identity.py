@@ -22,6 +22,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ablate.errors import BadInput
+
 __all__ = ["NOT_IDENTITY", "EXECUTION_ONLY", "AXIS_SETTINGS", "identity_from_config", "experiment_of",
            "experiment_key", "flatten", "differing_keys", "describe_difference", "axis_of_setting",
            "IdentityConflict", "folder_conflict", "LABEL_SETTINGS", "FLIPS", "matches_setting"]
@@ -45,7 +47,7 @@ LABEL_SETTINGS = ("preset",)
 FLIPS: dict[str, tuple[str, ...]] = {**AXIS_SETTINGS, "precision": ("precision",)}
 
 
-class IdentityConflict(ValueError):
+class IdentityConflict(BadInput, ValueError):
     """A run folder holds another experiment than the command asks for: nothing may touch it."""
 
 

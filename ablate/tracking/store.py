@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from ablate.errors import BadInput
 from ablate.tracking.identity import IdentityConflict, differing_keys, folder_conflict, identity_from_config
 from ablate.tracking.secrets import scrub
 
@@ -54,7 +55,7 @@ FINISHED = ("completed", "diverged")
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """No usable checkpoint although one was written: every copy fails its checksum or cannot load."""
 
 

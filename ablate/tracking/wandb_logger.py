@@ -2,21 +2,30 @@
 
 mode: online, offline or disabled; unset means online when an API key is configured, else offline.
 The WANDB_MODE environment variable wins over the config. The run's files live inside the run
-folder. Any W&B failure is logged and training goes on (an unreachable server falls back to an
-offline run, so the history is still kept on disk).
+folder. Any W&B failure is logged and training goes on.
+
+An unreachable server is decided once per process tree, within PROBE_TIMEOUT_S, before the first
+online run (a TCP connection to the server, or to the HTTPS proxy): then every run of the process and
+of the workers it starts (they inherit the decision through OFFLINE_ENV) is an offline run in its
+run folder, complete, for `wandb sync <run folder>/wandb/offline-run-*` to upload later. No run
+waits for W&B's own init timeout (about a minute) to learn what the first one learned.
 """
 from __future__ import annotations
 
 import logging
 import netrc
 import os
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["WandbMirror", "resolve_mode"]
+__all__ = ["WandbMirror", "resolve_mode", "server_unreachable", "OFFLINE_ENV", "PROBE_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
+OFFLINE_ENV = "ABLATE_WANDB_UNREACHABLE"  # set (to the reason) once the server was found unreachable
+PROBE_TIMEOUT_S = 5.0
+_probed: set[str] = set()  # servers this process found reachable
 
 
 def _has_api_key() -> bool:
@@ -29,7 +38,36 @@ def _has_api_key() -> bool:
         return False
 
 
+def _server() -> tuple[str, str, int]:
+    """(url, host, port) a connection to W&B goes to first: the HTTPS proxy when one is set."""
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    parsed = urlparse(proxy or url)
+    return url, parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def server_unreachable() -> str | None:
+    """Why the W&B server cannot be reached (None: it can), decided once per process tree."""
+    if os.environ.get(OFFLINE_ENV):
+        return os.environ[OFFLINE_ENV]
+    url, host, port = _server()
+    if url in _probed:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        reason = f"{host}:{port} ({url}) cannot be reached: {err.strerror or err}"
+        os.environ[OFFLINE_ENV] = reason  # for this process and the workers it starts
+        log.warning("W&B: %s; every run is logged offline in its run folder (upload later: wandb sync "
+                    "<run folder>/wandb/offline-run-*)", reason)
+        return reason
+    _probed.add(url)
+    return None
+
+
 def resolve_mode(configured: str | None) -> str:
+    """online, offline or disabled: WANDB_MODE, else the configured mode, else online with an API
+    key; online becomes offline where the server cannot be reached."""
     mode = os.environ.get("WANDB_MODE") or configured
     if mode in (None, "", "auto"):
         mode = "online" if _has_api_key() else "offline"
@@ -37,6 +75,8 @@ def resolve_mode(configured: str | None) -> str:
         mode = "offline"
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logger.mode must be online, offline, disabled or auto; got {mode!r}")
+    if mode == "online" and server_unreachable():
+        mode = "offline"
     return mode
 
 
@@ -65,6 +105,8 @@ class WandbMirror:
                 self.mode = mode
                 return
             except Exception as err:  # noqa: BLE001  W&B must never stop training
+                if mode == "online":  # the next runs of this process tree go offline at once
+                    os.environ[OFFLINE_ENV] = f"online init failed: {type(err).__name__}: {err}"
                 log.warning("W&B %s init failed (%s: %s)%s", mode, type(err).__name__, err,
                             "; trying offline" if mode != "offline" else "; going on without W&B")
 
