@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["EXIT_CODES", "BadInput", "Interrupted", "explain", "run_cli", "signals_raise",
+__all__ = ["EXIT_CODES", "BadInput", "Interrupted", "explain", "run_cli", "signals_deferred", "signals_raise",
            "stop_children"]
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4,
@@ -74,6 +74,23 @@ def signals_raise() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (then arrive as usual): for writes that must
+    happen together, like an epoch's metrics row and its checkpoint."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _children(pid: int) -> list[int]:

@@ -407,7 +407,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
 
 def _folder(root: Path) -> Path | None:
     runs = root / "runs"
-    return next((p for p in runs.glob("*") if p.is_dir()), None) if runs.exists() else None
+    # (not .hydra: a sweep's own folder)
+    return next((p for p in sorted(runs.glob("*")) if p.is_dir() and not p.name.startswith(".")),
+                None) if runs.exists() else None
 
 
 def _record(root: Path) -> dict[str, Any] | None:
@@ -446,7 +448,7 @@ def _after_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 300)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         folder = _folder(root)
-        if folder is not None and RunStore(folder).read_metrics():
+        if folder is not None and RunStore(folder).checkpoint.exists():
             return True
         time.sleep(0.2)
     return False

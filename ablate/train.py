@@ -56,7 +56,7 @@ from ablate.distributed import (
     share_error_type,
     sync_batchnorm,
 )
-from ablate.errors import EXIT_CODES, Interrupted, explain, run_cli
+from ablate.errors import EXIT_CODES, Interrupted, explain, run_cli, signals_deferred
 from ablate.recipe import build_recipe, check_recipe
 from ablate.schema import validate_config
 from ablate.space.rules import InvalidOperatorError
@@ -504,6 +504,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
         **provenance(),
     }
     run_start = time.perf_counter() - elapsed
+    checkpointed = start_epoch  # epochs whose checkpoint is on disk
     try:
         for epoch in range(start_epoch, cfg.schedule.epochs):
             seed_epoch(t.seed, epoch)
@@ -522,14 +523,16 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
                 best = {k: row[k] for k in ("epoch", "val_top1", "val_top5", "test_top1", "test_top5")}
             history.append(row)
             if dist.is_main:
-                store.append_metrics(row)
-                store.save_checkpoint({
-                    "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
-                    "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
-                    "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"],
-                    "world_size": dist.world_size, "identity": identity,
-                    # the rows of metrics.jsonl so far: a resume restores the file from them
-                    "history": history})
+                with signals_deferred():  # the row and its checkpoint together: Ctrl-C waits for both
+                    store.append_metrics(row)
+                    store.save_checkpoint({
+                        "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
+                        "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
+                        "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"],
+                        "world_size": dist.world_size, "identity": identity,
+                        # the rows of metrics.jsonl so far: a resume restores the file from them
+                        "history": history})
+            checkpointed = epoch + 1
             wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=step)
             log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %.2f/%.2f  lr %.2e  %.0f img/s  %.0f s",
                      epoch + 1, cfg.schedule.epochs, row["train_loss"], row["val_top1"], row["val_top5"],
@@ -544,10 +547,9 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
         log.error("run %s", results["error"])
     except Interrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint of the last finished epoch stays
         wandb_run.finish(exit_code=stop.code)
-        done = len(history)
         raise stop.saying(
-            f"interrupted at epoch {done + 1} of {cfg.schedule.epochs} by {signal.Signals(stop.signum).name}"
-            f"; {_epochs_kept(done)} in "
+            f"interrupted at epoch {min(checkpointed + 1, cfg.schedule.epochs)} of {cfg.schedule.epochs} by "
+            f"{signal.Signals(stop.signum).name}; {_epochs_kept(checkpointed)} in "
             f"{store.folder}: the same command resumes") from None
     except (torch.OutOfMemoryError, MemoryError) as err:
         results.update(status="failed", error=f"out of memory ({type(err).__name__}): lower "

@@ -68,9 +68,12 @@ def build_data(conf: DataConf | DictConfig, device: torch.device, seed: int, *, 
 def _check_settings(conf: DataConf) -> None:
     """The ranges of ablate/schema.py (for callers that did not validate the whole config), then how
     the fields relate."""
-    from ablate.schema import validate_config
+    from ablate.schema import ConfigError, validate_config
 
-    validate_config(OmegaConf.structured(conf), DataConf, prefix="data.")
+    try:
+        validate_config(OmegaConf.structured(conf), DataConf, prefix="data.")
+    except ConfigError as err:  # the data set's own kind of error, for callers of build_data
+        raise DataError(str(err)) from None
     for key in ("mean", "std"):
         if len(getattr(conf, key)) != conf.in_chans:
             raise DataError(f"data.{key} has {len(getattr(conf, key))} values for data.in_chans="
