@@ -346,7 +346,7 @@ def run_table(work: Path, rows: list[BadInput] | None = None, echo: bool = True)
         outcomes.append(outcome)
         if echo:
             last = next((line for line in reversed(outcome.message.splitlines())
-                         if line.strip() and "HYDRA_FULL_ERROR" not in line), "")
+                         if line.strip() and "_TRACEBACK" not in line and "HYDRA_FULL_ERROR" not in line), "")
             mark = "ok " if outcome.clear and not outcome.touched else "BAD"
             print(f"  {mark} exit {outcome.code}  {row.name}: {last.strip()[:150]}", flush=True)
             if outcome.touched:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -242,7 +241,6 @@ def test_run_folder_names_cannot_escape_the_results_root(tmp_path, name):
 @pytest.mark.slow
 def test_the_reliability_suite_survives_every_fault(tmp_path):
     """`make reliability`, reduced: 2 random kills, the damage scenarios, the whole bad-input table."""
-    started = time.time()
     proc = subprocess.run([sys.executable, "-m", "ablate.reliability", "--kills", "2",
                            "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -251,4 +249,3 @@ def test_the_reliability_suite_survives_every_fault(tmp_path):
     assert int(figures["results lost"]) == 0
     assert int(figures["faults injected"]) == int(figures["faults survived"]) >= 7
     assert int(figures["bad inputs tried"]) == int(figures["clear errors given"]) >= 25
-    assert time.time() - started < 900
