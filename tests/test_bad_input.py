@@ -47,3 +47,20 @@ def test_the_real_command_line_exits_2(tmp_path, overrides, message):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr and len(errors) <= 6, proc.stderr[-2000:]  # a few lines, no trace
     assert not list(tmp_path.rglob("results.json"))
+
+
+READ_ONLY = Path("/sys/ablate-read-only")  # sysfs refuses new files even to root
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs (a read-only place even for root)")
+def test_a_read_only_output_folder_exits_2_naming_it(tmp_path):
+    def run(*command):
+        return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+
+    swept = run("-m", "ablate.train", "-m", *QUICK, f"trainer.results_root={READ_ONLY}")
+    assert swept.returncode == 2 and str(READ_ONLY) in swept.stderr, swept.stderr[-2000:]
+    assert run("-m", "ablate.train", *QUICK, f"trainer.results_root={tmp_path}").returncode == 0
+    report = run("-m", "analysis.report", str(tmp_path), "--out", str(READ_ONLY), "--no-weights")
+    assert report.returncode == 2 and str(READ_ONLY) in report.stderr, report.stderr[-2000:]
+    assert "Traceback" not in swept.stderr + report.stderr
