@@ -14,6 +14,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 from setuptools import find_packages
 
 from ablate.models.backbone import SIZES
@@ -186,6 +187,35 @@ def test_an_unreachable_wandb_server_is_found_once_and_every_run_is_logged_offli
         history = next(runs[0].glob("*.wandb")).read_bytes()
         # complete: the run's config, its epoch's metrics and the summary written just before finish
         assert b"axes/dynamic" in history and b"val_top1" in history and b"final_test_top1" in history
+
+
+@pytest.mark.parametrize("status, mode", [(200, "online"), (404, "offline")])
+def test_only_a_healthy_answer_counts_as_a_reachable_wandb_server(monkeypatch, status, mode):
+    # some networks answer every request (404 from a gateway): that is no W&B server
+    import http.server
+    import threading
+
+    from ablate.tracking import wandb_logger
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            self.send_response(status if self.path == "/healthz" else 500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv(wandb_logger.OFFLINE_ENV, raising=False)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setattr(wandb_logger, "_probed", set())
+        assert wandb_logger.resolve_mode(None) == mode
+    finally:
+        server.shutdown()
 
 
 def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):

@@ -5,17 +5,20 @@ The WANDB_MODE environment variable wins over the config. The run's files live i
 folder. Any W&B failure is logged and training goes on.
 
 An unreachable server is decided once per process tree, within PROBE_TIMEOUT_S, before the first
-online run (a TCP connection to the server, or to the HTTPS proxy): then every run of the process and
-of the workers it starts (they inherit the decision through OFFLINE_ENV) is an offline run in its
-run folder, complete, for `wandb sync <run folder>/wandb/offline-run-*` to upload later. No run
-waits for W&B's own init timeout (about a minute) to learn what the first one learned.
+online run (a GET of the server's health check, /healthz, through the proxy the environment names:
+only a 2xx answer means a W&B server is there; a TCP connection or an error page does not, since
+some networks accept every connection, or answer every request with 404): then every run of the
+process and of the workers it starts (they inherit the decision through OFFLINE_ENV) is an offline
+run in its run folder, complete, for `wandb sync <run folder>/wandb/offline-run-*` to upload later.
+No run waits for W&B's own init timeout (about a minute) to learn what the first one learned.
 """
 from __future__ import annotations
 
 import logging
 import netrc
 import os
-import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,25 +41,20 @@ def _has_api_key() -> bool:
         return False
 
 
-def _server() -> tuple[str, str, int]:
-    """(url, host, port) a connection to W&B goes to first: the HTTPS proxy when one is set."""
-    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    parsed = urlparse(proxy or url)
-    return url, parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
-
-
 def server_unreachable() -> str | None:
     """Why the W&B server cannot be reached (None: it can), decided once per process tree."""
     if os.environ.get(OFFLINE_ENV):
         return os.environ[OFFLINE_ENV]
-    url, host, port = _server()
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
     if url in _probed:
         return None
     try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        reason = f"{host}:{port} ({url}) cannot be reached: {err.strerror or err}"
+        urllib.request.urlopen(f"{url}/healthz", timeout=PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:  # HTTPError (not W&B), URLError, a timeout, a refused connection
+        why = f"HTTP {err.code} from {url}/healthz" if isinstance(err, urllib.error.HTTPError) else (
+            getattr(err, "reason", None) or err)
+        reason = (f"{url} cannot be reached (no W&B server answered within {PROBE_TIMEOUT_S:.0f} s: "
+                  f"{why})")
         os.environ[OFFLINE_ENV] = reason  # for this process and the workers it starts
         log.warning("W&B: %s; every run is logged offline in its run folder (upload later: wandb sync "
                     "<run folder>/wandb/offline-run-*)", reason)
