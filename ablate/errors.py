@@ -143,11 +143,13 @@ def _hydra_message(err: BaseException) -> str | None:
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:  # pragma: no cover - both are dependencies
         return None
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+    if isinstance(err, InstantiationException) and isinstance(err.__cause__, (ValueError, TypeError)):
         # a plugin's constructor refused its settings (e.g. hydra.sweeper.tune): its own words
         where = [line.strip() for line in str(err).splitlines() if line.strip().startswith("full_key:")]
         inner = explain(err.__cause__) or str(err.__cause__)
         return inner + (f" ({where[0]})" if where else "")
+    if isinstance(err, InstantiationException):
+        return None  # a plugin's constructor failed otherwise: a bug, shown with its traceback
     if isinstance(err, HydraException):
         text = str(err)
         if isinstance(err.__cause__, OmegaConfBaseException):
