@@ -113,6 +113,7 @@ class Candidate:
     setup: Callable[[], tuple[Callable[[], torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
     baseline: bool = False
     bytes_moved: dict[str, int] = field(default_factory=dict)
+    passes: tuple[str, ...] = PASSES  # ("fwd",) for a forward-only kernel: its backward is not timed
 
 
 def _time_candidates(cands: Sequence[Candidate], device, rounds: int, warmup: int) -> dict[str, dict]:
@@ -121,7 +122,7 @@ def _time_candidates(cands: Sequence[Candidate], device, rounds: int, warmup: in
     for c in cands:
         fn, inputs, weights = c.setup()
         states[c.name] = (fn, inputs, weights)
-    times = {c.name: {p: [] for p in PASSES} for c in cands}
+    times = {c.name: {p: [] for p in c.passes} for c in cands}
     memory = {}
 
     def grads(fn, wrt, frozen):
@@ -141,35 +142,37 @@ def _time_candidates(cands: Sequence[Candidate], device, rounds: int, warmup: in
             for t in frozen:
                 t.requires_grad_(True)
 
-    def one(name: str, record: bool):
-        fn, inputs, weights = states[name]
+    def one(cand: Candidate, record: bool):
+        fn, inputs, weights = states[cand.name]
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             fn()
         _sync(device)
-        fwd = time.perf_counter() - t0
-        bwd_input = grads(fn, inputs, weights)
-        bwd_weight = grads(fn, weights, inputs)
-        _sync(device)
-        t0 = time.perf_counter()
-        y = fn()
-        torch.autograd.grad(y, inputs + weights, torch.ones_like(y))
-        _sync(device)
-        both = time.perf_counter() - t0
-        del y
+        took = {"fwd": time.perf_counter() - t0}
+        if "bwd_input" in cand.passes:
+            took["bwd_input"] = grads(fn, inputs, weights)
+            took["bwd_weight"] = grads(fn, weights, inputs)
+            _sync(device)
+            t0 = time.perf_counter()
+            y = fn()
+            torch.autograd.grad(y, inputs + weights, torch.ones_like(y))
+            _sync(device)
+            took["fwd_bwd"] = time.perf_counter() - t0
+            del y
         if record:
-            for p, t in zip(PASSES, (fwd, bwd_input, bwd_weight, both)):
-                times[name][p].append(t)
+            for p in cand.passes:
+                times[cand.name][p].append(took[p])
 
     for r in range(warmup + rounds):
         for c in cands:
-            one(c.name, record=r >= warmup)
+            one(c, record=r >= warmup)
     for c in cands:
         fn, inputs, weights = states[c.name]
         with PeakMemory(device) as peak:
             y = fn()
-            torch.autograd.grad(y, inputs + weights, torch.ones_like(y))
+            if "bwd_input" in c.passes:
+                torch.autograd.grad(y, inputs + weights, torch.ones_like(y))
             del y
         memory[c.name] = peak.peak
     return {name: {"median": {p: statistics.median(v) for p, v in t.items()},
@@ -282,7 +285,7 @@ def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
         def naive():
             xi, wi = _leaf(x), _leaf(wt)
             return (lambda: triton_dw.naive_position_forward(xi, wi, k)), [xi], [wi]
-        cands.append(Candidate("triton one-thread-per-output (fwd only)", naive))
+        cands.append(Candidate("triton one-thread-per-output (fwd only)", naive, passes=("fwd",)))
     return cands
 
 
@@ -372,10 +375,11 @@ def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: i
                 row = {"size": size, "stage": s, "shape": f"{batch}x{c}x{h}x{w}", "operator": op,
                        "candidate": cand.name, "baseline": base}
                 for p in PASSES:
-                    t = r["median"][p]
-                    row[f"{p}_ms"] = round(1e3 * t, 3)
-                    row[f"{p}_speedup"] = round(result[base]["median"][p] / t, 2) if t > 0 else None
-                row["fwd_bwd_min_ms"] = round(1e3 * r["min"]["fwd_bwd"], 3)
+                    t = r["median"].get(p)  # None: a pass the candidate does not have
+                    row[f"{p}_ms"] = None if t is None else round(1e3 * t, 3)
+                    row[f"{p}_speedup"] = round(result[base]["median"][p] / t, 2) if t else None
+                row["fwd_bwd_min_ms"] = (round(1e3 * r["min"]["fwd_bwd"], 3) if "fwd_bwd" in r["min"]
+                                         else None)
                 row["peak_mb"] = None if r["peak_bytes"] is None else round(r["peak_bytes"] / 2**20, 1)
                 bp = result[base]["peak_bytes"]
                 row["peak_vs_baseline"] = (round(r["peak_bytes"] / bp, 3)
@@ -387,8 +391,9 @@ def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: i
                     row["fwd_copy_fraction"] = round(bw["fwd"] / copy_bw, 3)
                     row["fwd_bwd_copy_fraction"] = round(bw["fwd_bwd"] / copy_bw, 3)
                 rows.append(row)
-            print(f"  {size} stage {s} {op}: " + ", ".join(
-                f"{c_.name} {1e3 * result[c_.name]['median']['fwd_bwd']:.1f} ms" for c_ in cands), flush=True)
+            print(f"  {size} stage {s} {op} (forward + backward): " + ", ".join(
+                f"{c_.name} {1e3 * result[c_.name]['median'][c_.passes[-1]]:.1f} ms" for c_ in cands),
+                flush=True)
     return rows
 
 

@@ -65,8 +65,8 @@ class Dist:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
-        if device.type == "cuda" and self.enabled and device.index is None:
-            device = torch.device("cuda", self.local_rank)
+        if device.type == "cuda" and device.index is None:  # set_device needs an index
+            device = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return device

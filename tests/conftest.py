@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # ==================================================================================================
@@ -16,3 +17,16 @@ import torch
 # ==================================================================================================
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+# ==================================================================================================
+# GPU comparisons in float32 (tests marked gpu): cuDNN convolutions run in TF32 (a 10-bit mantissa) by
+# default, which alone moves a micro model's logits by ~1e-3 relative; a float32 check must not
+# measure that. Training on a GPU uses bf16 autocast, so TF32 never decides a result there.
+# ==================================================================================================
+@pytest.fixture
+def true_float32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

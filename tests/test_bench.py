@@ -5,7 +5,20 @@ from __future__ import annotations
 import csv
 import json
 
-from ablate.bench import MODEL_COLUMNS, OP_COLUMNS, OPERATORS, PASSES, BenchArgs, main, run
+import torch
+import torch.nn.functional as F
+
+from ablate.bench import (
+    MODEL_COLUMNS,
+    OP_COLUMNS,
+    OPERATORS,
+    PASSES,
+    BenchArgs,
+    Candidate,
+    _time_candidates,
+    main,
+    run,
+)
 from ablate.space.presets import PRESETS
 
 
@@ -82,3 +95,20 @@ def test_the_readme_quick_bench_runs_to_the_end(tmp_path):
     assert {re.sub(r"^ablate_|_(micro|tiny)$", "", r["model"]) for r in models} >= set(PRESETS)
     assert all(r["efficiency_vs_dwconv"] for r in models if r["model"] != "swin_tiny")
 
+
+
+def test_a_forward_only_candidate_is_timed_forward_only():
+    """A kernel without a backward (the GPU's naive Triton candidate) gets its forward timed beside the
+    others and no backward columns, instead of stopping the bench at its first backward."""
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3)
+
+    def setup(with_backward: bool):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        xf, wf = (xi, wi) if with_backward else (xi.detach(), wi.detach())
+        return (lambda: F.conv2d(xf, wf, padding=1, groups=4)), [xi], [wi]
+
+    cands = [Candidate("conv", lambda: setup(True), baseline=True),
+             Candidate("forward only", lambda: setup(False), passes=("fwd",))]
+    result = _time_candidates(cands, torch.device("cpu"), rounds=2, warmup=1)
+    assert set(result["conv"]["median"]) == set(PASSES)
+    assert set(result["forward only"]["median"]) == {"fwd"} and result["forward only"]["median"]["fwd"] > 0

@@ -55,7 +55,7 @@ def test_bf16_channels_last_on_gpu_tracks_float32(preset):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", PRESETS)
-def test_gpu_float32_matches_cpu(preset):
+def test_gpu_float32_matches_cpu(preset, true_float32):
     model, x = _pair(preset, "cpu")
     model.eval()
     ref = model(x)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CompiledForm", "depthwise_conv_channels_last", "kernel_aggregate", "position_aggregate",
+__all__ = ["CompiledForm", "kernel_aggregate", "position_aggregate",
            "compile_pays", "MIN_COMPILED_ELEMENTS"]
 
 log = logging.getLogger(__name__)
@@ -208,15 +208,3 @@ def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torc
     c = x.shape[1]
     wc = w.repeat_interleave(c // w.shape[1], dim=1) if w.shape[1] != c else w
     return _Aggregate.apply(x.contiguous(), wc.contiguous(), kernel_size, _KERNEL)
-
-
-def depthwise_conv_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """x (N, C, H, W), w (1, G, K*K) -> a depth-wise convolution computed in channels_last.
-
-    The result stays channels_last: the 1x1 convolutions and norms around it accept either format,
-    and converting back would cost a copy of the map.
-    """
-    c = x.shape[1]
-    kernel = w[0].repeat_interleave(c // w.shape[1], dim=0).reshape(c, 1, kernel_size, kernel_size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, kernel.to(x.dtype), padding=kernel_size // 2, groups=c)
