@@ -151,6 +151,7 @@ class TrainerConf:
     run_name: str | None = None  # default: operator-model-data-seed-<hash of the config>
     quiet: bool = False           # no progress bars (launchers)
     inference_batches: int = 5    # batches timed for the inference samples/s
+    test_every_epoch: bool = True  # false: the test split after the last epoch only (best_test_*: null)
     distributed: bool = False     # DDP under torchrun (trainer=ddp); data.batch_size is per process
     backend: str = "auto"         # auto: nccl on GPUs, gloo on CPUs
     sync_bn: bool = True          # under DDP: BatchNorm statistics over the global batch

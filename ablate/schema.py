@@ -282,6 +282,7 @@ RULES: dict[str, Rule] = {
     "trainer.sweep": Text(nullable=True, what="a folder name"),
     "trainer.run_name": Text(nullable=True, what="a folder name"),
     "trainer.quiet": Flag(),
+    "trainer.test_every_epoch": Flag(),
     "trainer.inference_batches": COUNT,
     "trainer.distributed": Flag(),
     "trainer.backend": Choice(("auto", "nccl", "gloo")),

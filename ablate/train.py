@@ -512,7 +512,9 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
             stats = train_one_epoch(forward, data.train, recipe, amp, cfg, epoch, step, dist)
             step = stats["step"]
             val = evaluate(evaluated(), data.val, amp, dist)
-            test = evaluate(evaluated(), data.test, amp, dist)
+            last = epoch == cfg.schedule.epochs - 1
+            test = (evaluate(evaluated(), data.test, amp, dist) if t.test_every_epoch or last
+                    else {"top1": None, "top5": None})  # not measured: null in the row
             row = {"epoch": epoch, "step": step, "train_loss": stats["train_loss"],
                    "val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"],
                    "test_top5": test["top5"], "lr": recipe.optimizer.param_groups[0]["lr"],
@@ -533,10 +535,12 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
                         # the rows of metrics.jsonl so far: a resume restores the file from them
                         "history": history})
             checkpointed = epoch + 1
-            wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=step)
-            log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %.2f/%.2f  lr %.2e  %.0f img/s  %.0f s",
+            wandb_run.log({k: v for k, v in row.items() if k != "epoch" and v is not None}
+                          | {"epoch": epoch + 1}, step=step)
+            tested = "-" if row["test_top1"] is None else f"{row['test_top1']:.2f}/{row['test_top5']:.2f}"
+            log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %s  lr %.2e  %.0f img/s  %.0f s",
                      epoch + 1, cfg.schedule.epochs, row["train_loss"], row["val_top1"], row["val_top5"],
-                     row["test_top1"], row["test_top5"], row["lr"], row["samples_per_s"], row["elapsed_s"])
+                     tested, row["lr"], row["samples_per_s"], row["elapsed_s"])
         results["status"] = "completed"
         results["inference_samples_per_s"] = inference_throughput(
             evaluated(), data.test, amp, t.inference_batches) if dist.is_main else None
@@ -584,10 +588,11 @@ def print_results(results: dict[str, Any], folder: Path) -> None:
     rows = [("status", results["status"]), ("operator", results["operator"]),
             ("model / data", f"{results['model']} / {results['data']}"),
             ("params / GMAC", f"{results['params_m']:.3f}M / {results['gmac']:.4f}")]
-    if "final_test_top1" in results:
-        r = results
-        rows += [("test top-1 / top-5", f"{r['final_test_top1']:.2f} / {r['final_test_top5']:.2f}"),
-                 ("best val top-1 (epoch)", f"{r['best_val_top1']:.2f} ({r['best_epoch'] + 1})")]
+    r = results
+    if r.get("final_test_top1") is not None:  # null: stopped before the test split was evaluated
+        rows.append(("test top-1 / top-5", f"{r['final_test_top1']:.2f} / {r['final_test_top5']:.2f}"))
+    if r.get("best_val_top1") is not None:
+        rows.append(("best val top-1 (epoch)", f"{r['best_val_top1']:.2f} ({r['best_epoch'] + 1})"))
     rows += [("wall time", f"{results['wall_time_s']:.0f} s"),
              ("train / inference img/s", f"{results.get('train_samples_per_s') or 0:.0f} / "
                                          f"{results.get('inference_samples_per_s') or 0:.0f}"),

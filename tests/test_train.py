@@ -76,6 +76,19 @@ def test_a_run_records_config_metrics_results_and_checkpoint(tmp_path):
     assert wandb_files and b"axes/dynamic" in wandb_files[0].read_bytes()
 
 
+def test_test_split_after_the_last_epoch_only(tmp_path):
+    """trainer.test_every_epoch=false (the study): the test split is evaluated once, after the last
+    epoch; every other number is the one an every-epoch run measures (trainer.* is not identity)."""
+    every = train(cfg_for(tmp_path / "every", "schedule.epochs=2", "logger=none"))
+    cfg = cfg_for(tmp_path / "last", "schedule.epochs=2", "logger=none", "trainer.test_every_epoch=false")
+    last = train(cfg)
+    rows = [json.loads(line) for line in (run_folder(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_top1"] is None for r in rows] == [True, False]
+    for key in ("final_test_top1", "final_test_top5", "final_val_top1", "best_val_top1", "best_epoch"):
+        assert last[key] == every[key], key
+    assert last["best_test_top1"] == (every["best_test_top1"] if last["best_epoch"] == 1 else None)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_trains(tmp_path, preset):
     cfg = cfg_for(tmp_path, f"operator={preset}", "data.train_subset=400", "schedule.epochs=2",
