@@ -70,10 +70,10 @@ reliability: install ## fault-injection suite: random SIGKILLs, damaged checkpoi
 	$(PY) -m ablate.reliability
 
 test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-all: install ## run every test, the slow end-to-end ones included
-	$(PY) -m pytest -q -n 2 -m ''
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
 
 lint: install ## check style with ruff
 	$(VENV)/bin/ruff check ablate analysis tests

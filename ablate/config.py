@@ -34,10 +34,18 @@ def _cpu_share(jobs_in_parallel: int | None) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, int(jobs_in_parallel or 1)))
 
 
+def sweep_name(sweep: str | None) -> str:
+    """The folder of a sweep's runs under trainer.results_root: trainer.sweep, or `runs` when it is
+    null (an ad-hoc sweep, a single run)."""
+    return sweep or "runs"
+
+
 # ${ablate_root:} puts sweeps/ on Hydra's search path (conf/train.yaml); ${cpu_share:N} sizes the
-# threads of N parallel jobs (conf/launcher/joblib.yaml).
+# threads of N parallel jobs (conf/launcher/joblib.yaml); ${sweep_name:${trainer.sweep}} names the
+# sweep's folder (oc.select falls back only for a missing key, so a null trainer.sweep gave `None`).
 OmegaConf.register_new_resolver("ablate_root", lambda: str(REPO_ROOT), replace=True)
 OmegaConf.register_new_resolver("cpu_share", _cpu_share, replace=True)
+OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
 
 ConnectivityKind = enum.Enum("ConnectivityKind", {k: k for k in ("window", "sliding", "global")})
 SpatialSharing = enum.Enum("SpatialSharing", {k: k for k in ("offset", "window", "none")})

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import ablate  # noqa: F401  (registers the operator options)
-from ablate.config import CONF_DIR, build_model, operator_label, spec_from_cfg
+from ablate.config import CONF_DIR, build_model, operator_label, spec_from_cfg, sweep_name
 from ablate.data import DataError, build_data
 from ablate.distributed import (
     Dist,
@@ -118,7 +118,7 @@ def run_folder(cfg: DictConfig) -> Path:
     t = cfg.trainer
     name = safe_name(t.run_name) if t.run_name else run_folder_name(run_label(cfg), run_identity(cfg))
     root = Path(t.results_root)
-    folder = root / safe_name(t.sweep or "runs") / name
+    folder = root / safe_name(sweep_name(t.sweep)) / name
     if not folder.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"the run folder {folder} would lie outside trainer.results_root={root}")
     return folder
@@ -128,7 +128,7 @@ def describe_run(cfg: DictConfig, folder: Path) -> dict[str, Any]:
     """What a record says the run is: its name, sweep, preset, every axis value, model, data, seed,
     and the experiment it belongs to (its key, and the identity that key hashes)."""
     identity = run_identity(cfg)
-    return {"run": folder.name, "sweep": cfg.trainer.sweep or "runs", "preset": cfg.preset,
+    return {"run": folder.name, "sweep": sweep_name(cfg.trainer.sweep), "preset": cfg.preset,
             "operator": operator_label(cfg), "block": cfg.block.style.name, **spec_from_cfg(cfg).axes,
             "model": cfg.model.size.name, "data": cfg.data.name, "seed": cfg.trainer.seed,
             "experiment": experiment_key(identity), "identity": identity}

@@ -257,3 +257,21 @@ def test_a_killed_submitit_job_is_launched_again_and_resumes(tmp_path):
     assert record["status"] == "completed"
     (run,) = [p.parent for p in folder.glob("*/results.json")]
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
+@pytest.mark.parametrize("sweep, folder", [(None, "runs"), ("demo", "demo")])
+def test_the_sweep_folder_is_named_on_every_launcher(launcher, sweep, folder):
+    """An ad-hoc sweep (trainer.sweep null) keeps Hydra's files in <results>/runs/.hydra: oc.select
+    fell back only for a missing key, so a null one wrote <results>/None/.hydra."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import ablate.train  # noqa: F401  registers ablate's launcher and sweeper with Hydra
+    from ablate.config import CONF_DIR
+
+    overrides = [f"launcher={launcher}", "trainer.results_root=/r"]
+    overrides += [f"trainer.sweep={sweep}"] if sweep else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert OmegaConf.select(cfg, "hydra.sweep.dir") == f"/r/{folder}/.hydra"

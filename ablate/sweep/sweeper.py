@@ -27,6 +27,8 @@ from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from ablate.config import sweep_name
+from ablate.errors import BadInput
 from ablate.schema import ConfigError
 from ablate.sweep.plan import Job, check_jobs, expand_grids, plan_jobs
 from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
@@ -66,7 +68,7 @@ class GridSweeper(Sweeper):
         assert self.config is not None and self.launcher is not None
         started = time.time()
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # the launchers' job lines
-        name = self.config.trainer.sweep or "runs"
+        name = sweep_name(self.config.trainer.sweep)
         results_dir = Path(self.config.trainer.results_root) / name
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,8 @@ class GridSweeper(Sweeper):
         launched = time.time()
         try:
             returns = self.launcher.launch([j.overrides for j in batch], initial_job_idx=initial_job_idx)
+        except BadInput:  # a request the cluster can never run: relaunching would not help
+            raise
         except Exception as err:  # noqa: BLE001  e.g. submitit's UncompletedJobError
             log.error("the launcher gave up on a batch of %d jobs: %s", len(batch), err)
             returns, failures = [], {id(j): err for j in batch}
@@ -196,15 +200,20 @@ class GridSweeper(Sweeper):
 
 
 def register_sweeper() -> None:
-    """Make Hydra know `hydra_plugins.ablate_sweeper.GridSweeper` in an editable install too.
+    """Make Hydra know `hydra_plugins.ablate_sweeper.GridSweeper` (and its SlurmLauncher) in an
+    editable install too.
 
     Hydra discovers plugins by walking the `hydra_plugins` namespace on disk; an editable install
     maps the module through an import hook that the walk does not see, so register it explicitly
     (Hydra's public `Plugins.register`). In a regular install the walk finds it and this is a no-op.
     """
+    from hydra.plugins.launcher import Launcher
     from hydra_plugins.ablate_sweeper import GridSweeper as PluginSweeper
+    from hydra_plugins.ablate_sweeper import SlurmLauncher as PluginLauncher
 
     plugins = Plugins.instance()
     if PluginSweeper not in plugins.discover(Sweeper):
         plugins.register(PluginSweeper)
+    if PluginLauncher not in plugins.discover(Launcher):
+        plugins.register(PluginLauncher)
 

@@ -1,0 +1,197 @@
+"""The SLURM path against a real one-node cluster: sweeps, resources, preemption, time limits, a job
+cancelled from outside, DDP. tests/slurm/cluster.sh starts the cluster (.ci/run does, as root); where
+none runs, these tests skip with that reason.
+
+All of them share one cluster, so they run one after another in one xdist worker (xdist_group), and
+every job is found by its own results folder, never by "the running job"."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+
+
+def _cluster_up() -> bool:
+    try:
+        status = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, timeout=30)
+        return status.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not _cluster_up(), reason="no SLURM cluster is running here: as root, `bash "
+                       "tests/slurm/cluster.sh start` starts a one-node one (.ci/run does)"),
+    pytest.mark.xdist_group("slurm"),
+]
+
+# Small runs, one thread each (the same thread count as the reference run: CPU runs bit-for-bit).
+QUICK = ["data.train_subset=500", "data.val_size=300", "data.test_subset=500", "data.batch_size=64",
+         "logger=none"]
+SLURM = ["launcher=submitit_slurm", "hydra.launcher.partition=debug"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def sweep(root: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ablate.train", "-m", *QUICK, *SLURM,
+                             f"trainer.results_root={root}", *overrides],
+                            cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate()
+        pytest.fail(f"the sweep did not end within {timeout} s:\n{out[-3000:]}")
+    return out
+
+
+def runs(root: Path) -> dict[str, dict]:
+    """{operator: results.json} of the runs under root/runs."""
+    return {json.loads(p.read_text())["operator"]: json.loads(p.read_text())
+            for p in (root / "runs").glob("*/results.json")}
+
+
+def epochs_recorded(folder: Path) -> list[int]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+def run_folder(root: Path, operator: str) -> Path | None:
+    return next((p for p in (root / "runs").glob(f"{operator}-*") if p.is_dir()), None)
+
+
+def job_log(folder: Path) -> str:
+    """The submitit logs (stdout and stderr, every attempt) of the sweep that holds run `folder`."""
+    return "".join(p.read_text(errors="replace") for p in folder.parent.glob(".hydra/.submitit/*/*_log.*"))
+
+
+def running_job(root: Path, timeout: float = 300) -> str:
+    """A SLURM job of the sweep under `root` (its submitit folder names them) that is running with a
+    checkpoint on disk: one epoch done, more to go."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any((root / "runs").glob("*/checkpoint.pt")):
+            ids = [p.name for p in (root / "runs" / ".hydra" / ".submitit").iterdir() if p.is_dir()]
+            out = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-o", "%i", "-j", ",".join(ids)],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                return out[0]
+        time.sleep(1)
+    pytest.fail(f"no running job with a checkpoint under {root} within {timeout} s")
+
+
+def reference(tmp_path: Path, *overrides: str) -> dict:
+    """The same run, uninterrupted, in one local process with the job's thread count."""
+    root = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "ablate.train", *QUICK, f"trainer.results_root={root}",
+                    "trainer.threads=1", "trainer.quiet=true", *overrides], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    return next(json.loads(p.read_text()) for p in root.glob("runs/*/results.json"))
+
+
+SAME = ("final_test_top1", "final_val_top1", "best_val_top1", "epochs_done")
+
+
+def readme_cluster_command() -> list[str]:
+    """The README's first cluster command (its section "A cluster"), as its words."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("These ran on a real one-node cluster"):]
+    start = block.index("    python -m ablate.train -m ")
+    lines = []
+    for line in block[start:].splitlines():
+        lines.append(line.split("#")[0].strip().rstrip("\\"))
+        if not line.split("#")[0].rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(lines))
+
+
+def test_the_readme_sweep_completes_with_resources_fitted_to_the_node(tmp_path):
+    words = readme_cluster_command()
+    assert words[:4] == ["python", "-m", "ablate.train", "-m"] and "launcher=submitit_slurm" in words
+    proc = subprocess.Popen([sys.executable, *words[1:], f"trainer.results_root={tmp_path}"], cwd=ROOT,
+                            env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = finish(proc)
+    assert proc.returncode == 0 and "2 completed" in out, out[-3000:]
+    assert {op: r["status"] for op, r in runs(tmp_path).items()} == {"dwconv": "completed",
+                                                                   "local_mlp": "completed"}
+    assert "gpus_per_node=0" in out  # a CPU node: no GPU asked for
+    assert (tmp_path / "runs" / ".hydra").is_dir() and not (tmp_path / "None").exists()
+
+
+@pytest.mark.parametrize("override, names", [
+    ("hydra.launcher.gpus_per_node=4", "hydra.launcher.gpus_per_node=4"),
+    ("hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000"),
+    ("hydra.launcher.partition=nope", "hydra.launcher.partition=nope"),
+])
+def test_an_impossible_request_fails_at_once_naming_the_resource(tmp_path, override, names):
+    started = time.monotonic()
+    proc = sweep(tmp_path, "operator=dwconv", "schedule.epochs=1", override)
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 2 and names in out and "Traceback" not in out, out[-2000:]
+    assert time.monotonic() - started < 60
+    assert "retry" not in out  # never resubmitted
+
+
+def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp_path):
+    overrides = ("operator=dwconv", "schedule.epochs=3")
+    proc = sweep(tmp_path / "slurm", *overrides, "hydra.launcher.cpus_per_task=1")
+    job = running_job(tmp_path / "slurm")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM's preemption sends
+    out = finish(proc)
+    assert proc.returncode == 0 and "1 completed" in out, out[-3000:]
+    folder = run_folder(tmp_path / "slurm", "dwconv")
+    assert epochs_recorded(folder) == [0, 1, 2]  # each epoch once: resumed, not restarted
+    log = job_log(folder)
+    assert "preempted" in log.lower() and f"resuming {folder} at epoch" in log, log[-3000:]
+    done, ref = runs(tmp_path / "slurm")["dwconv"], reference(tmp_path, *overrides)
+    assert {k: done[k] for k in SAME} == {k: ref[k] for k in SAME}
+
+
+def test_a_job_at_its_time_limit_is_requeued_until_done(tmp_path):
+    # one minute per job, USR1 40 s before it: submitit requeues the job, which resumes each time
+    out = finish(sweep(tmp_path, "operator=dwconv", "schedule.epochs=6", "data.train_subset=2000",
+                       "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
+                       "hydra.launcher.cpus_per_task=1"), timeout=900)
+    assert "1 completed" in out, out[-3000:]
+    folder = run_folder(tmp_path, "dwconv")
+    assert epochs_recorded(folder) == list(range(6))
+    log = job_log(folder)
+    assert "timed-out" in log.lower() and f"resuming {folder} at epoch" in log, log[-3000:]
+
+
+def test_a_job_cancelled_from_outside_is_relaunched_and_nothing_is_lost_or_doubled(tmp_path):
+    # long enough to outlive the 5 s between scancel's SIGTERM (which submitit ignores) and SIGKILL
+    overrides = ("schedule.epochs=6", "data.train_subset=1000")
+    proc = sweep(tmp_path / "slurm", "operator=dwconv,local_mlp", *overrides,
+                 "hydra.launcher.cpus_per_task=1")
+    subprocess.run(["scancel", running_job(tmp_path / "slurm")], check=True)
+    out = finish(proc)
+    assert proc.returncode == 0 and "2 completed" in out, out[-3000:]
+    assert "launching them again" in out  # the sweeper saw the job end without a record
+    done = runs(tmp_path / "slurm")
+    for op in ("dwconv", "local_mlp"):  # whichever was cancelled: as if it never was
+        assert epochs_recorded(run_folder(tmp_path / "slurm", op)) == list(range(6)), op
+        ref = reference(tmp_path / op, f"operator={op}", *overrides)
+        assert {k: done[op][k] for k in SAME} == {k: ref[k] for k in SAME}, op
+
+
+def test_ddp_over_two_slurm_tasks(tmp_path):
+    out = finish(sweep(tmp_path, "operator=dwconv", "schedule.epochs=1", "trainer=ddp",
+                       "hydra.launcher.tasks_per_node=2"))
+    assert "1 completed" in out, out[-3000:]
+    result = runs(tmp_path)["dwconv"]
+    assert result["status"] == "completed" and result["world_size"] == 2
