@@ -79,17 +79,24 @@ def job_log(folder: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in folder.parent.glob(".hydra/.submitit/*/*_log.*"))
 
 
+def sweep_jobs(root: Path, state: str) -> list[str]:
+    """The SLURM jobs of the sweep under `root` (its submitit folder names them) in `state`."""
+    folder = root / "runs" / ".hydra" / ".submitit"
+    ids = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    if not ids:
+        return []
+    return subprocess.run(["squeue", "-h", "-r", "-t", state, "-o", "%i", "-j", ",".join(ids)],
+                          capture_output=True, text=True).stdout.split()
+
+
 def running_job(root: Path, timeout: float = 300) -> str:
-    """A SLURM job of the sweep under `root` (its submitit folder names them) that is running with a
-    checkpoint on disk: one epoch done, more to go."""
+    """A running SLURM job of the sweep under `root` once a run of it has a checkpoint on disk: one
+    epoch done, more to go."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any((root / "runs").glob("*/checkpoint.pt")):
-            ids = [p.name for p in (root / "runs" / ".hydra" / ".submitit").iterdir() if p.is_dir()]
-            out = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-o", "%i", "-j", ",".join(ids)],
-                                 capture_output=True, text=True).stdout.split()
-            if out:
-                return out[0]
+        running = sweep_jobs(root, "RUNNING") if any((root / "runs").glob("*/checkpoint.pt")) else []
+        if running:
+            return running[0]
         time.sleep(1)
     pytest.fail(f"no running job with a checkpoint under {root} within {timeout} s")
 
@@ -144,6 +151,28 @@ def test_an_impossible_request_fails_at_once_naming_the_resource(tmp_path, overr
     assert proc.returncode == 2 and names in out and "Traceback" not in out, out[-2000:]
     assert time.monotonic() - started < 60
     assert "retry" not in out  # never resubmitted
+
+
+def test_a_job_pending_for_a_reason_that_never_clears_is_cancelled_with_it(tmp_path):
+    """A job the partition will never run (here: its time limit above the partition's, set while it
+    waited for a drained node) is cancelled after pending_limit_s, and the sweep says why: exit 2."""
+    node = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    drain = ["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=ablate-test"]
+    subprocess.run(drain, check=True)
+    try:
+        proc = sweep(tmp_path, "operator=dwconv", "schedule.epochs=1", "hydra.launcher.timeout_min=10",
+                     "hydra.launcher.pending_limit_s=5")
+        deadline = time.monotonic() + 60
+        while not sweep_jobs(tmp_path, "PENDING") and time.monotonic() < deadline:
+            time.sleep(1)
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=1"], check=True)
+        out = finish(proc, timeout=120)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=INFINITE"])
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+    assert proc.returncode == 2 and "PartitionTimeLimit" in out and "cancelled" in out, out[-3000:]
+    assert "Traceback" not in out and not sweep_jobs(tmp_path, "PENDING,RUNNING")
 
 
 def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp_path):
