@@ -12,6 +12,8 @@ It does to real training what a cluster and its users do, and checks that nothin
   command resumes it to the reference's metrics) and SIGTERM to a joblib sweep (no worker left behind);
 - W&B unreachable: an API key and a server that refuses connections (one decision, a complete offline
   run, the reference's metrics);
+- SLURM, where a cluster answers: a job preempted (USR2) and one cancelled from outside end with the
+  reference's metrics; an impossible request exits 2 at once naming the resource;
 - bad input: every row of BAD_INPUTS (shared with tests/test_bad_input.py) must end with its exit
   code and a message that says what to change, and leave a finished record beside it untouched.
 
@@ -530,6 +532,40 @@ def run_unreachable_wandb(work: Path, reference: dict[str, Any], ref_rows: list[
                   + detail)
 
 
+def run_slurm(work: Path, reference: dict[str, Any], ref_rows: list[dict], figures: Figures) -> None:
+    """Where a SLURM cluster answers (tests/slurm/cluster.sh starts one): a job preempted (USR2) and
+    one cancelled from outside both end with the reference's metrics, each epoch recorded once; an
+    impossible request exits 2 at once, naming the resource."""
+    from ablate.sweep.slurm import partition_nodes, sweep_jobs
+
+    if partition_nodes(None) is None:
+        print("slurm: skipped (no SLURM cluster answers here; as root, `bash tests/slurm/cluster.sh "
+              "start` starts one)", flush=True)
+        return
+    print("slurm: a job preempted, a job cancelled from outside, an impossible request", flush=True)
+    slurm = ["-m", "operator=dwconv", "launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1"]
+    for name, scancel in (("preempted (scancel --signal=USR2), requeued", ["--signal=USR2"]),
+                          ("cancelled from outside (scancel), relaunched by the sweeper", [])):
+        root = work / f"slurm-{'preempt' if scancel else 'cancel'}"
+        proc = _start(root, *slurm)
+        job = []
+        if _after_first_epoch(root, proc):
+            job = sweep_jobs(root / "runs" / ".hydra", "RUNNING")
+            if job:
+                subprocess.run(["scancel", *scancel, job[0]], check=False)
+        code, out = _finish(proc)
+        survived, detail = _matches(root, reference, ref_rows)
+        figures.results_lost += not survived
+        figures.fault(f"SLURM job {name}", bool(job) and code == 0 and survived,
+                      f"job {job[0] if job else 'NOT FOUND RUNNING'}, sweep exit {code}; {detail}")
+    started = time.monotonic()
+    code, out = _finish(_start(work / "slurm-impossible", *slurm, "hydra.launcher.gpus_per_node=4"))
+    said = next((line for line in out.splitlines() if line.startswith("error:")), "")
+    figures.fault("an impossible SLURM request (4 GPUs on a CPU node)",
+                  code == 2 and "gpus_per_node" in said and time.monotonic() - started < 60,
+                  f"exit {code} in {time.monotonic() - started:.0f} s: {said[:100]}")
+
+
 def run_faults(work: Path, kills: int, seed: int, figures: Figures) -> None:
     from ablate.tracking import RunStore
 
@@ -634,6 +670,7 @@ def run_faults(work: Path, kills: int, seed: int, figures: Figures) -> None:
 
     run_signals(work, reference, ref_rows, figures)
     run_unreachable_wandb(work, reference, ref_rows, figures)
+    run_slurm(work, reference, ref_rows, figures)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from ablate.sweep.slurm import sweep_jobs as slurm_jobs
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 
@@ -79,14 +81,8 @@ def job_log(folder: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in folder.parent.glob(".hydra/.submitit/*/*_log.*"))
 
 
-def sweep_jobs(root: Path, state: str) -> list[str]:
-    """The SLURM jobs of the sweep under `root` (its submitit folder names them) in `state`."""
-    folder = root / "runs" / ".hydra" / ".submitit"
-    ids = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
-    if not ids:
-        return []
-    return subprocess.run(["squeue", "-h", "-r", "-t", state, "-o", "%i", "-j", ",".join(ids)],
-                          capture_output=True, text=True).stdout.split()
+def sweep_jobs(root: Path, states: str) -> list[str]:
+    return slurm_jobs(root / "runs" / ".hydra", states)
 
 
 def running_job(root: Path, timeout: float = 300) -> str:

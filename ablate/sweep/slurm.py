@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -34,7 +35,7 @@ from omegaconf import OmegaConf
 from ablate.schema import ConfigError
 
 __all__ = ["NEVER_CLEARS", "Node", "SlurmConf", "SlurmLauncher", "fit_resources", "partition_nodes",
-           "watch_pending"]
+           "sweep_jobs", "watch_pending"]
 
 log = logging.getLogger("ablate.sweep")
 
@@ -144,6 +145,21 @@ def squeue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         if len(parts) == 3:
             states[parts[0]] = (parts[1], parts[2])
     return states
+
+
+def sweep_jobs(sweep_dir: Path, states: str = "PENDING,RUNNING") -> list[str]:
+    """The SLURM jobs of the sweep whose Hydra folder is `sweep_dir` (its submitit folder names
+    them) that squeue lists in `states`: for the tests and the fault suite, which signal them."""
+    folder = sweep_dir / ".submitit"
+    ids = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not ids:
+        return []
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-t", states, "-o", "%i", "-j", ",".join(ids)],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.split()
 
 
 def watch_pending(jobs: Sequence[Any], limit_s: float, poll_s: float = 5.0) -> dict[str, str]:
