@@ -93,7 +93,6 @@ def fit_resources(params: dict[str, Any], device: str, partition: str,
     """`params` with null gpus_per_node / cpus_per_task / mem_gb fitted to the largest node of
     `partition`; ConfigError for a value (set or fitted) that no node has."""
     tasks = max(1, int(params.get("tasks_per_node") or 1))
-    best = max(nodes, key=lambda n: (n.gpus, n.cpus, n.mem_mb))
     most_gpus = max(n.gpus for n in nodes)
     out = dict(params)
 
@@ -112,8 +111,8 @@ def fit_resources(params: dict[str, Any], device: str, partition: str,
         raise refuse("gpus_per_node", out["gpus_per_node"], nodes_have,
                      f"Set hydra.launcher.gpus_per_node={most_gpus} (or null: fitted to the partition), or "
                      "hydra.launcher.partition= to a partition with more GPUs")
-    fitting = [n for n in nodes if n.gpus >= out["gpus_per_node"]]
-    node = max(fitting, key=lambda n: (n.cpus, n.mem_mb)) if fitting else best
+    # the largest node with the GPUs asked for (there is one: more GPUs than any node has was refused)
+    node = max((n for n in nodes if n.gpus >= out["gpus_per_node"]), key=lambda n: (n.cpus, n.mem_mb))
     if out.get("cpus_per_task") is None:
         out["cpus_per_task"] = max(1, min(CPUS_PER_TASK, node.cpus // tasks))
     if out["cpus_per_task"] * tasks > node.cpus:
@@ -209,16 +208,17 @@ class SlurmLauncher(SubmititSlurmLauncher):
         assert self.config is not None and job_overrides
         found = partition_nodes(self.params.get("partition"))
         partition = found[0] if found else self.params.get("partition") or "(the default)"
+        params = dict(self.params)  # fitted per launch: null stays null in self.params
         if found is not None:
             device = str(OmegaConf.select(self.config, "trainer.device", default="auto"))
-            self.params = fit_resources(self.params, device, *found)
-        params = dict(self.params)
+            params = fit_resources(params, device, *found)
+        shown = {k: params.get(k) for k in ("partition", "gpus_per_node", "tasks_per_node", "cpus_per_task",
+                                            "mem_gb", "timeout_min")}
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))
         shared = set(OmegaConf.structured(BaseQueueConf).keys())  # submitit's names without a prefix
         executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
-        log.info("SLURM jobs: %s", ", ".join(f"{k}={self.params.get(k)}" for k in (
-            "partition", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")))
+        log.info("SLURM jobs: %s", ", ".join(f"{k}={v}" for k, v in shown.items()))
         args = []
         for num, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
