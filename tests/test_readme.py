@@ -11,7 +11,8 @@ from ablate.config import CONF_DIR
 from ablate.measure import measure
 from ablate.space.presets import PAPER, PRESETS
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def section(title: str) -> str:
@@ -68,21 +69,39 @@ def markdown_table(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split("|")] for i, row in enumerate(rows) if i != 1]
 
 
-def test_the_demo_section_shows_the_demo_report_itself():
-    """The README's demo figure and table are the files `make demo` wrote, not a copy edited by hand:
-    the same rows and columns, and every cell that does not depend on the machine the same."""
-    demo = section("The demo")
-    report = Path(__file__).resolve().parent.parent / "reports" / "demo"
-    shown, written = markdown_table(demo), markdown_table((report / "comparison.md").read_text())
-    assert shown[0] == written[0], "the README's demo table has other columns than the report's"
-    assert len(shown) == len(written), "the README's demo table has other rows than the report's"
-    measured = [i for i, header in enumerate(written[0]) if header in MEASURED]
-    assert len(measured) == len(MEASURED)
+def assert_shows_report_table(text: str, report_table: Path, measured_headers: tuple[str, ...]) -> None:
+    """`text` holds the table `report_table` as written: the same columns and rows, and every cell the
+    same except the columns a rerun on another machine measures anew."""
+    shown, written = markdown_table(text), markdown_table(report_table.read_text())
+    assert shown[0] == written[0], f"the README's table has other columns than {report_table}"
+    assert len(shown) == len(written), f"the README's table has other rows than {report_table}"
+    measured = [i for i, header in enumerate(written[0]) if header in measured_headers]
+    assert len(measured) == len(measured_headers)
     for readme_row, report_row in zip(shown[1:], written[1:]):
         for i, (a, b) in enumerate(zip(readme_row, report_row)):
             assert i in measured or a == b, (written[0][i], a, b)
-    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", demo):
-        assert (report.parent.parent / image).is_file(), image
+
+
+def assert_images_exist(text: str) -> None:
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (ROOT / image).is_file(), image
+
+
+def test_the_demo_section_shows_the_demo_report_itself():
+    """The README's demo figure and table are the files `make demo` wrote, not a copy edited by hand."""
+    demo = section("The demo")
+    assert_shows_report_table(demo, ROOT / "reports" / "demo" / "comparison.md", MEASURED)
+    assert_images_exist(demo)
+
+
+def test_the_study_section_shows_the_study_report_itself():
+    """The README's study claims table and figures are those `make study` wrote (reports/study/);
+    a rerun elsewhere may move the numbers and verdicts, not the claims or what they compare."""
+    study = section("The study")
+    assert_shows_report_table(study, ROOT / "reports" / "study" / "claims.md",
+                              ("paired seeds", "Δtop-1 (points)", "95% CI", "verdict", "seeds to settle"))
+    assert_images_exist(study)
+    assert "figure2" in study and "data_scale" in study and "selection" in study
 
 
 def sweep_rows() -> dict[str, list[str]]:
