@@ -587,7 +587,8 @@ def run(args: BenchArgs) -> dict:
             names = list(dict.fromkeys(["dwconv", *args.models]))
             names += ["swin_tiny"] if size == "tiny" else []
             print(f"models: {size}, batch {batch}", flush=True)
-            model_rounds = 1 if args.quick else (rounds if gpu else 2)
+            # a CPU train step of every model is slow: 2 rounds unless --rounds asks for more
+            model_rounds = 1 if args.quick else (args.rounds or (rounds if gpu else 2))
             models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
                                  channels_last=args.channels_last, vs_bf16=args.vs_bf16)
     paths = write_outputs(Path(args.out), ops, models, meta)

@@ -81,6 +81,15 @@ def test_vs_bf16_times_the_bf16_train_step_beside_the_fp32_one(tmp_path):
     assert "train_speedup_bf16" in (tmp_path / "bench.md").read_text()
 
 
+def test_an_explicit_rounds_count_times_the_models_that_many_rounds(tmp_path, capsys):
+    """The README's model efficiencies come from `--rounds 5`: the CPU's default of 2 model rounds
+    must not silently replace it (one warm-up round, then the timed ones)."""
+    assert main(["--device", "cpu", "--section", "models", "--sizes", "micro", "--models", "dwconv",
+                 "--model-batch", "2", "--rounds", "3", "--out", str(tmp_path)]) == 0
+    assert "models micro round 4/4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["rounds"] == 3
+
+
 def test_the_readme_quick_bench_runs_to_the_end(tmp_path):
     """`make bench ARGS="--quick"` as the README writes it: every section, size and preset (it used to
     stop at micro stage 3, where timm's window attention was built for a window larger than the map)."""
