@@ -31,16 +31,3 @@ def true_float32():
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
-
-# ==================================================================================================
-# Disk: many tests train real runs, whose checkpoints need tens of MiB each while the test runs (a
-# passing test's folder is deleted when it ends: pyproject's tmp_path_retention_policy). Where the disk
-# is nearly full, those tests fail with the trainer's own "not enough free disk space" error; the header
-# says how much was free when the session began, so such a failure explains itself.
-# ==================================================================================================
-def pytest_report_header(config):
-    import shutil
-    import tempfile
-
-    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
-    return f"free disk for test folders ({tempfile.gettempdir()}): {free:.1f} GiB"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -85,16 +86,54 @@ def sweep_jobs(root: Path, states: str) -> list[str]:
     return slurm_jobs(root / "runs" / ".hydra", states)
 
 
-def running_job(root: Path, timeout: float = 300) -> str:
-    """A running SLURM job of the sweep under `root` once a run of it has a checkpoint on disk: one
-    epoch done, more to go."""
+def running_job(proc: subprocess.Popen, root: Path, timeout: float = 300) -> str:
+    """A running SLURM job of the sweep `proc` under `root` once a run of it has a checkpoint on disk:
+    one epoch done, more to go. A sweep that ends first fails the test at once, with what it said."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before a job of it ran:\n"
+                        f"{proc.stdout.read()[-3000:]}")
         running = sweep_jobs(root, "RUNNING") if any((root / "runs").glob("*/checkpoint.pt")) else []
         if running:
             return running[0]
         time.sleep(1)
     pytest.fail(f"no running job with a checkpoint under {root} within {timeout} s")
+
+
+def cluster_state() -> tuple[str, str, str]:
+    """(partition time limit, node name, node state) of the test partition."""
+    part = subprocess.run(["scontrol", "show", "partition", "debug", "-o"], capture_output=True, text=True,
+                          timeout=30).stdout
+    node, state = (subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N %t"], capture_output=True,
+                                  text=True, timeout=30).stdout.split() + ["?", "?"])[:2]
+    limit = re.search(r"MaxTime=(\S+)", part)
+    return (limit.group(1) if limit else "?"), node, state
+
+
+def restore_cluster(timeout: float = 60) -> None:
+    """Put the partition back as cluster.sh started it: no time limit, its node in service. Tests that
+    drain the node or lower the limit call this when they end, and every test calls it before it
+    starts, so one test's change (or a restore that slurmctld did not take) never fails the next."""
+    deadline = time.monotonic() + timeout
+    while True:
+        limit, node, state = cluster_state()
+        if limit == "UNLIMITED" and not state.startswith(("drain", "drng", "down")):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the test cluster stays changed: partition debug MaxTime={limit}, node {node} "
+                        f"{state}; `bash tests/slurm/cluster.sh stop` then `start` resets it")
+        if limit != "UNLIMITED":
+            subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=INFINITE"], timeout=30)
+        if state.startswith(("drain", "drng", "down")):
+            subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=30)
+        time.sleep(1)
+
+
+@pytest.fixture(autouse=True)
+def cluster_as_started():
+    restore_cluster()
+    yield
 
 
 def reference(tmp_path: Path, *overrides: str) -> dict:
@@ -163,8 +202,7 @@ def test_a_job_pending_for_a_reason_that_never_clears_is_cancelled_with_it(tmp_p
         subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=1"], check=True)
         out = finish(proc, timeout=120)
     finally:
-        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=INFINITE"])
-        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+        restore_cluster()
     assert proc.returncode == 2 and "PartitionTimeLimit" in out and "cancelled" in out, out[-3000:]
     assert "Traceback" not in out and not sweep_jobs(tmp_path, "PENDING,RUNNING")
 
@@ -172,7 +210,7 @@ def test_a_job_pending_for_a_reason_that_never_clears_is_cancelled_with_it(tmp_p
 def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp_path):
     overrides = ("operator=dwconv", "schedule.epochs=3")
     proc = sweep(tmp_path / "slurm", *overrides, "hydra.launcher.cpus_per_task=1")
-    job = running_job(tmp_path / "slurm")
+    job = running_job(proc, tmp_path / "slurm")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM's preemption sends
     out = finish(proc)
     assert proc.returncode == 0 and "1 completed" in out, out[-3000:]
@@ -201,7 +239,7 @@ def test_a_job_cancelled_from_outside_is_relaunched_and_nothing_is_lost_or_doubl
     overrides = ("schedule.epochs=6", "data.train_subset=1000")
     proc = sweep(tmp_path / "slurm", "operator=dwconv,local_mlp", *overrides,
                  "hydra.launcher.cpus_per_task=1")
-    subprocess.run(["scancel", running_job(tmp_path / "slurm")], check=True)
+    subprocess.run(["scancel", running_job(proc, tmp_path / "slurm")], check=True)
     out = finish(proc)
     assert proc.returncode == 0 and "2 completed" in out, out[-3000:]
     assert "launching them again" in out  # the sweeper saw the job end without a record
