@@ -239,6 +239,7 @@ def test_run_folder_names_cannot_escape_the_results_root(tmp_path, name):
 
 # -- the fault-injection suite ----------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # its SLURM part shares the one test cluster with tests/test_slurm.py
 def test_the_reliability_suite_survives_every_fault(tmp_path):
     """`make reliability`, reduced: 2 random kills, the damage scenarios, the whole bad-input table."""
     proc = subprocess.run([sys.executable, "-m", "ablate.reliability", "--kills", "2",
