@@ -233,13 +233,16 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp
 
 
 def test_a_job_at_its_time_limit_is_requeued_until_done(tmp_path):
-    # one minute per job, USR1 40 s before it: submitit requeues the job, which resumes each time
-    out = finish(sweep(tmp_path, "operator=dwconv", "schedule.epochs=6", "data.train_subset=2000",
-                       "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
-                       "hydra.launcher.cpus_per_task=1"), timeout=900)
+    # SLURM sends the time-limit signal on its scheduler's 30 s tick, early: with a one-minute limit an
+    # attempt lasts ~17 s, ~5 s of training after start-up. 2000-image epochs (~7 s) beside a busy test
+    # worker never finished one (requeued 14 times, no progress); 256-image epochs take ~1 s on one core,
+    # so each attempt finishes some, and 12 need more than one attempt.
+    out = finish(sweep(tmp_path, "operator=dwconv", "schedule.epochs=12", "data.train_subset=256",
+                       "data.val_size=100", "hydra.launcher.timeout_min=1",
+                       "hydra.launcher.signal_delay_s=30", "hydra.launcher.cpus_per_task=1"), timeout=900)
     assert "1 completed" in out, out[-3000:]
     folder = run_folder(tmp_path, "dwconv")
-    assert epochs_recorded(folder) == list(range(6))
+    assert epochs_recorded(folder) == list(range(12))
     log = job_log(folder)
     assert "timed-out" in log.lower() and f"resuming {folder} at epoch" in log, log[-3000:]
 
