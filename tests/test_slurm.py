@@ -6,6 +6,7 @@ All of them share one cluster, so they run one after another in one xdist worker
 every job is found by its own results folder, never by "the running job"."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -221,7 +222,10 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp
     overrides = ("operator=dwconv", "schedule.epochs=3")
     proc = sweep(tmp_path / "slurm", *overrides, "hydra.launcher.cpus_per_task=1")
     job = running_job(proc, tmp_path / "slurm")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM's preemption sends
+    with held(job) as tasks:  # an epoch done, two left, however fast the machine
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM's preemption sends
+        wait_for(lambda: any(signal_pending(pid, signal.SIGUSR2) for pid in tasks), 60,
+                 f"scancel's USR2 did not reach job {job}'s processes {tasks}")
     out = finish(proc)
     assert proc.returncode == 0 and "1 completed" in out, out[-3000:]
     folder = run_folder(tmp_path / "slurm", "dwconv")
@@ -232,33 +236,111 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp
     assert {k: done[k] for k in SAME} == {k: ref[k] for k in SAME}
 
 
+def job_tasks(job: str) -> list[int]:
+    """The pids of the job's step 0 (submitit's training process and any child of it), on this node."""
+    job_id = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True,
+                            timeout=30).stdout.strip()  # an array task's own id: listpids knows no 142_0
+    out = subprocess.run(["scontrol", "listpids", job_id or job], capture_output=True, text=True,
+                         timeout=30).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return [int(row[0]) for row in rows if len(row) > 2 and row[2] == "0"]
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process `pid` (R, S, T for stopped, ...), "" once it is gone or a zombie."""
+    try:
+        state = re.search(r"^State:\s*(\S)", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    except FileNotFoundError:
+        return ""
+    return "" if state is None or state.group(1) in "ZX" else state.group(1)
+
+
+def stopped(pid: int) -> bool:
+    return process_state(pid) == "T"
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits, undelivered, for process `pid` (as it does while the process is stopped)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    masks = re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return any(int(mask, 16) >> (signum - 1) & 1 for mask in masks)
+
+
+@contextlib.contextmanager
+def held(job: str):
+    """Job `job`'s step-0 processes stopped (SIGSTOP) for the block, continued (SIGCONT) after: once a test
+    has seen a checkpoint, the job cannot finish its run before the test has signalled it, however fast
+    the machine. SLURM continues a stopped task itself at its time limit and at scancel without --signal
+    (measured); a signal sent with `scancel --signal` waits, pending, for the block's end."""
+    tasks = job_tasks(job)
+    assert tasks, f"scontrol listpids {job} names no process of step 0"
+    for pid in tasks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(stopped(pid) for pid in tasks), 30,  # a stop lands when the process next runs
+                 f"job {job}'s processes {tasks} did not stop")
+        yield tasks
+    finally:
+        for pid in tasks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def wait_for(condition, timeout: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(failure)
+        time.sleep(0.1)
+
+
 def test_a_job_at_its_time_limit_is_requeued_until_done(tmp_path):
-    # SLURM sends the time-limit signal on its scheduler's 30 s tick, early: with a one-minute limit an
-    # attempt lasts ~17 s, ~5 s of training after start-up. 2000-image epochs (~7 s) beside a busy test
-    # worker never finished one (requeued 14 times, no progress); 256-image epochs take ~1 s on one core,
-    # so each attempt finishes some, and 12 need more than one attempt.
-    out = finish(sweep(tmp_path, "operator=dwconv", "schedule.epochs=12", "data.train_subset=256",
-                       "data.val_size=100", "hydra.launcher.timeout_min=1",
-                       "hydra.launcher.signal_delay_s=30", "hydra.launcher.cpus_per_task=1"), timeout=900)
+    # SLURM sends the time-limit USR2 at the first tick of its 30 s scheduler clock at which the job has
+    # less than signal_delay_s + 30 s left: with a two-minute limit and signal_delay_s=30, 60-90 s after
+    # the start. Whether an attempt still has work left then is the machine's speed (a fast CI machine
+    # finished all epochs first). So the first attempt, once it has a checkpoint (well before 60 s), is held
+    # still until SLURM signals it: on any machine it runs out of time with work left, and handles the
+    # signal as it would have. Later attempts run free.
+    proc = sweep(tmp_path, "operator=dwconv", "schedule.epochs=12", "data.train_subset=512",
+                 "data.val_size=100", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30",
+                 "hydra.launcher.cpus_per_task=1")
+    job = running_job(proc, tmp_path)
+    with held(job) as tasks:
+        wait_for(lambda: not any(stopped(pid) for pid in tasks), 150,
+                 f"SLURM sent job {job} no time-limit signal within 150 s of a 2-minute limit")
+    out = finish(proc, timeout=900)
     assert "1 completed" in out, out[-3000:]
     folder = run_folder(tmp_path, "dwconv")
-    assert epochs_recorded(folder) == list(range(12))
+    assert epochs_recorded(folder) == list(range(12))  # each epoch once: resumed, not restarted
     log = job_log(folder)
     assert "timed-out" in log.lower() and f"resuming {folder} at epoch" in log, log[-3000:]
 
 
 def test_a_job_cancelled_from_outside_is_relaunched_and_nothing_is_lost_or_doubled(tmp_path):
-    # long enough to outlive the 5 s between scancel's SIGTERM (which submitit ignores) and SIGKILL
-    overrides = ("schedule.epochs=6", "data.train_subset=1000")
+    overrides = ("schedule.epochs=3",)
     proc = sweep(tmp_path / "slurm", "operator=dwconv,local_mlp", *overrides,
                  "hydra.launcher.cpus_per_task=1")
-    subprocess.run(["scancel", running_job(proc, tmp_path / "slurm")], check=True)
+    job = running_job(proc, tmp_path / "slurm")
+    with held(job) as tasks:
+        subprocess.run(["scancel", job], check=True)
+        # SLURM continues the task to send it SIGTERM (submitit ignores it) and kills it KillWait (5 s) later:
+        # stopped again meanwhile, it ends with its work left on any machine
+        def stopped_until_gone() -> bool:
+            for pid in tasks:
+                if process_state(pid) not in ("", "T"):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+            return not any(process_state(pid) for pid in tasks)
+        wait_for(stopped_until_gone, 60, f"job {job} still runs 60 s after scancel")
     out = finish(proc)
     assert proc.returncode == 0 and "2 completed" in out, out[-3000:]
     assert "launching them again" in out  # the sweeper saw the job end without a record
     done = runs(tmp_path / "slurm")
     for op in ("dwconv", "local_mlp"):  # whichever was cancelled: as if it never was
-        assert epochs_recorded(run_folder(tmp_path / "slurm", op)) == list(range(6)), op
+        assert epochs_recorded(run_folder(tmp_path / "slurm", op)) == list(range(3)), op
         ref = reference(tmp_path / op, f"operator={op}", *overrides)
         assert {k: done[op][k] for k in SAME} == {k: ref[k] for k in SAME}, op
 
