@@ -218,24 +218,6 @@ def test_a_job_pending_for_a_reason_that_never_clears_is_cancelled_with_it(tmp_p
     assert "Traceback" not in out and not sweep_jobs(tmp_path, "PENDING,RUNNING")
 
 
-def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp_path):
-    overrides = ("operator=dwconv", "schedule.epochs=3")
-    proc = sweep(tmp_path / "slurm", *overrides, "hydra.launcher.cpus_per_task=1")
-    job = running_job(proc, tmp_path / "slurm")
-    with held(job) as tasks:  # an epoch done, two left, however fast the machine
-        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM's preemption sends
-        wait_for(lambda: any(signal_pending(pid, signal.SIGUSR2) for pid in tasks), 60,
-                 f"scancel's USR2 did not reach job {job}'s processes {tasks}")
-    out = finish(proc)
-    assert proc.returncode == 0 and "1 completed" in out, out[-3000:]
-    folder = run_folder(tmp_path / "slurm", "dwconv")
-    assert epochs_recorded(folder) == [0, 1, 2]  # each epoch once: resumed, not restarted
-    log = job_log(folder)
-    assert "preempted" in log.lower() and f"resuming {folder} at epoch" in log, log[-3000:]
-    done, ref = runs(tmp_path / "slurm")["dwconv"], reference(tmp_path, *overrides)
-    assert {k: done[k] for k in SAME} == {k: ref[k] for k in SAME}
-
-
 def job_tasks(job: str) -> list[int]:
     """The pids of the job's step 0 (submitit's training process and any child of it), on this node."""
     job_id = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True,
@@ -289,12 +271,41 @@ def held(job: str):
                 os.kill(pid, signal.SIGCONT)
 
 
+def stopped_until_gone(tasks: list[int]) -> bool:
+    """Stop again any of `tasks` that SLURM continued (scancel sends SIGCONT with its SIGTERM, then SIGKILL
+    KillWait, 5 s, later): held through that wait, a cancelled job ends with its work left on any machine.
+    True once all of them are gone."""
+    for pid in tasks:
+        if process_state(pid) not in ("", "T"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+    return not any(process_state(pid) for pid in tasks)
+
+
 def wait_for(condition, timeout: float, failure: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(failure)
         time.sleep(0.1)
+
+
+def test_a_preempted_job_is_requeued_and_ends_with_the_uninterrupted_metrics(tmp_path):
+    overrides = ("operator=dwconv", "schedule.epochs=3")
+    proc = sweep(tmp_path / "slurm", *overrides, "hydra.launcher.cpus_per_task=1")
+    job = running_job(proc, tmp_path / "slurm")
+    with held(job) as tasks:  # an epoch done, two left, however fast the machine
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM's preemption sends
+        wait_for(lambda: any(signal_pending(pid, signal.SIGUSR2) for pid in tasks), 60,
+                 f"scancel's USR2 did not reach job {job}'s processes {tasks}")
+    out = finish(proc)
+    assert proc.returncode == 0 and "1 completed" in out, out[-3000:]
+    folder = run_folder(tmp_path / "slurm", "dwconv")
+    assert epochs_recorded(folder) == [0, 1, 2]  # each epoch once: resumed, not restarted
+    log = job_log(folder)
+    assert "preempted" in log.lower() and f"resuming {folder} at epoch" in log, log[-3000:]
+    done, ref = runs(tmp_path / "slurm")["dwconv"], reference(tmp_path, *overrides)
+    assert {k: done[k] for k in SAME} == {k: ref[k] for k in SAME}
 
 
 def test_a_job_at_its_time_limit_is_requeued_until_done(tmp_path):
@@ -326,15 +337,7 @@ def test_a_job_cancelled_from_outside_is_relaunched_and_nothing_is_lost_or_doubl
     job = running_job(proc, tmp_path / "slurm")
     with held(job) as tasks:
         subprocess.run(["scancel", job], check=True)
-        # SLURM continues the task to send it SIGTERM (submitit ignores it) and kills it KillWait (5 s) later:
-        # stopped again meanwhile, it ends with its work left on any machine
-        def stopped_until_gone() -> bool:
-            for pid in tasks:
-                if process_state(pid) not in ("", "T"):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGSTOP)
-            return not any(process_state(pid) for pid in tasks)
-        wait_for(stopped_until_gone, 60, f"job {job} still runs 60 s after scancel")
+        wait_for(lambda: stopped_until_gone(tasks), 60, f"job {job} still runs 60 s after scancel")
     out = finish(proc)
     assert proc.returncode == 0 and "2 completed" in out, out[-3000:]
     assert "launching them again" in out  # the sweeper saw the job end without a record
