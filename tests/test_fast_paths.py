@@ -191,22 +191,64 @@ def test_learned_mask_attention_in_chunks_is_autograds_composition(monkeypatch, 
 
 @pytest.mark.parametrize("res,shifted", [((14, 14), False), ((14, 14), True), ((9, 11), True),
                                          ((5, 6), False)])
-def test_window_gathers_are_the_partition_and_each_others_transpose(res, shifted):
-    """The fast path's one-gather roll + pad + partition is the layout's `partition`, its inverse
-    `merge`; and each gather's backward (the other gather) is its exact adjoint (float64 gradcheck)."""
+def test_window_rows_are_the_partition_and_merge_is_its_inverse(res, shifted):
+    """The fast path's pad + roll + reshape of NHWC rows is the layout's `partition`, `merge_rows` its
+    inverse, and the head split a view of the windows (q, k, v in one tensor)."""
     layout = build_layout(Connectivity("window", 7, shift=shifted), res)
     t = torch.randn(2, 6, *res, dtype=torch.float64)
-    (rows,) = attention._to_windows(t, layout, 1, 2)  # (N * nW, G, T, Cg)
+    windows = attention.partition_rows(t.permute(0, 2, 3, 1), layout)  # (N * nW, T, C)
     want = layout.partition(t)  # (N, nW, C, T)
-    assert torch.equal(rows, want.reshape(rows.shape[0], 2, 3, -1).transpose(2, 3))
-    assert torch.equal(attention._from_windows(rows, layout, 2), t)
-    q, k, v = attention._to_windows(torch.cat([t, 2 * t, 3 * t], 1), layout, 3, 2)  # heads split
+    assert torch.equal(windows, want.flatten(0, 1).transpose(1, 2))
+    assert torch.equal(attention.merge_rows(windows, layout, 2).permute(0, 3, 1, 2), t)
+    q, k, v = attention.heads(torch.cat([windows, 2 * windows, 3 * windows], -1), 3, 2)
+    (rows,) = attention.heads(windows, 1, 2)  # (N * nW, G, T, Cg)
     assert torch.equal(q, rows) and torch.equal(k, 2 * rows) and torch.equal(v, 3 * rows)
-    maps = t.clone().requires_grad_(True)
-    torch.autograd.gradcheck(lambda m: attention._to_windows(m, layout, 1, 3), (maps,))
-    torch.autograd.gradgradcheck(lambda m: attention._to_windows(m, layout, 1, 3), (maps,))
-    windows = torch.randn(rows.shape, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda r: attention._from_windows(r, layout, 2), (windows,))
+    assert torch.equal(rows, want.flatten(0, 1).reshape(-1, 2, 3, layout.tokens).transpose(2, 3))
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """FlexAttention's eager form is a dense composition of its hooks on any device, but refuses a
+    backward on the CPU; lifting that refusal lets the tests check the hooks' gradients here."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("preset,res,kernel_size,bias", [
+    ("neighborhood_attention", (9, 11), 5, True),
+    ("neighborhood_attention", (6, 5), 7, True),   # the neighbourhood wider than the map
+    ("neighborhood_attention", (8, 8), 3, False),
+    ("global_attention", (5, 6), 7, True),
+    ("global_attention", (4, 4), 7, False),
+])
+@pytest.mark.parametrize("value_proj", [True, False])
+def test_flex_attention_matches_reference(preset, res, kernel_size, bias, value_proj, flex_backward_on_cpu):
+    """Neighbourhood and global attention on FlexAttention (the GPU path: the bias as a score_mod, the
+    neighbourhood as a mask_mod) equal the reference operator, forward and every gradient, in float64;
+    the bias table's gradient included. Run here through FlexAttention's eager form."""
+    from ablate.ops.fast import flex
+
+    spec = PRESETS[preset].spec
+    spec = replace(spec, connectivity=replace(spec.connectivity, kernel_size=kernel_size),
+                   dynamic=replace(spec.dynamic, position_bias=bias))
+    torch.manual_seed(0)
+    mixer = SpatialMixer(spec, 8, res, 4, backend="reference").double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_()
+    proj = torch.nn.Conv2d(8, 8, 1).double() if value_proj else None
+    fn = flex.neighbourhood_attention if preset == "neighborhood_attention" else flex.global_attention
+    x = torch.randn(2, 8, *res, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 8, *res, dtype=torch.float64)
+    params = [x, *mixer.parameters(), *(proj.parameters() if proj else [])]
+    outs = []
+    for y in (fn(mixer.weights, x, x, mixer.layout, proj, compiled=False), mixer(x, value_proj=proj)):
+        outs.append((y, *torch.autograd.grad(y, params, gy)))
+    assert len(outs[0]) == 1 + len(params)
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def _block_pair(preset, res, shifted, dim=8, cpg=4):
@@ -414,13 +456,15 @@ def test_triton_kernels_on_gpu(dtype):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention"])
+@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
+                                    "local_attention", "neighborhood_attention", "global_attention"])
 def test_gpu_fast_mixer_matches_reference(preset, true_float32):
     spec = PRESETS[preset].spec
-    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "local_attention": 32}[preset]
+    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "locally_connected": 1}.get(preset, 32)
     fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
     fast, ref = fast.cuda(), ref.cuda()
     x, context = (t.cuda() for t in _inputs(4, 64, 14, 14))
     gy = torch.randn(4, 64, 14, 14, device="cuda")
-    context = None if preset == "dwconv" else context  # static weights: no context to differentiate
+    static = preset in ("dwconv", "locally_connected")
+    context = None if static else context  # static weights: no context to differentiate
     _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)

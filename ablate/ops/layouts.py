@@ -46,8 +46,6 @@ class WindowLayout(nn.Module):
         self.register_buffer("relative_index", relative_offset_index(wh, ww), persistent=False)
         mask = shift_region_mask(self.padded, self.window, self.shift)
         self.register_buffer("same_region", mask, persistent=False)  # (nW, T, T) bool or None
-        rows = window_rows(self.resolution, self.padded, self.window, self.shift)
-        self.register_buffer("window_rows", rows, persistent=False)  # (nW * T,) long
 
     @property
     def offsets(self) -> int:
@@ -149,23 +147,6 @@ def relative_offset_index(wh: int, ww: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
     rel = coords[:, :, None] - coords[:, None, :]
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
-
-
-def window_rows(resolution: tuple[int, int], padded: tuple[int, int], window: tuple[int, int],
-                shift: tuple[int, int]) -> torch.Tensor:
-    """(nW * T,) long: `partition` as a gather. Entry s is the row of the flattened H x W map that
-    window position s (in `partition`'s order, after padding and the cyclic shift) reads; H * W stands for a
-    padding position, read from a zero row appended to the map.
-
-    The fast path cuts maps into windows with one gather of this index (pad, roll and partition in
-    one copy) and merges them with one gather of its inverse.
-    """
-    (h, w), (wh, ww) = resolution, window
-    rows = torch.full(padded, h * w, dtype=torch.long)
-    rows[:h, :w] = torch.arange(h * w).view(h, w)
-    rows = torch.roll(rows, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-    gh, gw = padded[0] // wh, padded[1] // ww
-    return rows.reshape(gh, wh, gw, ww).permute(0, 2, 1, 3).reshape(-1)
 
 
 def shift_region_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):

@@ -26,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ablate.ops.fast import cpu, native, predicted
+from ablate.ops.fast import cpu, flex, native, predicted
 from ablate.ops.fast.attention import fusable_projection, window_attention
 
 __all__ = ["aggregate", "depthwise_conv_channels_last", "fused_forward", "triton_available"]
@@ -83,22 +83,39 @@ def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tenso
     return native.correlate(a, b, kernel_size) if _native_pays(a) else None
 
 
+def _flex_pays(x: torch.Tensor) -> bool:
+    """FlexAttention's fused kernel is generated for GPUs (its CPU form has no backward)."""
+    return x.is_cuda and x.dtype in _GPU_DTYPES
+
+
+# A single window (global attention, or a window covering a small map) goes to FlexAttention from one
+# FlexAttention tile of tokens on; below it, SDPA's kernels on the materialised bias are as cheap.
+FLEX_MIN_TOKENS = 128
+
+
 def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None) -> torch.Tensor | None:
     """The mixer's output without materialising its weights (attention, I-D-DW conv at one channel per
     group), or None."""
     from ablate.ops.sources.attention import NeighbourhoodAttentionWeights, WindowAttentionWeights
-    if predicted.applies(mixer.weights, mixer.layout, x):
+    source, layout = mixer.weights, mixer.layout
+    if predicted.applies(source, layout, x):
         values = x if value_proj is None else value_proj(x)
-        return predicted.inhomogeneous_sliding(mixer.weights, values, context, mixer.layout)
-    if type(mixer.weights) is NeighbourhoodAttentionWeights and _native_pays(x):
-        values = x if value_proj is None else value_proj(x)
-        w = mixer.weights(context, mixer.layout, correlate=correlate)
-        return aggregate(mixer.layout, values, w)
-    if type(mixer.weights) is not WindowAttentionWeights or x.dtype == torch.float64:
+        return predicted.inhomogeneous_sliding(source, values, context, layout)
+    kind = type(source)
+    if kind not in (NeighbourhoodAttentionWeights, WindowAttentionWeights) or x.dtype == torch.float64:
         return None
     if value_proj is not None and not (context is x and fusable_projection(value_proj, x.shape[1])):
         x, value_proj = value_proj(x), None  # values from their own projection, then as usual
-    return window_attention(mixer.weights, x, context, mixer.layout, value_proj)
+    if kind is NeighbourhoodAttentionWeights:
+        if _flex_pays(x):
+            return flex.neighbourhood_attention(source, x, context, layout, value_proj)
+        if not _native_pays(x):
+            return None
+        values = x if value_proj is None else value_proj(x)
+        return aggregate(layout, values, source(context, layout, correlate=correlate))
+    if _flex_pays(x) and layout.num_windows == 1 and layout.tokens >= FLEX_MIN_TOKENS:
+        return flex.global_attention(source, x, context, layout, value_proj)
+    return window_attention(source, x, context, layout, value_proj)
 
 
 def depthwise_conv_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -1,15 +1,17 @@
-"""Window attention without materialising the reference's weight tensor, in NHWC rows.
+"""Window attention without materialising the reference's weight tensor, on NHWC rows.
 
 The reference builds the attention weights w (softmax of the logits) as a (N, nW, G, T, T) tensor and
 hands it to the layout, which applies it; that is what lets every operator show its effective
-weights. The fast path computes the same operator the way Swin's own code does, with less traffic:
+weights. The fast path computes the same operator the way Swin's own code does:
 
 - one GEMM for the projections: the queries (with the 1/sqrt(d) scale folded into their weights),
   the keys and, when the block hands over its value projection (`SpatialMixer(..., value_proj=)`),
   the values too, as Swin's fused qkv;
-- one gather for the roll, the padding, the window partition and the split into heads (built from
-  `WindowLayout.window_rows`) straight into contiguous q, k, v, and one gather for the way back,
-  on the rows of a channels_last map (its positions' channels are contiguous);
+- the window partition by pad, roll and reshape of the channels_last rows (positions' channels are
+  contiguous), as Swin does; where the windows tile the map (tiny at 224 px) the narrower input is
+  cut into windows before the projection, otherwise after it, so that padding positions hold zeros
+  in q, k and v as the reference pads them. (An earlier form cut maps with one index gather and
+  its inverse; on a GPU the gathers and their backward took 35% of local attention's step.)
 - the position bias and the shift mask as one additive (nW, G, T, T) term;
 - `scaled_dot_product_attention` where its fused kernels take the mask: always on a GPU, and on a
   CPU when the mask needs no gradient (inference, or no learned position bias). The CPU's fused
@@ -19,14 +21,13 @@ weights. The fast path computes the same operator the way Swin's own code does, 
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["window_attention", "fusable_projection"]
+__all__ = ["window_attention", "fusable_projection", "fused_projection", "heads", "partition_rows",
+           "merge_rows"]
 
 _CPU_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
@@ -38,76 +39,26 @@ def fusable_projection(module: nn.Module | None, in_channels: int) -> bool:
             and module.in_channels == in_channels)
 
 
-class _Gather(torch.autograd.Function):
-    """out = rows[index] for a gather that reads every row at most once; `adjoint[r]` is the output
-    row that read row r. Where `pads` says so, an index equal to len(rows) reads a zero row (window
-    padding); an adjoint equal to len(out) marks a row nobody read (its gradient is zero).
-
-    Such a gather's transpose is the gather by `adjoint`, so the backward is one more gather, where
-    autograd's own backward of `index_select` would zero a buffer and scatter-add into it.
-    """
-
-    @staticmethod
-    def forward(ctx, rows, index, adjoint, pads):
-        ctx.save_for_backward(index, adjoint)
-        ctx.pads = pads
-        if pads[0]:
-            rows = F.pad(rows, (0, 0, 0, 1))
-        return rows.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        index, adjoint = ctx.saved_tensors
-        return _Gather.apply(grad, adjoint, index, ctx.pads[::-1]), None, None, None
+def partition_rows(rows: torch.Tensor, layout) -> torch.Tensor:
+    """(N, H, W, C) rows -> (N * nW, T, C) windows: pad, roll, cut (the layout's `partition`)."""
+    n, c = rows.shape[0], rows.shape[-1]
+    (h, w), (hp, wp) = layout.resolution, layout.padded
+    if (hp, wp) != (h, w):
+        rows = F.pad(rows, (0, 0, 0, wp - w, 0, hp - h))
+    if any(layout.shift):
+        rows = torch.roll(rows, shifts=(-layout.shift[0], -layout.shift[1]), dims=(1, 2))
+    (gh, gw), (wh, ww) = layout.grid, layout.window
+    return rows.reshape(n, gh, wh, gw, ww, c).transpose(2, 3).reshape(n * gh * gw, wh * ww, c)
 
 
-_INDICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layout -> {key: (index, adjoint)}
-
-
-def _window_indices(layout, n: int, parts: int, groups: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather indices from the rows of `parts * groups` heads per position of a channels_last map,
-    (N, H * W, parts, G) rows of Cg channels, to windows with the heads split off,
-    (parts, N * nW, G, T) rows: the contiguous q, k, v of the attention. Returns (index, adjoint)."""
-    key = (n, parts, groups, str(device))
-    cache = _INDICES.setdefault(layout, {})
-    if key not in cache:
-        if len(cache) > 16:  # a handful of batch sizes in practice (train, last batch, eval)
-            cache.clear()
-        slots = layout.window_rows.to(device)  # (nW * T,): the position each slot reads
-        positions = layout.resolution[0] * layout.resolution[1]
-        nw, t = layout.num_windows, layout.tokens
-        part, image, group = (torch.arange(k, device=device) for k in (parts, n, groups))
-        # index[part, image, window, group, token] = row ((image, position), part, group) of the map
-        pos = slots.view(1, 1, nw, 1, t)
-        index = (image.view(1, n, 1, 1, 1) * positions + pos) * parts + part.view(parts, 1, 1, 1, 1)
-        index = index * groups + group.view(1, 1, 1, groups, 1)
-        total = n * positions * parts * groups
-        index = torch.where(pos < positions, index, total).reshape(-1)  # padding reads the zero row
-        adjoint = torch.zeros(total + 1, dtype=torch.long, device=device)  # + the zero row, dropped
-        adjoint = adjoint.scatter_(0, index, torch.arange(index.numel(), device=device))[:-1]
-        cache[key] = (index, adjoint)
-    return cache[key]
-
-
-def _to_windows(t: torch.Tensor, layout, parts: int, groups: int) -> tuple[torch.Tensor, ...]:
-    """(N, parts * C, H, W) map -> `parts` tensors (N * nW, G, T, Cg), contiguous: pad, roll, window
-    partition and head split in one gather (a view of a channels_last map's rows, gathered)."""
-    n, channels = t.shape[:2]
-    width = channels // (parts * groups)
-    index, adjoint = _window_indices(layout, n, parts, groups, t.device)
-    pads = (layout.padded != layout.resolution, False)  # padding slots read zeros; every position is read
-    rows = _Gather.apply(t.permute(0, 2, 3, 1).reshape(-1, width), index, adjoint, pads)
-    return rows.view(parts, n * layout.num_windows, groups, layout.tokens, width).unbind(0)
-
-
-def _from_windows(y: torch.Tensor, layout, n: int) -> torch.Tensor:
-    """(N * nW, G, T, Cg) -> (N, C, H, W) in channels_last memory: the transpose of `_to_windows`."""
-    groups, width = y.shape[1], y.shape[-1]
-    index, adjoint = _window_indices(layout, n, 1, groups, y.device)
-    pads = (False, layout.padded != layout.resolution)
-    rows = _Gather.apply(y.reshape(-1, width), adjoint, index, pads)
-    h, w = layout.resolution
-    return rows.view(n, h, w, groups * width).permute(0, 3, 1, 2)
+def merge_rows(windows: torch.Tensor, layout, n: int) -> torch.Tensor:
+    """(N * nW, T, C) windows -> (N, H, W, C) rows: the inverse of `partition_rows`."""
+    c = windows.shape[-1]
+    (gh, gw), (wh, ww), (hp, wp) = layout.grid, layout.window, layout.padded
+    rows = windows.reshape(n, gh, gw, wh, ww, c).transpose(2, 3).reshape(n, hp, wp, c)
+    if any(layout.shift):
+        rows = torch.roll(rows, shifts=layout.shift, dims=(1, 2))
+    return rows[:, : layout.resolution[0], : layout.resolution[1]]
 
 
 def _additive_mask(source, layout, dtype) -> torch.Tensor | None:
@@ -205,27 +156,42 @@ def _attend(q, k, v, mask, n: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-def _fused_projection(source, value_proj: nn.Module | None):
-    """Weight and bias of one 1x1 convolution giving [q * scale, k] (and v, with `value_proj`)."""
+def fused_projection(source, value_proj: nn.Module | None):
+    """Weight (rows, in) and bias of one linear map giving [q * scale, k] (and v, with `value_proj`)
+    at every position: the 1x1 convolutions of `source.qk` (and `value_proj`) stacked."""
     q_w, k_w = source.qk.weight.chunk(2)
     q_b, k_b = source.qk.bias.chunk(2) if source.qk.bias is not None else (None, None)
     pairs = [(q_w * source.scale, None if q_b is None else q_b * source.scale), (k_w, k_b)]
     if value_proj is not None:
         pairs.append((value_proj.weight, value_proj.bias))
-    weight = torch.cat([w for w, _ in pairs])
+    weight = torch.cat([w for w, _ in pairs]).flatten(1)
     if all(b is None for _, b in pairs):
         return weight, None
     return weight, torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in pairs])
 
 
+def heads(rows: torch.Tensor, parts: int, groups: int) -> tuple[torch.Tensor, ...]:
+    """(B, T, parts * C) -> `parts` views (B, G, T, Cg): the heads of q, k (and v), no copy."""
+    b, t = rows.shape[:2]
+    return rows.view(b, t, parts, groups, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def window_attention(source, x: torch.Tensor, context: torch.Tensor, layout,
                      value_proj: nn.Module | None = None) -> torch.Tensor:
-    """y (N, C, H, W) of a `WindowAttentionWeights` source: queries and keys from `context`; values x,
-    or `value_proj(x)` when it is given (then `x` is the context, and one GEMM makes all three)."""
-    n, g, dim = x.shape[0], source.groups, source.dim
-    weight, bias = _fused_projection(source, value_proj)
-    parts = weight.shape[0] // dim  # q, k (and v)
-    q, k, *v = _to_windows(F.conv2d(context, weight, bias), layout, parts, g)
-    v = v[0] if v else _to_windows(x, layout, 1, g)[0]
-    y = _attend(q, k, v, _additive_mask(source, layout, q.dtype), n)  # (N * nW, G, T, Cg)
-    return _from_windows(y, layout, n)
+    """y (N, C, H, W), channels_last, of a `WindowAttentionWeights` source: queries and keys from
+    `context`; values x, or `value_proj(x)` when it is given (then `x` is the context, and one GEMM
+    makes all three)."""
+    n, g = x.shape[0], source.groups
+    weight, bias = fused_projection(source, value_proj)
+    parts = weight.shape[0] // source.dim  # q, k (and v)
+    rows = context.permute(0, 2, 3, 1)  # (N, H, W, C): a view of a channels_last map
+    if layout.padded == layout.resolution:  # cutting is a permutation: cut the narrower input
+        qkv = F.linear(partition_rows(rows, layout), weight, bias)
+    else:  # padding positions must hold zeros in q, k and v, as the reference pads them
+        qkv = partition_rows(F.linear(rows, weight, bias), layout)
+    q, k, *v = heads(qkv, parts, g)
+    if not v:
+        v = heads(partition_rows(x.permute(0, 2, 3, 1), layout), 1, g)
+    y = _attend(q, k, v[0], _additive_mask(source, layout, q.dtype), n)  # (N * nW, G, T, Cg)
+    y = merge_rows(y.transpose(1, 2).flatten(2), layout, n)  # (N, H, W, C)
+    return y.permute(0, 3, 1, 2)

@@ -73,58 +73,77 @@ def _kernel_wgrad(x_ptr, g_ptr, gw_ptr, H, W, C,
 
 
 @triton.jit
+def _group_tile(c0, C, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Channels of a tile of BLOCK_G whole groups from group c0: (g, c, mask), c shaped [1, BG, CG]."""
+    g = c0 + tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_CG)
+    c = g[:, None] * CG + j[None, :]
+    cm = (j[None, :] < CG) & (c < C)
+    return g, c[None, :, :], cm[None, :, :]
+
+
+@triton.jit
 def _position_fwd(x_ptr, w_ptr, y_ptr, H, W, C, CG,
                   sxn, sxc, sxh, sxw, swn, swg, swk, swh, sww, syn, syc, syh, syw,
-                  K: tl.constexpr, ADJOINT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  K: tl.constexpr, ADJOINT: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
     # forward:  y[n, i, c] = sum_k w[n, g(c), k, i] x[n, i + d_k, c]
     # ADJOINT:  y[n, j, c] = sum_k w[n, g(c), k, j - d_k] x[n, j - d_k, c]  (x: the output gradient)
+    # A tile is BLOCK_P positions x BLOCK_G whole groups (their channels padded to BLOCK_CG): a group's
+    # weight at a position is loaded once, [P, G], and broadcast over its channels.
     tiles = tl.cdiv(H * W, BLOCK_P)
     n = (tl.program_id(0) // tiles).to(tl.int64)
     p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    g = c // CG
+    g, c, cm = _group_tile(tl.program_id(1) * BLOCK_G, C, CG, BLOCK_G, BLOCK_CG)
+    gm = g < tl.cdiv(C, CG)
     h, w = p // W, p % W
-    pm, cm = p < H * W, c < C
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    pm = p < H * W
+    acc = tl.zeros((BLOCK_P, BLOCK_G, BLOCK_CG), dtype=tl.float32)
     for t in tl.static_range(K * K):
         if ADJOINT:
             hh, ww = h - (t // K - K // 2), w - (t % K - K // 2)
         else:
             hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
         ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        m = ok[:, None] & cm[None, :]
-        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
-                     mask=m, other=0.0).to(tl.float32)
-        if ADJOINT:
-            wp = w_ptr + n * swn + g[None, :] * swg + t * swk + hh[:, None] * swh + ww[:, None] * sww
-        else:
-            wp = w_ptr + n * swn + g[None, :] * swg + t * swk + h[:, None] * swh + w[:, None] * sww
-        acc += xv * tl.load(wp, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + n * syn + h[:, None] * syh + w[:, None] * syw + c[None, :] * syc,
-             acc.to(y_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+        xv = tl.load(x_ptr + n * sxn + (hh * sxh + ww * sxw)[:, None, None] + c * sxc,
+                     mask=ok[:, None, None] & cm, other=0.0).to(tl.float32)
+        wh, wwi = (hh, ww) if ADJOINT else (h, w)
+        wv = tl.load(w_ptr + n * swn + g[None, :] * swg + t * swk + (wh * swh + wwi * sww)[:, None],
+                     mask=ok[:, None] & gm[None, :], other=0.0).to(tl.float32)
+        acc += xv * wv[:, :, None]
+    tl.store(y_ptr + n * syn + (h * syh + w * syw)[:, None, None] + c * syc,
+             acc.to(y_ptr.dtype.element_ty), mask=pm[:, None, None] & cm)
 
 
 @triton.jit
-def _position_wgrad(x_ptr, g_ptr, gw_ptr, H, W, CG,
+def _position_wgrad(x_ptr, g_ptr, gw_ptr, N, H, W, C, CG,
                     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, swn, swg, swk, swh, sww,
-                    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr):
-    # gw[n, g, k, i] = sum over c in group g of gy[n, i, c] x[n, i + d_k, c]
+                    K: tl.constexpr, SHARED: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    # gw[n, g, k, i] = sum over c in group g of gy[n, i, c] x[n, i + d_k, c]; with SHARED (weights
+    # shared over the batch: the locally connected layer) also summed over n, inside the program, so
+    # no per-instance gradient (N times the weights) is ever written.
     tiles = tl.cdiv(H * W, BLOCK_P)
-    n = (tl.program_id(0) // tiles).to(tl.int64)
     p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    grp = tl.program_id(1)
-    c = grp * CG + tl.arange(0, BLOCK_CG)
+    g, c, cm = _group_tile(tl.program_id(1) * BLOCK_G, C, CG, BLOCK_G, BLOCK_CG)
+    gm = g < tl.cdiv(C, CG)
     h, w = p // W, p % W
-    pm, cm = p < H * W, tl.arange(0, BLOCK_CG) < CG
-    gv = tl.load(g_ptr + n * sgn + h[:, None] * sgh + w[:, None] * sgw + c[None, :] * sgc,
-                 mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+    pm = p < H * W
+    first = tl.program_id(0) // tiles  # the instance; 0 with SHARED (one program row over the batch)
+    count = N if SHARED else 1
     for t in tl.static_range(K * K):
         hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
         ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
-                     mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        out = gw_ptr + n * swn + grp * swg + t * swk + h * swh + w * sww
-        tl.store(out, tl.sum(xv * gv, axis=1).to(gw_ptr.dtype.element_ty), mask=pm)
+        acc = tl.zeros((BLOCK_P, BLOCK_G), dtype=tl.float32)
+        for i in range(count):
+            n = (first + i).to(tl.int64)
+            gv = tl.load(g_ptr + n * sgn + (h * sgh + w * sgw)[:, None, None] + c * sgc,
+                         mask=pm[:, None, None] & cm, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + n * sxn + (hh * sxh + ww * sxw)[:, None, None] + c * sxc,
+                         mask=ok[:, None, None] & cm, other=0.0).to(tl.float32)
+            acc += tl.sum(xv * gv, axis=2)
+        out = gw_ptr + first.to(tl.int64) * swn + g[None, :] * swg + t * swk + (h * swh + w * sww)[:, None]
+        tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=pm[:, None] & gm[None, :])
 
 
 @triton.jit
@@ -185,24 +204,37 @@ def _kernel_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int) -> t
     return gw
 
 
+def _group_blocks(c: int, groups: int) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_CG, group tiles): whole groups per tile, about BLOCK_C channels of them."""
+    cg = c // groups
+    block_cg = triton.next_power_of_2(cg)
+    block_g = max(1, min(triton.next_power_of_2(groups), BLOCK_C // block_cg))
+    return block_g, block_cg, triton.cdiv(groups, block_g)
+
+
 def _position_forward(x: torch.Tensor, w: torch.Tensor, k: int, adjoint: bool = False) -> torch.Tensor:
     """x (N, C, H, W); w (N|1, G, K*K, H, W) -> (N, C, H, W) channels_last."""
     n, c, h, wd = x.shape
     y = _out(x)
     swn = 0 if w.shape[0] == 1 else w.stride(0)
-    _position_fwd[_grid(n, h, wd, c)](x, w, y, h, wd, c, c // w.shape[1], *_nhwc_strides(x), swn,
-                                      *w.stride()[1:], *_nhwc_strides(y), K=k, ADJOINT=adjoint,
-                                      BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    block_g, block_cg, group_tiles = _group_blocks(c, w.shape[1])
+    grid = (n * triton.cdiv(h * wd, BLOCK_P), group_tiles)
+    _position_fwd[grid](x, w, y, h, wd, c, c // w.shape[1], *_nhwc_strides(x), swn, *w.stride()[1:],
+                        *_nhwc_strides(y), K=k, ADJOINT=adjoint,
+                        BLOCK_P=BLOCK_P, BLOCK_G=block_g, BLOCK_CG=block_cg)
     return y
 
 
-def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, groups: int, k: int, dtype) -> torch.Tensor:
+def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int, dtype) -> torch.Tensor:
+    """gw shaped as w (N|1, G, K*K, H, W): a weight shared over the batch gets the batch's sum."""
     n, c, h, wd = x.shape
-    cg = c // groups
-    gw = torch.empty((n, groups, k * k, h, wd), dtype=dtype, device=x.device)
-    grid = (n * triton.cdiv(h * wd, BLOCK_P), groups)
-    _position_wgrad[grid](x, gy, gw, h, wd, cg, *_nhwc_strides(x), *_nhwc_strides(gy), *gw.stride(),
-                          K=k, BLOCK_P=BLOCK_P, BLOCK_CG=triton.next_power_of_2(cg))
+    shared = w_shape[0] == 1 and n != 1
+    gw = torch.empty(w_shape, dtype=dtype, device=x.device)
+    block_g, block_cg, group_tiles = _group_blocks(c, w_shape[1])
+    grid = ((1 if shared else n) * triton.cdiv(h * wd, BLOCK_P), group_tiles)
+    _position_wgrad[grid](x, gy, gw, n, h, wd, c, c // w_shape[1], *_nhwc_strides(x), *_nhwc_strides(gy),
+                          *gw.stride(), K=k, SHARED=shared,
+                          BLOCK_P=BLOCK_P, BLOCK_G=block_g, BLOCK_CG=block_cg)
     return gw
 
 
@@ -239,8 +271,7 @@ def _position_input_grad(gy, w, k):
 
 
 def _position_weight_grad_as_w(x, gy, w, k):
-    gw = _position_weight_grad(x, gy, w.shape[1], k, w.dtype)
-    return gw.sum(0, keepdim=True) if w.shape[0] == 1 and gw.shape[0] != 1 else gw
+    return _position_weight_grad(x, gy, w.shape, k, w.dtype)
 
 
 _KERNEL = _Form(_kernel_forward, _kernel_input_grad, _kernel_weight_grad_as_w)
