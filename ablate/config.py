@@ -150,7 +150,9 @@ class TrainerConf:
     device: str = "auto"          # auto (cuda if there is one), cpu, cuda, cuda:1 ...
     precision: str = "auto"       # auto (bf16 on a GPU, fp32 on the CPU), bf16, fp32
     channels_last: bool | None = None  # None: on a GPU
-    compile: bool = False
+    # false; true (torch.compile's default mode); or a mode: reduce-overhead (CUDA graphs: a small
+    # model's launches replayed at once), max-autotune, max-autotune-no-cudagraphs
+    compile: Any = False
     threads: int | None = None  # CPU threads; None: torch's default
     seed: int = 0
     resume: str = "auto"          # auto: resume from the run folder's checkpoint; never: start over

@@ -46,9 +46,13 @@ class Recipe:
 def build_recipe(model: nn.Module, optim, schedule, num_classes: int, global_batch_size: int,
                  steps_per_epoch: int) -> Recipe:
     lr = scaled_lr(optim.lr, optim.lr_batch_size, global_batch_size)
-    # filter_bias_and_bn: 1-D parameters (norms, biases) and model.no_weight_decay() take no decay
+    # filter_bias_and_bn: 1-D parameters (norms, biases) and model.no_weight_decay() take no decay.
+    # On a GPU the fused AdamW kernel updates every parameter in a few launches (a micro model's step
+    # is launch-bound); on the CPU the default (foreach) form stays, so CPU runs keep their numbers.
+    on_gpu = all(p.is_cuda for p in model.parameters())
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=optim.weight_decay,
-                                    betas=tuple(optim.betas), eps=optim.eps, filter_bias_and_bn=True)
+                                    betas=tuple(optim.betas), eps=optim.eps, filter_bias_and_bn=True,
+                                    **({"fused": True} if on_gpu else {}))
     scheduler = CosineLRScheduler(
         optimizer, t_initial=max(1, schedule.epochs * steps_per_epoch), lr_min=schedule.min_lr,
         warmup_t=round(schedule.warmup_epochs * steps_per_epoch), warmup_lr_init=schedule.warmup_lr,

@@ -25,8 +25,9 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from ablate.errors import BadInput
 
-__all__ = ["ConfigError", "Rule", "Number", "Choice", "Text", "Flag", "Pattern", "Numbers", "Texts",
-           "Mapping", "Enumerated", "RULES", "MEASURE_RULES", "schema_fields", "validate_config"]
+__all__ = ["ConfigError", "Rule", "Number", "Choice", "Text", "Flag", "FlagOr", "COMPILE_MODES", "Pattern",
+           "Numbers", "Texts", "Mapping", "Enumerated", "RULES", "MEASURE_RULES", "schema_fields",
+           "validate_config"]
 
 
 class ConfigError(BadInput, ValueError):
@@ -146,6 +147,18 @@ class Flag(Rule):
 
 
 @dataclass(frozen=True)
+class FlagOr(Rule):
+    """true, false, or one of a few names (a mode that says how, where true takes the default)."""
+
+    options: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or (isinstance(value, str) and value in self.options):
+            return None
+        return "must be true, false or one of " + ", ".join(self.options)
+
+
+@dataclass(frozen=True)
 class Numbers(Rule):
     """A list of numbers, each following `each`, of a length in [min_len, max_len]; `or_one`: a
     single number stands for the whole list."""
@@ -206,6 +219,9 @@ PROBABILITY = Number(low=0, high=1)
 NAME = Text()
 
 # Every field of the training schema (ablate.config.TrainConfig), by its dotted key.
+# torch.compile's modes (`trainer.compile=<mode>`; true is "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 RULES: dict[str, Rule] = {
     "preset": NAME,
     # the operator's axes: the ranges here; what combines with what: ablate.space.rules
@@ -274,7 +290,7 @@ RULES: dict[str, Rule] = {
                               "auto, cpu, cuda, cuda:<index> or mps (auto: cuda where there is one)"),
     "trainer.precision": Choice(("auto", "bf16", "fp32")),
     "trainer.channels_last": Flag(nullable=True, null_means="on a GPU"),
-    "trainer.compile": Flag(),
+    "trainer.compile": FlagOr(COMPILE_MODES),
     "trainer.threads": Number(low=1, integer=True, nullable=True, null_means="torch's default"),
     "trainer.seed": COUNT,
     "trainer.resume": Choice(("auto", "never")),

@@ -247,6 +247,38 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # -- one epoch ----------------------------------------------------------------------------------
+class LossTally:
+    """The epoch's summed loss, kept where the loss is. On a GPU, reading a loss (`.item()`) waits for
+    the step to finish, so the CPU cannot queue the next step meanwhile: a micro model's step is
+    shorter than its launches, and a read per step left the GPU idle through most of it. Losses are
+    read every `every` steps instead (at once on the CPU, where reading costs nothing), and a
+    non-finite one is still reported at its own step."""
+
+    def __init__(self, device: torch.device, every: int = 25):
+        self.every = 1 if device.type == "cpu" else every
+        self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss, samples)
+        self.total, self.samples, self.last = 0.0, 0, float("nan")
+
+    def add(self, step: int, loss: torch.Tensor, samples: int) -> None:
+        self.pending.append((step, loss.detach(), samples))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the pending losses (one transfer); raises Diverged at the first non-finite one."""
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for _, loss, _ in self.pending]).tolist()
+        for (step, _, samples), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                self.pending = []
+                raise Diverged(step, value)
+            self.total += value * samples
+            self.samples += samples
+            self.last = value
+        self.pending = []
+
+
 def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int,
                     dist: Dist | None = None) -> dict[str, float]:
     """One epoch. Under DDP the loss shown, summed and checked for NaN is the global batch's (the
@@ -254,35 +286,38 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int,
     dist = dist or Dist()
     model.train()
     clip = cfg.optim.clip_grad
-    total, samples, start = 0.0, 0, time.perf_counter()
+    tally, start = None, time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
                disable=cfg.trainer.quiet or not dist.is_main, dynamic_ncols=True, file=sys.stderr)
-    for images, labels in loader:
-        targets = labels
-        if recipe.mixup is not None:
-            images, targets = recipe.mixup(images, labels)
-        with amp():
-            logits = model(images)
-        loss = recipe.criterion(logits.float(), targets)
-        value = average_scalar(dist, loss).item()
-        if not math.isfinite(value):
-            bar.close()
-            raise Diverged(step, value)
-        recipe.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        recipe.optimizer.step()
-        step += 1
-        recipe.scheduler.step_update(step)
-        if recipe.ema is not None:
-            recipe.ema.update(model, step=step)
-        total += value * labels.shape[0] * dist.world_size
-        samples += labels.shape[0] * dist.world_size
-        bar.update()
-        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-    bar.close()
+    try:
+        for images, labels in loader:
+            tally = tally or LossTally(images.device)
+            targets = labels
+            if recipe.mixup is not None:
+                images, targets = recipe.mixup(images, labels)
+            with amp():
+                logits = model(images)
+            loss = recipe.criterion(logits.float(), targets)
+            recipe.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            recipe.optimizer.step()
+            # the global batch's loss, read later; a non-finite one stops the run at its step
+            tally.add(step, average_scalar(dist, loss), labels.shape[0] * dist.world_size)
+            step += 1
+            recipe.scheduler.step_update(step)
+            if recipe.ema is not None:
+                recipe.ema.update(model, step=step)
+            bar.update()
+            if not tally.pending:
+                bar.set_postfix(loss=f"{tally.last:.3f}", refresh=False)
+        if tally is not None:
+            tally.flush()
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
+    total, samples = (tally.total, tally.samples) if tally is not None else (0.0, 0)
     return {"step": step, "train_loss": total / max(samples, 1), "train_seconds": seconds,
             "samples_per_s": samples / seconds if seconds else 0.0}
 
@@ -474,8 +509,10 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
         # buffers are not broadcast each step: synchronised BN keeps them equal on every rank
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           broadcast_buffers=False)
-    if t.compile:
-        forward = torch.compile(forward)
+    if t.compile:  # true or a mode of torch.compile
+        # static shapes: a batch size of its own (the last eval batch) compiles once more, where
+        # dynamic shapes would trace every size symbolically (and inductor fails on some of them)
+        forward = torch.compile(forward, mode=None if t.compile is True else t.compile, dynamic=False)
     # evaluation needs no gradient sync: the plain module (or its EMA); under DDP no collective runs
     # in it, so rank 0 alone can time inference
     evaluated = (lambda: recipe.ema.module if recipe.ema is not None  # noqa: E731

@@ -59,6 +59,8 @@ class CompiledForm:
         self.__name__ = fn.__name__
 
     def __call__(self, *args):
+        if torch.compiler.is_compiling():  # inside a compiled model: its compiler takes this code too
+            return self.fn(*args)
         if not self.failed:
             try:
                 if self._compiled is None:

@@ -102,6 +102,7 @@ def _load() -> ctypes.CDLL | None:
     return _library
 
 
+@torch.compiler.assume_constant_result  # compiled callers take the answer, not the build's file reads
 def available() -> bool:
     """Whether the kernels are built and loaded (building them on first call)."""
     return _load() is not None
@@ -160,74 +161,115 @@ def _aggregate(xp: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
     return _call("aggregate", xp, w, xp.new_empty(shape), shape, k, w)
 
 
-def _scatter(gy: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+def _padded_grad(gy: torch.Tensor, k: int) -> torch.Tensor:
+    """The gradient of a padded input, (N, G, C, H + 2p + 1, W + 2p); the caller crops it."""
     n, g, c, h, wd = gy.shape
     p = k // 2
-    gxp = gy.new_empty((n, g, c, h + 2 * p + 1, wd + 2 * p))
+    return gy.new_empty((n, g, c, h + 2 * p + 1, wd + 2 * p))
+
+
+def _crop(gxp: torch.Tensor, k: int) -> torch.Tensor:
+    p = k // 2
+    return gxp[..., p: gxp.shape[-2] - p - 1, p: gxp.shape[-1] - p]
+
+
+# The kernels as PyTorch operators (torch.library): `torch.compile` keeps each one a single opaque
+# call with the output shapes its fake implementation gives, where a ctypes call inside an autograd
+# Function broke the graph at every layer (three presets then failed to compile). Their gradients are
+# operators too, so autograd, compile and double backward all see the same kernels.
+@torch.library.custom_op("ablate::native_aggregate", mutates_args=())
+def _aggregate_op(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    return _aggregate(_pad(x, k), w, k)
+
+
+@_aggregate_op.register_fake
+def _(x, w, k):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("ablate::native_scatter", mutates_args=())
+def _scatter_op(gy: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """The transpose of aggregate in x."""
+    gxp = _padded_grad(gy, k)
     _call("scatter", _pad_right(gy, k), w, gxp, gy.shape, k, w)
-    return gxp[..., p: p + h, p: p + wd]
+    return _crop(gxp, k).contiguous()
 
 
-def _correlate(a: torch.Tensor, bp: torch.Tensor, k: int, sum_batch: bool,
-               like: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits, or the weights' gradient (summed over the batch for shared weights) in the layout of
-    the weights `like`."""
+@_scatter_op.register_fake
+def _(gy, w, k):
+    return gy.new_empty(gy.shape)
+
+
+@torch.library.custom_op("ablate::native_correlate", mutates_args=())
+def _correlate_op(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (N, G, K*K, H, W) of a against b shifted."""
     n, g, c, h, w = a.shape
-    shape = (1 if sum_batch else n, g, k * k, h, w)
-    out = a.new_empty(shape) if like is None else _like(like, shape)
-    return _call("correlate", _pad_right(a, k), bp, out, a.shape, k, out)
+    out = a.new_empty((n, g, k * k, h, w))
+    return _call("correlate", _pad_right(a, k), _pad(b, k), out, a.shape, k, out)
 
 
-def _aggregate_backward(gy: torch.Tensor, xp: torch.Tensor, w: torch.Tensor, k: int):
+@_correlate_op.register_fake
+def _(a, b, k):
+    n, g, _, h, w = a.shape
+    return a.new_empty((n, g, k * k, h, w))
+
+
+@torch.library.custom_op("ablate::native_weight_grad", mutates_args=())
+def _weight_grad_op(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """aggregate's gradient in w, in w's layout (summed over the batch for weights shared over it)."""
+    out = _like(w, tuple(w.shape))
+    return _call("correlate", _pad_right(gy, k), _pad(x, k), out, gy.shape, k, out)
+
+
+@_weight_grad_op.register_fake
+def _(gy, x, w, k):
+    return _like(w, tuple(w.shape))
+
+
+@torch.library.custom_op("ablate::native_aggregate_backward", mutates_args=())
+def _aggregate_backward_op(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                           k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gx, gw) of aggregate in one pass over gy (gw summed over the batch for shared weights)."""
     n, g, c, h, wd = gy.shape
-    p = k // 2
-    gxp = gy.new_empty((n, g, c, h + 2 * p + 1, wd + 2 * p))
-    gw = _like(w, w.shape)
-    gyp = _pad_right(gy, k)  # held here: the kernel reads its memory
+    gxp, gw = _padded_grad(gy, k), _like(w, tuple(w.shape))
+    gyp, xp = _pad_right(gy, k), _pad(x, k)  # held here: the kernel reads their memory
     function = getattr(_load(), f"ablate_aggregate_backward_{DTYPES[gy.dtype]}")
     function(gyp.data_ptr(), xp.data_ptr(), w.data_ptr(), gxp.data_ptr(), gw.data_ptr(),
              n, g, c, h, wd, k, *_strides(w), torch.get_num_threads())
-    return gxp[..., p: p + h, p: p + wd], gw
+    return _crop(gxp, k).contiguous(), gw
 
 
-class _Aggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, k):
-        xp = _pad(x, k)
-        ctx.save_for_backward(xp, w)
-        ctx.k = k
-        return _aggregate(xp, w, k)
+@_aggregate_backward_op.register_fake
+def _(gy, x, w, k):
+    return gy.new_empty(gy.shape), _like(w, tuple(w.shape))
 
-    @staticmethod
-    def backward(ctx, gy):
-        xp, w = ctx.saved_tensors
-        k, gy = ctx.k, gy.contiguous()
-        if all(ctx.needs_input_grad[:2]):
-            gx, gw = _aggregate_backward(gy, xp, w, k)
-            return gx, gw, None
-        gx = _scatter(gy, w, k) if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.needs_input_grad[1]:
-            gw = _correlate(gy, xp, k, sum_batch=w.shape[0] == 1 and gy.shape[0] != 1, like=w)
+
+def _save_operands(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.k = inputs[2]
+
+
+def _aggregate_grad(ctx, gy):
+    x, w = ctx.saved_tensors
+    k, gy = ctx.k, gy.contiguous()
+    if all(ctx.needs_input_grad[:2]):
+        gx, gw = _aggregate_backward_op(gy, x, w, k)
         return gx, gw, None
+    gx = _scatter_op(gy, w, k) if ctx.needs_input_grad[0] else None
+    gw = _weight_grad_op(gy, x, w, k) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
 
 
-class _Correlate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, k):
-        bp = _pad(b, k)
-        ctx.save_for_backward(a, bp)
-        ctx.k = k
-        return _correlate(a, bp, k, sum_batch=False)
+def _correlate_grad(ctx, gl):
+    a, b = ctx.saved_tensors
+    k, gl = ctx.k, gl.contiguous()
+    ga = _aggregate_op(b, gl, k) if ctx.needs_input_grad[0] else None
+    gb = _scatter_op(a, gl, k) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
 
-    @staticmethod
-    def backward(ctx, gl):
-        a, bp = ctx.saved_tensors
-        k, gl = ctx.k, gl.contiguous()
-        ga = _aggregate(bp, gl, k) if ctx.needs_input_grad[0] else None
-        gb = _scatter(a, gl, k) if ctx.needs_input_grad[1] else None
-        return ga, gb, None
+
+_aggregate_op.register_autograd(_aggregate_grad, setup_context=_save_operands)
+_correlate_op.register_autograd(_correlate_grad, setup_context=_save_operands)
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
@@ -241,7 +283,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tenso
     None where the kernels do not apply (not the CPU, another dtype, no build)."""
     if not _usable(x, w):
         return None
-    return _Aggregate.apply(x.contiguous(), _dense(w), kernel_size)
+    return _aggregate_op(x.contiguous(), _dense(w), kernel_size)
 
 
 def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tensor | None:
@@ -249,4 +291,4 @@ def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tenso
     kernels do not apply."""
     if not _usable(a, b):
         return None
-    return _Correlate.apply(a.contiguous(), b.contiguous(), kernel_size)
+    return _correlate_op(a.contiguous(), b.contiguous(), kernel_size)

@@ -20,9 +20,6 @@ this module); the tests do that on tiny shapes.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -250,56 +247,68 @@ def naive_position_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Te
     return y
 
 
-class _Form(NamedTuple):
-    """The three passes of one aggregation on NHWC maps."""
-
-    forward: Callable  # (x, w, k) -> y
-    input_grad: Callable  # (gy, w, k) -> gx
-    weight_grad: Callable  # (x, gy, w, k) -> gw, shaped and typed as w
-
-
-def _kernel_input_grad(gy, w, k):
-    return _kernel_forward(gy, w.flip(-1), k)  # the transpose of a convolution: the flipped kernel
+# The passes as PyTorch operators (torch.library): `torch.compile` keeps each one a single opaque call
+# shaped by its fake implementation, instead of breaking the graph at a Python launch in every layer;
+# the gradients are operators too. `kind` picks the family: "kernel" (w: N|1, C, K*K) or "position"
+# (w: N|1, G, K*K, H, W).
+@torch.library.custom_op("ablate::triton_aggregate", mutates_args=())
+def _aggregate_op(x: torch.Tensor, w: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    return _kernel_forward(x, w, k) if kind == "kernel" else _position_forward(x, w, k)
 
 
-def _kernel_weight_grad_as_w(x, gy, w, k):
-    return _kernel_weight_grad(x, gy, w.shape, k).to(w.dtype)
-
-
-def _position_input_grad(gy, w, k):
+@torch.library.custom_op("ablate::triton_aggregate_input_grad", mutates_args=())
+def _input_grad_op(gy: torch.Tensor, w: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    if kind == "kernel":
+        return _kernel_forward(gy, w.flip(-1), k)  # the transpose of a convolution: the flipped kernel
     return _position_forward(gy, w, k, adjoint=True)
 
 
-def _position_weight_grad_as_w(x, gy, w, k):
+@torch.library.custom_op("ablate::triton_aggregate_weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, gy: torch.Tensor, w: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """The weights' gradient, shaped and typed as w (summed over the batch for shared weights)."""
+    if kind == "kernel":
+        return _kernel_weight_grad(x, gy, w.shape, k).to(w.dtype)
     return _position_weight_grad(x, gy, w.shape, k, w.dtype)
 
 
-_KERNEL = _Form(_kernel_forward, _kernel_input_grad, _kernel_weight_grad_as_w)
-_POSITION = _Form(_position_forward, _position_input_grad, _position_weight_grad_as_w)
+@_aggregate_op.register_fake
+def _(x, w, k, kind):
+    return _out(x)
 
 
-class _Aggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, k, form):
-        ctx.save_for_backward(x, w)
-        ctx.k, ctx.form = k, form
-        return form.forward(x, w, k)
+@_input_grad_op.register_fake
+def _(gy, w, k, kind):
+    return _out(gy)
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        gx = ctx.form.input_grad(gy, w, ctx.k) if ctx.needs_input_grad[0] else None
-        gw = ctx.form.weight_grad(x, gy, w, ctx.k) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None
+
+@_weight_grad_op.register_fake
+def _(x, gy, w, k, kind):
+    return w.new_empty(w.shape)
+
+
+def _save_operands(ctx, inputs, output):
+    x, w, k, kind = inputs
+    ctx.save_for_backward(x, w)
+    ctx.k, ctx.kind = k, kind
+
+
+def _aggregate_grad(ctx, gy):
+    x, w = ctx.saved_tensors
+    gx = _input_grad_op(gy, w, ctx.k, ctx.kind) if ctx.needs_input_grad[0] else None
+    gw = _weight_grad_op(x, gy, w, ctx.k, ctx.kind) if ctx.needs_input_grad[1] else None
+    return gx, gw, None, None
+
+
+_aggregate_op.register_autograd(_aggregate_grad, setup_context=_save_operands)
 
 
 def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x (N, C, H, W), w (N|1, G, K*K) -> (N, C, H, W): static or homogeneous depth-wise conv."""
     c = x.shape[1]
     wc = w.repeat_interleave(c // w.shape[1], dim=1) if w.shape[1] != c else w
-    return _Aggregate.apply(x, wc.contiguous(), kernel_size, _KERNEL)
+    return _aggregate_op(x, wc.contiguous(), kernel_size, "kernel")
 
 
 def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x (N, C, H, W), w (N|1, G, K*K, H, W) -> (N, C, H, W): inhomogeneous / locally connected."""
-    return _Aggregate.apply(x, w.contiguous(), kernel_size, _POSITION)
+    return _aggregate_op(x, w.contiguous(), kernel_size, "position")
