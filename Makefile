@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo study sweep report bench reliability test test-all lint measure
+.PHONY: help install data demo study sweep report bench gpu-check reliability test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ report: install ## figures and tables of a sweep's results: make report SWEEP=fi
 
 bench: install ## benchmark operators and models into reports/bench/: make bench ARGS="--quick" or ARGS="--device cuda"
 	$(PY) -m ablate.bench $(ARGS)
+
+# no `install` prerequisite: a GPU machine often has no internet; it needs the packages importable
+gpu-check: ## every GPU check, one report (about 8 minutes on one GPU): reports/gpu-check/report.md
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ablate.gpu_check $(ARGS)
 
 reliability: install ## fault-injection suite: random SIGKILLs, damaged checkpoints/records, locks, full disk, bad inputs
 	$(PY) -m ablate.reliability

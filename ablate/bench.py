@@ -398,6 +398,9 @@ def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: i
 
 
 # -- models --------------------------------------------------------------------------------------
+# The protocol of a train step, as a user trains: autocast in `dtype` (bf16 on a GPU), channels_last,
+# AdamW (fused on a GPU), cross-entropy on 1000 classes; eager, or torch.compile'd as
+# `trainer.compile=true` does (default mode, static shapes).
 def _model(name: str, size: str, backend: str):
     import timm
 
@@ -408,69 +411,117 @@ def _model(name: str, size: str, backend: str):
     return apply_backend(create(name, size, num_classes=1000), backend)
 
 
+def _optimizer(model, kind: str, device):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-3)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, **fused)
+
+
+def _resident_bytes(model, optimizer) -> int:
+    """Parameters, gradients and optimizer state: what training the model holds between steps."""
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Bench:
+    """One model of the rounds: its train and inference steps on the shared batch."""
+
+    def __init__(self, name, size, backend, device, dtype, channels_last, compiled, optimizer):
+        model = _model(name, size, backend).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.name, self.model, self.device, self.dtype = name, model, device, dtype
+        self.optimizer = _optimizer(model, optimizer, device)
+        self.forward = torch.compile(model, dynamic=False) if compiled else model
+        self.gmac = model.macs() / 1e9 if hasattr(model, "macs") else None
+
+    def train(self, x, target, dtype=None):
+        dtype = dtype or self.dtype
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = F.cross_entropy(self.forward(x).float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def infer(self, x, target=None):
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype,
+                                             enabled=self.dtype != torch.float32):
+            self.forward(x)
+
+    def peak_bytes(self, x, target) -> int | None:
+        """Peak memory of training this model alone: what it holds between steps plus the peak one
+        step adds on top (activations, temporaries)."""
+        with PeakMemory(self.device) as peak:
+            self.train(x, target)
+        return None if peak.peak is None else _resident_bytes(self.model, self.optimizer) + peak.peak
+
+
 def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, rounds: int, warmup: int,
-               backend: str, channels_last: bool, vs_bf16: bool = False) -> list[dict]:
-    """timm's benchmark columns: train and inference samples/s of every model, interleaved in rounds;
-    with `vs_bf16`, each train step is also timed under bf16 autocast in the same rounds
-    (`train_speedup_bf16`: its samples/s over the `dtype` step's)."""
+               backend: str, channels_last: bool, vs_bf16: bool = False, compiled: bool = False,
+               optimizer: str = "adamw") -> list[dict]:
+    """timm's benchmark columns: train and inference samples/s of every model, interleaved in rounds
+    (one step of each model per round, so a slow moment of the machine hits every model alike); with
+    `vs_bf16`, each train step is also timed under bf16 autocast in the same rounds
+    (`train_speedup_bf16`: its samples/s over the `dtype` step's). `compiled`: every model through
+    torch.compile; its compile time (the first round's excess over the timed steps) is `compile_s`."""
     img = SIZES[size].img_size
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=gen).to(device)
     target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    models, opts = {}, {}
-    for name in names:
-        m = _model(name, size, backend).to(device)
-        if channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        models[name] = m
-        opts[name] = torch.optim.SGD(m.parameters(), lr=1e-3)
-    amp = dtype != torch.float32
-
-    def train_step(name, dtype=dtype):
-        m = models[name].train()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = F.cross_entropy(m(x), target)
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-
-    def infer_step(name):
-        m = models[name].eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
-            m(x)
-
+    benches = {n: _Bench(n, size, backend, device, dtype, channels_last, compiled, optimizer) for n in names}
+    mode = "compiled" if compiled else "eager"
     times = {n: {"train": [], "infer": [], "train_bf16": []} for n in names}
-    steps = [("train", train_step), ("infer", infer_step)]
+    first = {n: 0.0 for n in names}
+    steps = [("train", lambda b: b.train(x, target)), ("infer", lambda b: b.infer(x))]
     if vs_bf16:
-        steps.append(("train_bf16", lambda name: train_step(name, torch.bfloat16)))
+        steps.append(("train_bf16", lambda b: b.train(x, target, torch.bfloat16)))
+    started = time.perf_counter()
     for r in range(warmup + rounds):
-        for name in names:
+        for name, bench in benches.items():
             for kind, step in steps:
                 _sync(device)
                 t = time.perf_counter()
-                step(name)
+                step(bench)
                 _sync(device)
+                took = time.perf_counter() - t
                 if r >= warmup:
-                    times[name][kind].append(time.perf_counter() - t)
-        print(f"  models {size} round {r + 1}/{warmup + rounds}", flush=True)
+                    times[name][kind].append(took)
+                elif r == 0 and kind in ("train", "infer"):
+                    first[name] += took
+            if r == 0:
+                print(f"  models {size} {mode}: {name} first steps {first[name]:.1f} s", flush=True)
+        print(f"  models {size} {mode} round {r + 1}/{warmup + rounds} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
     rows = []
-    for name in names:
+    for name, bench in benches.items():
         tr, inf = statistics.median(times[name]["train"]), statistics.median(times[name]["infer"])
+        peak = bench.peak_bytes(x, target)
         rows.append({
-            "model": name if name == "swin_tiny" else f"ablate_{name}_{size}", "size": size,
+            "model": name if name == "swin_tiny" else f"ablate_{name}_{size}", "size": size, "mode": mode,
             "backend": "timm" if name == "swin_tiny" else backend, "channels_last": channels_last,
+            "optimizer": optimizer,
             "infer_samples_per_sec": round(batch / inf, 2), "infer_step_time": round(1e3 * inf, 2),
             "infer_batch_size": batch, "infer_img_size": img,
             "train_samples_per_sec": round(batch / tr, 2), "train_step_time": round(1e3 * tr, 2),
             "train_batch_size": batch, "train_img_size": img,
-            "param_count": round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2),
-            "gmac": models[name].macs() / 1e9 if hasattr(models[name], "macs") else None})
+            "param_count": round(sum(p.numel() for p in bench.model.parameters()) / 1e6, 2),
+            "gmac": bench.gmac,
+            "peak_gib": None if peak is None else round(peak / 2**30, 2),
+            "compile_s": round(max(0.0, first[name] - tr - inf), 1) if compiled else None})
         if vs_bf16:
             rows[-1]["train_speedup_bf16"] = round(tr / statistics.median(times[name]["train_bf16"]), 3)
+    benches.clear()
+    _release(device)
     swin = next((r for r in rows if r["model"] == "swin_tiny"), None)
     dwconv = next((r for r in rows if r["model"] == f"ablate_dwconv_{size}"), None)
+    if swin is not None and swin["gmac"] is None:  # timm's Swin-T: ablate's local_attention's count
+        swin["gmac"] = _model("local_attention", size, backend).macs() / 1e9
     for row in rows:
         row["train_vs_swin_tiny"] = (round(row["train_samples_per_sec"] / swin["train_samples_per_sec"], 3)
                                      if swin else None)
@@ -480,6 +531,32 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
                                        if dwconv and row["gmac"] else None)
         row["gmac"] = None if row["gmac"] is None else round(row["gmac"], 4)
     return rows
+
+
+def _release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def prewarm(names: Sequence[str], size: str, batch: int, device: str, dtype: str, backend: str,
+            channels_last: bool, workers: int) -> None:
+    """Compile the models in `workers` processes at once, so that the timing process finds every
+    graph in inductor's caches (on disk, shared): compiling is CPU work, and one process compiling a
+    dozen models in turn is most of a GPU bench's wall time."""
+    import subprocess
+
+    chunks = [list(names[i::workers]) for i in range(workers) if names[i::workers]]
+    procs = [subprocess.Popen([sys.executable, "-m", "ablate.bench", "--prewarm-only", "--device", device,
+                               "--dtype", dtype, "--backend", backend, "--sizes", size, "--model-batch",
+                               str(batch), "--section", "models", *(["--nchw"] if not channels_last else []),
+                               "--models", *chunk], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for chunk in chunks]
+    for proc, chunk in zip(procs, chunks):
+        _, err = proc.communicate()
+        if proc.returncode != 0:  # the timing process compiles it again and shows the error there
+            print(f"  prewarm of {chunk} failed: {err.strip().splitlines()[-1] if err.strip() else '?'}",
+                  flush=True)
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -495,10 +572,10 @@ def _markdown(rows: list[dict], columns: Sequence[str]) -> str:
 OP_COLUMNS = ("size", "stage", "shape", "operator", "candidate", "fwd_ms", "bwd_input_ms", "bwd_weight_ms",
               "fwd_bwd_ms", "fwd_bwd_speedup", "fwd_speedup", "bwd_input_speedup", "bwd_weight_speedup",
               "peak_mb", "peak_vs_baseline", "fwd_gbps", "fwd_copy_fraction", "fwd_bwd_copy_fraction")
-MODEL_COLUMNS = ("model", "size", "backend", "channels_last", "train_samples_per_sec",
+MODEL_COLUMNS = ("model", "size", "mode", "backend", "channels_last", "train_samples_per_sec",
+                 "train_vs_swin_tiny", "gmac", "efficiency_vs_dwconv", "peak_gib", "compile_s",
                  "infer_samples_per_sec", "train_step_time", "infer_step_time", "train_batch_size",
-                 "infer_batch_size", "param_count", "gmac", "efficiency_vs_dwconv", "train_vs_swin_tiny",
-                 "train_speedup_bf16")
+                 "infer_batch_size", "param_count", "train_speedup_bf16")
 
 
 def _machine(device: torch.device) -> dict:
@@ -548,7 +625,7 @@ class BenchArgs:
     out: str = "reports/bench"
     quick: bool = False
     section: str = "all"
-    sizes: tuple[str, ...] = ("tiny", "micro")
+    sizes: tuple[str, ...] | None = None  # None: tiny on a GPU; tiny and micro on the CPU
     stages: tuple[int, ...] = (1, 2, 3, 4)
     ops: tuple[str, ...] = OPERATORS
     models: tuple[str, ...] = tuple(PRESETS)
@@ -559,6 +636,33 @@ class BenchArgs:
     backend: str = "fast"
     channels_last: bool = True
     vs_bf16: bool = False
+    compile: str = "auto"  # eager, compiled, both; auto: both on a GPU, eager on the CPU
+    optimizer: str = "adamw"
+    prewarm: int | None = None  # processes compiling the models before the compiled rounds
+    prewarm_only: bool = False  # (a prewarm process) compile and step each model once, time nothing
+
+
+def _models_of(args: BenchArgs, size: str) -> list[str]:
+    # dwconv is the yardstick of every model's efficiency (samples/s x GMAC relative to it); timm's
+    # Swin-T stands beside the tiny models
+    names = list(dict.fromkeys(["dwconv", *args.models]))
+    return names + (["swin_tiny"] if size == "tiny" and "swin_tiny" not in names else [])
+
+
+def _prewarm_only(args: BenchArgs, device, dtype, size: str, batch: int) -> None:
+    img = SIZES[size].img_size
+    x = torch.randn(batch, 3, img, img, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.zeros(batch, dtype=torch.long, device=device)
+    for name in args.models:
+        for compiled in (False, True):  # eager steps compile FlexAttention's kernels too
+            bench = _Bench(name, size, args.backend, device, dtype, args.channels_last, compiled,
+                           args.optimizer)
+            bench.train(x, target)
+            bench.infer(x)
+            del bench
+            _release(device)
 
 
 def run(args: BenchArgs) -> dict:
@@ -567,30 +671,45 @@ def run(args: BenchArgs) -> dict:
     gpu = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
+    sizes = args.sizes or (("tiny",) if gpu else ("tiny", "micro"))
+    if args.prewarm_only:
+        for size in sizes:
+            _prewarm_only(args, device, dtype, size, args.model_batch or 128)
+        return {}
     rounds = args.rounds or (2 if args.quick else (10 if gpu else 3))
-    warmup = 1
+    warmup = 1 if args.quick or not gpu else 3
+    modes = {"auto": ("eager", "compiled") if gpu else ("eager",), "both": ("eager", "compiled"),
+             "eager": ("eager",), "compiled": ("compiled",)}[args.compile]
     copy_bw = copy_bandwidth(device)
     meta = {"machine": _machine(device), "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
             "warmup": warmup, "copy_bandwidth_gbps": None if copy_bw is None else round(copy_bw / 1e9, 1),
-            "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "optimizer": args.optimizer, "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    started = time.perf_counter()
     ops, models = [], []
     if args.section in ("all", "ops"):
-        for size in args.sizes:
+        for size in sizes:
             # tiny at 224 px: batch 32 on the CPU, 128 on a GPU; micro: the micro recipe's 128
             batch = args.batch or (4 if args.quick else {"tiny": 128 if gpu else 32, "micro": 128}[size])
             print(f"operators: {size}, batch {batch}, {device}, {meta['dtype']}", flush=True)
             ops += operator_rows(size, args.stages, args.ops, batch, device, dtype, rounds, warmup, copy_bw)
     if args.section in ("all", "models"):
-        for size in args.sizes:
+        for size in sizes:
             batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
-            # dwconv is the yardstick of every model's efficiency (samples/s x GMAC relative to it)
-            names = list(dict.fromkeys(["dwconv", *args.models]))
-            names += ["swin_tiny"] if size == "tiny" else []
-            print(f"models: {size}, batch {batch}", flush=True)
+            names = _models_of(args, size)
             # a CPU train step of every model is slow: 2 rounds unless --rounds asks for more
             model_rounds = 1 if args.quick else (args.rounds or (rounds if gpu else 2))
-            models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
-                                 channels_last=args.channels_last, vs_bf16=args.vs_bf16)
+            for mode in modes:
+                compiled = mode == "compiled"
+                workers = args.prewarm if args.prewarm is not None else (4 if gpu else 0)
+                if compiled and workers:
+                    print(f"models: {size}, compiling in {workers} processes first", flush=True)
+                    prewarm(names, size, batch, str(device), args.dtype, args.backend, args.channels_last,
+                            workers)
+                print(f"models: {size}, batch {batch}, {mode}", flush=True)
+                models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
+                                     channels_last=args.channels_last, vs_bf16=args.vs_bf16,
+                                     compiled=compiled, optimizer=args.optimizer)
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
     paths = write_outputs(Path(args.out), ops, models, meta)
     print(paths["markdown"].read_text())
     return {"operators": ops, "models": models, "meta": meta, "paths": paths}
@@ -603,10 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                            "bench.md")
     p.add_argument("--quick", action="store_true", help="small batches and 2 rounds: a smoke run")
     p.add_argument("--section", choices=["all", "ops", "models"], default="all")
-    p.add_argument("--sizes", nargs="+", default=["tiny", "micro"], choices=["micro", "tiny"])
+    p.add_argument("--sizes", nargs="+", choices=["micro", "tiny"],
+                   help="model sizes (default: tiny on a GPU, tiny and micro on the CPU)")
     p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     p.add_argument("--ops", nargs="+", default=list(OPERATORS), choices=list(OPERATORS))
-    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=[*PRESETS, "swin_tiny"])
     p.add_argument("--batch", type=int, help="operator batch (default: 32 CPU / 128 GPU at tiny, 128 micro)")
     p.add_argument("--model-batch", type=int,
                    help="model batch (default: 8 CPU / 128 GPU at tiny, 128 micro)")
@@ -614,14 +734,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--backend", default="fast", choices=["fast", "reference"], help="backend of the models")
+    p.add_argument("--compile", default="auto", choices=["auto", "eager", "compiled", "both"],
+                   help="models eager, through torch.compile, or both (auto: both on a GPU, eager on "
+                        "the CPU)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="the train step's optimizer (adamw: fused on a GPU)")
+    p.add_argument("--prewarm", type=int, help="processes that compile the models before the compiled "
+                   "rounds (default: 4 on a GPU, 0 on the CPU)")
+    p.add_argument("--prewarm-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--vs-bf16", action="store_true", help="also time every model's train step under bf16 "
                    "autocast, interleaved: the train_speedup_bf16 column")
     p.add_argument("--nchw", action="store_true", help="models in NCHW memory (default channels_last, the "
                                                          "fast layout of 1x1 convs on CPU and GPU alike)")
     a = p.parse_args(argv)
-    run(BenchArgs(a.device, a.out, a.quick, a.section, tuple(a.sizes), tuple(a.stages), tuple(a.ops),
-                  tuple(a.models), a.batch, a.model_batch, a.rounds, a.dtype, a.backend,
-                  not a.nchw, a.vs_bf16))
+    run(BenchArgs(a.device, a.out, a.quick, a.section, tuple(a.sizes) if a.sizes else None, tuple(a.stages),
+                  tuple(a.ops), tuple(a.models), a.batch, a.model_batch, a.rounds, a.dtype, a.backend,
+                  not a.nchw, a.vs_bf16, a.compile, a.optimizer, a.prewarm, a.prewarm_only))
     return 0
 
 

@@ -86,7 +86,7 @@ def test_an_explicit_rounds_count_times_the_models_that_many_rounds(tmp_path, ca
     must not silently replace it (one warm-up round, then the timed ones)."""
     assert main(["--device", "cpu", "--section", "models", "--sizes", "micro", "--models", "dwconv",
                  "--model-batch", "2", "--rounds", "3", "--out", str(tmp_path)]) == 0
-    assert "models micro round 4/4" in capsys.readouterr().out
+    assert "models micro eager round 4/4" in capsys.readouterr().out
     assert json.loads((tmp_path / "bench.json").read_text())["meta"]["rounds"] == 3
 
 
@@ -121,3 +121,36 @@ def test_a_forward_only_candidate_is_timed_forward_only():
     result = _time_candidates(cands, torch.device("cpu"), rounds=2, warmup=1)
     assert set(result["conv"]["median"]) == set(PASSES)
     assert set(result["forward only"]["median"]) == {"fwd"} and result["forward only"]["median"]["fwd"] > 0
+
+
+def test_models_compiled_after_a_prewarm_process(tmp_path):
+    """--compile both: eager and compiled rows of each model, timed in one process; the compiled
+    graphs were first built by a prewarm process (inductor's disk cache), which is what keeps a GPU
+    bench of a dozen compiled models within minutes."""
+    assert main(["--device", "cpu", "--quick", "--section", "models", "--sizes", "micro", "--models",
+                 "dwconv", "--compile", "both", "--prewarm", "1", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "models.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["mode"]) for r in rows] == [("ablate_dwconv_micro", "eager"),
+                                                       ("ablate_dwconv_micro", "compiled")]
+    assert rows[0]["compile_s"] == "" and float(rows[1]["compile_s"]) >= 0
+    assert all(float(r["train_samples_per_sec"]) > 0 and float(r["peak_gib"]) > 0 for r in rows)
+
+
+def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
+    """`make gpu-check`'s steps, small and on the CPU (Triton's interpreter, the bench, micro runs,
+    runs sharing the device): the command a GPU session runs works before the GPU is lent."""
+    from ablate import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [s.name for s in gpu_check.steps("cpu", True, tmp_path)]
+    assert all(s["exit"] == 0 for s in report["steps"])
+    results = report["results"]
+    assert all(case["ok"] for case in results["selfcheck float32"]["cases"].values())
+    assert {r["model"] for r in results["bench models"]["models"]} == {"ablate_dwconv_micro",
+                                                                       "ablate_local_attention_micro"}
+    assert results["micro, 2 runs sharing the device"]["completed"] == 2
+    assert [t["target"] for t in report["targets"]] == [t[0] for t in gpu_check.TARGETS]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Targets" in text and "micro run, eager" in text and (tmp_path / "log.txt").stat().st_size > 0

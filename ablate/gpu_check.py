@@ -1,0 +1,295 @@
+"""`python -m ablate.gpu_check` (`make gpu-check`): every check a GPU needs, in one command, one report.
+
+    python -m ablate.gpu_check                        # on a GPU: about 8 minutes
+    python -m ablate.gpu_check --device cpu --quick   # the same steps, small, anywhere (the tests)
+
+Steps, each a command of its own with a time limit (its output goes to log.txt):
+
+1. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
+2. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
+3. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
+   AdamW, eager and compiled, timm's Swin-T beside them in the same process; and the operators of
+   stage 1 (`--section ops`);
+4. micro runs of `python -m ablate.train` (the default model on Fashion-MNIST): eager, compiled with
+   CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib).
+
+It writes `report.md` (and `report.json`, `log.txt`, the bench's files under `bench/`) in --out,
+rewritten after every step, so a check stopped midway keeps what it measured. The report ends with
+the targets: each measured ratio beside the value the project holds the GPU path to.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ablate.errors import run_cli
+
+__all__ = ["TARGETS", "Step", "steps", "targets", "main"]
+
+REPO = Path(__file__).resolve().parent.parent
+# The micro train step's samples/s measured on an H200 before this check existed: the yardstick of
+# "not launch-bound" (a micro run at 4x, or four runs sharing the GPU at 3.5x in all).
+MICRO_BEFORE = 4648.0
+
+
+@dataclass
+class Step:
+    """One command of the check; `read` turns its output folder into the report's numbers."""
+
+    name: str
+    argv: list[str]
+    timeout_s: int
+    env: dict[str, str] = field(default_factory=dict)
+    read: Callable[[Path, str], dict[str, Any]] | None = None
+
+
+def _pytest_counts(_folder: Path, output: str) -> dict[str, Any]:
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
+    return {"pytest": counts}
+
+
+def _selfcheck_errors(_folder: Path, output: str) -> dict[str, Any]:
+    cases = re.findall(r"^(.+?)\s+max relative error (\S+) (ok|FAIL)$", output, re.M)
+    return {"cases": {name.strip(): {"error": float(err), "ok": ok == "ok"} for name, err, ok in cases}}
+
+
+def _bench_rows(folder: Path, _output: str) -> dict[str, Any]:
+    record = json.loads((folder / "bench.json").read_text())
+    return {"models": record["models"], "operators": record["operators"],
+            "bench_wall_s": record["meta"]["wall_s"]}
+
+
+def _run_rates(folder: Path, _output: str) -> dict[str, Any]:
+    """Every results.json under the run's folder: the train samples/s of each run (epochs after the
+    first: the trainer's own figure), and their sum (runs that shared the GPU)."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.rglob("results.json"))]
+    rates = [r.get("train_samples_per_s") for r in runs if r.get("status") == "completed"]
+    return {"runs": len(runs), "completed": len(rates), "samples_per_s": rates,
+            "total_samples_per_s": sum(rates) if rates else None,
+            "test_top1": [r.get("final_test_top1") for r in runs]}
+
+
+def steps(device: str, quick: bool, work: Path) -> list[Step]:
+    py = sys.executable
+    gpu = device.startswith("cuda")
+    train = [py, "-m", "ablate.train", f"trainer.device={device}", "logger=none", "trainer.quiet=true"]
+    train += (["schedule.epochs=2", "data.train_subset=1000", "data.val_size=500", "data.test_subset=500"]
+              if quick else ["schedule.epochs=3"])
+    bench = [py, "-m", "ablate.bench", "--device", device]
+    if quick:
+        bench_models = [*bench, "--quick", "--section", "models", "--sizes", "micro", "--compile", "eager",
+                        "--models", "dwconv", "local_attention"]
+        bench_ops = [*bench, "--quick", "--section", "ops", "--sizes", "micro", "--stages", "1"]
+    else:
+        bench_models = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "both"]
+        bench_ops = [*bench, "--section", "ops", "--sizes", "tiny", "--stages", "1", "--rounds", "5"]
+    interpret = {} if gpu else {"TRITON_INTERPRET": "1"}
+    selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
+    share = 2 if quick else 4
+    listed = [
+        Step("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+             150, read=_pytest_counts),
+        Step("selfcheck float32", selfcheck, 90, env=interpret, read=_selfcheck_errors),
+        Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
+             read=_selfcheck_errors),
+        Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
+        Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 60, read=_bench_rows),
+        Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
+        Step(f"micro, {share} runs sharing the device",
+             [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
+              "trainer.seed=" + ",".join(str(s) for s in range(share)),
+              f"trainer.results_root={work / 'share'}"], 120, read=_run_rates),
+    ]
+    if not quick:  # CUDA graphs are a GPU's; on the CPU compile time would dwarf the quick check
+        listed.insert(6, Step("micro run, compiled (CUDA graphs)",
+                              [*train, "trainer.compile=reduce-overhead",
+                               f"trainer.results_root={work / 'graphs'}"], 150, read=_run_rates))
+    return listed
+
+
+# (what, how it is computed from the report's numbers, the target it is held to)
+TARGETS = [
+    ("local_attention train img/s / timm Swin-T's, eager", ">=", 1.0),
+    ("local_attention train img/s / timm Swin-T's, compiled", ">=", 1.0),
+    ("lowest efficiency vs dwconv of any preset, eager", ">=", 0.8),
+    ("dwconv compiled train img/s / compiled timm Swin-T's", ">=", 1.1),
+    ("neighborhood_attention train step / local_attention's, eager", "<=", 1.3),
+    ("micro run train img/s / 4648 (before), best single run", ">=", 4.0),
+    ("micro runs sharing the device, img/s in all / 4648", ">=", 3.5),
+]
+
+
+def _model(rows: list[dict], name: str, mode: str) -> dict | None:
+    wanted = name if name == "swin_tiny" else f"ablate_{name}_tiny"
+    return next((r for r in rows if r["model"] == wanted and r.get("mode") == mode), None)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value (None where its step did not run or failed)."""
+    rows = results.get("bench models", {}).get("models", [])
+
+    def ratio(a, b, key="train_samples_per_sec"):
+        return round(a[key] / b[key], 3) if a and b and a.get(key) and b.get(key) else None
+
+    eager_eff = [r["efficiency_vs_dwconv"] for r in rows if r.get("mode") == "eager"
+                 and r["model"] != "swin_tiny" and r.get("efficiency_vs_dwconv") is not None]
+    nat, la = _model(rows, "neighborhood_attention", "eager"), _model(rows, "local_attention", "eager")
+    singles = [results.get(k, {}).get("total_samples_per_s") for k in
+               ("micro run, eager", "micro run, compiled (CUDA graphs)")]
+    singles = [s for s in singles if s]
+    shared = next((v.get("total_samples_per_s") for k, v in results.items()
+                   if k.endswith("sharing the device")), None)
+    values = [
+        ratio(la, _model(rows, "swin_tiny", "eager")),
+        ratio(_model(rows, "local_attention", "compiled"), _model(rows, "swin_tiny", "compiled")),
+        min(eager_eff) if eager_eff else None,
+        ratio(_model(rows, "dwconv", "compiled"), _model(rows, "swin_tiny", "compiled")),
+        ratio(nat, la, "train_step_time"),
+        round(max(singles) / MICRO_BEFORE, 2) if singles else None,
+        round(shared / MICRO_BEFORE, 2) if shared else None,
+    ]
+    out = []
+    for (what, op, target), value in zip(TARGETS, values):
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"target": what, "value": value, "goal": f"{op} {target}", "met": met})
+    return out
+
+
+def _environment(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device}
+    for package in ("triton", "timm"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> str:
+    lines = ["# GPU check", "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             "| step | exit | seconds | result |", "|---|---:|---:|---|"]
+    for entry in log:
+        lines.append(f"| {entry['step']} | {entry['exit']} | {entry['seconds']:.0f} | {entry['summary']} |")
+    models = results.get("bench models", {}).get("models", [])
+    if models:
+        cols = ("model", "mode", "train_samples_per_sec", "train_vs_swin_tiny", "gmac",
+                "efficiency_vs_dwconv", "peak_gib", "compile_s", "train_step_time")
+        lines += ["", "## Models (train step, samples/s)", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
+                  for r in models]
+    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---|---|"]
+    for g in goals:
+        met = "not measured" if g["met"] is None else ("yes" if g["met"] else "no")
+        lines.append(f"| {g['target']} | {'' if g['value'] is None else g['value']} | {g['goal']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _summary(name: str, numbers: dict[str, Any]) -> str:
+    if "pytest" in numbers:
+        return ", ".join(f"{n} {k}" for k, n in numbers["pytest"].items())
+    if "cases" in numbers:
+        bad = [c for c, v in numbers["cases"].items() if not v["ok"]]
+        worst = max((v["error"] for v in numbers["cases"].values()), default=None)
+        return f"{len(numbers['cases'])} cases, largest relative error {worst:.1e}" + (
+            f", failing: {', '.join(bad)}" if bad else "")
+    if "models" in numbers:
+        return f"{len(numbers['models'])} model rows, {len(numbers['operators'])} operator rows"
+    if "runs" in numbers:
+        rates = ", ".join(f"{r:.0f}" for r in numbers["samples_per_s"])
+        return f"{numbers['completed']}/{numbers['runs']} runs completed; train img/s {rates}"
+    return ""
+
+
+def check(device: str, out: Path, quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = _environment(device)
+    log: list[dict] = []
+    results: dict[str, Any] = {}
+    logfile = out / "log.txt"
+    logfile.write_text("")
+    with tempfile.TemporaryDirectory(prefix="ablate-gpu-check-") as tmp:
+        for step in steps(device, quick, Path(tmp)):
+            if only and not any(o in step.name for o in only):
+                continue
+            print(f"gpu-check: {step.name} ...", flush=True)
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(step.argv, cwd=REPO, capture_output=True, text=True,
+                                      timeout=step.timeout_s, env={**os.environ, **step.env})
+                code, output = done.returncode, done.stdout + done.stderr
+            except subprocess.TimeoutExpired as err:
+                code = "timeout"
+                output = "".join((part or b"").decode(errors="replace") for part in (err.stdout, err.stderr))
+            seconds = time.perf_counter() - started
+            with logfile.open("a") as f:
+                f.write(f"\n===== {step.name} (exit {code}, {seconds:.0f} s): {' '.join(step.argv)}\n")
+                f.write(output)
+            numbers: dict[str, Any] = {}
+            if step.read is not None:
+                try:
+                    numbers = step.read(Path(tmp) / _folder_of(step), output)
+                except (OSError, ValueError, KeyError) as err:
+                    numbers = {"unreadable": f"{type(err).__name__}: {err}"}
+            if step.name.startswith("bench") and (Path(tmp) / _folder_of(step)).is_dir():
+                for f in ("bench.md", "bench.json"):
+                    src = Path(tmp) / _folder_of(step) / f
+                    if src.is_file():
+                        target = out / _folder_of(step) / f
+                        target.parent.mkdir(exist_ok=True)
+                        target.write_text(src.read_text())
+            results[step.name] = numbers
+            summary = numbers.get("unreadable") or _summary(step.name, numbers)
+            log.append({"step": step.name, "exit": code, "seconds": seconds, "summary": summary})
+            print(f"gpu-check: {step.name}: exit {code} in {seconds:.0f} s; {summary}", flush=True)
+            goals = targets(results)
+            (out / "report.json").write_text(json.dumps(
+                {"environment": env, "steps": log, "results": results, "targets": goals}, indent=1))
+            (out / "report.md").write_text(_markdown(env, log, results, goals))
+    print((out / "report.md").read_text())
+    return {"steps": log, "results": results, "targets": targets(results)}
+
+
+def _folder_of(step: Step) -> str:
+    """The folder a step writes under the check's temporary folder (its --out or results root)."""
+    for arg in step.argv:
+        if arg.startswith("trainer.results_root="):
+            return Path(arg.split("=", 1)[1]).name
+    if "--out" in step.argv:
+        return Path(step.argv[step.argv.index("--out") + 1]).name
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ablate.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (the steps' plumbing, small)")
+    p.add_argument("--out", default="reports/gpu-check", help="folder for report.md, report.json, log.txt")
+    p.add_argument("--quick", action="store_true", help="small versions of every step")
+    p.add_argument("--only", nargs="+", help="run the steps whose names contain one of these words")
+    a = p.parse_args(argv)
+    done = check(a.device, Path(a.out), a.quick, a.only)
+    failed = [s["step"] for s in done["steps"] if s["exit"] != 0]
+    if failed:
+        print(f"gpu-check: {len(failed)} step(s) did not finish cleanly: {', '.join(failed)} (log.txt)",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
