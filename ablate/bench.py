@@ -337,7 +337,57 @@ def _attention_candidates(n, c, res, shifted, k, device, dtype, seed) -> list[Ca
             Candidate("ablate fast channels_last", ours("fast", channels_last=True))]
 
 
-OPERATORS = ("dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention")
+def _natten_candidate(n, c, res, k, device, dtype, seed) -> Candidate | None:
+    """NATTEN's `na2d` (the field's neighbourhood attention) on q, k, v of the same shapes, where
+    `import natten` works. A speed reference, not an output one: NATTEN keeps a K x K window inside
+    the map at its border, ablate cuts the centred neighbourhood there (zero-padded convolution's
+    neighbourhood); the two agree at every position farther than K // 2 from the border."""
+    try:
+        from natten.functional import na2d
+    except ImportError:
+        return None
+    heads, (h, w) = c // 32, res
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q, kk, v = (torch.randn(n, h, w, heads, 32, generator=gen).to(device, dtype) for _ in range(3))
+
+    # on the CPU NATTEN runs on FlexAttention, which refuses inputs that need a gradient there
+    backward = device.type == "cuda"
+
+    def setup():
+        qi, ki, vi = (_leaf(t) if backward else t for t in (q, kk, v))
+        return (lambda: na2d(qi, ki, vi, kernel_size=k)), [qi], [ki, vi]
+
+    return Candidate("NATTEN na2d (q, k, v only)", setup, passes=PASSES if backward else ("fwd",))
+
+
+def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candidate]:
+    """An operator of the attention and per-position families with the Swin block's projections:
+    the reference against the fast path (FlexAttention on a GPU for neighbourhood and global
+    attention; the native kernels on the CPU), and NATTEN for neighbourhood attention."""
+    from ablate.models.blocks import pointwise
+
+    spec = PRESETS[preset].at_window(k)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, c, *res, generator=gen).to(device, dtype)
+    cpg = 32 if spec.dynamic.kind == "attention" else 1
+
+    def ours(backend):
+        def setup():
+            mixer = SpatialMixer(spec, c, res, cpg, backend=backend).to(device, dtype)
+            proj = pointwise(c, c).to(device, dtype).to(memory_format=torch.channels_last)
+            xi = _leaf(x.contiguous(memory_format=torch.channels_last))
+            return (lambda: mixer(xi, value_proj=proj)), [xi], [*mixer.parameters(), *proj.parameters()]
+        return setup
+
+    cands = [Candidate("ablate reference", ours("reference"), baseline=True),
+             Candidate("ablate fast", ours("fast"))]
+    if preset == "neighborhood_attention":
+        cands += [c_ for c_ in [_natten_candidate(n, c, res, k, device, dtype, seed)] if c_ is not None]
+    return cands
+
+
+OPERATORS = ("dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention", "locally_connected",
+             "neighborhood_attention", "global_attention")
 
 
 def _bytes_moved(kind: str, x: torch.Tensor, wt: torch.Tensor) -> dict[str, int]:
@@ -356,11 +406,14 @@ def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: i
         c, (h, w) = widths[s - 1], sizes[s - 1]
         for op in ops:
             kind = {"dwconv": "static", "dynamic_dwconv": "homogeneous", "idynamic_dwconv": "inhomogeneous",
-                    "local_attention": "attention"}[op]
+                    "local_attention": "attention"}.get(op, "mixer")
+            if kind in ("attention", "mixer") and PRESETS[op].spec.dynamic.kind == "attention" and c % 32:
+                continue
             if kind == "attention":
-                if c % 32:
-                    continue
                 cands = _attention_candidates(batch, c, (h, w), True, dims.window, device, dtype, s)
+                moved = {}
+            elif kind == "mixer":
+                cands = _mixer_candidates(op, batch, c, (h, w), dims.window, device, dtype, s)
                 moved = {}
             else:
                 groups = 32 if c % 32 == 0 else c

@@ -468,3 +468,35 @@ def test_gpu_fast_mixer_matches_reference(preset, true_float32):
     static = preset in ("dwconv", "locally_connected")
     context = None if static else context  # static weights: no context to differentiate
     _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)
+
+
+# bf16 storage with fp32 accumulation: the largest error relative to the largest value, against the
+# float32 reference (bf16 has an 8-bit mantissa: 3.9e-3 per rounding, a few roundings per path)
+BF16_TOLERANCE = 3e-2
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
+                                    "local_attention", "neighborhood_attention", "global_attention"])
+def test_gpu_fast_mixer_in_bf16_within_its_tolerance(preset, true_float32):
+    """The fast paths as training runs them on a GPU (bf16 autocast, channels_last) against the
+    reference in float32: forward and every gradient within BF16_TOLERANCE."""
+    spec = PRESETS[preset].spec
+    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "locally_connected": 1}.get(preset, 32)
+    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
+    fast, ref = fast.cuda(), ref.cuda()
+    x, context = (t.cuda().contiguous(memory_format=torch.channels_last) for t in _inputs(4, 64, 14, 14))
+    gy = torch.randn(4, 64, 14, 14, device="cuda")
+    static = preset in ("dwconv", "locally_connected")
+    outs = []
+    for mixer, autocast in ((fast, True), (ref, False)):
+        xi = x.clone().requires_grad_(True)
+        ci = None if static else context.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = mixer(xi, context=ci)
+        leaves = [xi, *([ci] if ci is not None else []), *mixer.parameters()]
+        outs.append((y.float(), *torch.autograd.grad(y.float(), leaves, gy)))
+    for got, want in zip(*outs):
+        error = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        assert error < BF16_TOLERANCE, error
