@@ -6,11 +6,13 @@
 | homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | the reference |
 | inhomogeneous dynamic, locally connected | native loops (sliding.c), compiled if large | Triton |
 | I-D-DW conv, one channel per group | weights never materialised (predicted.py) | Triton |
-| neighbourhood attention (logits, aggregation) | native loops (sliding.c) | the reference |
-| window attention (local, global) | SDPA; training with a learned bias: chunks | SDPA |
+| neighbourhood attention | native loops (sliding.c) for logits and aggregation | FlexAttention |
+| window attention (local) | SDPA; training with a learned bias: chunks | SDPA |
+| global attention (one window of >= 128 tokens) | as window attention | FlexAttention |
 
 `aggregate` and `fused_forward` return None where no fast path applies; the caller then runs the
-reference. Every fast path is checked against its reference in tests/test_fast_paths.py.
+reference. Every fast path is checked against its reference in tests/test_fast_paths.py. The native
+and Triton kernels are torch.library operators, so a compiled model keeps them as single calls.
 
 On a GPU the choice follows `python -m ablate.bench --device cuda --section ops` (H200, bf16, batch 128,
 tiny stages 1-2, forward + backward): static depth-wise, cuDNN channels_last 1.3 ms against the Triton
