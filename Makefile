@@ -79,8 +79,9 @@ test: install ## run the test suite (fast tests; GPU tests skip without a GPU)
 test-all: install ## run every test, the slow end-to-end ones included
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m ''
 
-lint: install ## check style with ruff
+lint: install ## check style (ruff) and the layers of docs/DESIGN.md (import-linter, pyproject.toml)
 	$(VENV)/bin/ruff check ablate analysis tests
+	$(VENV)/bin/lint-imports
 
 measure: install ## params and GMAC of the paper's models: make measure MODEL=tiny
 	$(PY) -m ablate.measure -m operator=local_attention,dwconv,dynamic_dwconv,idynamic_dwconv model=$(or $(MODEL),tiny)

@@ -17,12 +17,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ablate.data.config import DataConf
 from ablate.models.backbone import AblateNet
-from ablate.ops.backend import apply_backend
+from ablate.ops.mixer import apply_backend
+from ablate.schema import validate_config
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
 __all__ = ["CONF_DIR", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig", "spec_from_cfg",
-           "build_model", "operator_label"]
+           "build_model", "operator_label", "check_train_config"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -162,6 +163,7 @@ class TrainerConf:
     quiet: bool = False           # no progress bars (launchers)
     inference_batches: int = 5    # batches timed for the inference samples/s
     test_every_epoch: bool = True  # false: the test split after the last epoch only (best_test_*: null)
+    rerun_other_code: bool = False  # true: a run finished by other code is trained again beside it
     distributed: bool = False     # DDP under torchrun (trainer=ddp); data.batch_size is per process
     backend: str = "auto"         # auto: nccl on GPUs, gloo on CPUs
     sync_bn: bool = True          # under DDP: BatchNorm statistics over the global batch
@@ -189,6 +191,11 @@ class TrainConfig(ModelSideConfig):
 
 ConfigStore.instance().store(name="measure_schema", node=MeasureConfig)
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Every field of a composed training config in its range (ablate/schema.py), or ConfigError."""
+    validate_config(cfg, TrainConfig)
 
 
 def _plain(value):

@@ -1,40 +1,35 @@
-"""One error path for every entry point: what a user must change, in a few lines, with one exit code.
+"""What every layer raises and how a process stops: the bottom of the package (it imports nothing of it).
 
-Every command (`python -m ablate.train`, single run and sweep, `ablate.measure`, `ablate.bench`,
-`ablate.reliability`, `analysis.report`) runs its main function through `run_cli`, which turns
+- `BadInput` and its kinds: input the user must change (a setting, a file, a path); the message says
+  what. Each layer raises its own kind (ConfigError here; InvalidOperatorError, DataError,
+  CheckpointError, ... where they are decided); `ablate.cli` turns every one into exit 2.
+- `Interrupted`: SIGINT or SIGTERM inside `signals_raise`; `signals_deferred` holds them back while
+  writes that belong together happen; `stop_children` ends the processes a command started.
 
-- bad input (BadInput and its kinds, Hydra's and OmegaConf's composition errors, a YAML file that
-  does not parse, a path that cannot be read or written) into `error: <what and what to change>`
-  and exit 2 - the same in a single run and in a sweep, since both meet the same exception here;
-- SIGINT / SIGTERM into one line and exit 130 / 143, after stopping every process the command
-  started (joblib or submitit_local workers), so none trains on as an orphan;
-- anything else (a bug) into its traceback and exit 1.
-
-ABLATE_TRACEBACK=1 (or Hydra's HYDRA_FULL_ERROR=1) prints the full traceback of bad input too.
+`EXIT_CODES` are the exit statuses of every command.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
-__all__ = ["EXIT_CODES", "BadInput", "Interrupted", "explain", "run_cli", "signals_deferred", "signals_raise",
+__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "signals_deferred", "signals_raise",
            "stop_children"]
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4,
               "interrupted": 128 + signal.SIGINT, "terminated": 128 + signal.SIGTERM}
-TRACEBACK_ENV = "ABLATE_TRACEBACK"
 
 
 class BadInput(Exception):
     """Input the user must change (a setting, a file, a path); the message says what."""
+
+
+class ConfigError(BadInput, ValueError):
+    """Config values out of range or in conflict: every one named, with what to set instead."""
 
 
 class Interrupted(BaseException):
@@ -135,160 +130,3 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def _hydra_message(err: BaseException) -> str | None:
-    try:
-        from hydra.errors import HydraException, InstantiationException
-        from omegaconf.errors import OmegaConfBaseException
-    except ImportError:  # pragma: no cover - both are dependencies
-        return None
-    if isinstance(err, InstantiationException) and isinstance(err.__cause__, (ValueError, TypeError)):
-        # a plugin's constructor refused its settings (e.g. hydra.sweeper.tune): its own words
-        where = [line.strip() for line in str(err).splitlines() if line.strip().startswith("full_key:")]
-        inner = explain(err.__cause__) or str(err.__cause__)
-        return inner + (f" ({where[0]})" if where else "")
-    if isinstance(err, InstantiationException):
-        return None  # a plugin's constructor failed otherwise: a bug, shown with its traceback
-    if isinstance(err, HydraException):
-        text = str(err)
-        if isinstance(err.__cause__, OmegaConfBaseException):
-            text += "\n" + str(err.__cause__)
-        elif err.__cause__ is not None and _yaml_message(err.__cause__):
-            text += "\n" + _yaml_message(err.__cause__)
-        return _compact(text)
-    if isinstance(err, OmegaConfBaseException):
-        return _compact(str(err))
-    return None
-
-
-def _compact(hydra_text: str) -> str:
-    """Hydra's message without its config search path, its list of options on one line."""
-    lines = hydra_text.strip().splitlines()
-    if "Config search path:" in lines:
-        lines = lines[:lines.index("Config search path:")]
-    kept, options, group = [], [], None
-    for line in lines:
-        found = re.match(r"Available options in '(.+)':", line)
-        if found:
-            group = found.group(1)
-        elif re.match(r"\s*(reference_type|object_type)=", line) or line.startswith("To append to your"):
-            continue  # the schema's class names and a hint that a structured config refuses
-        elif group and line.startswith("\t"):
-            options.append(line.strip())
-        elif line.strip():
-            kept.append(line.strip())
-    text = "\n".join(kept)
-    unknown = re.search(r"full_key: (\S+)", text)
-    if unknown and "not in" in text:
-        text += _nearest_keys(unknown.group(1))
-    if options:
-        text += f"\nThe options of {group}: {', '.join(options)} (e.g. {group}={options[0]})."
-    return text
-
-
-def _nearest_keys(full_key: str) -> str:
-    """" Did you mean ...?" for a misspelt key of the training schema (else nothing)."""
-    import difflib
-
-    try:
-        from ablate.config import TrainConfig
-        from ablate.schema import schema_fields
-    except ImportError:  # pragma: no cover
-        return ""
-    parent, _, name = full_key.rpartition(".")
-    siblings = [key.rpartition(".")[2] for key, _ in schema_fields(TrainConfig)
-                if key.rpartition(".")[0] == parent]
-    near = difflib.get_close_matches(name, siblings, n=2)
-    return "\nDid you mean " + " or ".join(f"{parent + '.' if parent else ''}{n}" for n in near) + "?" \
-        if near else ""
-
-
-def _yaml_message(err: BaseException) -> str | None:
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(err, yaml.YAMLError):
-        return None
-    mark = getattr(err, "problem_mark", None)
-    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a YAML file"
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{where} is not valid YAML: {problem}. Fix the file there."
-
-
-def _os_message(err: OSError) -> str | None:
-    if err.filename is None and err.errno is None:
-        return None
-    if err.filename is None and (err.strerror or "").rstrip().endswith("."):
-        return err.strerror  # a sentence of ours that already says what to change
-    path = f" {err.filename}" if err.filename else ""
-    reason = err.strerror or type(err).__name__
-    fix = {
-        "PermissionError": "choose a folder you can write (e.g. --out or trainer.results_root=) or "
-                           "change its permissions",
-        "FileNotFoundError": "check the path",
-        "IsADirectoryError": "give a file, not a folder",
-        "NotADirectoryError": "a part of the path is a file: give a folder",
-    }.get(type(err).__name__, "check the path, its permissions and the free space")
-    if err.errno == 30:  # EROFS
-        fix = "the file system is read-only: choose a writable folder"
-    elif err.errno == 28:  # ENOSPC
-        fix = "the disk is full: free space or choose another folder"
-    return f"{reason}:{path}. {fix[0].upper()}{fix[1:]}."
-
-
-def explain(err: BaseException) -> str | None:
-    """The message of an error the user fixes by changing input; None for anything else (a bug)."""
-    if isinstance(err, BadInput):
-        return str(err)
-    message = _hydra_message(err) or _yaml_message(err)
-    if message:
-        return message
-    if isinstance(err, OSError):
-        return _os_message(err)
-    return None
-
-
-def run_cli(main: Callable[[], int | None], hydra_app: bool = False) -> NoReturn:
-    """Run an entry point's main function through the one error path and exit with its code.
-
-    `hydra_app`: main is a @hydra.main function. Hydra then raises what it would print (its
-    HYDRA_FULL_ERROR mode, for this call only), so its errors meet the same path as ours.
-    """
-    full = os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
-    saved = os.environ.get("HYDRA_FULL_ERROR")
-    if hydra_app:
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        with signals_raise():
-            code = main()
-    except SystemExit:
-        raise
-    except Interrupted as stop:
-        with signals_raise():  # a second Ctrl-C while stopping workers does not leave them running
-            stopped = stop_children()
-        extra = f" ({stopped} worker processes stopped)" if stopped else ""
-        print(f"{stop.message}{extra}", file=sys.stderr, flush=True)
-        sys.exit(stop.code)
-    except KeyboardInterrupt:  # raised by code that replaced our handler
-        stop_children()
-        print("interrupted; the same command resumes", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODES["interrupted"])
-    except Exception as err:  # noqa: BLE001  the one place that decides what a user sees
-        message = explain(err)
-        if message is None or full:
-            traceback.print_exc()
-        if message is None:
-            sys.exit(EXIT_CODES["failed"])
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if not full:
-            print(f"(the full traceback: {TRACEBACK_ENV}=1)", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODES["bad input"])
-    finally:
-        if hydra_app:
-            if saved is None:
-                os.environ.pop("HYDRA_FULL_ERROR", None)
-            else:
-                os.environ["HYDRA_FULL_ERROR"] = saved
-    sys.exit(code or 0)

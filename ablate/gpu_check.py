@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate.errors import run_cli
+from ablate.cli import run_cli
 
 __all__ = ["TARGETS", "Step", "steps", "targets", "main"]
 

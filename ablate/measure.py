@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 import ablate  # noqa: F401  (registers the operator options)
+from ablate.cli import run_cli
 from ablate.config import CONF_DIR, MeasureConfig, build_model, operator_label
-from ablate.errors import run_cli
 from ablate.schema import MEASURE_RULES, validate_config
 
 __all__ = ["measure"]

@@ -16,7 +16,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ablate.schema import ConfigError
+from ablate.errors import ConfigError
 
 __all__ = ["Recipe", "build_recipe", "check_recipe", "scaled_lr"]
 

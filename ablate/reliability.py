@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from ablate.errors import run_cli
+from ablate.cli import run_cli
 
 __all__ = ["BAD_INPUTS", "BadInput", "Figures", "run_bad_input", "run_table", "main"]
 
@@ -181,7 +181,7 @@ def _compose(overrides: list[str]):
 
 
 def _run_folder(overrides: list[str]) -> Path:
-    from ablate.train import run_folder
+    from ablate.runs import run_folder
 
     return run_folder(_compose(overrides))
 

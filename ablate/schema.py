@@ -8,7 +8,11 @@ and raises one ConfigError listing every wrong value with what to set instead.
 
 Relations between fields (warmup shorter than training, an image size that is a multiple of the
 patch, an operator valid at the model's widths and maps) are checked by the code that owns them
-(ablate.recipe, ablate.models, ablate.space.rules), through the same error path (ablate.errors).
+(ablate.recipe, ablate.models, ablate.space.rules), through the same error path (ablate.cli).
+
+It knows field names, not the config's classes: callers pass the dataclass to check against (so
+the data layer checks its own fields here without importing the whole config), and a field typed by
+an Enum is checked against that Enum, read from the field's own annotation.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import dataclasses
 import enum
 import math
 import re
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +28,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from ablate.errors import BadInput
+from ablate.errors import ConfigError
 
 __all__ = ["ConfigError", "Rule", "Number", "Choice", "Text", "Flag", "FlagOr", "COMPILE_MODES", "Pattern",
            "Numbers", "Texts", "Mapping", "Enumerated", "RULES", "MEASURE_RULES", "schema_fields",
            "validate_config"]
-
-
-class ConfigError(BadInput, ValueError):
-    """Config values out of range: every one named, with what to set instead."""
 
 
 class Rule:
@@ -206,13 +207,6 @@ class Mapping(Rule):
         return None if ok else "must be a mapping of names to values"
 
 
-def _enums() -> dict[str, type[enum.Enum]]:
-    from ablate import config
-
-    return {"connectivity.kind": config.ConnectivityKind, "sharing.spatial": config.SpatialSharing,
-            "block.style": config.BlockStyle, "model.size": config.SizeName}
-
-
 POSITIVE_INT = Number(low=1, integer=True)
 COUNT = Number(low=0, integer=True)
 PROBABILITY = Number(low=0, high=1)
@@ -299,6 +293,7 @@ RULES: dict[str, Rule] = {
     "trainer.run_name": Text(nullable=True, what="a folder name"),
     "trainer.quiet": Flag(),
     "trainer.test_every_epoch": Flag(),
+    "trainer.rerun_other_code": Flag(),
     "trainer.inference_batches": COUNT,
     "trainer.distributed": Flag(),
     "trainer.backend": Choice(("auto", "nccl", "gloo")),
@@ -331,11 +326,21 @@ def schema_fields(schema: type, prefix: str = "") -> Iterator[tuple[str, datacla
             yield key, f
 
 
+def _enum_type(schema: type, key: str) -> type[enum.Enum] | None:
+    """The Enum a field of `schema` (dotted key below it) is typed by, from its annotation."""
+    owner, *path = [schema, *key.split(".")]
+    for name in path[:-1]:
+        field = next(f for f in dataclasses.fields(owner) if f.name == name)
+        owner = type(field.default_factory())
+    hint = typing.get_type_hints(owner).get(path[-1])
+    return hint if isinstance(hint, type) and issubclass(hint, enum.Enum) else None
+
+
 def _rules_for(schema: type, rules: dict[str, Rule], prefix: str = "") -> dict[str, Rule]:
-    enums = _enums()
     out = {}
     for key, _ in schema_fields(schema, prefix):
-        rule = rules.get(key) or (Enumerated(enums[key]) if key in enums else None)
+        kind = _enum_type(schema, key[len(prefix):])
+        rule = rules.get(key) or (Enumerated(kind) if kind is not None else None)
         if rule is None:
             raise LookupError(f"the schema field {key} has no rule in ablate/schema.py: add one to RULES")
         out[key[len(prefix):]] = rule
@@ -383,14 +388,11 @@ def config_problems(cfg: DictConfig, schema: type, rules: dict[str, Rule], prefi
     return problems
 
 
-def validate_config(cfg: DictConfig, schema: type | None = None, rules: dict[str, Rule] | None = None,
+def validate_config(cfg: DictConfig, schema: type, rules: dict[str, Rule] | None = None,
                     prefix: str = "") -> None:
-    """Raise ConfigError naming every field of `cfg` outside its range (default: the training schema).
-    `prefix`: `cfg` is the part of the config under it (e.g. "data." for a DataConf)."""
-    if schema is None:
-        from ablate.config import TrainConfig
-
-        schema = TrainConfig
+    """Raise ConfigError naming every field of `cfg` outside its range; `schema` is the dataclass
+    `cfg` follows (ablate.config.TrainConfig for a training config). `prefix`: `cfg` is the part of
+    the config under it (e.g. "data." for a DataConf)."""
     problems = config_problems(cfg, schema, RULES if rules is None else rules, prefix)
     if problems:
         raise ConfigError(_joined(problems))

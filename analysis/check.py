@@ -107,11 +107,11 @@ def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, key
 
 
 def check_tables(results_dir: str | Path, report_dir: str | Path,
-                 claims_file: str | Path = CLAIMS_FILE) -> int:
+                 claims_file: str | Path = CLAIMS_FILE, code: str = "separate") -> int:
     """Every number of comparison, axis_effects and claims (.csv and .md) in `report_dir`, recomputed
-    from the runs under `results_dir` (the claims from `claims_file`); returns how many were checked,
-    raises TableMismatch at the first miss."""
-    _, runs, tuning = report_runs(results_dir)  # as the report: a tuned sweep's chosen runs
+    from the runs under `results_dir` (the claims from `claims_file`, code versions as `code` says);
+    returns how many were checked, raises TableMismatch at the first miss."""
+    _, runs, tuning = report_runs(results_dir, code)  # as the report: a tuned sweep's chosen runs
     free = (tuning["setting"],) if tuning else ()
     report_dir = Path(report_dir)
     checked = _check("comparison", comparison_table(runs), report_dir / "comparison.csv",

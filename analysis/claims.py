@@ -144,8 +144,8 @@ def _preset_settings(preset: str) -> tuple[tuple[str, str], ...]:
     from hydra.core.global_hydra import GlobalHydra
 
     from ablate.config import CONF_DIR
+    from ablate.runs import run_identity
     from ablate.tracking.identity import experiment_of, flatten
-    from ablate.train import run_identity
 
     overrides = [f"operator={preset}"]
     if GlobalHydra.instance().is_initialized():

@@ -14,6 +14,7 @@ every table leaves out and the report lists.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ablate.tracking.code import short
 from ablate.tracking.identity import experiment_key, experiment_of, flatten, identity_from_config
 from ablate.tracking.store import parse_record
 from analysis.axes import AXIS_COLUMNS, is_missing
+from analysis.code_versions import by_code_version
 
 __all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "row_from_record", "runs_frame",
            "load_runs", "read_record", "record_problems", "completed", "unreadable",
@@ -32,13 +35,14 @@ __all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "row_f
 UNREADABLE = "unreadable"  # the status of a row made from a record that cannot be trusted
 
 _DESCRIBING = ("sweep", "run", "status", "preset", "operator", "block", *AXIS_COLUMNS, "model", "data",
-               "seed", "experiment", "settings")
+               "seed", "experiment", "settings", "code")
 _RESULTS = ("cpg", "epochs", "epochs_done", "train_size", "val_size", "test_size", "img_size",
             "num_classes", "batch_size", "lr", "params", "params_m", "gmac", "train_samples_per_s",
             "inference_samples_per_s", "peak_memory_mb", "wall_time_s", "best_epoch",
             "best_val_top1", "best_val_top5", "best_test_top1", "best_test_top5",
             "final_val_top1", "final_val_top5", "final_test_top1", "final_test_top5")
-_EXPLAINING = ("reason", "rule", "error", "git_commit", "path")
+_EXPLAINING = ("reason", "rule", "error", "git_commit", "path", "code_fingerprint", "recorded_at",
+               "recorded_experiment")
 
 # What a record must hold to be used, and of which type: every record names its run; a completed one
 # also carries what the tables and figures read. Fields of _RESULTS that are present must be numbers
@@ -160,6 +164,10 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
     if isinstance(identity, Mapping):
         row["settings"] = flatten(experiment_of(identity))
         row["experiment"] = record.get("experiment") or experiment_key(identity)
+    row["recorded_experiment"] = row["experiment"]  # kept as recorded whatever the code mode makes of it
+    code = record.get("code") if isinstance(record.get("code"), Mapping) else None
+    row["code"], row["code_fingerprint"] = short(code), (code or {}).get("fingerprint")
+    row["recorded_at"] = record.get("finished_at")
     row["path"] = path if path is not None else record.get("path")
     return row
 
@@ -188,12 +196,13 @@ def _result_files(folder: Path):
             yield Path(root) / "results.json"
 
 
-def load_runs(*folders: str | os.PathLike) -> pd.DataFrame:
+def load_runs(*folders: str | os.PathLike, code: str = "separate") -> pd.DataFrame:
     """Every run under `folders` (searched recursively, dot-folders skipped): one row per results.json.
 
     A record that cannot be used is a row with status `unreadable` and the reason (`reason`), left
     out of every table by `completed`. Raises FileNotFoundError for a folder that does not exist, so
-    that a typo is not an empty table.
+    that a typo is not an empty table. `code` says what to do with seeds of one experiment made by
+    different code (analysis/code_versions.py): keep them apart (default), keep the newest, or pool.
     """
     rows = []
     for folder in folders:
@@ -202,9 +211,14 @@ def load_runs(*folders: str | os.PathLike) -> pd.DataFrame:
             raise FileNotFoundError(f"no results folder {folder}")
         for file in _result_files(folder):
             record, problem = read_record(file)
-            rows.append(_unreadable_row(file, problem) if record is None
-                        else row_from_record(record, path=str(file.parent)))
-    return runs_frame(rows)
+            if record is None:
+                rows.append(_unreadable_row(file, problem))
+                continue
+            row = row_from_record(record, path=str(file.parent))
+            if row["recorded_at"] is None:  # records made before they said when: the file's time
+                row["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(file.stat().st_mtime))
+            rows.append(row)
+    return by_code_version(runs_frame(rows), code)
 
 
 def completed(runs: pd.DataFrame) -> pd.DataFrame:

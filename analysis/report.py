@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablate.errors import run_cli
+from ablate.cli import run_cli
 from analysis.check import check_tables
 from analysis.claims import CLAIMS_FILE, claims_table, load_claims, printed_claims, write_claims
+from analysis.code_versions import MODES, code_note
 from analysis.comparison import comparison_table, printed_comparison, write_comparison
 from analysis.cost import plot_cost
 from analysis.data_scale import data_scale_data, plot_data_scale
@@ -79,8 +80,9 @@ def _figure2(runs, out: Path) -> _Section:
                         "channels-per-group settings (e.g. `sharing.channels_per_group=1,8,32`).")
     lines = figure2_data(runs)["line"].unique()
     return _Section("Figure 2: accuracy against channels per group",
-                    f"{len(lines)} line(s): {', '.join(lines)}. Mean ± std over seeds (band), seeds as "
-                    "faint points, params (M) annotated.", ["figure2.png", "figure2.pdf"],
+                    f"{len(lines)} line(s): {', '.join(lines)}. Mean and 95% interval over seeds (band: "
+                    "Student-t interval of the mean; one seed has none), seeds as faint points, params (M) "
+                    "annotated.", ["figure2.png", "figure2.pdf"],
                     image="figure2.png")
 
 
@@ -137,15 +139,16 @@ def _runs_numbers(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def render_report(results_dir: str | Path, out_dir: str | Path | None = None, weights: bool = True,
-                  claims_file: str | Path = CLAIMS_FILE) -> Path:
+                  claims_file: str | Path = CLAIMS_FILE, code: str = "separate") -> Path:
     """Write the report of the runs under `results_dir` into `out_dir` (default reports/<name of
     results_dir>); returns the path of index.md. Raises ValueError without a completed run or with a
     claims file that cannot be read. Unreadable records are listed in runs.md and left out of
-    everything else."""
+    everything else. `code`: what to do with seeds of one experiment made by different code
+    (separate, newest, pool: analysis/code_versions.py)."""
     results_dir = Path(results_dir)
     claims = load_claims(claims_file)
     out = Path(out_dir) if out_dir is not None else Path("reports") / results_dir.resolve().name
-    every_run, runs, tuning = report_runs(results_dir)  # tuned sweep: the tables use the chosen values
+    every_run, runs, tuning = report_runs(results_dir, code)  # tuned sweep: the tables use the chosen values
     free = (tuning["setting"],) if tuning else ()
     if runs.empty:
         raise ValueError(f"no runs in {results_dir}: no results.json below it. Train a sweep first "
@@ -156,7 +159,11 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
                          f"See the reasons and errors in the runs' results.json.")
     out.mkdir(parents=True, exist_ok=True)
 
-    sections = [_figure2(runs, out), _data_scale(runs, out)]
+    sections = [_Section("Code", code_note(load_runs(results_dir, code="pool"), runs, code) + " A record "
+                         "names its code by the fingerprint of the package's sources (and the git commit, + "
+                         "where the sources differed from it); `python -m ablate.tracking.code` prints this "
+                         "checkout's, so a report whose code is not the checkout's was made by other code."),
+                _figure2(runs, out), _data_scale(runs, out)]
     if tuning:
         selection, _ = write_selection(every_run, tuning, out)
         sections.insert(0, _Section(
@@ -254,13 +261,17 @@ def main(argv: list[str] | None = None) -> int:
                         "are loaded)")
     parser.add_argument("--claims", default=str(CLAIMS_FILE), help="the claims to judge (default: "
                         "analysis/claims.yaml)")
+    parser.add_argument("--code", choices=MODES, default="separate", help="seeds of one experiment made by "
+                        "different code: kept apart (default), only the newest code's, or pooled on purpose")
     args = parser.parse_args(argv)
     try:
-        index = render_report(args.results, args.out, weights=not args.no_weights, claims_file=args.claims)
+        index = render_report(args.results, args.out, weights=not args.no_weights, claims_file=args.claims,
+                              code=args.code)
     except (ValueError, FileNotFoundError) as err:  # ClaimsFileError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checked = check_tables(args.results, index.parent, args.claims)  # the tables say what the records say
+    # the tables say what the records say
+    checked = check_tables(args.results, index.parent, args.claims, args.code)
     print(f"report written to {index.parent}/ (open {index} or {index.with_suffix('.html')}); "
           f"{checked} numbers of its tables checked against the results.json files")
     runs = load_runs(args.results)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablate.sweep.tuning import read_tuning
+from ablate.tracking.tuning import read_tuning
 from analysis.plotting import new_figure, save_figure
 from analysis.records import completed, load_runs
 from analysis.tables import fmt, format_table, write_table
@@ -25,17 +25,19 @@ from analysis.tables import fmt, format_table, write_table
 __all__ = ["report_runs", "selection_table", "printed_selection", "plot_selection", "write_selection"]
 
 
-def report_runs(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any] | None]:
+def report_runs(results_dir: str | Path, code: str = "separate"
+                ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any] | None]:
     """(every run, the runs the tables use, the tuning or None): without tuning both are every run;
-    with it, the candidates that were not chosen are left out of the second."""
-    runs = load_runs(results_dir)
+    with it, the candidates that were not chosen are left out of the second. `code`: what to do with
+    seeds of one experiment made by different code (analysis/code_versions.py)."""
+    runs = load_runs(results_dir, code=code)
     tuning = read_tuning(results_dir)
     if tuning is None or runs.empty:
         return runs, runs, tuning
     chosen = {c.get("chosen_experiment") for c in tuning["cells"]}
     candidates = {x.get("experiment") for c in tuning["cells"] for x in c.get("candidates") or []}
-    left_out = candidates - chosen
-    return runs, runs[~runs["experiment"].isin(left_out)].reset_index(drop=True), tuning
+    left_out = candidates - chosen  # experiment keys as the records hold them
+    return runs, runs[~runs["recorded_experiment"].isin(left_out)].reset_index(drop=True), tuning
 
 
 def selection_table(runs: pd.DataFrame, tuning: dict[str, Any]) -> pd.DataFrame:

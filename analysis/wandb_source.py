@@ -6,7 +6,8 @@ results folders are not at hand. Each run mirrors its record as:
     config   = the nested resolved Hydra config, plus flat `axes/<name>` keys (the operator's axes);
     group    = the sweep, job_type = the preset, name = the run folder's name;
     summary  = every scalar of results.json (lists, nulls and the identity are not scalars: they are
-               rebuilt here from the config, with the function the trainer used).
+               rebuilt here from the config, with the function the trainer used), and the record's
+               code as `code/fingerprint`, `code/commit`, `code/dirty`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def record_from_wandb(config: Mapping[str, Any], summary: Mapping[str, Any], *, 
     (`axes/*`, which include list-valued channels_per_group and a null groups) and the describing
     fields, should a summary be missing (a run that is still going).
     """
-    record = {k: v for k, v in summary.items() if not k.startswith("_")}  # _runtime, _step, _wandb
+    record = {k: v for k, v in summary.items() if not k.startswith(("_", "code/"))}  # _runtime, _step, _wandb
+    code = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("code/")}
+    if code:  # the record's `code` object, kept in the summary as flat scalars
+        record["code"] = {"fingerprint": None, "commit": None, "dirty": None, **code}
     for axis in AXIS_COLUMNS:
         if f"axes/{axis}" in config:
             record[axis] = config[f"axes/{axis}"]

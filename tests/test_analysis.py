@@ -414,14 +414,15 @@ def test_report_cli_default_folder(mini_store, tmp_path, monkeypatch, capsys):  
 def wandb_shaped(folder: Path, results: dict) -> SimpleNamespace:
     """A W&B API run as ablate.train fills it. No W&B server is reachable here, so the mapping is
     tested on dicts shaped like `wandb.Api().run(...)`'s `config` and `summary`, built from a real
-    run folder exactly as the trainer builds them (train.py: nested config + `axes/*`; summary =
-    the scalars of results.json), plus the keys W&B adds itself."""
+    run folder exactly as the trainer builds them (training.py: nested config + `axes/*`; summary =
+    `summary_of` the record), plus the keys W&B adds itself."""
     from ablate.config import spec_from_cfg
+    from ablate.tracking.wandb_logger import summary_of
 
     cfg = OmegaConf.load(folder / "config.yaml")
     config = {**OmegaConf.to_container(cfg, resolve=True),
               **{f"axes/{k}": v for k, v in spec_from_cfg(cfg).axes.items()}}
-    summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    summary = summary_of(results)
     summary.update({"_runtime": 3.2, "_step": 9, "_timestamp": 1.7e9, "_wandb": {"runtime": 3}})
     return SimpleNamespace(config=config, summary=summary, name=results["run"], group=results["sweep"],
                            job_type=results["preset"], url=f"https://wandb.ai/me/ablate/runs/{results['run']}")

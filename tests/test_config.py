@@ -138,7 +138,8 @@ from torch import nn
 from ablate.ops import register_dynamic, register_source
 from ablate.ops.sources.base import WeightSource, uniform_
 
-register_dynamic("gated", spatial=("offset",), why="the gate scales one kernel per instance")
+register_dynamic("gated", spatial=("offset",), connectivity=("sliding",),
+                 why="the gate scales one kernel per instance")
 
 
 @register_source("gated", "sliding", "offset")
@@ -188,6 +189,9 @@ def test_a_user_adds_a_dynamic_option(user_option):
     # the new option takes part in the rules like a built-in one
     with pytest.raises(ablate.InvalidOperatorError, match="gated needs spatial: offset"):
         build_model(composed("operator=dwconv", "dynamic=gated", "sharing=none", "model=micro",
+                             f"hydra.searchpath=[file://{user_option / 'conf'}]"), 28, 1, 10)
+    with pytest.raises(ablate.InvalidOperatorError, match="gated needs connectivity: sliding"):
+        build_model(composed("operator=dwconv", "dynamic=gated", "connectivity=window", "model=micro",
                              f"hydra.searchpath=[file://{user_option / 'conf'}]"), 28, 1, 10)
 
 

@@ -167,7 +167,7 @@ SYNC_CHECK = textwrap.dedent("""
         torch.manual_seed(0)
         m = ablate.create("dynamic_dwconv", "micro", in_chans=1, num_classes=10).double()
         try:
-            from ablate.ops.backend import apply_backend
+            from ablate.ops.mixer import apply_backend
             apply_backend(m, "reference")
         except ImportError:
             pass

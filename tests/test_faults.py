@@ -16,9 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ablate.config import CONF_DIR
+from ablate.runs import run_folder
 from ablate.tracking import CheckpointError, RunLocked, RunStore, atomic_write_bytes, scrub
 from ablate.tracking.secrets import REDACTED, scrub_text
-from ablate.train import run_folder, train
+from ablate.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["data.train_subset=300", "data.val_size=100", "data.test_subset=200", "schedule.epochs=1",

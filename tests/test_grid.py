@@ -15,6 +15,7 @@ import torch
 from ablate.models import AblateNet
 from ablate.ops import registry
 from ablate.ops.sources.static import StaticKernel
+from ablate.space import options
 from ablate.space.grid import axis_grid
 from ablate.space.rules import InvalidOperatorError, validate
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing
@@ -218,22 +219,50 @@ def test_rule_cpg3_suggests_divisors():
 
 @pytest.fixture
 def sliding_only_option(monkeypatch):
-    """A user's dynamic option that registers a weight source for sliding connectivity only.
+    """A user's dynamic option declared for sliding connectivity only, with its one weight source.
 
-    The registry is swapped for a copy for this test, so the option never leaks into the grid."""
-    monkeypatch.setattr(registry, "_DYNAMIC", dict(registry._DYNAMIC))
-    registry.register_dynamic("sliding_only", spatial=("offset",))
+    Both tables are swapped for copies for this test, so the option never leaks into the grid."""
+    monkeypatch.setattr(options, "_DYNAMIC", dict(options._DYNAMIC))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    options.register_dynamic("sliding_only", spatial=("offset",), connectivity=("sliding",))
     registry.register_source("sliding_only", "sliding", "offset")(StaticKernel)
     yield "sliding_only"
 
 
-def test_rule_option_without_implementation_for_layout(sliding_only_option):
+def test_rule_option_declared_for_one_connectivity(sliding_only_option):
     spec = _op(SLIDING, dyn=Dynamic(sliding_only_option))
     assert validate(spec, WIDTHS, SIZES) == [1, 1, 1, 1]
     with pytest.raises(InvalidOperatorError) as info:
         validate(replace(spec, connectivity=WINDOW), WIDTHS, SIZES)
-    _check_error(info.value, "sliding_only has no windowed implementation")
+    _check_error(info.value, "sliding_only needs connectivity: sliding")
     assert info.value.nearest == ("connectivity=sliding",)
+
+
+def test_an_implementation_of_an_undeclared_cell_is_refused(sliding_only_option):
+    """The space declares the cells; the ops layer implements only those."""
+    with pytest.raises(ValueError, match="no windowed/offset cell"):
+        registry.register_source("sliding_only", "windowed", "offset")(StaticKernel)
+
+
+def test_a_declared_cell_without_implementation_is_bad_input_when_built(monkeypatch):
+    """Declared for window connectivity too, implemented for sliding only: the rules (which do not
+    ask the implementations) pass it, and building it says what to register, as bad input."""
+    from ablate.ops.mixer import SpatialMixer
+
+    monkeypatch.setattr(options, "_DYNAMIC", dict(options._DYNAMIC))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    options.register_dynamic("half_done", spatial=("offset",))
+    registry.register_source("half_done", "sliding", "offset")(StaticKernel)
+    spec = _op(WINDOW, dyn=Dynamic("half_done"))
+    validate(spec, WIDTHS, SIZES)
+    with pytest.raises(InvalidOperatorError, match="no weight source implements it") as info:
+        SpatialMixer(spec, 32, (14, 14), 1)
+    assert info.value.nearest == ("connectivity=sliding",)
+    assert ("half_done", "window", "offset") in registry.missing_sources()
+
+
+def test_every_declared_cell_of_the_built_in_options_is_implemented():
+    assert registry.missing_sources() == []
 
 
 def test_model_level_rules():

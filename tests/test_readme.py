@@ -120,10 +120,10 @@ def test_the_sweeps_table_lists_every_sweep_file_with_its_number_of_runs():
     followers, whichever value is chosen (here: the first)."""
     import yaml
 
+    from ablate.runs import run_identity
     from ablate.sweep import expand_grids
     from ablate.sweep.tuning import TuningPlan, parse_tuning
     from ablate.tracking.identity import experiment_key
-    from ablate.train import run_identity
 
     rows = sweep_rows()
     files = sorted(p.stem for p in (CONF_DIR.parent / "sweeps").glob("*.yaml"))

@@ -18,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from test_train import ROOT, cfg_for, run_cli
 
+from ablate.runs import run_folder
 from ablate.tracking import RunStore
-from ablate.train import run_folder, train
+from ablate.training import train
 
 NAMED = ["trainer.run_name=exp1", "logger=none"]
 
@@ -189,8 +190,8 @@ def test_lines_after_the_checkpoint_are_dropped_quietly(tmp_path, caplog):
 
 # -- the precision a run asks for is part of what it is --------------------------------------------
 def test_an_explicit_precision_is_another_experiment_and_auto_keeps_the_old_identity(tmp_path):
+    from ablate.runs import run_identity
     from ablate.tracking.identity import experiment_key
-    from ablate.train import run_identity
 
     auto, fp32, bf16 = (cfg_for(tmp_path, f"trainer.precision={p}") for p in ("auto", "fp32", "bf16"))
     ids = {name: run_identity(c) for name, c in (("auto", auto), ("fp32", fp32), ("bf16", bf16))}
@@ -205,7 +206,7 @@ def test_an_explicit_precision_is_another_experiment_and_auto_keeps_the_old_iden
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_bad_input(tmp_path, monkeypatch):
-    import ablate.train as train_module
+    import ablate.training as train_module
 
     flags = tmp_path / "cpuinfo"
     flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ablate.cli import explain
 from ablate.config import CONF_DIR, MeasureConfig, TrainConfig
-from ablate.errors import explain
 from ablate.reliability import QUICK, BadInput, run_bad_input
 from ablate.schema import (
     MEASURE_RULES,
@@ -28,6 +28,7 @@ from ablate.schema import (
     Choice,
     Enumerated,
     Flag,
+    FlagOr,
     Mapping,
     Number,
     Numbers,
@@ -81,6 +82,9 @@ def wrong_value(rule) -> st.SearchStrategy[str]:
     if isinstance(rule, Text):
         return st.one_of(st.just("''"), st.just("' '"), st.lists(WORD, min_size=1, max_size=3).map(
             lambda ws: "[" + ",".join(ws) + "]"))
+    if isinstance(rule, FlagOr):  # a word that is neither a bool nor one of the modes
+        return WORD.filter(lambda w: w not in ("true", "false", "yes", "no", "on", "off", "y", "n")
+                           and not rule.accepts(w))
     if isinstance(rule, Flag):
         # (OmegaConf reads an integer as a bool; words it does not know it refuses)
         return WORD.filter(lambda w: w not in ("true", "false", "yes", "no", "on", "off", "y", "n"))
@@ -129,7 +133,7 @@ def refusal(override: str) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            validate_config(compose("train", overrides=[*QUICK, override]))
+            validate_config(compose("train", overrides=[*QUICK, override]), TrainConfig)
     except Exception as err:  # noqa: BLE001  whatever it is, the error path must explain it
         message = explain(err)
         assert message is not None, f"{override}: {type(err).__name__} is a traceback, not exit 2: {err}"

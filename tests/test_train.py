@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 
 import ablate
 from ablate.config import CONF_DIR
+from ablate.runs import run_folder
 from ablate.space.presets import PRESETS
-from ablate.train import run_folder, train
+from ablate.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and single-threaded: the same thread count in and out of process keeps CPU runs bit-for-bit.
@@ -149,7 +150,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_a_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
-    import ablate.train as train_module
+    import ablate.training as train_module
 
     real_build = train_module.build_model
 
@@ -214,3 +215,12 @@ def test_cfg_job_and_defaults_tree(tmp_path):
 def test_a_gpu_run_uses_bf16_and_channels_last(tmp_path):
     results = train(cfg_for(tmp_path, "logger=none", "trainer.device=cuda"))
     assert results["status"] == "completed" and results["device"].startswith("cuda")
+
+
+def test_a_sweep_file_without_minus_m_is_refused(tmp_path):
+    """`sweeps=demo` names a grid; without -m Hydra would train its first job, silently."""
+    proc = run_cli(tmp_path, "sweeps=demo")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out + err
+    assert "-m sweeps=demo" in err and "grid of runs" in err
+    assert not any(tmp_path.rglob("results.json"))

@@ -9,7 +9,8 @@ import math
 import pytest
 from test_sweep import TINY, records, run_sweep
 
-from ablate.sweep.tuning import TuningPlan, parse_tuning, read_tuning
+from ablate.sweep.tuning import TuningPlan, parse_tuning
+from ablate.tracking.tuning import read_tuning
 from analysis.report import main as report_main
 from analysis.tuning import report_runs, selection_table
 

@@ -7,8 +7,8 @@
 
 The choice is explicit and has three levels, the most specific winning:
 
-1. a model's mixers: `apply_backend(model, "reference")` (what `ablate.config.build_model` does with
-   `ops.backend` of the config);
+1. a model's mixers: `ablate.ops.mixer.apply_backend(model, "reference")` (what
+   `ablate.config.build_model` does with `ops.backend` of the config);
 2. the process default: `set_backend("reference")` or the `use_backend(...)` context manager;
 3. the environment: `ABLATE_OPS_BACKEND=reference` (default `fast`).
 """
@@ -18,15 +18,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import nn
-
-__all__ = ["BACKENDS", "apply_backend", "default_backend", "resolve", "set_backend", "use_backend"]
+__all__ = ["BACKENDS", "check_backend", "default_backend", "resolve", "set_backend", "use_backend"]
 
 BACKENDS = ("reference", "fast")
 _default: str | None = None
 
 
-def _check(name: str) -> str:
+def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"ops.backend must be one of {BACKENDS}; got {name!r}")
     return name
@@ -34,20 +32,20 @@ def _check(name: str) -> str:
 
 def default_backend() -> str:
     """The process default: set_backend's value, else $ABLATE_OPS_BACKEND, else `fast`."""
-    return _default if _default is not None else _check(os.environ.get("ABLATE_OPS_BACKEND", "fast"))
+    return _default if _default is not None else check_backend(os.environ.get("ABLATE_OPS_BACKEND", "fast"))
 
 
 def set_backend(name: str | None) -> None:
     """Set the process default (None: back to the environment's)."""
     global _default
-    _default = None if name is None else _check(name)
+    _default = None if name is None else check_backend(name)
 
 
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Within the block, mixers without a backend of their own use `name`."""
     global _default
-    before, _default = _default, _check(name)
+    before, _default = _default, check_backend(name)
     try:
         yield
     finally:
@@ -57,15 +55,3 @@ def use_backend(name: str) -> Iterator[None]:
 def resolve(own: str | None) -> str:
     """A mixer's backend: its own setting, else the process default."""
     return own if own is not None else default_backend()
-
-
-def apply_backend(model: nn.Module, name: str | None) -> nn.Module:
-    """Pin every SpatialMixer of `model` to `name` (None: follow the process default)."""
-    from ablate.ops.mixer import SpatialMixer  # the mixer imports this module
-
-    if name is not None:
-        _check(name)
-    for module in model.modules():
-        if isinstance(module, SpatialMixer):
-            module.backend = name
-    return model

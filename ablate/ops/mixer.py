@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from ablate.ops import fast
-from ablate.ops.backend import resolve
+from ablate.ops.backend import check_backend, resolve
 from ablate.ops.layouts import build_layout
-from ablate.ops.registry import weight_source_class
-from ablate.space.rules import validate
+from ablate.ops.registry import LAYOUT_OF, weight_source_class
+from ablate.space.rules import InvalidOperatorError, validate
 from ablate.space.spec import OperatorSpec
 
-__all__ = ["SpatialMixer"]
+__all__ = ["SpatialMixer", "apply_backend"]
 
 
 class SpatialMixer(nn.Module):
@@ -50,8 +50,16 @@ class SpatialMixer(nn.Module):
         conn = replace(spec.connectivity, shift=spec.connectivity.shift and shifted)
         self.layout = build_layout(conn, tuple(resolution))
         source = weight_source_class(spec.dynamic.kind, self.layout.kind, spec.sharing.spatial)
-        if source is None:  # `validate` rules this out; reaching here means it was skipped
-            raise RuntimeError(f"no weight source for {spec.axes}; call ablate.space.validate first")
+        if source is None:  # a valid point of the space (validated above) that nothing implements
+            raise InvalidOperatorError(
+                f"{spec.dynamic.kind} has no {self.layout.kind} implementation",
+                f"dynamic option {spec.dynamic.kind!r} is declared for {spec.connectivity.kind} "
+                f"connectivity with spatial {spec.sharing.spatial}, but no weight source implements it: "
+                f"register one with @register_source({spec.dynamic.kind!r}, {self.layout.kind!r}, "
+                f"{spec.sharing.spatial!r}), or leave that connectivity out of its "
+                "register_dynamic(connectivity=...).",
+                [f"connectivity={c}" for c, lay in LAYOUT_OF.items()
+                 if weight_source_class(spec.dynamic.kind, lay, spec.sharing.spatial) is not None])
         self.weights = source(self.layout, dim, self.groups, spec.dynamic, context_dim or dim)
         self.bias = nn.Parameter(torch.zeros(dim)) if spec.dynamic.bias else None
         self.backend = backend
@@ -112,3 +120,13 @@ class SpatialMixer(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, channels_per_group={self.channels_per_group}, "
                 f"axes={self.spec.axes}")
+
+
+def apply_backend(model: nn.Module, name: str | None) -> nn.Module:
+    """Pin every SpatialMixer of `model` to `name` (None: follow the process default)."""
+    if name is not None:
+        check_backend(name)
+    for module in model.modules():
+        if isinstance(module, SpatialMixer):
+            module.backend = name
+    return model

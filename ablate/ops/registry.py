@@ -6,71 +6,52 @@ for exactly the (dynamic option, layout, spatial sharing) cells it implements; b
 is one dictionary lookup, never a chain of ifs. (The official DWNet code shows why: an
 `if ... if ... else` there built a static convolution for its "dynamic" model without a word.)
 
+Which cells exist is the operator space's decision (`ablate.space.options`): a source registered for
+a cell the space does not declare is refused here, and `missing_sources` lists the declared cells no
+source implements (a test holds it empty for the built-in options).
+
 A user adds a dynamic option with `register_dynamic` plus `register_source` on its class, in a
 module of their own, and one YAML file in `conf/dynamic/` naming that module.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-__all__ = [
-    "LAYOUT_OF",
-    "DynamicOption",
-    "register_dynamic",
-    "register_source",
-    "dynamic_option",
-    "dynamic_options",
-    "weight_source_class",
-]
+from ablate.space.options import dynamic_option, dynamic_options, register_dynamic
+
+__all__ = ["LAYOUT_OF", "register_dynamic", "register_source", "weight_source_class", "missing_sources"]
 
 # Which layout implements each connectivity: `global` is one window covering the whole map.
 LAYOUT_OF = {"window": "windowed", "global": "windowed", "sliding": "sliding"}
 
-
-@dataclass
-class DynamicOption:
-    """A value of the dynamic axis and the spatial sharing it supports."""
-
-    name: str
-    spatial: tuple[str, ...]
-    why: str
-    sources: dict[tuple[str, str], type] = field(default_factory=dict)
-
-
-_DYNAMIC: dict[str, DynamicOption] = {}
-
-
-def register_dynamic(name: str, *, spatial: tuple[str, ...], why: str = "") -> DynamicOption:
-    """Declare a dynamic option; `spatial` lists the spatial sharing it can be combined with."""
-    option = _DYNAMIC.get(name)
-    if option is None:
-        option = _DYNAMIC[name] = DynamicOption(name, tuple(spatial), why)
-    else:  # re-registration (a module imported twice) must agree with the first
-        option.spatial, option.why = tuple(spatial), why
-    return option
+_SOURCES: dict[tuple[str, str, str], type] = {}  # (dynamic, layout, spatial) -> weight source class
 
 
 def register_source(dynamic: str, layout: str, spatial: str) -> Callable[[type], type]:
     """Class decorator: this weight source implements (dynamic, layout, spatial)."""
+    option = dynamic_option(dynamic)
+    if option is None:
+        raise KeyError(f"register_dynamic({dynamic!r}, spatial=...) must come before its sources")
+    kinds = [c for c, lay in LAYOUT_OF.items() if lay == layout]
+    if not kinds or not any(option.defines(c, spatial) for c in kinds):
+        raise ValueError(f"dynamic option {dynamic!r} is declared for spatial sharing {option.spatial} "
+                         f"and connectivity {option.connectivity}: it has no {layout}/{spatial} cell to "
+                         "implement")
 
     def decorate(cls: type) -> type:
-        if dynamic not in _DYNAMIC:
-            raise KeyError(f"register_dynamic({dynamic!r}, spatial=...) must come before its sources")
-        _DYNAMIC[dynamic].sources[(layout, spatial)] = cls
+        _SOURCES[(dynamic, layout, spatial)] = cls
         return cls
 
     return decorate
 
 
-def dynamic_option(name: str) -> DynamicOption | None:
-    return _DYNAMIC.get(name)
-
-
-def dynamic_options() -> tuple[str, ...]:
-    return tuple(_DYNAMIC)
-
-
 def weight_source_class(dynamic: str, layout: str, spatial: str) -> type | None:
-    option = _DYNAMIC.get(dynamic)
-    return None if option is None else option.sources.get((layout, spatial))
+    return _SOURCES.get((dynamic, layout, spatial))
+
+
+def missing_sources() -> list[tuple[str, str, str]]:
+    """(dynamic, connectivity, spatial) cells the space declares that no weight source implements."""
+    return [(name, c, s) for name in dynamic_options() for c in dynamic_option(name).connectivity
+            for s in dynamic_option(name).spatial
+            if not (s == "window" and c == "sliding")  # the spatial rule: no windows to share across
+            and weight_source_class(name, LAYOUT_OF[c], s) is None]

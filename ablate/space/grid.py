@@ -1,14 +1,14 @@
 """The grid of axis options: every combination of the options of the three axes.
 
 Each cell is an OperatorSpec; `validate` decides whether it is a valid point. The `axes` sweep and
-the grid test walk this, so every registered option is covered as soon as it is registered.
+the grid test walk this, so every declared option is covered as soon as it is declared.
 """
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
 
-from ablate.ops.registry import dynamic_options
+from ablate.space.options import dynamic_options
 from ablate.space.spec import (
     CONNECTIVITY_KINDS,
     SPATIAL_SHARING,

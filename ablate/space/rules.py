@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Sequence
 
 from ablate.errors import BadInput
-from ablate.ops.registry import LAYOUT_OF, dynamic_option, dynamic_options, weight_source_class
+from ablate.space.options import dynamic_option, dynamic_options
 from ablate.space.spec import CONNECTIVITY_KINDS, SPATIAL_SHARING, OperatorSpec
 
 __all__ = ["InvalidOperatorError", "validate", "stage_channels_per_group"]
@@ -125,13 +125,12 @@ def validate(
             [f"sharing.spatial={s}" for s in option.spatial]
             + [f"dynamic={d}" for d in dynamic_options()
                if d != dyn.kind and shar.spatial in dynamic_option(d).spatial][:2])
-    layout = LAYOUT_OF[conn.kind]
-    if weight_source_class(dyn.kind, layout, shar.spatial) is None:
-        have = [f"{lay}/{sp}" for lay, sp in option.sources]
+    if conn.kind not in option.connectivity:
         raise InvalidOperatorError(
-            f"{dyn.kind} has no {layout} implementation",
-            f"dynamic option {dyn.kind!r} registers weight sources only for layout/spatial {have}.",
-            [f"connectivity={c}" for c, lay in LAYOUT_OF.items() if (lay, shar.spatial) in option.sources])
+            f"{dyn.kind} needs connectivity: {' or '.join(option.connectivity)}",
+            f"dynamic option {dyn.kind!r} is defined for {', '.join(option.connectivity)} connectivity, "
+            f"not {conn.kind}.",
+            [f"connectivity={c}" for c in option.connectivity])
     if dyn.kind in ("homogeneous", "inhomogeneous") and (not isinstance(dyn.reduction, int)
                                                          or dyn.reduction < 1
                                                          or min(widths) // dyn.reduction < 1):

@@ -6,8 +6,9 @@ Every operator of the family is the channel-wise locally connected aggregation
 
 and a spec says which N(i) (connectivity), how w is shared (over positions and over channels) and
 whether w is a parameter or computed from the input (dynamic). The spec is plain data; which
-combinations are valid is decided in `ablate.space.rules`, and which module implements a valid
-combination in `ablate.ops.registry`.
+combinations are valid is decided in `ablate.space.rules` (with the options of the dynamic axis
+declared in `ablate.space.options`), and which module implements a valid combination in
+`ablate.ops.registry`.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ __all__ = [
     "OperatorSpec",
 ]
 
-# The closed option sets of the first two axes. The dynamic axis is open: options are registered
-# (`ablate.ops.registry.register_dynamic`), so a user can add a weight predictor of their own.
+# The closed option sets of the first two axes. The dynamic axis is open: options are declared
+# (`ablate.space.options.register_dynamic`), so a user can add a weight predictor of their own.
 CONNECTIVITY_KINDS = ("window", "sliding", "global")
 SPATIAL_SHARING = ("offset", "window", "none")
 

@@ -20,8 +20,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict, read_write
 
-from ablate.config import build_model
-from ablate.schema import validate_config
+from ablate.config import build_model, check_train_config
+from ablate.runs import record_unrunnable, run_folder, run_identity
 from ablate.space.rules import InvalidOperatorError
 from ablate.tracking import FINISHED, RunStore
 from ablate.tracking.identity import IdentityConflict, describe_difference, differing_keys
@@ -86,7 +86,7 @@ def check_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequen
     """Compose and validate jobs without planning them (a later phase's, before the first trains):
     raises the error its job would meet."""
     for overrides in job_overrides:
-        validate_config(job_config(config_loader, master, overrides))
+        check_train_config(job_config(config_loader, master, overrides))
 
 
 def check_operator(cfg: DictConfig) -> None:
@@ -102,12 +102,10 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
     A composition error (a misspelt key or option) or a value out of its range (ablate/schema.py)
     raises here, before any job is launched.
     """
-    from ablate.train import record_unrunnable, run_folder, run_identity  # the job's own naming and records
-
     jobs, claimed = [], {}  # run folder -> identity of the job of this sweep that runs in it
     for overrides in job_overrides:
         cfg = job_config(config_loader, master, overrides)
-        validate_config(cfg)
+        check_train_config(cfg)
         folder, identity = run_folder(cfg), run_identity(cfg)
         if folder in claimed:
             if not differing_keys(claimed[folder], identity):  # two spellings of the same run

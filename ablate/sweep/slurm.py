@@ -32,7 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
 
-from ablate.schema import ConfigError
+from ablate.errors import ConfigError
 
 __all__ = ["NEVER_CLEARS", "Node", "SlurmConf", "SlurmLauncher", "fit_resources", "partition_nodes",
            "sweep_jobs", "watch_pending"]

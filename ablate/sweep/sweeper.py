@@ -28,8 +28,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.config import sweep_name
-from ablate.errors import BadInput
-from ablate.schema import ConfigError
+from ablate.errors import BadInput, ConfigError
+from ablate.runs import record_unrunnable
 from ablate.sweep.plan import Job, check_jobs, expand_grids, plan_jobs
 from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
 from ablate.sweep.tuning import TuningPlan, parse_tuning
@@ -129,8 +129,6 @@ class GridSweeper(Sweeper):
         """Plan `overrides`, launch what is missing (in batches, with retries), follow it; returns the
         planned jobs (their states and statuses updated). With `overall`, the progress line counts
         the whole sweep: the phases before, this one, and about `later` jobs of the phases after."""
-        from ablate.train import record_unrunnable  # the job's own records
-
         label = f"[sweep {name}{' ' + phase if phase else ''}]"
         print(f"{label} planning {len(overrides)} jobs: composing each config, reading its run folder",
               flush=True)

@@ -21,18 +21,17 @@ results folder records every candidate, its score and the choice, for the report
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ablate.schema import ConfigError
+from ablate.errors import ConfigError
+from ablate.tracking.tuning import write_tuning
 
-__all__ = ["Tuning", "TUNING_FILE", "METRICS", "parse_tuning", "TuningPlan", "read_tuning"]
+__all__ = ["Tuning", "METRICS", "parse_tuning", "TuningPlan"]
 
-TUNING_FILE = "tuning.json"
 METRICS = ("final_val_top1", "best_val_top1")  # validation numbers only: choosing on test would leak it
 SEED = "trainer.seed"
 
@@ -202,8 +201,6 @@ class TuningPlan:
 
     def write(self, results_dir: Path) -> Path:
         """tuning.json: the tuned setting, metric, seed, values, and per cell its candidates and choice."""
-        path = Path(results_dir) / TUNING_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         shared = set.intersection(*(set(c.overrides) for c in self.cells.values())) if len(self.cells) > 1 \
             else set()
 
@@ -217,17 +214,4 @@ class TuningPlan:
                  for c in self.cells.values()]
         data = {"setting": self.tuning.setting, "metric": self.tuning.metric, "seed": self.tuning.seed,
                 "values": list(self.tuning.values), "cells": cells}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        tmp.replace(path)
-        return path
-
-
-def read_tuning(results_dir: str | Path) -> dict[str, Any] | None:
-    """The tuning.json of a tuned sweep's results folder, or None (not a tuned sweep, or unreadable)."""
-    path = Path(results_dir) / TUNING_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else None
+        return write_tuning(results_dir, data)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["WandbMirror", "resolve_mode", "server_unreachable", "OFFLINE_ENV", "PROBE_TIMEOUT_S"]
+__all__ = ["WandbMirror", "resolve_mode", "server_unreachable", "summary_of", "OFFLINE_ENV",
+           "PROBE_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 OFFLINE_ENV = "ABLATE_WANDB_UNREACHABLE"  # set (to the reason) once the server was found unreachable
@@ -76,6 +77,14 @@ def resolve_mode(configured: str | None) -> str:
     if mode == "online" and server_unreachable():
         mode = "offline"
     return mode
+
+
+def summary_of(results: dict) -> dict:
+    """What a run's W&B summary holds of its record: the scalars (a summary keeps no lists or objects),
+    and the record's `code` object as `code/fingerprint`, `code/commit`, `code/dirty`."""
+    scalars = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    code = results.get("code") if isinstance(results.get("code"), dict) else {}
+    return {**scalars, **{f"code/{k}": v for k, v in code.items() if v is not None}}
 
 
 class WandbMirror:

@@ -11,11 +11,8 @@ import torch
 from torch import nn
 
 from ablate.ops.functional import sliding_correlate
-from ablate.ops.registry import register_dynamic, register_source
+from ablate.ops.registry import register_source
 from ablate.ops.sources.base import WeightSource
-
-register_dynamic("attention", spatial=("none",),
-                 why="softmax(q.k) differs at every position, so it is never shared over positions")
 
 
 class _Attention(WeightSource):

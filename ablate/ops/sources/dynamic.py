@@ -10,14 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ablate.ops.registry import register_dynamic, register_source
+from ablate.ops.registry import register_source
 from ablate.ops.sources.base import WeightSource, predictor_head
-
-register_dynamic("homogeneous", spatial=("offset",),
-                 why="one kernel per instance is predicted from pooled features, so it can only be "
-                     "shared over positions by offset")
-register_dynamic("inhomogeneous", spatial=("none",),
-                 why="weights are predicted at every position, so they are never shared over positions")
 
 
 class _Homogeneous(WeightSource):

@@ -8,10 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ablate.ops.registry import register_dynamic, register_source
+from ablate.ops.registry import register_source
 from ablate.ops.sources.base import WeightSource, uniform_
-
-register_dynamic("static", spatial=("offset", "window", "none"))
 
 
 @register_source("static", "windowed", "offset")

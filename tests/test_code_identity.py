@@ -1,0 +1,180 @@
+"""Every record names the code that made it, and the analysis never pools seeds of different code
+without saying so: real runs in a real git repository, a real commit between them."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablate.tracking import code as code_module
+from ablate.tracking.code import NOT_IN_RUNS, code_identity, fingerprint, fingerprint_at, short
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["data.train_subset=300", "data.val_size=200", "data.test_subset=300", "data.batch_size=64",
+         "schedule.epochs=1", "logger=none", "trainer.quiet=true", "trainer.threads=1", "operator=dwconv",
+         "trainer.sweep=versions"]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}).stdout
+
+
+def test_this_process_names_its_code():
+    code = code_identity()
+    assert re.fullmatch(r"[0-9a-f]{16}", code["fingerprint"])
+    assert code["fingerprint"] == fingerprint()
+    if code["commit"] is not None:  # a git checkout (CI's clean clone is one)
+        assert re.fullmatch(r"[0-9a-f]{40}", code["commit"]) and isinstance(code["dirty"], bool)
+    assert short(None) == "unrecorded" and short(code).startswith(code["fingerprint"][:8])
+
+
+def test_the_fingerprint_follows_the_package_sources_only(tmp_path):
+    package = tmp_path / "ablate"
+    shutil.copytree(ROOT / "ablate", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = fingerprint(package)
+    (package / "bench.py").write_text("# measuring only: not part of any run\n")
+    (package / "notes.txt").write_text("not a source\n")
+    assert fingerprint(package) == before
+    kernel = package / "ops" / "sources" / "static.py"
+    kernel.write_text(kernel.read_text() + "\n# a comment is a change of the sources too\n")
+    assert fingerprint(package) != before
+
+
+def test_a_training_run_imports_none_of_the_modules_left_out_of_the_fingerprint(tmp_path):
+    script = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "import ablate.train\n"  # the command (registers the sweeper), and through it the loop
+        "from ablate.config import CONF_DIR\n"
+        "from ablate.training import train\n"
+        "with initialize_config_dir(config_dir=str(CONF_DIR), version_base='1.3'):\n"
+        f"    cfg = compose('train', overrides={QUICK + [f'trainer.results_root={tmp_path}']!r})\n"
+        "assert train(cfg)['status'] == 'completed'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ablate')))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(eval(done.stdout.strip().splitlines()[-1]))  # noqa: S307  our own repr of a list
+    left_out = {"ablate." + m.removesuffix(".py").replace("/", ".") for m in NOT_IN_RUNS}
+    assert "ablate.training" in loaded and not loaded & left_out
+
+
+@pytest.fixture
+def repository(tmp_path):
+    """The package and its configs in a git repository of their own (what a user's clone is)."""
+    repo = tmp_path / "repo"
+    for name in ("ablate", "analysis", "conf", "sweeps"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "first")
+    return repo
+
+
+def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(repo), "WANDB_MODE": "disabled",
+           "ABLATE_DATA": str(ROOT / "data")}
+    return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _comparison(report: Path) -> list[dict]:
+    with open(report / "comparison.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_seeds_of_two_code_versions_are_not_pooled_without_saying_so(repository, tmp_path):
+    results = tmp_path / "results"
+    train = ["-m", "ablate.train", *QUICK, f"trainer.results_root={results}"]
+    for seed in (0, 1):
+        assert _run(repository, *train, f"trainer.seed={seed}").returncode == 0
+    first = json.loads(next((results / "versions").glob("*s0-*/results.json")).read_text())["code"]
+    assert first["commit"] == git(repository, "rev-parse", "HEAD").strip() and first["dirty"] is False
+
+    # a commit that changes what dwconv computes (its kernel, doubled), then a third seed
+    kernel = repository / "ablate" / "ops" / "sources" / "static.py"
+    text = kernel.read_text()
+    start = text.index("class StaticKernel(")
+    end = text.index("return self.weight[None]", start)
+    rest = text[end + len("return self.weight[None]"):]
+    kernel.write_text(text[:end] + "return 2 * self.weight[None]" + rest)
+    git(repository, "commit", "-q", "-am", "dwconv: a changed kernel")
+    assert _run(repository, *train, "trainer.seed=2").returncode == 0
+    second = json.loads(next((results / "versions").glob("*s2-*/results.json")).read_text())["code"]
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["fingerprint"] == fingerprint_at("HEAD", repository)
+    assert first["fingerprint"] == fingerprint_at("HEAD~1", repository)
+
+    report = tmp_path / "report"
+    done = _run(repository, "-m", "analysis.report", str(results), "--out", str(report), "--no-weights")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _comparison(report)  # default: each code version its own row, named under settings
+    assert sorted(int(r["seeds"]) for r in rows) == [1, 2]
+    named = sorted(r["settings"] for r in rows)
+    assert named == sorted(f"code={short(c)}" for c in (first, second))
+    table = (report / "comparison.md").read_text()
+    assert short(first) in table and short(second) in table
+    index = (report / "index.md").read_text()
+    assert "2 code versions made these runs" in index and "kept apart" in index
+
+    pooled = tmp_path / "pooled"
+    done = _run(repository, "-m", "analysis.report", str(results), "--out", str(pooled), "--no-weights",
+                "--code", "pool")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [int(r["seeds"]) for r in _comparison(pooled)] == [3]
+    assert "POOLED on request" in (pooled / "index.md").read_text()
+
+    newest = tmp_path / "newest"
+    done = _run(repository, "-m", "analysis.report", str(results), "--out", str(newest), "--no-weights",
+                "--code", "newest")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [int(r["seeds"]) for r in _comparison(newest)] == [1]
+    assert "2 older run(s) left out" in (newest / "index.md").read_text()
+
+
+@pytest.mark.parametrize("report", ["demo", "study"])
+def test_the_committed_reports_name_the_code_that_made_them(report):
+    """A committed report names a code fingerprint and commit, and that commit's package sources have
+    that fingerprint: the report was made by the code of a commit in this history."""
+    if code_module._git("rev-parse", "HEAD") is None:
+        pytest.skip("not a git checkout: the commits a report names cannot be looked up")
+    index = (ROOT / "reports" / report / "index.md").read_text()
+    section = index[index.index("## Code"):]
+    section = section[:section.index("\n## ", 1)]
+    named = re.findall(r"\b([0-9a-f]{8}) \(([0-9a-f]{7})\)", section)
+    assert named, f"reports/{report}/index.md names no code version: regenerate it (README, The demo)"
+    for prefix, commit in named:
+        assert fingerprint_at(commit, ROOT) is not None, f"commit {commit} is not in this history"
+        assert fingerprint_at(commit, ROOT).startswith(prefix), (
+            f"reports/{report} says code {prefix} of commit {commit}, whose sources are "
+            f"{fingerprint_at(commit, ROOT)[:8]}: it was made by uncommitted code")
+
+
+def test_a_relaunch_retrains_other_code_runs_only_when_asked(repository, tmp_path):
+    results = tmp_path / "results"
+    train = ["-m", "ablate.train", *QUICK, f"trainer.results_root={results}", "trainer.seed=0"]
+    assert _run(repository, *train).returncode == 0
+    (repository / "ablate" / "ops" / "sources" / "static.py").write_text(
+        (repository / "ablate" / "ops" / "sources" / "static.py").read_text() + "\n# changed\n")
+    git(repository, "commit", "-q", "-am", "a change of the sources")
+    again = _run(repository, *train)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
+    assert len(list((results / "versions").iterdir())) == 1
+    rerun = _run(repository, *train, "trainer.rerun_other_code=true")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    old, new = sorted((results / "versions").iterdir())
+    fresh = fingerprint_at("HEAD", repository)
+    assert new.name == f"{old.name}@{fresh[:8]}"
+    assert json.loads((new / "results.json").read_text())["code"]["fingerprint"] == fresh
+    assert json.loads((old / "results.json").read_text())["status"] == "completed"  # kept
+    third = _run(repository, *train, "trainer.rerun_other_code=true")  # done: nothing to train
+    assert third.returncode == 0 and "nothing to do" in third.stdout + third.stderr
