@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo study sweep report bench gpu-check reliability test test-all lint measure
+.PHONY: help install data demo study downstream sweep report bench gpu-check reliability test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,10 +22,12 @@ $(VENV)/.installed: pyproject.toml
 
 FMNIST_SUMS := $(CURDIR)/ablate/data/fashion_mnist.sha256
 
-data: ## put the real Fashion-MNIST where torchvision reads it (Debian's dataset-fashion-mnist), checksums checked
+data: ## the real Fashion-MNIST where torchvision reads it (Debian's dataset-fashion-mnist), checksums checked; the garment scenes (COCO and ADE20K format) made from it
 	@if [ -f $(FMNIST_RAW)/.complete ] && ! (cd $(FMNIST_RAW) && sha256sum --quiet -c $(FMNIST_SUMS) >/dev/null 2>&1); then \
 	  echo "Fashion-MNIST in $(FMNIST_RAW) fails its checksums: rebuilding it"; rm -f $(FMNIST_RAW)/.complete; fi
 	@$(MAKE) --no-print-directory $(FMNIST_RAW)/.complete
+	@# the scenes need the installed package; without it they are written on first use instead
+	@if [ -f $(VENV)/.installed ]; then $(PY) -m ablate.data.scenes $(DATA)/scenes $(DATA); fi
 
 $(FMNIST_RAW)/.complete:
 	@set -euo pipefail; src=/usr/share/datasets/fashion-mnist; \
@@ -56,6 +58,11 @@ demo: install ## install, run the demo sweep on the real Fashion-MNIST, render r
 study: install ## the paper's questions on the default model (sweeps/study.yaml, 1:48 measured on 2 cores; resumable): reports/study/
 	$(PY) -m ablate.train -m sweeps=study
 	$(PY) -m analysis.report $(RESULTS)/study --out reports/study
+
+downstream: install ## the paper's detection and segmentation tables on the garment scenes, pretraining included (resumable): reports/downstream/
+	$(PY) -m ablate.train -m sweeps=downstream_pretrain
+	$(PY) -m ablate.downstream -m sweeps=downstream
+	$(PY) -m analysis.report $(RESULTS)/downstream --out reports/downstream
 
 sweep: install ## run a named grid of sweeps/: make sweep SWEEP=figure2_local_mlp ARGS="model=tiny"
 	$(PY) -m ablate.train -m sweeps=$(SWEEP) $(ARGS)

@@ -22,8 +22,8 @@ from ablate.schema import validate_config
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
-__all__ = ["CONF_DIR", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig", "spec_from_cfg",
-           "build_model", "operator_label", "check_train_config"]
+__all__ = ["CONF_DIR", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig", "DownstreamConfig",
+           "spec_from_cfg", "build_model", "operator_label", "check_train_config", "schema_of"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -189,13 +189,45 @@ class TrainConfig(ModelSideConfig):
     logger: LoggerConf = field(default_factory=LoggerConf)
 
 
+@dataclass
+class TaskConf:
+    name: str = "detection"  # detection (Mask R-CNN, instance masks) | segmentation (UPerNet)
+    pretrained: bool = True  # the backbone starts from its classification run; false: from scratch
+
+
+@dataclass
+class PretrainConf:
+    """The classification run a downstream run's backbone starts from: these settings with the
+    downstream run's operator, model size and seed (ablate/runs.py, `pretraining_config`)."""
+
+    sweep: str = "pretrain"  # results_root/<sweep>/ holds it
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DownstreamConfig(TrainConfig):
+    """`python -m ablate.downstream`: a training config with a task, its head and its pretraining."""
+
+    task: TaskConf = field(default_factory=TaskConf)
+    # the head's settings (conf/head/*.yaml), passed to its model (ablate/models/dense.py); null
+    # values take the model size's defaults
+    head: dict[str, Any] = field(default_factory=dict)
+    pretrain: PretrainConf = field(default_factory=PretrainConf)
+
+
 ConfigStore.instance().store(name="measure_schema", node=MeasureConfig)
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+ConfigStore.instance().store(name="downstream_schema", node=DownstreamConfig)
+
+
+def schema_of(cfg: DictConfig) -> type:
+    """The dataclass a composed config follows: a downstream one has a task."""
+    return DownstreamConfig if "task" in cfg else TrainConfig
 
 
 def check_train_config(cfg: DictConfig) -> None:
     """Every field of a composed training config in its range (ablate/schema.py), or ConfigError."""
-    validate_config(cfg, TrainConfig)
+    validate_config(cfg, schema_of(cfg))
 
 
 def _plain(value):

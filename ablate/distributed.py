@@ -104,6 +104,14 @@ class Dist:
         tdist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, items: list) -> list:
+        """Every rank's `items`, concatenated in rank order, on every rank (pickled: detections)."""
+        if not self.enabled:
+            return list(items)
+        parts: list = [None] * self.world_size
+        tdist.all_gather_object(parts, list(items))
+        return [item for part in parts for item in part]
+
     def barrier(self) -> None:
         if self.enabled:
             tdist.barrier()

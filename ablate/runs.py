@@ -8,6 +8,7 @@ cannot run is recorded without touching a finished run.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import platform
@@ -15,16 +16,18 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ablate.config import operator_label, spec_from_cfg, sweep_name
+from ablate.config import CONF_DIR, operator_label, spec_from_cfg, sweep_name
 from ablate.space.rules import InvalidOperatorError
 from ablate.tracking import RunLocked, RunStore, run_folder_name, safe_name
 from ablate.tracking.code import code_identity
 from ablate.tracking.identity import NOT_IDENTITY, IdentityConflict, experiment_key, identity_from_config
 
 __all__ = ["run_identity", "run_label", "run_folder", "describe_run", "record_unrunnable", "provenance",
-           "PACKAGES"]
+           "pretraining_config", "pretraining_key", "derived_settings", "PACKAGES"]
 
 log = logging.getLogger(__name__)
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
@@ -40,7 +43,52 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     experiment = {k: cfg[k] for k in cfg if k not in NOT_IDENTITY}
     resolved = OmegaConf.to_container(OmegaConf.create(experiment, parent=cfg), resolve=True,
                                       enum_to_str=True)
+    resolved.update(derived_settings(cfg))
     return identity_from_config(resolved, cfg.trainer.seed, cfg.trainer.precision)
+
+
+def derived_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Settings of a run that follow from its config and define it too, so they are part of its
+    identity and of the config.yaml its folder records: for a downstream run, the experiment key of
+    the classification run its backbone starts from ("scratch" without one)."""
+    return {"pretrained_from": pretraining_key(cfg)} if "task" in cfg else {}
+
+
+@contextlib.contextmanager
+def _hydra():
+    """Compose inside a running Hydra app (its config search path), or start one for the call."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+# what makes a backbone: taken from the downstream run as it is, so an axis override carries over
+OPERATOR_KEYS = ("preset", "connectivity", "sharing", "dynamic", "block")
+
+
+def pretraining_config(cfg: DictConfig) -> DictConfig:
+    """The classification config of the run a downstream run's backbone starts from: the settings of
+    `pretrain.overrides` (results in `pretrain.sweep`) with the downstream run's operator (every axis
+    override included), model size and seed. One config, so one run folder: found, never guessed."""
+    p = cfg.pretrain
+    overrides = [f"operator={cfg.preset}", f"model={cfg.model.size.name}", *p.overrides,
+                 f"trainer.seed={cfg.trainer.seed}", f"trainer.results_root={cfg.trainer.results_root}",
+                 f"trainer.sweep={p.sweep}"]
+    with _hydra():
+        pre = compose(config_name="train", overrides=overrides)
+    with open_dict(pre):
+        for key in OPERATOR_KEYS:  # nodes of the same schema: assigned as they are (copied)
+            pre[key] = cfg[key]
+    return pre
+
+
+def pretraining_key(cfg: DictConfig) -> str:
+    """The experiment key of a downstream run's pretraining, or "scratch" (task.pretrained=false)."""
+    if not cfg.task.pretrained:
+        return "scratch"
+    return experiment_key(run_identity(pretraining_config(cfg)))
 
 
 def run_label(cfg: DictConfig) -> str:

@@ -305,6 +305,12 @@ RULES: dict[str, Rule] = {
     "logger.entity": Text(nullable=True),
     "logger.tags": Texts(),
     "logger.init_timeout": Number(low=0, low_open=True),
+    # the downstream tasks (ablate.config.DownstreamConfig)
+    "task.name": Choice(("detection", "segmentation")),
+    "task.pretrained": Flag(),
+    "head": Mapping(),
+    "pretrain.sweep": Text(what="a folder name"),
+    "pretrain.overrides": Texts(),
 }
 
 # `python -m ablate.measure`: the model side plus what it measures at.

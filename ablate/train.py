@@ -37,16 +37,16 @@ from ablate.tracking.identity import IdentityConflict
 from ablate.tracking.secrets import install_log_scrubber
 from ablate.training import train
 
-__all__ = ["main", "cli"]
+__all__ = ["job", "main", "cli", "run_command"]
 
 log = logging.getLogger("ablate.train")
 register_sweeper()  # `python -m ablate.train -m` sweeps with ablate's sweeper (conf/hydra/sweeper/)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, Any]:
-    """One job. A single run exits with its code; a sweep job returns its outcome to the sweeper,
-    having recorded it in the run folder whatever happened, so the sweep goes on."""
+def job(cfg: DictConfig) -> dict[str, Any]:
+    """One job of a command (this one, ablate.downstream). A single run exits with its code; a sweep
+    job returns its outcome to the sweeper, having recorded it in the run folder whatever happened,
+    so the sweep goes on."""
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun the other ranks only warn
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s", force=True)
     install_log_scrubber()
@@ -100,18 +100,26 @@ def _check_override_syntax(args: list[str]) -> None:
             sys.exit(EXIT_CODES["bad input"])
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """`python -m ablate.train [args]`, through the one error path of ablate/errors.py: bad input
-    (an override that does not parse, a config that does not compose or validate, in a single run or
-    a sweep) exits 2 with what to change; Ctrl-C 130, SIGTERM 143."""
+main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(job)
+
+
+def run_command(app, argv: list[str] | None, name: str) -> None:
+    """A Hydra command through the one error path of ablate/cli.py: bad input (an override that does
+    not parse, a config that does not compose or validate, in a single run or a sweep) exits 2 with
+    what to change; Ctrl-C 130, SIGTERM 143."""
     saved = sys.argv
     if argv is not None:
-        sys.argv = [saved[0] if saved else "ablate.train", *argv]
+        sys.argv = [saved[0] if saved else name, *argv]
     try:
         _check_override_syntax(sys.argv[1:])
-        run_cli(main, hydra_app=True)
+        run_cli(app, hydra_app=True)
     finally:
         sys.argv = saved
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python -m ablate.train [args]`."""
+    run_command(main, argv, "ablate.train")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import ablate  # noqa: F401  (registers the operator options)
-from ablate.config import build_model, check_train_config, spec_from_cfg
+from ablate.config import check_train_config, spec_from_cfg
 from ablate.data import DataError, build_data
 from ablate.distributed import (
     Dist,
@@ -43,12 +43,14 @@ from ablate.distributed import (
 )
 from ablate.errors import EXIT_CODES, Interrupted, signals_deferred
 from ablate.recipe import build_recipe, check_recipe
-from ablate.runs import describe_run, provenance, run_folder, run_identity
+from ablate.runs import derived_settings, describe_run, provenance, run_folder, run_identity
+from ablate.tasks import Task, task_of
+from ablate.tasks.classification import Classification
 from ablate.tracking import CheckpointError, RunLocked, RunStore, WandbMirror, scrub
 from ablate.tracking.identity import IdentityConflict
 from ablate.tracking.wandb_logger import summary_of
 
-__all__ = ["train", "train_one_epoch", "evaluate", "Diverged", "print_results"]
+__all__ = ["train", "train_one_epoch", "Diverged", "print_results"]
 
 log = logging.getLogger("ablate.train")
 
@@ -71,6 +73,17 @@ class Diverged(Exception):
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
+
+
+def _measured(task: Task) -> list[str]:
+    """The metrics columns of an epoch's row: val_<metric> for each, then test_<metric>."""
+    return [f"{split}_{m}" for split in ("val", "test") for m in task.metrics]
+
+
+def _shown(row: dict[str, Any], split: str, task: Task) -> str:
+    """"74.10/98.50": the split's metrics of an epoch's row, "-" where not measured."""
+    values = [row[f"{split}_{m}"] for m in task.metrics]
+    return "-" if any(v is None for v in values) else "/".join(f"{v:.2f}" for v in values)
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -165,32 +178,27 @@ class LossTally:
         self.pending = []
 
 
-def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int,
-                    dist: Dist | None = None) -> dict[str, float]:
+def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist: Dist | None = None,
+                    task: Task | None = None) -> dict[str, float]:
     """One epoch. Under DDP the loss shown, summed and checked for NaN is the global batch's (the
     mean over ranks), so every rank sees the same numbers and a divergence stops every rank."""
-    dist = dist or Dist()
+    dist, task = dist or Dist(), task or Classification()
     model.train()
     clip = cfg.optim.clip_grad
     tally, start = None, time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
                disable=cfg.trainer.quiet or not dist.is_main, dynamic_ncols=True, file=sys.stderr)
     try:
-        for images, labels in loader:
+        for images, targets in loader:
             tally = tally or LossTally(images.device)
-            targets = labels
-            if recipe.mixup is not None:
-                images, targets = recipe.mixup(images, labels)
-            with amp():
-                logits = model(images)
-            loss = recipe.criterion(logits.float(), targets)
+            loss = task.loss(model, images, targets, recipe, amp)
             recipe.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             recipe.optimizer.step()
             # the global batch's loss, read later; a non-finite one stops the run at its step
-            tally.add(step, average_scalar(dist, loss), labels.shape[0] * dist.world_size)
+            tally.add(step, average_scalar(dist, loss), len(images) * dist.world_size)
             step += 1
             recipe.scheduler.step_update(step)
             if recipe.ema is not None:
@@ -209,29 +217,11 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int,
 
 
 @torch.no_grad()
-def evaluate(model, loader, amp, dist: Dist | None = None) -> dict[str, float]:
-    """Top-1/top-5 in %. Under DDP each rank scores its share and the counts are summed."""
-    model.eval()
-    correct1 = correct5 = seen = 0
-    for images, labels in loader:
-        with amp():
-            logits = model(images).float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        seen += labels.shape[0]
-    correct1, correct5, seen = (dist or Dist()).sum([correct1, correct5, seen])
-    if seen == 0:  # data.val_size=0: no validation split
-        return {"top1": float("nan"), "top5": float("nan")}
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen}
-
-
-@torch.no_grad()
-def inference_throughput(model, loader, amp, batches: int) -> float | None:
+def inference_throughput(model, loader, amp, batches: int, task: Task | None = None) -> float | None:
     """Images per second of the model in eval mode over up to `batches` test batches. The first
     batch runs once untimed (allocators, kernels), then again timed, so one batch suffices."""
     model.eval()
+    task = task or Classification()
     images_seen, start, images = 0, None, None
 
     def sync():
@@ -241,11 +231,11 @@ def inference_throughput(model, loader, amp, batches: int) -> float | None:
     for i, (images, _) in enumerate(loader):
         if i == 0:
             with amp():
-                model(images)
+                task.infer(model, images)
             sync()
             start = time.perf_counter()
         with amp():
-            model(images)
+            task.infer(model, images)
         images_seen += images.shape[0]
         if i + 1 >= batches:
             break
@@ -326,23 +316,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reset_process_state(t.seed)  # the initial weights; nothing left over from an earlier job
     if t.threads:
         torch.set_num_threads(t.threads)
-    model = build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
+    task = task_of(cfg)
+    model = task.build_model(cfg)
     dist = init_distributed(t.distributed, t.device, t.backend, t.dist_timeout_min)
     try:
-        return _train(cfg, model, dist, store)
+        return _train(cfg, model, dist, store, task)
     finally:
         store.unlock()
         dist.close()
 
 
-def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any]:
+def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> dict[str, Any]:
     t = cfg.trainer
     spec = spec_from_cfg(cfg)
     done = dist.decide(_finished_record, store)
     if done is not None:
-        log.info("run already %s: %s (test top-1 %s); nothing to do. Delete the folder or change the "
-                 "config to train again.", done["status"], store.folder,
-                 _percent(done.get("final_test_top1")))
+        log.info("run already %s: %s (test %s %s); nothing to do. Delete the folder or change the "
+                 "config to train again.", done["status"], store.folder, task.primary,
+                 _percent(done.get(f"final_test_{task.primary}")))
         return done
 
     # what can fail is checked before anything is written: batch, disk, device, data
@@ -355,13 +346,15 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
     except OSError as err:  # e.g. PIL's UnidentifiedImageError: a damaged image file
         raise DataError(f"the data cannot be read: {err}. Replace or delete the damaged file, or set "
                         "data.root= to another copy of the data set.") from err
+    started_from = task.start_from(model, cfg)  # a downstream backbone's pretraining: now the data are there
 
     identity = scrub(run_identity(cfg))
     state, checkpoint = dist.decide(_open_run, store, identity, t.resume == "auto", dist.world_size)
     if state == "finished":
         log.info("run finished by another job meanwhile: %s", store.folder)
         return checkpoint
-    container = scrub(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    container = scrub({**resolved, **derived_settings(cfg)})  # config.yaml: what the run's identity reads
     if dist.is_main:
         store.write_config(OmegaConf.to_yaml(OmegaConf.create(container)))
 
@@ -417,7 +410,8 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
 
     params = sum(p.numel() for p in model.parameters())
     results: dict[str, Any] = {
-        "status": "running", **about, "stage_channels_per_group": list(model.stage_channels_per_group),
+        "status": "running", **about, "task": task.name, **started_from,
+        "stage_channels_per_group": list(model.stage_channels_per_group),
         "img_size": cfg.data.img_size, "num_classes": cfg.data.num_classes,
         "params": params, "params_m": params / 1e6, "gmac": model.macs() / 1e9,
         "epochs": cfg.schedule.epochs,
@@ -432,20 +426,21 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
         for epoch in range(start_epoch, cfg.schedule.epochs):
             seed_epoch(t.seed, epoch)
             data.train.set_epoch(epoch)
-            stats = train_one_epoch(forward, data.train, recipe, amp, cfg, epoch, step, dist)
+            stats = train_one_epoch(forward, data.train, recipe, amp, cfg, epoch, step, dist, task)
             step = stats["step"]
-            val = evaluate(evaluated(), data.val, amp, dist)
+            val = task.evaluate(evaluated(), data.val, amp, dist)
             last = epoch == cfg.schedule.epochs - 1
-            test = (evaluate(evaluated(), data.test, amp, dist) if t.test_every_epoch or last
-                    else {"top1": None, "top5": None})  # not measured: null in the row
+            test = (task.evaluate(evaluated(), data.test, amp, dist) if t.test_every_epoch or last
+                    else dict.fromkeys(task.metrics))  # not measured: null in the row
             row = {"epoch": epoch, "step": step, "train_loss": stats["train_loss"],
-                   "val_top1": val["top1"], "val_top5": val["top5"], "test_top1": test["top1"],
-                   "test_top5": test["top5"], "lr": recipe.optimizer.param_groups[0]["lr"],
-                   "samples_per_s": stats["samples_per_s"],
+                   **{f"val_{m}": val[m] for m in task.metrics},
+                   **{f"test_{m}": test[m] for m in task.metrics},
+                   "lr": recipe.optimizer.param_groups[0]["lr"], "samples_per_s": stats["samples_per_s"],
                    "elapsed_s": time.perf_counter() - run_start}
-            # the best epoch by validation accuracy (without a validation split: the latest epoch)
-            if best is None or not row["val_top1"] <= best["val_top1"]:
-                best = {k: row[k] for k in ("epoch", "val_top1", "val_top5", "test_top1", "test_top5")}
+            # the best epoch by the task's validation metric (without a validation split: the latest)
+            primary = f"val_{task.primary}"
+            if best is None or not row[primary] <= best[primary]:
+                best = {k: row[k] for k in ("epoch", *_measured(task))}
             history.append(row)
             if dist.is_main:
                 with signals_deferred():  # the row and its checkpoint together: Ctrl-C waits for both
@@ -460,13 +455,12 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
             checkpointed = epoch + 1
             wandb_run.log({k: v for k, v in row.items() if k != "epoch" and v is not None}
                           | {"epoch": epoch + 1}, step=step)
-            tested = "-" if row["test_top1"] is None else f"{row['test_top1']:.2f}/{row['test_top5']:.2f}"
-            log.info("epoch %d/%d  loss %.4f  val %.2f/%.2f  test %s  lr %.2e  %.0f img/s  %.0f s",
-                     epoch + 1, cfg.schedule.epochs, row["train_loss"], row["val_top1"], row["val_top5"],
-                     tested, row["lr"], row["samples_per_s"], row["elapsed_s"])
+            log.info("epoch %d/%d  loss %.4f  val %s  test %s  lr %.2e  %.0f img/s  %.0f s",
+                     epoch + 1, cfg.schedule.epochs, row["train_loss"], _shown(row, "val", task),
+                     _shown(row, "test", task), row["lr"], row["samples_per_s"], row["elapsed_s"])
         results["status"] = "completed"
         results["inference_samples_per_s"] = inference_throughput(
-            evaluated(), data.test, amp, t.inference_batches) if dist.is_main else None
+            evaluated(), data.test, amp, t.inference_batches, task) if dist.is_main else None
     except Diverged as err:
         results.update(status="diverged", diverged_step=err.step,
                        error=f"diverged: {err}; the checkpoint of the last finished epoch is kept. "
@@ -497,27 +491,30 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore) -> dict[str, Any
         # when the record was made (UTC): orders the code versions of an experiment's seeds
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **{f"best_{k}": v for k, v in (best or {}).items()},
-        **{f"final_{k}": history[-1][k] for k in ("val_top1", "val_top5", "test_top1", "test_top5")
-           if history},
+        **{f"final_{k}": history[-1][k] for k in _measured(task) if history},
     })
     if dist.is_main:
         store.write_results(results)
     wandb_run.summary(summary_of(scrub(results)))
     wandb_run.finish(exit_code=EXIT_CODES.get(results["status"], 1))
     if not t.quiet and dist.is_main:
-        print_results(results, store.folder)
+        print_results(results, store.folder, task)
     return results
 
 
-def print_results(results: dict[str, Any], folder: Path) -> None:
+def print_results(results: dict[str, Any], folder: Path, task: Task | None = None) -> None:
+    task = task or Classification()
     rows = [("status", results["status"]), ("operator", results["operator"]),
             ("model / data", f"{results['model']} / {results['data']}"),
             ("params / GMAC", f"{results['params_m']:.3f}M / {results['gmac']:.4f}")]
     r = results
-    if r.get("final_test_top1") is not None:  # null: stopped before the test split was evaluated
-        rows.append(("test top-1 / top-5", f"{r['final_test_top1']:.2f} / {r['final_test_top5']:.2f}"))
-    if r.get("best_val_top1") is not None:
-        rows.append(("best val top-1 (epoch)", f"{r['best_val_top1']:.2f} ({r['best_epoch'] + 1})"))
+    shown = task.metrics[:2] if task.name == "classification" else (task.primary,)
+    names = " / ".join(m.replace("top", "top-") for m in shown)
+    if all(r.get(f"final_test_{m}") is not None for m in shown):  # null: the test split was not evaluated
+        rows.append((f"test {names}", " / ".join(f"{r[f'final_test_{m}']:.2f}" for m in shown)))
+    if r.get(f"best_val_{task.primary}") is not None:
+        rows.append((f"best val {task.primary.replace('top', 'top-')} (epoch)",
+                     f"{r[f'best_val_{task.primary}']:.2f} ({r['best_epoch'] + 1})"))
     rows += [("wall time", f"{results['wall_time_s']:.0f} s"),
              ("train / inference img/s", f"{results.get('train_samples_per_s') or 0:.0f} / "
                                          f"{results.get('inference_samples_per_s') or 0:.0f}"),

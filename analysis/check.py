@@ -15,6 +15,7 @@ import pandas as pd
 
 from analysis.claims import CLAIMS_FILE, CLAIMS_PRINTED, claims_table, load_claims
 from analysis.comparison import COMPARISON_PRINTED, comparison_table
+from analysis.downstream import TASK_METRICS, downstream_printed, downstream_table
 from analysis.effects import EFFECTS_PRINTED, axis_effects
 from analysis.tables import Cell
 from analysis.tuning import report_runs
@@ -27,6 +28,8 @@ _COMPARISON_KEYS = {"operator": "operator", "settings": "settings", "block": "bl
 _EFFECT_KEYS = {"axis": "axis", "from": "from", "to": "to", "from_operator": "from operator",
                 "to_operator": "to operator", "settings": "settings", "block": "block", "model": "model",
                 "data": "data", "epochs": "epochs", "train_size": "train images"}
+_DOWNSTREAM_KEYS = {"operator": "operator", "backbone": "backbone from", "settings": "settings",
+                    "model": "model", "data": "data", "epochs": "epochs", "train_size": "train images"}
 _CLAIM_KEYS = {"claim": "claim", "from": "from", "to": "to", "settings": "settings", "model": "model",
                "data": "data", "epochs": "epochs", "train_size": "train images"}
 
@@ -114,10 +117,18 @@ def check_tables(results_dir: str | Path, report_dir: str | Path,
     _, runs, tuning = report_runs(results_dir, code)  # as the report: a tuned sweep's chosen runs
     free = (tuning["setting"],) if tuning else ()
     report_dir = Path(report_dir)
-    checked = _check("comparison", comparison_table(runs), report_dir / "comparison.csv",
-                     report_dir / "comparison.md", _COMPARISON_KEYS, COMPARISON_PRINTED)
-    checked += _check("axis_effects", axis_effects(runs), report_dir / "axis_effects.csv",
-                      report_dir / "axis_effects.md", _EFFECT_KEYS, EFFECTS_PRINTED)
+    classification = runs[runs["task"] == "classification"].reset_index(drop=True)
+    checked = 0
+    if (classification["status"] == "completed").any():
+        checked += _check("comparison", comparison_table(classification), report_dir / "comparison.csv",
+                          report_dir / "comparison.md", _COMPARISON_KEYS, COMPARISON_PRINTED)
+        checked += _check("axis_effects", axis_effects(classification), report_dir / "axis_effects.csv",
+                          report_dir / "axis_effects.md", _EFFECT_KEYS, EFFECTS_PRINTED)
+    for task in TASK_METRICS:
+        table = downstream_table(runs, task)
+        if not table.empty:
+            checked += _check(task, table, report_dir / f"{task}.csv", report_dir / f"{task}.md",
+                              _DOWNSTREAM_KEYS, downstream_printed(task))
     checked += _check("claims", claims_table(runs, load_claims(claims_file), free=free),
                       report_dir / "claims.csv", report_dir / "claims.md", _CLAIM_KEYS, CLAIMS_PRINTED)
     return checked

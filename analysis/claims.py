@@ -51,10 +51,18 @@ CLAIMS_FILE = Path(__file__).with_name("claims.yaml")
 OPERATOR_SETTINGS = ("preset", "block.", "connectivity.", "sharing.", "dynamic.")
 EXPECTATIONS = ("better", "worse", "on_par")
 NOT_IN_STORE = "not in this store"
-CLAIM_COLUMNS = ("id", "claim", "expect", "tolerance", "from", "to", "settings", "model", "data", "epochs",
-                 "train_size", "pairs", "delta_top1_mean", "delta_top1_std", "ci_low", "ci_high", "verdict",
-                 "seeds_needed", "where")
-CONTEXT_SHOWN = ("model", "data", "epochs", "train_size")
+# delta_top1_*: the difference of the claim's metric (top-1 for the paper's ImageNet claims, box AP,
+# mask AP or mIoU for its detection and segmentation ones), named as the effect table names it
+CLAIM_COLUMNS = ("id", "claim", "metric", "expect", "tolerance", "from", "to", "settings", "task", "model",
+                 "data", "epochs", "train_size", "pairs", "delta_top1_mean", "delta_top1_std", "ci_low",
+                 "ci_high", "verdict", "seeds_needed", "where")
+# what a claim may compare: final_test_<metric> of the runs
+METRICS = ("top1", "top5", "box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75", "miou",
+           "pixel_acc")
+# settings that follow from a side's operator and other settings, never part of a context: a downstream
+# run's pretraining (its operator's classification run, or scratch)
+DERIVED = ("pretrained_from",)
+CONTEXT_SHOWN = ("task", "model", "data", "epochs", "train_size")
 
 
 class ClaimsFileError(BadInput, ValueError):
@@ -70,10 +78,12 @@ class Claim:
     expect: str
     tolerance: float | None = None
     labels: tuple[str, str] = ("", "")  # how the two sides print
+    metric: str = "top1"  # the runs' final_test_<metric> is compared
 
 
 def _side_label(side: Mapping[str, Any]) -> str:
-    extra = ", ".join(f"{k}={v}" for k, v in side.items() if k != "operator")
+    extra = ", ".join(f"{k}={_canonical(v) if isinstance(v, bool) else v}" for k, v in side.items()
+                      if k != "operator")
     return side["operator"] + (f" ({extra})" if extra else "")
 
 
@@ -102,10 +112,13 @@ def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
         for key in ("id", "claim", "from", "to", "expect"):
             if key not in entry:
                 raise bad(f"missing key `{key}`")
-        unknown = set(entry) - {"id", "claim", "where", "from", "to", "expect", "tolerance"}
+        unknown = set(entry) - {"id", "claim", "where", "from", "to", "expect", "tolerance", "metric"}
         if unknown:
             raise bad(f"unknown key(s) {', '.join(sorted(unknown))}; a claim has id, claim, where, from, to, "
-                      "expect, tolerance")
+                      "expect, tolerance, metric")
+        metric = entry.get("metric", "top1")
+        if metric not in METRICS:
+            raise bad(f"`metric` must be one of {', '.join(METRICS)}; got {metric!r}")
         if entry["id"] in seen:
             raise bad("the id is used twice")
         seen.add(entry["id"])
@@ -121,11 +134,11 @@ def load_claims(path: str | Path = CLAIMS_FILE) -> list[Claim]:
         tolerance = entry.get("tolerance")
         if entry["expect"] == "on_par":
             if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-                raise bad(f"an on_par claim needs `tolerance:` > 0 (top-1 points); got {tolerance!r}")
+                raise bad(f"an on_par claim needs `tolerance:` > 0 (points of its metric); got {tolerance!r}")
             tolerance = float(tolerance)
         claims.append(Claim(str(entry["id"]), str(entry["claim"]), str(entry.get("where", "")),
                             (sides[0], sides[1]), entry["expect"], tolerance,
-                            (_side_label(sides[0]), _side_label(sides[1]))))
+                            (_side_label(sides[0]), _side_label(sides[1])), metric))
     return claims
 
 
@@ -170,13 +183,15 @@ def side_settings(side: Mapping[str, Any], window: Any = None) -> dict[str, str]
     return wanted
 
 
-def split_settings(settings: Mapping[str, Any], free: Sequence[str] = ()) -> tuple[dict[str, str], str]:
-    """An experiment's (operator settings, context key); the `free` settings (a tuned one, chosen per
-    operator) are in neither."""
-    kept = {k: _canonical(v) for k, v in settings.items() if k not in free}
-    operator = {k: v for k, v in kept.items() if _is_operator_setting(k)}
-    context = json.dumps({k: v for k, v in kept.items() if not _is_operator_setting(k)}, sort_keys=True)
-    return operator, context
+def split_settings(settings: Mapping[str, Any], free: Sequence[str] = (),
+                   compared: Sequence[str] = ()) -> tuple[dict[str, str], str]:
+    """An experiment's (side settings, context key): the side settings are the operator's and the
+    `compared` ones (a claim's sides may set other settings, e.g. task.pretrained); the `free`
+    settings (a tuned one, chosen per operator) and the DERIVED ones are in neither."""
+    kept = {k: _canonical(v) for k, v in settings.items() if k not in free and k not in DERIVED}
+    sided = {k: v for k, v in kept.items() if _is_operator_setting(k) or k in compared}
+    context = json.dumps({k: v for k, v in kept.items() if k not in sided}, sort_keys=True)
+    return sided, context
 
 
 def _verdict(claim: Claim, low: float, high: float) -> str:
@@ -203,19 +218,28 @@ def _seeds_needed(claim: Claim, mean: float, std: float) -> float:
 def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metric: str = ACCURACY,
                  free: Sequence[str] = ()) -> pd.DataFrame:
     """One row per claim and context holding both of its sides (else one row "not in this store"):
-    Δ = to - from over the paired seeds (mean, std, 95% t-interval), the verdict, and for an
-    unresolved claim the paired seeds that would settle it 4 times in 5. `free` settings may differ
-    between the sides (a tuned sweep: each operator at its chosen learning rate)."""
+    Δ = to - from of the claim's metric over the paired seeds (mean, std, 95% t-interval), the
+    verdict, and for an unresolved claim the paired seeds that would settle it 4 times in 5. `free`
+    settings may differ between the sides (a tuned sweep: each operator at its chosen learning rate).
+    `metric`: a column to compare for every claim instead of each claim's own."""
     claims = load_claims() if claims is None else claims
     groups = experiments(runs)
-    by_context: dict[str, list[tuple[dict[str, str], pd.DataFrame]]] = {}
-    for _, group in groups:
-        operator, context = split_settings(group.iloc[0]["settings"], free)
-        by_context.setdefault(context, []).append((operator, group))
     rows, settings = [], []
     for claim in claims:
-        base = {"id": claim.id, "claim": claim.claim, "expect": claim.expect, "tolerance": claim.tolerance,
-                "from": claim.labels[0], "to": claim.labels[1], "where": claim.where, "settings": ""}
+        column = f"final_test_{claim.metric}" if metric == ACCURACY else metric
+        if column not in runs or runs[column].isna().all():  # no run of the claim's task: not its store
+            continue
+        compared = sorted({k for side in claim.sides for k in side
+                           if k != "operator" and not _is_operator_setting(k)})
+        by_context: dict[str, list[tuple[dict[str, str], pd.DataFrame]]] = {}
+        for _, group in groups:
+            if column not in group or group[column].isna().all():  # runs of another task
+                continue
+            sided, context = split_settings(group.iloc[0]["settings"], free, compared)
+            by_context.setdefault(context, []).append((sided, group))
+        base = {"id": claim.id, "claim": claim.claim, "metric": claim.metric, "expect": claim.expect,
+                "tolerance": claim.tolerance, "from": claim.labels[0], "to": claim.labels[1],
+                "where": claim.where, "settings": ""}
         found = False
         for context, members in by_context.items():
             window = json.loads(context).get("model.window")  # canonical (JSON) like every value here
@@ -229,7 +253,7 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
             if not paired:
                 continue
             found = True
-            deltas = (dst.loc[paired, metric] - src.loc[paired, metric]).to_numpy(dtype=float)
+            deltas = (dst.loc[paired, column] - src.loc[paired, column]).to_numpy(dtype=float)
             interval = paired_difference(deltas).interval
             verdict = _verdict(claim, interval.low, interval.high)
             first = sides[0].iloc[0]
@@ -239,7 +263,8 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
                          "seeds_needed": _seeds_needed(claim, interval.mean, interval.std)
                          if verdict == "unresolved" and len(paired) >= 2 else math.nan})
             settings.append({k: v for k, v in first["settings"].items()
-                             if not _is_operator_setting(k) and k not in free})
+                             if not _is_operator_setting(k) and k not in free and k not in compared
+                             and k not in DERIVED})
         if not found:
             rows.append({**base, **{c: math.nan for c in CONTEXT_SHOWN}, "pairs": 0, "verdict": NOT_IN_STORE,
                          **{c: math.nan for c in ("delta_top1_mean", "delta_top1_std", "ci_low", "ci_high",
@@ -255,6 +280,11 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
     return table
 
 
+_METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "box_ap": "box AP", "box_ap50": "box AP50",
+                 "box_ap75": "box AP75", "mask_ap": "mask AP", "mask_ap50": "mask AP50",
+                 "mask_ap75": "mask AP75", "miou": "mIoU", "pixel_acc": "pixel acc."}
+
+
 def _expect_text(row) -> str:
     return f"on par (±{row['tolerance']:g})" if row["expect"] == "on_par" else str(row["expect"])
 
@@ -262,7 +292,7 @@ def _expect_text(row) -> str:
 # printed header -> the numbers it shows (analysis.check reads them back with the same cells)
 CLAIMS_PRINTED = {
     "paired seeds": count_cell("pairs", "seed"),
-    "Δtop-1 (points)": number_cell("delta_top1_mean", "+.2f"),
+    "Δ (points)": number_cell("delta_top1_mean", "+.2f"),
     "95% CI": interval_cell("ci_low", "ci_high", "pairs", "+.2f"),
     "verdict": text_cell("verdict"),
     "seeds to settle": seeds_needed_cell(),
@@ -271,13 +301,15 @@ CLAIMS_PRINTED = {
 
 def printed_claims(table: pd.DataFrame) -> pd.DataFrame:
     """The claims table as read in Markdown (a settings column only where contexts differ in one)."""
-    columns = {"claim": lambda r: r["claim"], "expect": _expect_text, "from": lambda r: r["from"],
-               "to": lambda r: r["to"]}
+    columns = {"claim": lambda r: r["claim"], "metric": lambda r: _METRIC_NAMES.get(r["metric"], r["metric"]),
+               "expect": _expect_text, "from": lambda r: r["from"], "to": lambda r: r["to"]}
     if len(table) and (table["settings"].fillna("") != "").any():
         columns["settings"] = lambda r: r["settings"]
     def context(column, whole=False):  # empty for a claim without runs (no context to show)
         return lambda r: "" if is_missing(r[column]) else f"{int(r[column])}" if whole else str(r[column])
 
+    if len(table) and (table["task"].fillna("classification") != "classification").any():
+        columns["task"] = context("task")
     columns.update({"model": context("model"), "data": context("data"), "epochs": context("epochs", True),
                     "train images": context("train_size", True)})
     columns.update(printed_cells(CLAIMS_PRINTED))

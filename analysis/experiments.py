@@ -27,6 +27,8 @@ _OPERATOR = ("preset", "connectivity.", "sharing.", "dynamic.", "block.")
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "operator": _OPERATOR, "preset": _OPERATOR, "from_operator": _OPERATOR, "block": ("block.",),
     "model": ("model.",), "data": ("data.",), "epochs": ("schedule.epochs",),
+    # a downstream run's task names its head too (conf/head follows conf/task)
+    "task": ("task.name", "head."),
     "train_size": ("data.train_subset", "data.val_size"),
 }
 

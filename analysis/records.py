@@ -22,25 +22,29 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ablate.tasks.metrics import DETECTION_METRICS, SEGMENTATION_METRICS
 from ablate.tracking.code import short
 from ablate.tracking.identity import experiment_key, experiment_of, flatten, identity_from_config
 from ablate.tracking.store import parse_record
 from analysis.axes import AXIS_COLUMNS, is_missing
 from analysis.code_versions import by_code_version
 
-__all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "row_from_record", "runs_frame",
+__all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "PRIMARY", "row_from_record",
+           "runs_frame",
            "load_runs", "read_record", "record_problems", "completed", "unreadable",
            "first_stage_channels_per_group"]
 
 UNREADABLE = "unreadable"  # the status of a row made from a record that cannot be trusted
 
-_DESCRIBING = ("sweep", "run", "status", "preset", "operator", "block", *AXIS_COLUMNS, "model", "data",
-               "seed", "experiment", "settings", "code")
+_DESCRIBING = ("sweep", "run", "status", "task", "preset", "operator", "block", *AXIS_COLUMNS, "model",
+               "data", "seed", "experiment", "settings", "code", "pretrained_experiment")
 _RESULTS = ("cpg", "epochs", "epochs_done", "train_size", "val_size", "test_size", "img_size",
             "num_classes", "batch_size", "lr", "params", "params_m", "gmac", "train_samples_per_s",
             "inference_samples_per_s", "peak_memory_mb", "wall_time_s", "best_epoch",
             "best_val_top1", "best_val_top5", "best_test_top1", "best_test_top5",
-            "final_val_top1", "final_val_top5", "final_test_top1", "final_test_top5")
+            "final_val_top1", "final_val_top5", "final_test_top1", "final_test_top5",
+            # the downstream tasks' (ablate/tasks/metrics.py), on the test split after the last epoch
+            *(f"final_test_{m}" for m in DETECTION_METRICS + SEGMENTATION_METRICS))
 _EXPLAINING = ("reason", "rule", "error", "git_commit", "path", "code_fingerprint", "recorded_at",
                "recorded_experiment")
 
@@ -51,7 +55,10 @@ _TEXT, _INTEGER, _NUMBER, _OBJECT = "text", "an integer", "a number", "an object
 _REQUIRED = {"status": _TEXT, "run": _TEXT, "preset": _TEXT, "operator": _TEXT}
 _REQUIRED_COMPLETED = {"model": _TEXT, "data": _TEXT, "block": _TEXT, "seed": _INTEGER, "epochs": _INTEGER,
                        "epochs_done": _INTEGER, "params_m": _NUMBER, "gmac": _NUMBER,
-                       "final_test_top1": _NUMBER, "experiment": _TEXT, "identity": _OBJECT}
+                       "experiment": _TEXT, "identity": _OBJECT}
+# the number every table of a task reads: a completed record of that task must hold it
+PRIMARY = {"classification": "final_test_top1", "detection": "final_test_box_ap",
+           "segmentation": "final_test_miou"}
 
 COLUMNS: tuple[str, ...] = (*_DESCRIBING, *_RESULTS, *_EXPLAINING)
 INTEGER_COLUMNS = ("seed", "epochs", "epochs_done", "train_size", "val_size", "test_size", "img_size",
@@ -100,6 +107,10 @@ def record_problems(record: Mapping[str, Any]) -> list[str]:
     required = dict(_REQUIRED)
     if record.get("status") == "completed":
         required.update(_REQUIRED_COMPLETED)
+        task = record.get("task", "classification")
+        if task not in PRIMARY:
+            return [f"'task' is {task!r}, not one of {', '.join(PRIMARY)}"]
+        required[PRIMARY[task]] = _NUMBER
     problems = []
     for key, kind in required.items():
         if key not in record or record[key] is None:
@@ -153,6 +164,7 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
     `config` is the run's nested config, consulted only where the record lacks a value.
     """
     row = {column: record.get(column) for column in COLUMNS}
+    row["task"] = record.get("task") or "classification"  # records made before there were other tasks
     cpg = row["channels_per_group"]
     if isinstance(cpg, list):  # hashable, so that rows can be grouped by their axes
         row["channels_per_group"] = tuple(cpg)

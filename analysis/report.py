@@ -34,6 +34,7 @@ from analysis.code_versions import MODES, code_note
 from analysis.comparison import comparison_table, printed_comparison, write_comparison
 from analysis.cost import plot_cost
 from analysis.data_scale import data_scale_data, plot_data_scale
+from analysis.downstream import plot_downstream, printed_downstream, write_downstream
 from analysis.effects import axis_effects, printed_effects, write_axis_effects
 from analysis.figure2 import figure2_data, plot_figure2
 from analysis.records import completed, load_runs, unreadable
@@ -158,12 +159,73 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
         raise ValueError(f"no completed run in {results_dir} ({counts}): nothing to report. "
                          f"See the reasons and errors in the runs' results.json.")
     out.mkdir(parents=True, exist_ok=True)
+    everything = runs  # the claims read every task's runs; the classification sections their own
+    runs = runs[runs["task"] == "classification"].reset_index(drop=True)
 
-    sections = [_Section("Code", code_note(load_runs(results_dir, code="pool"), runs, code) + " A record "
-                         "names its code by the fingerprint of the package's sources (and the git commit, + "
-                         "where the sources differed from it); `python -m ablate.tracking.code` prints this "
-                         "checkout's, so a report whose code is not the checkout's was made by other code."),
-                _figure2(runs, out), _data_scale(runs, out)]
+    note = code_note(load_runs(results_dir, code="pool"), everything, code)
+    sections = [_Section("Code", note + " A record names its code by the fingerprint of the package's "
+                         "sources (and the git commit, + where the sources differed from it); `python -m "
+                         "ablate.tracking.code` prints this checkout's, so a report whose code is not the "
+                         "checkout's was made by other code.")]
+    sections += _downstream(everything, out)
+    if not completed(runs).empty:
+        sections += _classification(runs, every_run, tuning, out)
+    write_claims(everything, out, claims, free=free)
+    sections.append(_Section(
+        "The paper's claims", f"Each claim of {Path(claims_file).name} compares two operators trained in one "
+        "experiment otherwise (every setting outside the operator equal), paired by seed: Δ = to - from "
+        "of the claim's metric with its paired 95% t-interval. better: supported when the interval is above "
+        "0, contradicted when below; on par: supported when the interval lies within ±tolerance, "
+        "contradicted when wholly outside; otherwise unresolved, with the paired seeds that would settle "
+        "it 4 times in 5. A claim whose two sides this store does not hold in one experiment says so."
+        + (f" Tuned sweep: each side at its own chosen {tuning['setting']}." if tuning else ""),
+        ["claims.md", "claims.csv"], table=printed_claims(claims_table(everything, claims, free=free))))
+    if weights and not completed(runs).empty:
+        sections.append(_weights(runs, out))
+    runs = every_run  # the runs table lists all of them, selection runs included
+    printed_runs = runs_table(runs)
+    write_table(_runs_numbers(runs), printed_runs, out / "runs", formats=("csv", "md"))
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
+    left_out = len(unreadable(runs))
+    sections.append(_Section("Runs", f"{len(runs)} runs: {counts}." + (
+        f" {left_out} unreadable record(s) were left out of every table and figure; the reason for each "
+        "is under reason / error." if left_out else ""), ["runs.md", "runs.csv"], table=printed_runs))
+
+    title = f"ablate report: {results_dir}"
+    (out / "index.md").write_text(_index_markdown(title, sections))
+    (out / "index.html").write_text(_index_html(title, sections))
+    return out / "index.md"
+
+
+def _downstream(runs: pd.DataFrame, out: Path) -> list[_Section]:
+    """The paper's Tables 3 and 4 where the store holds detection or segmentation runs."""
+    tables = write_downstream(runs, out)
+    if not tables:
+        return []
+    sections = []
+    texts = {"detection": "Table 3 of the paper: Mask R-CNN on each backbone (ablate/models/dense.py; the "
+                          "paper uses Cascade Mask R-CNN, which torchvision does not have), box and mask AP "
+                          "by pycocotools on the test split (AP at IoU 0.50:0.95, 0.50, 0.75).",
+             "segmentation": "Table 4 of the paper: UPerNet on each backbone, mIoU (the mean over classes "
+                             "of intersection over union, classes absent from labels and predictions left "
+                             "out) and pixel accuracy over the labelled pixels of the test split."}
+    for task, table in tables.items():
+        sections.append(_Section(
+            f"{task.capitalize()}", texts[task] + " One row per experiment, the mean over its seeds and the "
+            "95% t-interval of the mean; params and GMAC of the whole model at the task's input size (the "
+            "backbone counted analytically, the rest by PyTorch's FLOP formulas); backbone from: its "
+            "classification run of the same operator and seed, or scratch.", [f"{task}.md", f"{task}.csv"],
+            table=printed_downstream(table, task)))
+    if plot_downstream(tables, out / "downstream") is not None:
+        sections.append(_Section("Fine-tuned against from scratch", "Each task's main metric per operator: "
+                                 "the mean over seeds (bars) and its 95% interval (whiskers).",
+                                 ["downstream.png", "downstream.pdf"], image="downstream.png"))
+    return sections
+
+
+def _classification(runs: pd.DataFrame, every_run: pd.DataFrame, tuning, out: Path) -> list[_Section]:
+    """The classification sections: Figure 2, data scale, selection, comparison, cost, axis effects."""
+    sections = [_figure2(runs, out), _data_scale(runs, out)]
     if tuning:
         selection, _ = write_selection(every_run, tuning, out)
         sections.insert(0, _Section(
@@ -195,31 +257,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
         "training images/s."
         + ("" if len(effects) else " No such pair in this store."),
         ["axis_effects.md", "axis_effects.csv"], table=printed_effects(effects) if len(effects) else None))
-    write_claims(runs, out, claims, free=free)
-    sections.append(_Section(
-        "The paper's claims", f"Each claim of {Path(claims_file).name} compares two operators trained in one "
-        "experiment otherwise (every setting outside the operator equal), paired by seed: Δ = to - from "
-        "with its paired 95% t-interval. better: supported when the interval is above 0, contradicted when "
-        "below; on par: supported when the interval lies within ±tolerance, contradicted when wholly "
-        "outside; otherwise unresolved, with the paired seeds that would settle it 4 times in 5. A claim "
-        "whose two sides this store does not hold in one experiment says so."
-        + (f" Tuned sweep: each side at its own chosen {tuning['setting']}." if tuning else ""),
-        ["claims.md", "claims.csv"], table=printed_claims(claims_table(runs, claims, free=free))))
-    if weights:
-        sections.append(_weights(runs, out))
-    runs = every_run  # the runs table lists all of them, selection runs included
-    printed_runs = runs_table(runs)
-    write_table(_runs_numbers(runs), printed_runs, out / "runs", formats=("csv", "md"))
-    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items())
-    left_out = len(unreadable(runs))
-    sections.append(_Section("Runs", f"{len(runs)} runs: {counts}." + (
-        f" {left_out} unreadable record(s) were left out of every table and figure; the reason for each "
-        "is under reason / error." if left_out else ""), ["runs.md", "runs.csv"], table=printed_runs))
-
-    title = f"ablate report: {results_dir}"
-    (out / "index.md").write_text(_index_markdown(title, sections))
-    (out / "index.html").write_text(_index_html(title, sections))
-    return out / "index.md"
+    return sections
 
 
 def _index_markdown(title: str, sections: list[_Section]) -> str:

@@ -63,6 +63,21 @@ def test_a_cycle_inside_a_layer_breaks_the_acyclic_contract(copy_of_tree):
     assert "no import cycles between the modules of any package BROKEN" in done.stdout
 
 
+def test_every_module_of_the_package_has_a_layer():
+    """A module in no layer would be checked by no contract: the layers name every part of ablate."""
+    import pkgutil
+    import tomllib
+
+    import ablate
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    named = {m.strip() for layer in layers for m in layer.replace(":", "|").split("|")}
+    parts = {f"ablate.{m.name}" for m in pkgutil.iter_modules(ablate.__path__)}
+    assert parts - named == set(), f"add these to a layer in pyproject.toml: {sorted(parts - named)}"
+    assert named - parts - {"analysis"} == set()
+
+
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan's algorithm)."""
     index, low, on_stack, stack, found = {}, {}, set(), [], []

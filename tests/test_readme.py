@@ -139,7 +139,8 @@ def test_the_sweeps_table_lists_every_sweep_file_with_its_number_of_runs():
             plan.choose(lambda job, scored=scored: scored)
             followers, _ = plan.follower_jobs(expand_grids([], sweeper.get("params"), tuning.follow_grids))
             jobs = plan.selection_jobs() + plan.final_jobs() + followers
+        command = "downstream" if f"ablate.downstream -m sweeps={name}" in text else "train"  # its config
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            runs = {(experiment_key(i := run_identity(compose("train", overrides=[f"sweeps={name}", *job]))),
+            runs = {(experiment_key(i := run_identity(compose(command, overrides=[f"sweeps={name}", *job]))),
                      i["seed"]) for job in jobs}
         assert int(rows[name][2]) == len(runs), f"sweeps/{name}.yaml plans {len(runs)} runs"

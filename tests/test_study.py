@@ -56,6 +56,8 @@ def test_the_study_holds_both_sides_of_every_claim_at_its_main_budget():
 
     have = {(j["operator"], j.get("sharing.channels_per_group", default_cpg(j["operator"]))) for j in main}
     for claim in load_claims():
+        if claim.metric not in ("top1", "top5"):  # the detection and segmentation claims: make downstream
+            continue
         for side in claim.sides:
             extra = set(side) - {"operator", "sharing.channels_per_group"}
             assert not extra, f"the study test knows no side setting {extra}: extend it with the claims"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +17,16 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.data.config import DataConf
+from ablate.data.dense import CocoSplit, DenseLoader, ade_split, carve, coco_split
 from ablate.data.errors import DataError
 from ablate.data.folder import FolderLoader, FolderSplit, decode_folder, folder_transforms, scan_folder
 from ablate.data.memory import TensorLoader
 from ablate.data.sources import TENSOR_SOURCES, TensorSplit
-from ablate.data.split import stratified_split
+from ablate.data.split import SPLIT_SEED, stratified_split
 
 __all__ = ["Data", "BUILDERS", "build_data", "as_data_conf"]
 
-Loader = TensorLoader | FolderLoader
+Loader = TensorLoader | FolderLoader | DenseLoader
 
 
 @dataclass
@@ -191,9 +193,63 @@ def _build_folder(conf: DataConf, device: torch.device, seed: int, rank: int, wo
         classes=list(train_set.classes))
 
 
+def _dense_data(conf: DataConf, read, train_split: str, test_split: str, root: Path, device: torch.device,
+                seed: int, rank: int, world_size: int) -> Data:
+    """Detection or segmentation data of a COCO- or ADE20K-format folder (ablate/data/dense.py)."""
+    train = read(root, train_split, conf.in_chans, conf.img_size, conf.num_classes)
+    test = read(root, test_split, conf.in_chans, conf.img_size, conf.num_classes)
+    train_idx, val_idx = carve(len(train), conf.val_size, conf.train_subset)
+    test_idx = torch.arange(len(test))
+    if conf.test_subset is not None:
+        if not 1 <= conf.test_subset <= len(test):
+            raise DataError(f"data.test_subset={conf.test_subset} does not fit the {len(test)} images of "
+                            f"{test_split}: set it between 1 and {len(test)}, or null for all of them.")
+        test_idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        test_idx = test_idx[:conf.test_subset].sort().values
+    _check_batches(conf, len(train_idx), world_size)
+    common = dict(device=device, mean=list(conf.mean), std=list(conf.std), in_memory=conf.in_memory,
+                  num_workers=conf.num_workers, rank=rank, world_size=world_size)
+    return Data(
+        train=DenseLoader(train, train_idx, batch_size=conf.batch_size, train=True, seed=seed,
+                          hflip=conf.hflip, name=train_split, **common),
+        val=DenseLoader(train, val_idx, batch_size=conf.eval_batch_size, train=False, name=train_split,
+                        **common),
+        test=DenseLoader(test, test_idx, batch_size=conf.eval_batch_size, train=False, name=test_split,
+                         **common),
+        num_classes=conf.num_classes, in_chans=conf.in_chans, img_size=conf.img_size,
+        train_size=len(train_idx), val_size=len(val_idx), test_size=len(test_idx),
+        classes=[c["name"] for c in train.coco.loadCats(train.category_ids)] if isinstance(train, CocoSplit)
+        else [])
+
+
+def _build_coco(conf: DataConf, device, seed, rank, world_size, root: Path | None = None) -> Data:
+    root = Path(to_absolute_path(conf.root)) if root is None else root
+    return _dense_data(conf, coco_split, "train2017", "val2017", root, device, seed, rank, world_size)
+
+
+def _build_ade20k(conf: DataConf, device, seed, rank, world_size, root: Path | None = None) -> Data:
+    root = Path(to_absolute_path(conf.root)) if root is None else root
+    return _dense_data(conf, ade_split, "training", "validation", root, device, seed, rank, world_size)
+
+
+def _build_garment_scenes(build, form: str, conf: DataConf, device, seed, rank, world_size) -> Data:
+    """The garment scenes (ablate/data/scenes.py) under <data.root>/scenes, written on first use from
+    the Fashion-MNIST files under data.root."""
+    from ablate.data.scenes import ensure_scenes  # here: `python -m ablate.data.scenes` imports this package
+
+    root = Path(to_absolute_path(conf.root))
+    ensure_scenes(root / "scenes", root)
+    return build(conf, device, seed, rank, world_size, root=root / "scenes" / form)
+
+
 # data.name -> builder(conf, device, seed, rank, world_size)
 BUILDERS: dict[str, Callable[[DataConf, torch.device, int, int, int], Data]] = {
     **{name: functools.partial(_build_tensor_set, load) for name, load in TENSOR_SOURCES.items()},
     "imagenet": _build_folder,
     "imagefolder": _build_folder,  # any other data set in the ImageNet layout
+    # detection (COCO format) and semantic segmentation (ADE20K format)
+    "coco": _build_coco,
+    "ade20k": _build_ade20k,
+    "garment_scenes_coco": functools.partial(_build_garment_scenes, _build_coco, "coco"),
+    "garment_scenes_ade20k": functools.partial(_build_garment_scenes, _build_ade20k, "ade20k"),
 }
