@@ -308,7 +308,9 @@ def printed_claims(table: pd.DataFrame) -> pd.DataFrame:
     def context(column, whole=False):  # empty for a claim without runs (no context to show)
         return lambda r: "" if is_missing(r[column]) else f"{int(r[column])}" if whole else str(r[column])
 
-    if len(table) and (table["task"].fillna("classification") != "classification").any():
+    # a task column only where a claim is judged on detection or segmentation (an all-missing column
+    # is float, hence the cast before filling)
+    if len(table) and (table["task"].astype(object).fillna("classification") != "classification").any():
         columns["task"] = context("task")
     columns.update({"model": context("model"), "data": context("data"), "epochs": context("epochs", True),
                     "train images": context("train_size", True)})

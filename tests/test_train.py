@@ -150,9 +150,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_a_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
-    import ablate.training as train_module
+    import ablate.tasks.classification as classification
 
-    real_build = train_module.build_model
+    real_build = classification.build_model
 
     def poisoned(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -165,7 +165,7 @@ def test_a_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
         model.head.register_forward_hook(nan_after_three)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", poisoned)
+    monkeypatch.setattr(classification, "build_model", poisoned)
     cfg = cfg_for(tmp_path, "logger=none", "schedule.epochs=2", "data.train_subset=300")
     results = train(cfg)
     assert results["status"] == "diverged"
