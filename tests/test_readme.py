@@ -99,7 +99,7 @@ def test_the_study_section_shows_the_study_report_itself():
     a rerun elsewhere may move the numbers and verdicts, not the claims or what they compare."""
     study = section("The study")
     assert_shows_report_table(study, ROOT / "reports" / "study" / "claims.md",
-                              ("paired seeds", "Δtop-1 (points)", "95% CI", "verdict", "seeds to settle"))
+                              ("paired seeds", "Δ (points)", "95% CI", "verdict", "seeds to settle"))
     assert_images_exist(study)
     assert "figure2" in study and "data_scale" in study and "selection" in study
 
