@@ -108,6 +108,14 @@ def write_downstream(runs: pd.DataFrame, out_dir: Path) -> dict[str, pd.DataFram
     return written
 
 
+def _bar_labels(table: pd.DataFrame) -> list[str]:
+    """One label per pair of bars: the operator, with every shown setting that differs between the
+    table's rows (a store with two model sizes or two data sets has two bars per operator)."""
+    varying = [c for c in ("settings", "model", "data", "epochs", "train_size") if table[c].nunique() > 1]
+    return [" ".join([str(row["operator"]), *(str(row[c]) for c in varying if str(row[c]))])
+            for _, row in table.iterrows()]
+
+
 def plot_downstream(tables: dict[str, pd.DataFrame], out: Path) -> list[Path] | None:
     """Each task's main metrics per operator, fine-tuned beside from scratch: the mean over seeds (bar)
     and its 95% t-interval (whisker; none for one seed)."""
@@ -118,19 +126,18 @@ def plot_downstream(tables: dict[str, pd.DataFrame], out: Path) -> list[Path] | 
     fig = new_figure((4.2 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (task, metric, name) in zip(axes, panels):
-        table = tables[task]
-        operators = list(dict.fromkeys(table["operator"]))
+        table = tables[task].assign(bar=_bar_labels(tables[task]))
+        labels = list(dict.fromkeys(table["bar"]))
         for k, (backbone, color) in enumerate((("classification run", "#3b6ea5"), ("scratch", "#bbbbbb"))):
-            part = table[table["backbone"] == backbone].set_index("operator")
-            x = np.arange(len(operators)) + (k - 0.5) * 0.38
-            means = [part.loc[o, f"{metric}_mean"] if o in part.index else np.nan for o in operators]
-            low = [part.loc[o, f"{metric}_low"] if o in part.index else np.nan for o in operators]
-            high = [part.loc[o, f"{metric}_high"] if o in part.index else np.nan for o in operators]
+            part = table[table["backbone"] == backbone].set_index("bar")
+            x = np.arange(len(labels)) + (k - 0.5) * 0.38
+            means, low, high = ([part.loc[b, column] if b in part.index else np.nan for b in labels]
+                                for column in (f"{metric}_mean", f"{metric}_low", f"{metric}_high"))
             errors = np.array([[m - lo if np.isfinite(lo) else 0 for m, lo in zip(means, low)],
                                [hi - m if np.isfinite(hi) else 0 for m, hi in zip(means, high)]])
             label = "from scratch" if backbone == "scratch" else "fine-tuned from its classification run"
             ax.bar(x, means, width=0.36, color=color, label=label, yerr=errors, capsize=3)
-        ax.set_xticks(np.arange(len(operators)), operators, rotation=20, ha="right")
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right")
         ax.set_ylabel(f"{name} (%)")
         ax.set_title(f"{task}: {name}")
     axes[0].legend(fontsize=8, loc="lower left")

@@ -209,9 +209,11 @@ def _downstream(runs: pd.DataFrame, out: Path) -> list[_Section]:
              "segmentation": "Table 4 of the paper: UPerNet on each backbone, mIoU (the mean over classes "
                              "of intersection over union, classes absent from labels and predictions left "
                              "out) and pixel accuracy over the labelled pixels of the test split."}
+    titles = {"detection": "Table 3: detection and instance segmentation",
+              "segmentation": "Table 4: semantic segmentation"}
     for task, table in tables.items():
         sections.append(_Section(
-            f"{task.capitalize()}", texts[task] + " One row per experiment, the mean over its seeds and the "
+            titles[task], texts[task] + " One row per experiment, the mean over its seeds and the "
             "95% t-interval of the mean; params and GMAC of the whole model at the task's input size (the "
             "backbone counted analytically, the rest by PyTorch's FLOP formulas); backbone from: its "
             "classification run of the same operator and seed, or scratch.", [f"{task}.md", f"{task}.csv"],

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from ablate.config import CONF_DIR
 from ablate.data.dense import IGNORE_LABEL, ade_split, coco_split
@@ -211,3 +212,131 @@ def test_missing_coco_data_exits_2_naming_the_folder_after_building_the_paper_si
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"{tmp_path / 'nowhere'}" in done.stderr and "COCO-format" in done.stderr
+
+
+# -- the paper's protocol end to end: pretraining runs, a downstream sweep, the report -------------------
+_PRETRAIN = ["data.train_subset=300", "data.val_size=100", "data.test_subset=100", "schedule.epochs=1"]
+_QUIET = ["logger=none", "trainer.quiet=true", "trainer.threads=1"]
+
+
+def _command(module: str, *overrides: str, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *overrides, *_QUIET, f"trainer.results_root={root}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def _downstream_overrides(coco: Path) -> list[str]:
+    """A COCO-format folder of a few scenes, fine-tuned from the classification runs `_PRETRAIN` makes."""
+    return ["data=coco", f"data.root={coco}", "data.img_size=64", "data.in_chans=1", "data.num_classes=10",
+            "data.in_memory=true", "data.num_workers=0", "data.mean=[0.286]", "data.std=[0.353]",
+            "data.val_size=2", "data.batch_size=4", "data.eval_batch_size=4", "schedule.epochs=1",
+            "pretrain.sweep=pre", "pretrain.overrides=[" + ",".join(f"'{o}'" for o in _PRETRAIN) + "]", "trainer.sweep=down"]
+
+
+@pytest.fixture(scope="module")
+def protocol_store(tmp_path_factory, garments):
+    """Classification runs (dwconv, local_attention; seeds 0, 1), then each fine-tuned on a COCO-format
+    folder and trained from scratch, by the commands `make downstream` runs."""
+    root = tmp_path_factory.mktemp("protocol")
+    coco = root / "coco"
+    for split, stream, count in (("train2017", 0, 12), ("val2017", 1, 6)):
+        write_coco(make_scenes(*garments, count, SMALL, stream), coco / split,
+                   coco / "annotations" / f"instances_{split}.json")
+    store = root / "results"
+    pre = _command("ablate.train", "-m", "operator=dwconv,local_attention", "trainer.seed=0,1",
+                   "trainer.sweep=pre", *_PRETRAIN, root=store)
+    assert pre.returncode == 0, pre.stdout[-2000:] + pre.stderr[-2000:]
+    down = _command("ablate.downstream", "-m", "operator=dwconv,local_attention", "task.pretrained=true,false",
+                    "trainer.seed=0,1", *_downstream_overrides(coco), root=store)
+    assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
+    return root, coco, store
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))]
+
+
+def test_each_downstream_run_starts_from_its_own_classification_run(protocol_store):
+    _, _, store = protocol_store
+    pretrained = {(r["operator"], r["seed"]): r for r in _records(store / "pre")}
+    runs = _records(store / "down")
+    assert len(pretrained) == 4 and len(runs) == 8
+    for run in runs:
+        assert run["status"] == "completed", run.get("error")
+        if run["pretrained_experiment"] == "scratch":
+            continue
+        source = pretrained[(run["operator"], run["seed"])]  # same operator and seed, never another's
+        assert run["pretrained_experiment"] == source["experiment"]
+        assert Path(run["pretrained_run"]).name == Path(source["run"]).name
+    # the pretraining is part of the identity: fine-tuned and from-scratch runs are two experiments
+    experiments = {(r["operator"], r["pretrained_experiment"] == "scratch"): r["experiment"] for r in runs}
+    assert len(set(experiments.values())) == 4
+
+
+def test_the_backbone_holds_the_classification_weights_at_the_first_step(protocol_store):
+    """load_pretrained puts the classification run's backbone weights (all but its classifier) into
+    the detector's backbone, bit for bit."""
+    from ablate.tasks import task_of
+
+    _, coco, store = protocol_store
+    cfg = _config(store.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
+                  "task.pretrained=true")
+    with open_dict(cfg):
+        cfg.trainer.results_root = str(store)
+    task = task_of(cfg)
+    detector = task.build_model(cfg)
+    said = task.start_from(detector, cfg)
+    backbone = detector.features.net
+    source = next(p for p in (store / "pre").iterdir() if p.name.startswith("dwconv-") and "-s1-" in p.name)
+    saved = torch.load(source / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    state = backbone.state_dict()
+    compared = [k for k in saved if not k.startswith("head.") and k in state]
+    assert len(compared) > 20 and said["pretrained_experiment"] != "scratch"
+    for key in compared:
+        assert torch.equal(state[key], saved[key]), key
+
+
+def test_a_missing_classification_run_exits_2_with_the_command_that_trains_it(protocol_store, tmp_path):
+    _, coco, _ = protocol_store
+    done = _command("ablate.downstream", *_downstream_overrides(coco), "operator=dynamic_dwconv",
+                    root=tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "python -m ablate.train operator=dynamic_dwconv model=micro" in done.stderr
+    assert "task.pretrained=false" in done.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_the_report_prints_table_3_and_judges_fine_tuning_against_scratch(protocol_store, tmp_path):
+    """Every number of the detection table is the mean and 95% t-interval over seeds of the records;
+    the claim "pretraining helps" pairs the fine-tuned and from-scratch runs by seed."""
+    import pandas as pd
+
+    from analysis.stats import t_interval
+
+    _, _, store = protocol_store
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "analysis.report", str(store / "down"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "downstream.png").is_file() and not (out / "segmentation.csv").exists()
+    table = pd.read_csv(out / "detection.csv")
+    runs = _records(store / "down")
+    assert len(table) == 4
+    for _, row in table.iterrows():
+        scratch = row["backbone"] == "scratch"
+        mine = [r for r in runs if r["operator"] == row["operator"]
+                and (r["pretrained_experiment"] == "scratch") == scratch]
+        interval = t_interval([r["final_test_box_ap"] for r in mine])
+        assert row["seeds"] == 2
+        assert row["box_ap_mean"] == pytest.approx(interval.mean)
+        assert row["box_ap_low"] == pytest.approx(interval.low) and row["box_ap_high"] == pytest.approx(interval.high)
+        assert row["gmac"] == pytest.approx(mine[0]["gmac"])
+    assert "## Table 3" in (out / "index.md").read_text()
+    claims = pd.read_csv(out / "claims.csv")
+    helps = claims[claims["id"] == "pretraining_helps_detection_dwconv"]
+    assert len(helps) == 1
+    by_seed = {(r["seed"], r["pretrained_experiment"] == "scratch"): r["final_test_box_ap"]
+               for r in runs if r["operator"] == "dwconv"}
+    deltas = [by_seed[(s, False)] - by_seed[(s, True)] for s in (0, 1)]
+    assert helps.iloc[0]["delta_top1_mean"] == pytest.approx(float(np.mean(deltas)))
+    assert helps.iloc[0]["pairs"] == 2
