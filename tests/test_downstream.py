@@ -248,7 +248,8 @@ def protocol_store(tmp_path_factory, garments):
                    "trainer.sweep=pre", *_PRETRAIN, root=store)
     assert pre.returncode == 0, pre.stdout[-2000:] + pre.stderr[-2000:]
     down = _command("ablate.downstream", "-m", "operator=dwconv,local_attention",
-                    "task.pretrained=true,false", "trainer.seed=0,1", *_downstream_overrides(coco), root=store)
+                    "task.pretrained=true,false", "trainer.seed=0,1", *_downstream_overrides(coco),
+                    root=store)
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
     return root, coco, store
 
@@ -342,3 +343,49 @@ def test_the_report_prints_table_3_and_judges_fine_tuning_against_scratch(protoc
     deltas = [by_seed[(s, False)] - by_seed[(s, True)] for s in (0, 1)]
     assert helps.iloc[0]["delta_top1_mean"] == pytest.approx(float(np.mean(deltas)))
     assert helps.iloc[0]["pairs"] == 2
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("task,data,metric", [("detection", "coco", "box_ap"),
+                                              ("segmentation", "ade20k", "miou")])
+def test_two_processes_evaluate_the_whole_test_split(folders, tmp_path, task, data, metric):
+    """Under torchrun (gloo) each rank evaluates its share of the test split and the metric is computed
+    over all of them: the recorded test metric equals the saved weights evaluated in one process."""
+    from ablate.data import build_data
+    from ablate.distributed import init_distributed
+    from ablate.tasks import task_of
+    from ablate.training import autocast
+
+    root = folders[0] if data == "coco" else folders[1]
+    classes = 10 if data == "coco" else 11
+    overrides = [f"task={task}", f"data={data}", f"data.root={root}", "data.img_size=64", "data.in_chans=1",
+                 f"data.num_classes={classes}", "data.in_memory=true", "data.num_workers=0",
+                 "data.mean=[0.286]", "data.std=[0.353]", "task.pretrained=false", "schedule.epochs=1",
+                 "data.val_size=2", "data.batch_size=2", "data.eval_batch_size=2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", _free_port(),
+         "-m", "ablate.downstream", "trainer=ddp", "trainer.device=cpu", *overrides, *_QUIET,
+         f"trainer.results_root={tmp_path / 'results'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = next((tmp_path / "results").rglob("results.json")).parent
+    record = json.loads((folder / "results.json").read_text())
+    assert record["world_size"] == 2 and record["test_size"] == 6
+
+    cfg = _config(tmp_path, *overrides)
+    model = task_of(cfg).build_model(cfg)
+    saved = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    test = build_data(cfg.data, torch.device("cpu"), seed=0).test
+    one = init_distributed(False, "cpu")
+    alone = task_of(cfg).evaluate(model, test, autocast(torch.device("cpu"), "auto"), one)
+    assert alone[metric] == pytest.approx(record[f"final_test_{metric}"], abs=1e-6)

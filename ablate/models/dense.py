@@ -40,8 +40,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ablate.models.backbone import AblateNet
 from ablate.models.blocks import LN_EPS
 
-__all__ = ["StageFeatures", "MaskRCNN", "UPerNet", "dense_macs", "head_settings", "HEAD_DEFAULTS",
-           "DETECTION_HEAD", "SEGMENTATION_HEAD"]
+__all__ = ["CLASSIFIER_PARTS", "StageFeatures", "MaskRCNN", "UPerNet", "dense_macs", "head_settings",
+           "HEAD_DEFAULTS", "DETECTION_HEAD", "SEGMENTATION_HEAD"]
 
 # The heads' settings where conf/head/*.yaml leaves them null: the papers' (torchvision's Mask R-CNN,
 # mmsegmentation's UPerNet for Swin-T), and at `micro` narrower heads in proportion to its stages
@@ -75,11 +75,20 @@ def head_settings(name: str, size: str, given: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in chosen.items()}
 
 
+# the parts of a classification network's state that its dense backbone has not: the final norm and
+# the classifier (a pretraining checkpoint's keys with these prefixes are not loaded)
+CLASSIFIER_PARTS = ("norm.", "head.")
+
+
 class StageFeatures(nn.Module):
     """The four stage maps of an AblateNet, each normed (Swin's detection backbone), as a list."""
 
     def __init__(self, net: AblateNet):
         super().__init__()
+        # the classifier's final norm reads the last map only and feeds nothing here (each stage has
+        # its own norm): kept, it would be a parameter without a gradient (counted in the params,
+        # refused by DDP)
+        net.norm = nn.Identity()
         self.net = net
         self.channels = [info["num_chs"] for info in net.feature_info]
         self.strides = [info["reduction"] for info in net.feature_info]

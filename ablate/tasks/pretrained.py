@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ablate.errors import ConfigError
+from ablate.models.dense import CLASSIFIER_PARTS
 from ablate.runs import pretraining_config, run_folder
 from ablate.tracking import RunStore
 
@@ -48,9 +49,9 @@ def fit_position_tables(weights: dict[str, torch.Tensor],
 
 
 def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
-    """Load the pretraining run's weights into `backbone` (an AblateNet without its classifier);
-    returns what the record says of it. ConfigError naming the folder and the command where the run
-    is missing or unfinished, or where its weights do not fit this backbone."""
+    """Load the pretraining run's weights into `backbone` (an AblateNet without its final norm and
+    classifier); returns what the record says of it. ConfigError naming the folder and the command
+    where the run is missing or unfinished, or where its weights do not fit this backbone."""
     pre = pretraining_config(cfg)
     folder = run_folder(pre)
     record = RunStore(folder).read_results()
@@ -63,7 +64,7 @@ def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any
                           f"in {folder}): train it first, `{command}` (or set task.pretrained=false to train "
                           "from scratch).")
     checkpoint = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith("head.")}
+    weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith(CLASSIFIER_PARTS)}
     weights = fit_position_tables(weights, backbone.state_dict())
     try:
         missing, unexpected = backbone.load_state_dict(weights, strict=False)
@@ -72,7 +73,7 @@ def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any
         raise ConfigError(f"the weights of {folder} do not fit this backbone at data.img_size="
                           f"{cfg.data.img_size}: {first} An operator with a weight per position of the map "
                           "cannot change its input size; set task.pretrained=false.") from err
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith(CLASSIFIER_PARTS)]
     if missing or unexpected:
         raise ConfigError(f"the weights of {folder} do not fit this backbone (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}): the pretraining run must have this run's operator "
