@@ -144,3 +144,64 @@ def test_the_sweeps_table_lists_every_sweep_file_with_its_number_of_runs():
             runs = {(experiment_key(i := run_identity(compose(command, overrides=[f"sweeps={name}", *job]))),
                      i["seed"]) for job in jobs}
         assert int(rows[name][2]) == len(runs), f"sweeps/{name}.yaml plans {len(runs)} runs"
+
+
+DOWNSTREAM_MEASURED = ("box AP", "box AP 95% CI", "AP50", "AP75", "mask AP", "mask AP 95% CI", "mask AP50",
+                       "mask AP75", "mIoU", "mIoU 95% CI", "pixel acc.")
+
+
+def test_the_downstream_section_shows_its_report_and_commands_that_compose():
+    """The README's Tables 3 and 4 are those `make downstream` wrote (reports/downstream/), and every
+    `python -m ablate.train|downstream` line of the section composes as written, the downstream ones
+    with the classification run their backbone starts from (the paper's protocol on COCO and ADE20K:
+    an ImageNet run at the paper's recipe)."""
+    import shlex
+
+    from ablate.runs import pretraining_config, run_folder
+
+    text = section("The paper's other two tasks")
+    for task in ("detection", "segmentation"):
+        shown = text[text.index(f"reports/downstream/{task}.md"):]
+        assert_shows_report_table(shown, ROOT / "reports" / "downstream" / f"{task}.md", DOWNSTREAM_MEASURED)
+    assert_images_exist(text)
+    lines = [line.split("#")[0].strip() for line in text.splitlines() if line.strip().startswith("python -m")]
+    commands = [shlex.split(line) for line in lines]
+    assert {c[2] for c in commands} == {"ablate.train", "ablate.downstream"} and len(commands) >= 6
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        configs = [(c[2], compose("downstream" if c[2] == "ablate.downstream" else "train", overrides=c[3:]))
+                   for c in commands]
+        trained = {run_folder(cfg) for module, cfg in configs if module == "ablate.train"}
+        for module, cfg in configs:
+            if module == "ablate.downstream" and cfg.task.pretrained:
+                # the backbone starts from a run a command of the section trains
+                assert run_folder(pretraining_config(cfg)) in trained, " ".join(map(str, cfg.data.values()))
+    imagenet = [cfg for module, cfg in configs if module == "ablate.train" and cfg.data.name == "imagenet"]
+    assert imagenet and all(cfg.schedule.epochs == 300 and cfg.model.size.name == "tiny" for cfg in imagenet)
+
+
+def test_the_downstream_sizes_are_what_ablate_models_dense_counts():
+    """The README's sizes beside the paper's: every row's params from the model itself, and one row's
+    GMAC from the command the section names."""
+    import os
+    import subprocess
+    import sys
+
+    from ablate.models.dense import MaskRCNN, UPerNet, head_settings
+    from ablate.models.zoo import create
+
+    rows = re.findall(r"\| (\w+) \+ (Mask R-CNN|UPerNet), (\d+) x (\d+) \| ([\d.]+)M \| (\d+) \|",
+                      section("The paper's other two tasks"))
+    assert len(rows) == 6
+    for operator, head, h, w, params, _ in rows:
+        net = create(operator, "tiny", num_classes=0, img_size=(int(h), int(w)))
+        model = (MaskRCNN(net, 81, **head_settings("mask_rcnn", "tiny", {})) if head == "Mask R-CNN"
+                 else UPerNet(net, 150, **head_settings("upernet", "tiny", {})))
+        assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(float(params), abs=0.05)
+    operator, _, h, w, _, gmac = next(r for r in rows if r[:2] == ("dwconv", "UPerNet"))
+    done = subprocess.run([sys.executable, "-m", "ablate.models.dense", "--task", "segmentation",
+                           "--operator", operator], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"at {h} x {w}:" in done.stdout
+    counted = float(re.search(r"([\d.]+) GMAC", done.stdout).group(1))
+    assert counted == pytest.approx(float(gmac), abs=0.6)
