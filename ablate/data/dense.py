@@ -30,6 +30,7 @@ from PIL import Image
 
 from ablate.data.errors import DataError
 from ablate.data.seeding import epoch_generator
+from ablate.data.shards import EpochShards
 from ablate.data.split import SPLIT_SEED
 
 __all__ = ["IGNORE_LABEL", "CocoSplit", "AdeSplit", "DenseLoader", "letterbox_size", "coco_split",
@@ -214,7 +215,7 @@ def _flip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, di
     return image, target
 
 
-class DenseLoader:
+class DenseLoader(EpochShards):
     """Batches (images float32 normalized (B, C, S, S), targets list of dicts) on `device`.
 
     A training loader reshuffles and flips each epoch from (seed, epoch) only and drops the last
@@ -236,21 +237,6 @@ class DenseLoader:
         self.epoch = 0
         self._decoded: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def num_samples(self) -> int:
-        n = len(self.indices)
-        if self.train:
-            return (n // self.world_size) // self.batch_size * self.batch_size
-        return len(range(self.rank, n, self.world_size))
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
-
     def order(self, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample indices this rank sees, whether each is flipped) in `epoch`."""
         n = len(self.indices)
@@ -259,9 +245,7 @@ class DenseLoader:
         g = epoch_generator(self.seed, self.epoch if epoch is None else epoch)
         order = self.indices[torch.randperm(n, generator=g)]
         flips = torch.rand(n, generator=g) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
-        keep = slice(self.rank, (n // self.world_size) * self.world_size, self.world_size)
-        take = slice(0, self.num_samples)
-        return order[keep][take], flips[keep][take]
+        return self.shard(order, flips)
 
     def _sample(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if not self.in_memory:

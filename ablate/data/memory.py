@@ -6,17 +6,16 @@ stored tensor plus a few batched tensor ops (crop, flip, normalize) on the devic
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ablate.data.augment import Normalize, crop_flip, draw_crop_flip
 from ablate.data.seeding import epoch_generator
+from ablate.data.shards import EpochShards
 
 __all__ = ["TensorLoader"]
 
 
-class TensorLoader:
+class TensorLoader(EpochShards):
     """Iterate (images float32 normalized (B, C, H, W), labels int64 (B,)) on `device`.
 
     images / labels: a whole source split (the training or the test files), stored on `device` or on
@@ -40,22 +39,6 @@ class TensorLoader:
         self.normalize = Normalize(mean, std, self.device)
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch."""
-        n = len(self.indices)
-        if self.train:
-            return (n // self.world_size) // self.batch_size * self.batch_size
-        return len(range(self.rank, n, self.world_size))
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
-
     def order(self, epoch: int | None = None) -> torch.Tensor:
         """The source indices this rank sees in `epoch` (default: the current one), in order."""
         return self._draw(self.epoch if epoch is None else epoch)[0]
@@ -69,9 +52,7 @@ class TensorLoader:
         # draw for the whole epoch before sharding, so every rank agrees and one process sees what
         # world_size processes see together
         offsets, flips = draw_crop_flip(n, self.crop_padding, self.hflip, g)
-        keep = slice(self.rank, (n // self.world_size) * self.world_size, self.world_size)
-        take = slice(0, self.num_samples)
-        return order[keep][take], offsets[keep][take], flips[keep][take]
+        return self.shard(order, offsets, flips)
 
     def __iter__(self):
         order, offsets, flips = self._draw(self.epoch)
