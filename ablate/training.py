@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import math
 import random
@@ -385,9 +386,12 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
 
     forward = model
     if dist.enabled:
-        # buffers are not broadcast each step: synchronised BN keeps them equal on every rank
+        # buffers are not broadcast each step: synchronised BN keeps them equal on every rank (torch
+        # 2.14 renamed the flag and warns at the old name; earlier releases know only the old one)
+        flag = ("forward_sync_buffers" if "forward_sync_buffers"
+                in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          **{flag: False})
     if t.compile:  # true or a mode of torch.compile
         # static shapes: a batch size of its own (the last eval batch) compiles once more, where
         # dynamic shapes would trace every size symbolically (and inductor fails on some of them)
