@@ -141,7 +141,7 @@ def test_seeds_of_two_code_versions_are_not_pooled_without_saying_so(repository,
     assert "2 older run(s) left out" in (newest / "index.md").read_text()
 
 
-@pytest.mark.parametrize("report", ["demo", "study"])
+@pytest.mark.parametrize("report", ["demo", "study", "downstream"])
 def test_the_committed_reports_name_the_code_that_made_them(report):
     """A committed report names a code fingerprint and commit, and that commit's package sources have
     that fingerprint: the report was made by the code of a commit in this history."""
