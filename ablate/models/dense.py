@@ -7,9 +7,11 @@ LayerNorm of its own as Swin's detection backbone does:
   the stages. The paper uses Cascade Mask R-CNN (mmdetection); torchvision has no cascade head, and
   Mask R-CNN is the closest it gives: the same backbone, FPN, RPN, RoIAlign and mask head, with one
   box head instead of three refining ones (Swin's paper reports Swin-T with both: 46.0 box AP with
-  Mask R-CNN 3x, 50.5 with the cascade). torchvision resizes and pads its inputs itself; here every
-  image already has the backbone's one input size (ablate/data/dense.py letterboxes them), so its
-  transform neither resizes nor normalises (the loader normalised).
+  Mask R-CNN 3x, 50.5 with the cascade). Its RoIAlign runs as two matrix products on a CPU where the
+  maps are small (ablate/models/roi_align.py: the same numbers, a backward no longer serial).
+  torchvision resizes and pads its inputs itself; here every image already has the backbone's one
+  input size (ablate/data/dense.py letterboxes them), so its transform neither resizes nor
+  normalises (the loader normalised).
 - `UPerNet`: the head of Xiao et al. (2018) as the paper uses it (mmsegmentation's UPerHead): a
   pyramid pooling module on the last stage, a top-down feature pyramid, every level upsampled to the
   first and fused, a 1x1 classifier; the logits upsampled to the input. An auxiliary FCN head on the
@@ -39,6 +41,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ablate.models.backbone import AblateNet
 from ablate.models.blocks import LN_EPS
+from ablate.models.roi_align import RoIAlignPyramid
 
 __all__ = ["CLASSIFIER_PARTS", "StageFeatures", "MaskRCNN", "UPerNet", "dense_macs", "head_settings",
            "HEAD_DEFAULTS", "DETECTION_HEAD", "SEGMENTATION_HEAD"]
@@ -198,8 +201,12 @@ class MaskRCNN(TorchvisionMaskRCNN):
         size = tuple(net.img_size)
         box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
         mask_head = MaskRCNNHeads(fpn_channels, [mask_channels] * mask_layers, 1)
+        # torchvision's poolers (the stage levels, 7 x 7 and 14 x 14 bins of 2 x 2 samples), with its CPU
+        # RoIAlign replaced on small maps by the equal, faster separable form (ablate/models/roi_align.py)
+        levels = [str(i) for i in range(len(features.channels))]
         super().__init__(
             backbone, num_classes=None, rpn_anchor_generator=anchors, box_head=box_head,
+            box_roi_pool=RoIAlignPyramid(levels, 7, 2), mask_roi_pool=RoIAlignPyramid(levels, 14, 2),
             box_predictor=_box_predictor(representation_size, num_classes), mask_head=mask_head,
             mask_predictor=_mask_predictor(mask_channels, num_classes),
             rpn_batch_size_per_image=rpn_batch, box_batch_size_per_image=roi_batch,
