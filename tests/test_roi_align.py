@@ -95,3 +95,17 @@ def test_mask_rcnn_pools_with_the_pyramid_pooler():
     assert isinstance(model.roi_heads.mask_roi_pool, RoIAlignPyramid)
     pools = model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool
     assert [(p.output_size, p.sampling_ratio) for p in pools] == [((7, 7), 2), ((14, 14), 2)]
+
+
+def test_the_flop_count_is_the_models_not_the_pooling_implementations():
+    """The separable form's matrix products are not the model's: its GMAC is counted with torchvision's
+    kernel (which the formulas leave out, as the paper's counter does), the same before and after."""
+    net = create("dwconv", "micro", num_classes=0, img_size=(64, 64))
+    model = MaskRCNN(net, 11, fpn_channels=16, representation_size=32, mask_channels=16, mask_layers=1,
+                     anchor_sizes=(8, 16, 32, 64, 128))
+    counted = model.macs()
+    pools = model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool
+    assert all(p.separable for p in pools)  # counting left the poolers as they were
+    for pool in pools:
+        pool.separable = False
+    assert model.macs() == counted

@@ -134,13 +134,18 @@ def dense_macs(model: nn.Module, features: StageFeatures, size: Sequence[int] | 
     """Multiply-accumulates of one inference forward of a detector or segmenter: the backbone's
     analytic count plus what PyTorch's FLOP formulas find in the rest (necks, heads; the detector's
     proposals as it makes them), at the backbone's input size. The formulas miss some of the
-    operators' kernels, which is why the backbone is counted analytically (docs/DESIGN.md)."""
+    operators' kernels, which is why the backbone is counted analytically (docs/DESIGN.md). RoIAlign
+    pools through torchvision's kernel here, which the formulas leave out as the paper's counter
+    (mmcv's) does: its separable CPU form would add matrix products the model does not have."""
     net = features.net
     h, w = net.img_size if size is None else size
     parameter = next(model.parameters())
     x = torch.zeros(1, net.in_chans, h, w, device=parameter.device, dtype=parameter.dtype)
     was_training = model.training
+    poolers = [m for m in model.modules() if isinstance(m, RoIAlignPyramid)]
     model.eval()
+    for pooler in poolers:
+        pooler.separable = False
     try:
         with torch.no_grad():
             with _FlopCount() as whole:
@@ -149,6 +154,8 @@ def dense_macs(model: nn.Module, features: StageFeatures, size: Sequence[int] | 
                 features(x)
     finally:
         model.train(was_training)
+        for pooler in poolers:
+            del pooler.separable  # the class's default again
     return features.macs() + (whole.flops - backbone.flops) // 2
 
 

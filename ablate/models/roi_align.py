@@ -81,7 +81,10 @@ def separable_roi_align(features: Tensor, rois: Tensor, output_size: int, spatia
 class RoIAlignPyramid(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign (the same levels, scales and numbers) whose pooling is
     `separable_roi_align` on a CPU where a level's map is small enough to gain by it
-    (SEPARABLE_MAX_COST), torchvision's roi_align elsewhere."""
+    (SEPARABLE_MAX_COST), torchvision's roi_align elsewhere, or everywhere with `separable = False`
+    (the FLOP count: the model's, not this implementation's matrix products)."""
+
+    separable = True
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
@@ -100,7 +103,7 @@ class RoIAlignPyramid(MultiScaleRoIAlign):
         return pooled
 
     def _separable(self, features: Tensor, out: int) -> bool:
-        if features.device.type != "cpu" or self.sampling_ratio <= 0:
+        if not self.separable or features.device.type != "cpu" or self.sampling_ratio <= 0:
             return False
         cost = features.shape[-2] * features.shape[-1] / (out * self.sampling_ratio ** 2)
         return cost <= SEPARABLE_MAX_COST
