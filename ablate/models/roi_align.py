@@ -94,7 +94,10 @@ class RoIAlignPyramid(MultiScaleRoIAlign):
                                                          self.canonical_level)
         out = self.output_size[0]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
-        levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(len(rois), dtype=torch.long, device=rois.device)
+        if len(maps) > 1:
+            levels = self.map_levels(boxes)
+        else:
+            levels = torch.zeros(len(rois), dtype=torch.long, device=rois.device)
         pooled = maps[0].new_zeros(len(rois), maps[0].shape[1], out, out)
         for level, (features, scale) in enumerate(zip(maps, self.scales)):
             mine = torch.where(levels == level)[0]
