@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.cli import run_cli
+from ablate.errors import ConfigError
 
 __all__ = ["TARGETS", "Step", "steps", "targets", "main"]
 
@@ -41,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The micro train step's samples/s measured on an H200 before this check existed: the yardstick of
 # "not launch-bound" (a micro run at 4x, or four runs sharing the GPU at 3.5x in all).
 MICRO_BEFORE = 4648.0
+# a step with less time than this left of --budget-s is not started: it could not finish
+MIN_STEP_S = 20.0
 
 
 @dataclass
@@ -98,8 +101,9 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
     selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
     share = 2 if quick else 4
     listed = [
-        Step("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
-             150, read=_pytest_counts),
+        # on a GPU machine's cores, workers share the GPU: inductor compiles the presets side by side
+        Step("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                               *(["-n", "8"] if gpu else []), "tests"], 150, read=_pytest_counts),
         Step("selfcheck float32", selfcheck, 90, env=interpret, read=_selfcheck_errors),
         Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
              read=_selfcheck_errors),
@@ -205,8 +209,10 @@ def _summary(name: str, numbers: dict[str, Any]) -> str:
     if "pytest" in numbers:
         return ", ".join(f"{n} {k}" for k, n in numbers["pytest"].items())
     if "cases" in numbers:
+        if not numbers["cases"]:
+            return "no case reported (log.txt)"
         bad = [c for c, v in numbers["cases"].items() if not v["ok"]]
-        worst = max((v["error"] for v in numbers["cases"].values()), default=None)
+        worst = max(v["error"] for v in numbers["cases"].values())
         return f"{len(numbers['cases'])} cases, largest relative error {worst:.1e}" + (
             f", failing: {', '.join(bad)}" if bad else "")
     if "models" in numbers:
@@ -217,8 +223,13 @@ def _summary(name: str, numbers: dict[str, Any]) -> str:
     return ""
 
 
-def check(device: str, out: Path, quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+def check(device: str, out: Path, quick: bool = False, only: list[str] | None = None,
+          budget_s: float | None = None) -> dict[str, Any]:
+    """Run the steps in order; with `budget_s`, each step gets at most the time left of it, and a step
+    with under MIN_STEP_S left is not started (the report names it), so a lent GPU's session ends with
+    a report of what fitted instead of a command killed midway."""
     out.mkdir(parents=True, exist_ok=True)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     env = _environment(device)
     log: list[dict] = []
     results: dict[str, Any] = {}
@@ -228,11 +239,20 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
         for step in steps(device, quick, Path(tmp)):
             if only and not any(o in step.name for o in only):
                 continue
-            print(f"gpu-check: {step.name} ...", flush=True)
-            started = time.perf_counter()
             # the limits keep a GPU session within its device time; on a CPU the check tests the
             # mechanism, and a busy machine must not fail it (CI failed it so, beside other work)
             limit = step.timeout_s if device.startswith("cuda") else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left < MIN_STEP_S:
+                    log.append({"step": step.name, "exit": "not run", "seconds": 0.0,
+                                "summary": f"not started: {max(left, 0):.0f} s of --budget-s left"})
+                    print(f"gpu-check: {step.name}: not started (budget)", flush=True)
+                    _write_report(out, env, log, results)
+                    continue
+                limit = left if limit is None else min(limit, left)
+            print(f"gpu-check: {step.name} ...", flush=True)
+            started = time.perf_counter()
             try:
                 done = subprocess.run(step.argv, cwd=REPO, capture_output=True, text=True,
                                       timeout=limit, env={**os.environ, **step.env})
@@ -261,12 +281,19 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
             summary = numbers.get("unreadable") or _summary(step.name, numbers)
             log.append({"step": step.name, "exit": code, "seconds": seconds, "summary": summary})
             print(f"gpu-check: {step.name}: exit {code} in {seconds:.0f} s; {summary}", flush=True)
-            goals = targets(results)
-            (out / "report.json").write_text(json.dumps(
-                {"environment": env, "steps": log, "results": results, "targets": goals}, indent=1))
-            (out / "report.md").write_text(_markdown(env, log, results, goals))
+            _write_report(out, env, log, results)
+    _write_report(out, env, log, results)
     print((out / "report.md").read_text())
     return {"steps": log, "results": results, "targets": targets(results)}
+
+
+def _write_report(out: Path, env: dict, log: list[dict], results: dict) -> None:
+    """report.json and report.md as they stand: written after every step, so a check stopped midway
+    keeps what it measured."""
+    goals = targets(results)
+    (out / "report.json").write_text(json.dumps(
+        {"environment": env, "steps": log, "results": results, "targets": goals}, indent=1))
+    (out / "report.md").write_text(_markdown(env, log, results, goals))
 
 
 def _folder_of(step: Step) -> str:
@@ -285,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports/gpu-check", help="folder for report.md, report.json, log.txt")
     p.add_argument("--quick", action="store_true", help="small versions of every step")
     p.add_argument("--only", nargs="+", help="run the steps whose names contain one of these words")
+    p.add_argument("--budget-s", type=float, help="seconds for the whole check: each step gets at most "
+                   "what is left, and steps that no longer fit are not started (the report names them)")
     a = p.parse_args(argv)
-    done = check(a.device, Path(a.out), a.quick, a.only)
+    if a.budget_s is not None and a.budget_s <= 0:
+        raise ConfigError(f"--budget-s must be a positive number of seconds, got {a.budget_s}")
+    done = check(a.device, Path(a.out), a.quick, a.only, a.budget_s)
     failed = [s["step"] for s in done["steps"] if s["exit"] != 0]
     if failed:
         print(f"gpu-check: {len(failed)} step(s) did not finish cleanly: {', '.join(failed)} (log.txt)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -154,3 +155,34 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert [t["target"] for t in report["targets"]] == [t[0] for t in gpu_check.TARGETS]
     text = (tmp_path / "report.md").read_text()
     assert "## Targets" in text and "micro run, eager" in text and (tmp_path / "log.txt").stat().st_size > 0
+
+
+def test_gpu_check_within_a_budget_names_the_steps_it_did_not_start(tmp_path, capsys):
+    """--budget-s: a lent GPU's device time ends; the steps that no longer fit are not started and
+    the report names them, instead of the whole command being killed with nothing written."""
+    from ablate import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--quick", "--budget-s", "1", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [s.name for s in gpu_check.steps("cpu", True, tmp_path)]
+    assert {s["exit"] for s in report["steps"]} == {"not run"}
+    assert "not started" in (tmp_path / "report.md").read_text()
+    assert "did not finish cleanly" in capsys.readouterr().err
+
+
+def test_gpu_check_refuses_a_budget_that_is_not_positive(tmp_path):
+    from ablate import gpu_check
+    from ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--budget-s"):
+        gpu_check.main(["--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)])
+
+
+def test_gpu_check_summarises_a_step_that_reported_nothing():
+    """A step that crashed before its first line of results still gets a row (the report is the
+    GPU session's only output), instead of the check failing on it."""
+    from ablate.gpu_check import _summary
+
+    assert _summary("selfcheck float32", {"cases": {}}) == "no case reported (log.txt)"
+    nothing = {"runs": 0, "completed": 0, "samples_per_s": []}
+    assert _summary("micro run, eager", nothing).startswith("0/0 runs completed")

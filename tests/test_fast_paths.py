@@ -443,7 +443,26 @@ def test_triton_kernels_through_the_interpreter():
     pytest.importorskip("triton")
     proc = _selfcheck("--device", "cpu", env={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" ok") == 7  # five kernel cases, two compiled operator families
+    from ablate.ops.fast.selfcheck import CASES
+
+    assert proc.stdout.count(" ok") == len(CASES) + 2  # every kernel case, two compiled operator families
+
+
+def test_a_batch_shared_weight_gradient_splits_the_batch_only_to_fill_the_gpu():
+    """Instances per program of the locally connected layer's weight gradient: the whole batch where
+    the tiles of positions alone give the programs wanted (one exact store per weight), else chunks
+    (atomic adds) until about that many programs, and never an empty chunk."""
+    pytest.importorskip("triton")
+    from ablate.ops.fast.triton_dw import _shared_chunks
+
+    assert _shared_chunks(128, programs=600, wanted=528) == 128  # the tiles alone fill 132 SMs
+    assert _shared_chunks(128, programs=147, wanted=528) == 32  # tiny stage 1: 4 chunks of 32
+    assert _shared_chunks(128, programs=24, wanted=528) == 6  # stage 4: 22 chunks, the last of 2
+    assert _shared_chunks(2, programs=1, wanted=528) == 1
+    for n in range(1, 40):
+        for programs in (1, 3, 50):
+            per = _shared_chunks(n, programs, 12)
+            assert 1 <= per <= n and (-(-n // per) - 1) * per < n  # the last chunk is not empty
 
 
 @pytest.mark.gpu

@@ -24,6 +24,10 @@ CASES = [
     ("inhomogeneous", 2, 6, 6, 5, 3, "position", 2, False),
     ("inhomogeneous-k5", 1, 4, 4, 6, 5, "position", 4, False),
     ("locally_connected", 2, 4, 5, 5, 3, "position", 4, True),
+    # 7 instances in chunks of 3, 3 and 1 (on the CPU): the batch-shared gradient summed by atomic adds
+    ("locally_connected-n7", 7, 4, 5, 5, 3, "position", 4, True),
+    # three tiles of positions fill the interpreter's programs: the whole batch in one program each
+    ("locally_connected-tiles", 2, 4, 12, 11, 3, "position", 4, True),
 ]
 
 

@@ -113,34 +113,44 @@ def _position_fwd(x_ptr, w_ptr, y_ptr, H, W, C, CG,
 
 
 @triton.jit
-def _position_wgrad(x_ptr, g_ptr, gw_ptr, N, H, W, C, CG,
+def _position_wgrad(x_ptr, g_ptr, gw_ptr, N, PER, H, W, C, CG,
                     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, swn, swg, swk, swh, sww,
-                    K: tl.constexpr, SHARED: tl.constexpr,
+                    K: tl.constexpr, ATOMIC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
-    # gw[n, g, k, i] = sum over c in group g of gy[n, i, c] x[n, i + d_k, c]; with SHARED (weights
-    # shared over the batch: the locally connected layer) also summed over n, inside the program, so
-    # no per-instance gradient (N times the weights) is ever written.
+    # gw[n, g, k, i] = sum over c in group g of gy[n, i, c] x[n, i + d_k, c]. A program sums PER
+    # instances from instance chunk * PER: per-instance weights have PER = 1 and their own row of gw;
+    # weights shared over the batch (the locally connected layer; swn = 0) are summed inside the
+    # program over its chunk of the batch, so no per-instance gradient (N times the weights) is ever
+    # written, and with several chunks (ATOMIC) the chunks' sums meet in a float32 gw by atomic adds.
     tiles = tl.cdiv(H * W, BLOCK_P)
     p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     g, c, cm = _group_tile(tl.program_id(1) * BLOCK_G, C, CG, BLOCK_G, BLOCK_CG)
     gm = g < tl.cdiv(C, CG)
     h, w = p // W, p % W
     pm = p < H * W
-    first = tl.program_id(0) // tiles  # the instance; 0 with SHARED (one program row over the batch)
-    count = N if SHARED else 1
+    chunk = (tl.program_id(0) // tiles).to(tl.int64)
+    first = chunk * PER
+    count = tl.minimum(PER, N - first)
     for t in tl.static_range(K * K):
         hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
         ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         acc = tl.zeros((BLOCK_P, BLOCK_G), dtype=tl.float32)
-        for i in range(count):
-            n = (first + i).to(tl.int64)
+        # a while loop, not range(count): Triton 3.6's interpreter cannot take a runtime bound under
+        # NumPy 2.5 (it converts a 1-element array to an int), and the tests run the interpreter
+        i = 0
+        while i < count:
+            n = first + i
             gv = tl.load(g_ptr + n * sgn + (h * sgh + w * sgw)[:, None, None] + c * sgc,
                          mask=pm[:, None, None] & cm, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + n * sxn + (hh * sxh + ww * sxw)[:, None, None] + c * sxc,
                          mask=ok[:, None, None] & cm, other=0.0).to(tl.float32)
             acc += tl.sum(xv * gv, axis=2)
-        out = gw_ptr + first.to(tl.int64) * swn + g[None, :] * swg + t * swk + (h * swh + w * sww)[:, None]
-        tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=pm[:, None] & gm[None, :])
+            i += 1
+        out = gw_ptr + chunk * swn + g[None, :] * swg + t * swk + (h * swh + w * sww)[:, None]
+        if ATOMIC:
+            tl.atomic_add(out, acc, mask=pm[:, None] & gm[None, :])
+        else:
+            tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=pm[:, None] & gm[None, :])
 
 
 @triton.jit
@@ -222,17 +232,37 @@ def _position_forward(x: torch.Tensor, w: torch.Tensor, k: int, adjoint: bool = 
     return y
 
 
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep a GPU busy: a few per multiprocessor. On the CPU (Triton's interpreter) a
+    small number, so that the tests' small shapes split a batch into uneven chunks as big ones do."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
+def _shared_chunks(n: int, programs: int, wanted: int) -> int:
+    """Instances per program of a batch-shared weight's gradient: the whole batch where its tiles
+    alone fill the GPU (an exact store, no atomics), else chunks of it until about `wanted` programs."""
+    chunks = min(n, max(1, -(-wanted // programs)))
+    return -(-n // chunks)
+
+
 def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int, dtype) -> torch.Tensor:
     """gw shaped as w (N|1, G, K*K, H, W): a weight shared over the batch gets the batch's sum."""
     n, c, h, wd = x.shape
-    shared = w_shape[0] == 1 and n != 1
-    gw = torch.empty(w_shape, dtype=dtype, device=x.device)
     block_g, block_cg, group_tiles = _group_blocks(c, w_shape[1])
-    grid = ((1 if shared else n) * triton.cdiv(h * wd, BLOCK_P), group_tiles)
-    _position_wgrad[grid](x, gy, gw, n, h, wd, c, c // w_shape[1], *_nhwc_strides(x), *_nhwc_strides(gy),
-                          *gw.stride(), K=k, SHARED=shared,
-                          BLOCK_P=BLOCK_P, BLOCK_G=block_g, BLOCK_CG=block_cg)
-    return gw
+    tiles = triton.cdiv(h * wd, BLOCK_P)
+    shared = w_shape[0] == 1 and n != 1
+    per = _shared_chunks(n, tiles * group_tiles, _programs_wanted(x.device)) if shared else 1
+    chunks = triton.cdiv(n, per)
+    atomic = shared and chunks > 1
+    gw = (torch.zeros(w_shape, dtype=torch.float32, device=x.device) if atomic
+          else torch.empty(w_shape, dtype=dtype, device=x.device))
+    swn = 0 if shared else gw.stride(0)
+    _position_wgrad[(chunks * tiles, group_tiles)](
+        x, gy, gw, n, per, h, wd, c, c // w_shape[1], *_nhwc_strides(x), *_nhwc_strides(gy),
+        swn, *gw.stride()[1:], K=k, ATOMIC=atomic, BLOCK_P=BLOCK_P, BLOCK_G=block_g, BLOCK_CG=block_cg)
+    return gw.to(dtype)
 
 
 def naive_position_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
