@@ -147,7 +147,10 @@ def _attend(q, k, v, mask, n: int) -> torch.Tensor:
             return t.view(n, -1, *t.shape[1:])
 
         return _LearnedMaskAttention.apply(split(q), split(k), split(v), mask).flatten(0, 1)
-    if mask is not None:  # one mask per window, the same for every image: (N * nW, G, T, T)
+    if mask is not None and mask.shape[0] > 1:  # one mask per window, the same for every image
+        # (N * nW, G, T, T): the windows' masks repeat every nW batch entries, which no broadcast
+        # expresses. A mask of one window (no shift: the position bias alone) stays (1, G, T, T):
+        # the kernels broadcast it, where expanding it would write the batch's copy of it.
         b, g, t = q.shape[:3]
         mask = mask.expand(b // n, g, t, t)[None].expand(n, b // n, g, t, t).reshape(b, g, t, t)
     if q.device.type == "cpu":  # flash takes the mask where it needs no gradient: try it first
