@@ -186,3 +186,26 @@ def test_gpu_check_summarises_a_step_that_reported_nothing():
     assert _summary("selfcheck float32", {"cases": {}}) == "no case reported (log.txt)"
     nothing = {"runs": 0, "completed": 0, "samples_per_s": []}
     assert _summary("micro run, eager", nothing).startswith("0/0 runs completed")
+
+
+@pytest.mark.parametrize("kind", ["static", "homogeneous", "inhomogeneous"])
+def test_depthwise_family_candidates_compute_the_baselines_function(kind):
+    """The bench times candidates side by side; each must compute its baseline's operator (same x,
+    same weights), forward and gradients, or its speed means nothing."""
+    from ablate import bench
+
+    device = torch.device("cpu")
+    x, wt = bench._dw_family(kind, 3, 8, 7, 6, 4, 3, device, torch.float64, seed=0)
+    cands = {"static": bench._static_candidates, "homogeneous": bench._homogeneous_candidates,
+             "inhomogeneous": bench._inhomogeneous_candidates}[kind](x, wt, device)
+    results = {}
+    for cand in cands:
+        fn, inputs, weights = cand.setup()
+        y = fn()
+        results[cand.name] = (y, *torch.autograd.grad(y, inputs + weights, torch.ones_like(y)))
+    base = results[next(c.name for c in cands if c.baseline)]
+    assert len(results) >= 3
+    for name, got in results.items():
+        for a, b in zip(got, base):
+            # static weights: candidates hold the kernel as (C, 1, k, k) or (1, C, k*k); compare values
+            torch.testing.assert_close(a.reshape(b.shape), b, msg=lambda m, name=name: f"{name}: {m}")
