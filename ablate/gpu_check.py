@@ -317,6 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.budget_s is not None and a.budget_s <= 0:
         raise ConfigError(f"--budget-s must be a positive number of seconds, got {a.budget_s}")
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {a.device}: PyTorch sees no CUDA GPU on this machine. Run the "
+                              "check on a GPU machine, or `python -m ablate.gpu_check --device cpu --quick` "
+                              "to run its steps small here.")
+    elif a.device != "cpu":
+        raise ConfigError(f"--device {a.device!r}: use cuda (a GPU, the default) or cpu")
     done = check(a.device, Path(a.out), a.quick, a.only, a.budget_s)
     failed = [s["step"] for s in done["steps"] if s["exit"] != 0]
     if failed:

@@ -176,6 +176,20 @@ def test_gpu_check_refuses_a_budget_that_is_not_positive(tmp_path):
 
     with pytest.raises(ConfigError, match="--budget-s"):
         gpu_check.main(["--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="use cuda .* or cpu"):
+        gpu_check.main(["--device", "tpu", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_gpu_check_without_a_gpu_says_so_at_once(tmp_path):
+    """`make gpu-check` on a machine without a GPU: one clear error (exit 2) before any step runs,
+    instead of seven failing steps."""
+    from ablate import gpu_check
+    from ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no CUDA GPU.*--device cpu --quick"):
+        gpu_check.main(["--out", str(tmp_path)])
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_gpu_check_summarises_a_step_that_reported_nothing():
