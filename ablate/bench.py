@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import ablate  # noqa: F401  (registers the operators)
 from ablate.cli import run_cli
+from ablate.distributed import checked_device
 from ablate.models.backbone import SIZES, stage_geometry
 from ablate.ops.mixer import SpatialMixer, apply_backend
 from ablate.space.presets import PRESETS
@@ -759,8 +760,7 @@ def _prewarm_only(args: BenchArgs, device, dtype, size: str, batch: int) -> None
 
 
 def run(args: BenchArgs) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = checked_device(args.device, "--device")
     gpu = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]

@@ -25,7 +25,10 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-__all__ = ["Dist", "CpuSyncBatchNorm", "init_distributed", "sync_batchnorm", "pooled_batchnorms"]
+from ablate.errors import ConfigError
+
+__all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "init_distributed", "sync_batchnorm",
+           "pooled_batchnorms"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,27 @@ def share_error_type(*types: type[Exception]) -> None:
 
 
 share_error_type(ValueError, OSError, RuntimeError)
+
+
+def checked_device(name: str, key: str) -> torch.device:
+    """The device `name` ("auto": a GPU where there is one) on this machine, or a ConfigError naming
+    the setting `key`: not cpu or cuda, a CUDA device where PyTorch sees no GPU, or an index past the
+    GPUs there are."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setting = f"{key} {name}" if key.startswith("-") else f"{key}={name}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{setting}: ablate runs on cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}, but PyTorch sees no CUDA GPU on this machine; use cpu")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{setting}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    return device
 
 
 @dataclass
@@ -60,11 +84,7 @@ class Dist:
 
     def device(self, name: str) -> torch.device:
         """The device of this rank: `auto` / `cuda` become cuda:<local rank> under torchrun."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu")
+        device = checked_device(name, "trainer.device")
         if device.type == "cuda" and device.index is None:  # set_device needs an index
             device = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
         if device.type == "cuda":

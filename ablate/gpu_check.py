@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.cli import run_cli
+from ablate.distributed import checked_device
 from ablate.errors import ConfigError
 
 __all__ = ["TARGETS", "Step", "steps", "targets", "main"]
@@ -317,15 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.budget_s is not None and a.budget_s <= 0:
         raise ConfigError(f"--budget-s must be a positive number of seconds, got {a.budget_s}")
-    if a.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {a.device}: PyTorch sees no CUDA GPU on this machine. Run the "
-                              "check on a GPU machine, or `python -m ablate.gpu_check --device cpu --quick` "
-                              "to run its steps small here.")
-    elif a.device != "cpu":
+    if a.device != "cpu" and not a.device.startswith("cuda"):
         raise ConfigError(f"--device {a.device!r}: use cuda (a GPU, the default) or cpu")
+    try:
+        checked_device(a.device, "--device")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (`python -m ablate.gpu_check --device cpu --quick` runs the check's "
+                          "steps small on this machine)") from None
     done = check(a.device, Path(a.out), a.quick, a.only, a.budget_s)
     failed = [s["step"] for s in done["steps"] if s["exit"] != 0]
     if failed:

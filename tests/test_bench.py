@@ -192,6 +192,18 @@ def test_gpu_check_without_a_gpu_says_so_at_once(tmp_path):
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.parametrize("name,message", [
+    ("cuda", "--device cuda, but PyTorch sees no CUDA GPU"), ("cuda:7", "no CUDA GPU|has 1 GPU"),
+    ("tpu", "runs on cpu, cuda or cuda:<index>"), ("gpu0", "runs on cpu, cuda"), ("mps", "runs on cpu")])
+def test_bench_on_a_device_this_machine_lacks_says_so(tmp_path, name, message):
+    from ablate.errors import ConfigError
+
+    if torch.cuda.is_available() and name == "cuda":
+        pytest.skip("the machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        main(["--device", name, "--quick", "--section", "ops", "--out", str(tmp_path)])
+
+
 def test_gpu_check_summarises_a_step_that_reported_nothing():
     """A step that crashed before its first line of results still gets a row (the report is the
     GPU session's only output), instead of the check failing on it."""
