@@ -43,6 +43,7 @@ from ablate.distributed import (
     sync_batchnorm,
 )
 from ablate.errors import EXIT_CODES, Interrupted, signals_deferred
+from ablate.ops.fast import routes
 from ablate.recipe import build_recipe, check_recipe
 from ablate.runs import derived_settings, describe_run, provenance, run_folder, run_identity
 from ablate.tasks import Task, task_of
@@ -393,6 +394,11 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **{flag: False})
     if t.compile:  # true or a mode of torch.compile
+        if task.name == "classification":  # a GPU's depth-wise routes timed eagerly, then traced
+            example = torch.randn(cfg.data.batch_size, cfg.data.in_chans, cfg.data.img_size,
+                                  cfg.data.img_size, device=device)
+            routes.prepare(model, example.contiguous(memory_format=torch.channels_last)
+                           if channels_last else example, amp)
         # static shapes: a batch size of its own (the last eval batch) compiles once more, where
         # dynamic shapes would trace every size symbolically (and inductor fails on some of them)
         forward = torch.compile(forward, mode=None if t.compile is True else t.compile, dynamic=False)
@@ -463,6 +469,8 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                      epoch + 1, cfg.schedule.epochs, row["train_loss"], _shown(row, "val", task),
                      _shown(row, "test", task), row["lr"], row["samples_per_s"], row["elapsed_s"])
         results["status"] = "completed"
+        if routes.used():  # on a GPU: the path each depth-wise shape took (ablate/ops/fast/routes.py)
+            results["fast_paths"] = routes.used()
         results["inference_samples_per_s"] = inference_throughput(
             evaluated(), data.test, amp, t.inference_batches, task) if dist.is_main else None
     except Diverged as err:

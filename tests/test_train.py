@@ -215,6 +215,8 @@ def test_cfg_job_and_defaults_tree(tmp_path):
 def test_a_gpu_run_uses_bf16_and_channels_last(tmp_path):
     results = train(cfg_for(tmp_path, "logger=none", "trainer.device=cuda"))
     assert results["status"] == "completed" and results["device"].startswith("cuda")
+    # the depth-wise convolutions' GPU route, timed at their first call, named in the record
+    assert results["fast_paths"] and all(" | static | " in k for k in results["fast_paths"])
 
 
 def test_a_sweep_file_without_minus_m_is_refused(tmp_path):

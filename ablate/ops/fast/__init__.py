@@ -2,10 +2,10 @@
 
 | operator | CPU | GPU (NHWC) |
 |---|---|---|
-| static depth-wise (sliding, offset) | oneDNN depth-wise conv, channels_last | cuDNN depth-wise conv |
-| homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | the reference |
-| inhomogeneous dynamic, locally connected | native loops (sliding.c), compiled if large | Triton |
-| I-D-DW conv, one channel per group | weights never materialised (predicted.py) | Triton |
+| static depth-wise (sliding, offset) | oneDNN depth-wise conv, channels_last | timed (1) |
+| homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | timed (1) |
+| inhomogeneous dynamic, locally connected | native loops (sliding.c), compiled if large | timed (1) |
+| I-D-DW conv, one channel per group | weights never materialised (predicted.py) | timed (1) |
 | neighbourhood attention | native loops (sliding.c) for logits and aggregation | FlexAttention |
 | window attention (local) | SDPA; training with a learned bias: chunks | SDPA |
 | global attention (one window of >= 128 tokens) | as window attention | FlexAttention |
@@ -14,34 +14,25 @@
 reference. Every fast path is checked against its reference in tests/test_fast_paths.py. The native
 and Triton kernels are torch.library operators, so a compiled model keeps them as single calls.
 
-On a GPU the choice follows `python -m ablate.bench --device cuda --section ops` (H200, bf16, batch 128,
-tiny stages 1-2, forward + backward): static depth-wise, cuDNN channels_last 1.3 ms against the Triton
-kernel's 8.7 ms and the reference's 5.9; homogeneous dynamic, the reference's batch-folded conv 6.0 ms
-against Triton's 8.7; inhomogeneous, Triton 36 ms against the reference's 45 (the kernels stay, checked
-by `python -m ablate.ops.fast.selfcheck`, for all forms: the kernel-weight one is the start of a
-faster static/homogeneous kernel, not used until it beats cuDNN).
+(1) On a GPU the depth-wise family's path is timed per shape at its first call and the fastest
+kept (`routes.py`): static weights through cuDNN channels_last or Triton; per-instance kernels
+through the batch-folded conv in NCHW or NHWC, or Triton; per-position weights through Triton or the
+reference's shift-and-accumulate. One H200 (`python -m ablate.bench --device cuda --section ops`,
+bf16, batch 128, tiny stages 1-2, forward + backward) had a different winner per form: static
+weights cuDNN channels_last 1.3 ms against Triton's 8.7; per-instance kernels the batch-folded conv
+6.0 ms against Triton's 8.7; per-position weights Triton 36 ms against the reference's 45.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
-import torch.nn.functional as F
 
-from ablate.ops.fast import cpu, flex, native, predicted
+from ablate.ops.fast import cpu, flex, native, predicted, routes
 from ablate.ops.fast.attention import fusable_projection, window_attention
+from ablate.ops.fast.routes import depthwise_conv_channels_last, triton_available
 
 __all__ = ["aggregate", "depthwise_conv_channels_last", "fused_forward", "triton_available"]
 
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_pays(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in _GPU_DTYPES and triton_available()
 
 
 def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -49,14 +40,8 @@ def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     if layout.kind != "sliding":
         return None
     k = layout.kernel_size
-    if _triton_pays(x):
-        from ablate.ops.fast import triton_dw  # imported on a GPU only (compiles at first call)
-
-        if w.dim() == 3 and w.shape[0] == 1:
-            return depthwise_conv_channels_last(x, w, k)
-        if w.dim() == 3:
-            return None
-        return triton_dw.position_aggregate(x, w, k)
+    if x.is_cuda and x.dtype in _GPU_DTYPES:
+        return routes.aggregate(layout, x, w)
     n, c, h, wd = x.shape
     if w.dim() == 5 and _native_pays(x):
         g = w.shape[1]
@@ -118,15 +103,3 @@ def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None
     if _flex_pays(x) and layout.num_windows == 1 and layout.tokens >= FLEX_MIN_TOKENS:
         return flex.global_attention(source, x, context, layout, value_proj)
     return window_attention(source, x, context, layout, value_proj)
-
-
-def depthwise_conv_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """x (N, C, H, W), w (1, G, K*K) -> a depth-wise convolution computed in channels_last.
-
-    The result stays channels_last: the 1x1 convolutions and norms around it accept either format,
-    and converting back would cost a copy of the map.
-    """
-    c = x.shape[1]
-    kernel = w[0].repeat_interleave(c // w.shape[1], dim=0).reshape(c, 1, kernel_size, kernel_size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, kernel.to(x.dtype), padding=kernel_size // 2, groups=c)

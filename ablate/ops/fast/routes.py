@@ -1,0 +1,269 @@
+"""Which path applies a depth-wise family's weights on a GPU: the fastest, timed once per shape.
+
+On a GPU the fastest way to apply sliding weights depends on their form, the shape and the GPU. One
+H200 (bf16, batch 128, tiny stages 1-2, forward and both gradients) measured static weights 4.5x
+faster through cuDNN's channels_last depth-wise kernels than NCHW and 6.7x faster than ablate's
+Triton kernel; per-instance kernels faster through the batch-folded conv (6.0 ms) than Triton (8.7);
+per-position weights faster through Triton (36 ms) than the reference (45): a different winner per
+form, each measured once, on one GPU, at one size. Instead of a table of those winners, a form's
+candidates are timed at the first eager call of a shape (forward and both gradients, on random
+tensors of the call's shapes, dtype and layout) and the fastest is kept: in memory, and in a JSON
+file per machine (`ABLATE_ROUTES`, default ~/.cache/ablate/routes.json, keyed by the GPU's name and
+PyTorch's version) that other processes (a sweep's jobs, the bench's compiling processes) read
+instead of timing again. Every candidate computes the same operator (tests/test_fast_paths.py holds
+each to the reference): the choice changes speed and float rounding, nothing else.
+
+Under `torch.compile` the routing is traced as a lookup: a shape that an eager call of this process
+routed takes that route, any other the form's first candidate (no file read or timing while
+tracing); `prepare` runs one eager step of a model first so that its compiled form finds every route
+chosen. `ABLATE_TUNE_ROUTES=0` turns the timing off (every
+form takes its first candidate). On the CPU the routes are fixed (`ablate.ops.fast`'s table): timing
+there is noisy, and fixed routes keep CPU runs reproducible.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CANDIDATES", "RUNNABLE", "form_of", "aggregate", "choose", "used", "prepare",
+           "folded_channels_last", "depthwise_conv_channels_last", "triton_available"]
+
+log = logging.getLogger(__name__)
+
+# One candidate: (layout, x, w) -> y, with x (N, C, H, W) and w as the sliding layout receives it.
+Candidate = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def depthwise_conv_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """x (N, C, H, W), w (1, G, K*K) -> a depth-wise convolution computed in channels_last.
+
+    The result stays channels_last: the 1x1 convolutions and norms around it accept either format,
+    and converting back would cost a copy of the map.
+    """
+    c = x.shape[1]
+    kernel = w[0].repeat_interleave(c // w.shape[1], dim=0).reshape(c, 1, kernel_size, kernel_size)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, kernel.to(x.dtype), padding=kernel_size // 2, groups=c)
+
+
+def folded_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """x (N, C, H, W), w (N, G, K*K) -> per-instance depth-wise convolution as one grouped conv over
+    an NHWC map of one image with N*C channels (memory order h, w, n, c): cuDNN's channels_last
+    depth-wise kernels, at the price of two permuting copies of the map."""
+    n, c, h, wd = x.shape
+    kernel = w.repeat_interleave(c // w.shape[1], dim=1).reshape(n * c, 1, kernel_size, kernel_size)
+    folded = x.permute(2, 3, 0, 1).reshape(h, wd, n * c).permute(2, 0, 1)[None]
+    y = F.conv2d(folded, kernel.to(x.dtype), padding=kernel_size // 2, groups=n * c)
+    return y[0].permute(1, 2, 0).reshape(h, wd, n, c).permute(2, 3, 0, 1)
+
+
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    return _TRITON
+
+
+def _reference(layout, x, w):
+    return layout.aggregate(x, w)
+
+
+def _triton_kernel(layout, x, w):
+    from ablate.ops.fast import triton_dw  # a GPU's (compiles at first call)
+
+    return triton_dw.kernel_aggregate(x, w, layout.kernel_size)
+
+
+def _triton_position(layout, x, w):
+    from ablate.ops.fast import triton_dw
+
+    return triton_dw.position_aggregate(x, w, layout.kernel_size)
+
+
+# Each form's candidates; the first is taken where nothing was timed (under compile, or with timing
+# off): the one a GPU measured fastest before timing existed.
+CANDIDATES: dict[str, dict[str, Candidate]] = {
+    "static": {
+        "cudnn channels_last": lambda layout, x, w: depthwise_conv_channels_last(x, w, layout.kernel_size),
+        "triton kernel": _triton_kernel,
+    },
+    "per-instance": {
+        "batch-folded conv": _reference,
+        "batch-folded conv channels_last": lambda layout, x, w: folded_channels_last(x, w,
+                                                                                      layout.kernel_size),
+        "triton kernel": _triton_kernel,
+    },
+    "per-position": {
+        "triton": _triton_position,
+        "shift-and-accumulate": _reference,
+    },
+}
+
+
+def form_of(w: torch.Tensor) -> str:
+    """The weights' form: static (1, G, K*K), per-instance (N, G, K*K), per-position (.., H, W)."""
+    if w.dim() == 5:
+        return "per-position"
+    return "static" if w.shape[0] == 1 else "per-instance"
+
+
+# The candidates this machine can run, in the table's order; the first is a form's default.
+RUNNABLE = {form: [name for name in table if _TRITON or not name.startswith("triton")]
+            for form, table in CANDIDATES.items()}
+
+_chosen: dict[str, str] = {}  # key -> candidate, this process (from timing or the file)
+_used: dict[str, str] = {}  # key -> candidate, the calls of this process
+# the choices by the call's shapes (ints and strings only): what a step's layers, and compiled code
+# while it is traced, look up without building a key, reading the file or timing
+_calls: dict[tuple, str] = {}
+_loaded = False
+
+
+def _file() -> Path:
+    return Path(os.environ.get("ABLATE_ROUTES") or Path.home() / ".cache" / "ablate" / "routes.json")
+
+
+def _key(form: str, x: torch.Tensor, w: torch.Tensor, k: int) -> str:
+    device = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
+    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "nchw"
+    return (f"{device} | torch {torch.__version__} | {form} | x {tuple(x.shape)} {layout} | "
+            f"w {tuple(w.shape)} | k {k} | {str(x.dtype).removeprefix('torch.')}")
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        _chosen.update({k: v for k, v in json.loads(_file().read_text()).items() if k not in _chosen})
+    except (OSError, ValueError):
+        pass  # no file yet, or unreadable: time again
+
+
+def _save(key: str, name: str) -> None:
+    """Add one choice to the file: read, merge, replace atomically (other processes write it too)."""
+    path = _file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known[key] = name
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".routes-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home: the choice holds for this process only
+        log.debug("routes: could not write %s: %s", path, err)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _tunable(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
+
+
+def _time_candidates(form: str, layout, x: torch.Tensor, w: torch.Tensor,
+                     rounds: int = 5) -> dict[str, float]:
+    """Median seconds of a forward and both gradients of each candidate, on random tensors shaped,
+    typed and laid out as the call's; interleaved rounds after one untimed call each (which compiles
+    a Triton kernel). A candidate that fails (a shape its kernel refuses) is left out."""
+    xi = torch.randn_like(x).requires_grad_()
+    wi = torch.randn_like(w).requires_grad_()
+    steps = {}
+    for name in RUNNABLE[form]:
+        def step(candidate=CANDIDATES[form][name]):
+            y = candidate(layout, xi, wi)
+            torch.autograd.grad(y, (xi, wi), torch.ones_like(y))
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001  a candidate that cannot run this shape is no choice
+            log.warning("routes: %s cannot run %s %s: %s", name, form, tuple(x.shape), err)
+            continue
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_measure(step, x.device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _call(layout, x: torch.Tensor, w: torch.Tensor) -> tuple:
+    return (tuple(x.shape), tuple(x.stride()), tuple(w.shape), layout.kernel_size, str(x.dtype),
+            str(x.device))
+
+
+def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
+    """The candidate that applies `w` to `x` (see the module's docstring)."""
+    call = _call(layout, x, w)
+    if torch.compiler.is_compiling():  # traced: a lookup only, the choice of an eager call before
+        return _calls.get(call, RUNNABLE[form_of(w)][0])
+    if call in _calls:
+        return _calls[call]
+    form = form_of(w)
+    key = _key(form, x, w, layout.kernel_size)
+    _load()
+    name = _chosen.get(key)
+    if name not in RUNNABLE[form]:  # not timed yet (or a name another version or machine wrote)
+        name = RUNNABLE[form][0]
+        if not _tunable(x):
+            _used[key] = name
+            return name
+        with torch.enable_grad():
+            seconds = _time_candidates(form, layout, x, w)
+        if seconds:
+            name = min(seconds, key=seconds.get)
+            log.info("routes: %s -> %s (%s)", key, name,
+                     ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in seconds.items()))
+            _chosen[key] = name
+            _save(key, name)
+    _used[key] = name
+    _calls[call] = name
+    return name
+
+
+def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`layout.aggregate(x, w)` through the chosen candidate."""
+    return CANDIDATES[form_of(w)][choose(layout, x, w)](layout, x, w)
+
+
+def used() -> dict[str, str]:
+    """The route each shape of this process took (key -> candidate): what a run's record names."""
+    return dict(_used)
+
+
+def prepare(model: torch.nn.Module, example: torch.Tensor, amp: Callable[[], ContextManager]) -> None:
+    """One eager forward and backward of a copy of `model` on `example` under `amp` (the run's
+    autocast), so that every shape's route is chosen before the model is compiled (compiled code takes
+    the routes eager calls chose). Nothing to do off a GPU."""
+    if not example.is_cuda:
+        return
+    twin = copy.deepcopy(model).train()  # the model's own batch-norm statistics stay as they are
+    with amp():
+        out = twin(example)
+    out.float().sum().backward()

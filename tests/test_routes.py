@@ -1,0 +1,129 @@
+"""The GPU's depth-wise routes (ablate/ops/fast/routes.py): every candidate computes the operator,
+the fastest is chosen once per shape, kept in memory and in the file other processes read, and
+compiled code looks the choice up while it is traced, without timing or reading files. The timing
+itself is a GPU's; here it is replaced by given times (no test depends on a machine's speed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ablate.ops.fast import routes
+from ablate.ops.layouts import SlidingLayout
+
+LAYOUT = SlidingLayout((6, 5), 3)
+
+
+def _weights(form: str, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 6, 5, generator=gen, dtype=dtype)
+    shape = {"static": (1, 4, 9), "per-instance": (3, 4, 9), "per-position": (3, 4, 9, 6, 5)}[form]
+    return x, torch.randn(shape, generator=gen, dtype=dtype)
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A process's state from scratch, its file in tmp_path, and timing allowed on the CPU."""
+    monkeypatch.setenv("ABLATE_ROUTES", str(tmp_path / "routes.json"))
+    monkeypatch.setattr(routes, "_chosen", {})
+    monkeypatch.setattr(routes, "_used", {})
+    monkeypatch.setattr(routes, "_calls", {})
+    monkeypatch.setattr(routes, "_loaded", False)
+    monkeypatch.setattr(routes, "_tunable", lambda x: True)
+    return tmp_path / "routes.json"
+
+
+def _times(monkeypatch, seconds: dict[str, float]) -> list[str]:
+    """Replace the timing by `seconds` per candidate; returns the forms timed, in order."""
+    timed = []
+
+    def fake(form, layout, x, w, rounds=5):
+        timed.append(form)
+        return {name: seconds[name] for name in routes.RUNNABLE[form] if name in seconds}
+
+    monkeypatch.setattr(routes, "_time_candidates", fake)
+    return timed
+
+
+@pytest.mark.parametrize("form", ["static", "per-instance", "per-position"])
+def test_every_candidate_computes_the_reference_with_its_gradients(form):
+    """Float64 on the CPU; the Triton candidates are held to the reference by the selfcheck
+    (Triton's interpreter, tests/test_fast_paths.py) and on a GPU."""
+    x, w = _weights(form)
+    x.requires_grad_(), w.requires_grad_()
+    want = LAYOUT.aggregate(x, w)
+    want_grads = torch.autograd.grad(want.sum(), (x, w))
+    names = [n for n in routes.CANDIDATES[form] if not n.startswith("triton")]
+    assert names
+    for name in names:
+        got = routes.CANDIDATES[form][name](LAYOUT, x, w)
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+        for g, wg in zip(torch.autograd.grad(got.sum(), (x, w)), want_grads):
+            torch.testing.assert_close(g, wg, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_fastest_is_chosen_once_and_shared_through_the_file(fresh, monkeypatch):
+    timed = _times(monkeypatch, {"batch-folded conv": 3e-3, "batch-folded conv channels_last": 1e-3,
+                                 "triton kernel": 2e-3})
+    x, w = _weights("per-instance")
+    for _ in range(3):
+        torch.testing.assert_close(routes.aggregate(LAYOUT, x, w), LAYOUT.aggregate(x, w))
+    assert timed == ["per-instance"]  # timed at the first call only
+    assert list(routes.used().values()) == ["batch-folded conv channels_last"]
+    (key, name), = json.loads(fresh.read_text()).items()
+    assert name == "batch-folded conv channels_last" and " | per-instance | " in key
+    assert f"torch {torch.__version__}" in key and "(3, 8, 6, 5)" in key and "float64" in key
+
+    # another process (fresh memory, the same file): the file's choice, no timing
+    for attr, empty in (("_chosen", {}), ("_used", {}), ("_calls", {}), ("_loaded", False)):
+        monkeypatch.setattr(routes, attr, empty)
+    timed.clear()
+    assert routes.choose(LAYOUT, x, w) == "batch-folded conv channels_last" and timed == []
+
+    # a second shape is timed and added beside the first
+    x2, w2 = x[:2], w[:2]
+    routes.choose(LAYOUT, x2, w2)
+    assert timed == ["per-instance"] and len(json.loads(fresh.read_text())) == 2
+
+
+def test_without_timing_a_form_takes_its_first_candidate(fresh, monkeypatch):
+    """ABLATE_TUNE_ROUTES=0 (or the CPU): no timing; a name the file holds that this version's table
+    does not know is ignored, not trusted."""
+    monkeypatch.setattr(routes, "_tunable", lambda x: False)
+    timed = _times(monkeypatch, {})
+    x, w = _weights("per-instance")
+    key = routes._key("per-instance", x, w, 3)
+    fresh.write_text(json.dumps({key: "a kernel of another version"}))
+    assert routes.choose(LAYOUT, x, w) == routes.RUNNABLE["per-instance"][0] and timed == []
+
+
+def test_compiled_code_looks_the_route_up_while_traced(fresh, monkeypatch):
+    """Tracing reads no file and times nothing (fullgraph: no graph break): the route of an eager
+    call of this process, or the form's first candidate. A marked candidate shows which ran."""
+    timed = _times(monkeypatch, {"batch-folded conv": 3e-3, "batch-folded conv channels_last": 1e-3})
+    table = dict(routes.CANDIDATES["per-instance"])
+    table["batch-folded conv channels_last"] = lambda layout, x, w: 2 * layout.aggregate(x, w)
+    monkeypatch.setitem(routes.CANDIDATES, "per-instance", table)
+    x, w = _weights("per-instance")
+    want = LAYOUT.aggregate(x, w)
+
+    def step(x, w):
+        return routes.aggregate(LAYOUT, x, w)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="eager")(x, w), want)
+    assert timed == []  # traced before any eager call: the first candidate, nothing timed
+    torch.testing.assert_close(step(x, w), 2 * want)  # eager: timed, the (marked) fastest
+    assert timed == ["per-instance"]
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="eager")(x, w), 2 * want)
+    assert timed == ["per-instance"]
+
+
+def test_timing_leaves_out_a_candidate_that_cannot_run_here(monkeypatch):
+    """On this CPU the Triton kernels have no GPU (and no interpreter): timed without them."""
+    x, w = _weights("per-instance", torch.float32)
+    seconds = routes._time_candidates("per-instance", LAYOUT, x, w, rounds=1)
+    assert {"batch-folded conv", "batch-folded conv channels_last"} <= set(seconds)
+    assert "triton kernel" not in seconds and all(s > 0 for s in seconds.values())
