@@ -127,3 +127,12 @@ def test_timing_leaves_out_a_candidate_that_cannot_run_here(monkeypatch):
     seconds = routes._time_candidates("per-instance", LAYOUT, x, w, rounds=1)
     assert {"batch-folded conv", "batch-folded conv channels_last"} <= set(seconds)
     assert "triton kernel" not in seconds and all(s > 0 for s in seconds.values())
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", "", '"a string"'])
+def test_a_damaged_file_costs_only_the_timing(fresh, monkeypatch, content):
+    fresh.write_text(content)
+    timed = _times(monkeypatch, {"cudnn channels_last": 1e-3, "triton kernel": 2e-3})
+    x, w = _weights("static")
+    assert routes.choose(LAYOUT, x, w) == "cudnn channels_last" and timed == ["static"]
+    assert list(json.loads(fresh.read_text()).values()) == ["cudnn channels_last"]

@@ -147,10 +147,17 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
+    _chosen.update({k: v for k, v in _read(_file()).items() if k not in _chosen})
+
+
+def _read(path: Path) -> dict:
+    """The file's choices; nothing where it is missing, unreadable or not a JSON object (a damaged
+    file only costs the timing again, and the next choice rewrites it whole)."""
     try:
-        _chosen.update({k: v for k, v in json.loads(_file().read_text()).items() if k not in _chosen})
+        known = json.loads(path.read_text())
     except (OSError, ValueError):
-        pass  # no file yet, or unreadable: time again
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def _save(key: str, name: str) -> None:
@@ -158,10 +165,7 @@ def _save(key: str, name: str) -> None:
     path = _file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
+        known = _read(path)
         known[key] = name
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".routes-")
         with os.fdopen(fd, "w") as f:
