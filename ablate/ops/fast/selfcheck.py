@@ -17,17 +17,20 @@ from ablate.ops.functional import sliding_aggregate
 
 __all__ = ["CASES", "check_triton"]
 
-# (name, N, C, H, W, K, weight kind, groups, shared over the batch)
+# (name, N, C, H, W, K, weight kind, groups, shared over the batch). A weight shared by the batch
+# has its gradient summed in chunks of the batch where too few programs would run (on the CPU: fewer
+# than 6), so the shared cases cover chunks of one image, uneven chunks and one chunk (exact store).
 CASES = [
-    ("static", 2, 5, 6, 7, 3, "kernel", 5, True),
+    ("static", 2, 5, 6, 7, 3, "kernel", 5, True),  # 3 programs: 2 chunks of 1
+    ("static-n5", 5, 5, 6, 7, 3, "kernel", 5, True),  # chunks of 3 and 2
+    ("static-one-chunk", 2, 70, 4, 5, 3, "kernel", 70, True),  # 3 channel blocks x 3 rows: 9 programs
     ("homogeneous", 2, 6, 5, 6, 3, "kernel", 3, False),
+    ("homogeneous-k7", 2, 3, 8, 9, 7, "kernel", 3, False),  # the models' 7 x 7 (rows of 7 of 8 lanes)
     ("inhomogeneous", 2, 6, 6, 5, 3, "position", 2, False),
     ("inhomogeneous-k5", 1, 4, 4, 6, 5, "position", 4, False),
-    ("locally_connected", 2, 4, 5, 5, 3, "position", 4, True),
-    # 7 instances in chunks of 3, 3 and 1 (on the CPU): the batch-shared gradient summed by atomic adds
-    ("locally_connected-n7", 7, 4, 5, 5, 3, "position", 4, True),
-    # three tiles of positions fill the interpreter's programs: the whole batch in one program each
-    ("locally_connected-tiles", 2, 4, 12, 11, 3, "position", 4, True),
+    ("locally_connected", 2, 4, 5, 5, 3, "position", 4, True),  # 1 tile: 2 chunks of 1
+    ("locally_connected-n7", 7, 4, 5, 5, 3, "position", 4, True),  # chunks of 2, 2, 2, 1
+    ("locally_connected-tiles", 2, 4, 20, 20, 3, "position", 4, True),  # 7 tiles: one chunk
 ]
 
 

@@ -5,7 +5,8 @@ convolution:
 
 - kernel weights w[n, c, k] (static: the batch stride of w is 0; homogeneous: a kernel per
   instance): `_kernel_fwd` (forward; the input gradient is the same kernel with the flipped kernel)
-  and `_kernel_wgrad` (weight gradient: per-tile partial sums, added atomically in fp32);
+  and `_kernel_wgrad` (weight gradient: a program per kernel row walks the whole map and writes its
+  taps once; no atomics for per-instance kernels);
 - position weights w[n, g, k, h, w] (inhomogeneous, locally connected: a group's weights at every
   position): `_position_fwd` (forward, and with ADJOINT the input gradient, which reads w and the
   output gradient at the shifted position) and `_position_wgrad`.
@@ -50,23 +51,50 @@ def _kernel_fwd(x_ptr, w_ptr, y_ptr, H, W, C,
 
 
 @triton.jit
-def _kernel_wgrad(x_ptr, g_ptr, gw_ptr, H, W, C,
+def _kernel_wgrad(x_ptr, g_ptr, gw_ptr, N, PER, H, W, C,
                   sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, swn, swc, swk,
-                  K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    tiles = tl.cdiv(H * W, BLOCK_P)
-    n = (tl.program_id(0) // tiles).to(tl.int64)
-    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+                  K: tl.constexpr, KP: tl.constexpr, ATOMIC: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # gw[n, c, r*K + j] = sum over positions i of gy[n, i, c] x[n, i + (r - K//2, j - K//2), c].
+    # A program owns one kernel row r of a block of channels for PER instances from chunk * PER and
+    # walks the whole map, holding the row's K taps as a [KP, BLOCK_C] accumulator: each weight's
+    # gradient is written once at the end, with no per-tile partial sums and no atomics (per-instance
+    # kernels: PER = 1, a row of gw each). A kernel shared by the batch (swn = 0) is summed over the
+    # program's chunk of it; with several chunks (ATOMIC) the chunks meet by float32 atomic adds.
+    chunk, r = tl.program_id(0) // K, tl.program_id(0) % K
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    h, w = p // W, p % W
-    pm, cm = p < H * W, c < C
-    gv = tl.load(g_ptr + n * sgn + h[:, None] * sgh + w[:, None] * sgw + c[None, :] * sgc,
-                 mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-    for t in tl.static_range(K * K):
-        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
-        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
-                     mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        tl.atomic_add(gw_ptr + n * swn + c * swc + t * swk, tl.sum(xv * gv, axis=0), mask=cm)
+    cm = c < C
+    j = tl.arange(0, KP)
+    dx = j - K // 2
+    first = chunk.to(tl.int64) * PER
+    count = tl.minimum(PER, N - first)
+    acc = tl.zeros((KP, BLOCK_C), dtype=tl.float32)
+    # while loops, not range(runtime bound): see _position_wgrad
+    i = 0
+    while i < count:
+        n = first + i
+        start = 0
+        while start < H * W:
+            p = start + tl.arange(0, BLOCK_P)
+            pm = p < H * W
+            h, w = p // W, p % W
+            gv = tl.load(g_ptr + n * sgn + (h * sgh + w * sgw)[:, None] + c[None, :] * sgc,
+                         mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            hh = h + (r - K // 2)
+            ww = w[None, :] + dx[:, None]  # [KP, BLOCK_P]
+            ok = ((j < K)[:, None] & (pm & (hh >= 0) & (hh < H))[None, :] & (ww >= 0) & (ww < W))
+            xv = tl.load(x_ptr + n * sxn + (hh * sxh)[None, :, None] + (ww * sxw)[:, :, None]
+                         + c[None, None, :] * sxc, mask=ok[:, :, None] & cm[None, None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(xv * gv[None, :, :], axis=1)
+            start += BLOCK_P
+        i += 1
+    out = gw_ptr + chunk.to(tl.int64) * swn + c[None, :] * swc + (r * K + j)[:, None] * swk
+    mask = (j < K)[:, None] & cm[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask)
+    else:
+        tl.store(out, acc, mask=mask)
 
 
 @triton.jit
@@ -177,6 +205,9 @@ def _position_fwd_naive(x_ptr, w_ptr, y_ptr, total, H, W, C, CG,
 
 
 BLOCK_P, BLOCK_C = 64, 32
+# the kernel weights' gradient holds a [K, BLOCK_P, BLOCK_C] tile of the map per step (a kernel row's
+# shifts of it): a smaller tile of positions keeps it in registers
+WGRAD_BLOCK_P, WGRAD_BLOCK_C = 32, 32
 
 
 def _nhwc_strides(t: torch.Tensor):
@@ -203,11 +234,19 @@ def _kernel_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _kernel_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int) -> torch.Tensor:
+    """gw (N|1, C, K*K) in float32: per instance, or summed over the batch for a shared kernel."""
     n, c, h, wd = x.shape
-    gw = torch.zeros((w_shape[0], c, k * k), dtype=torch.float32, device=x.device)
-    swn = 0 if w_shape[0] == 1 else gw.stride(0)  # a shared kernel sums over the batch
-    _kernel_wgrad[_grid(n, h, wd, c)](x, gy, gw, h, wd, c, *_nhwc_strides(x), *_nhwc_strides(gy),
-                                      swn, gw.stride(1), gw.stride(2), K=k, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    c_tiles = triton.cdiv(c, WGRAD_BLOCK_C)
+    shared = w_shape[0] == 1 and n != 1
+    per = _shared_chunks(n, k * c_tiles, _programs_wanted(x.device)) if shared else 1
+    chunks = triton.cdiv(n, per)
+    atomic = shared and chunks > 1
+    gw = (torch.zeros if atomic else torch.empty)((w_shape[0], c, k * k), dtype=torch.float32,
+                                                  device=x.device)
+    _kernel_wgrad[(chunks * k, c_tiles)](
+        x, gy, gw, n, per, h, wd, c, *_nhwc_strides(x), *_nhwc_strides(gy), 0 if shared else gw.stride(0),
+        gw.stride(1), gw.stride(2), K=k, KP=triton.next_power_of_2(k), ATOMIC=atomic,
+        BLOCK_P=WGRAD_BLOCK_P, BLOCK_C=WGRAD_BLOCK_C)
     return gw
 
 
@@ -234,10 +273,11 @@ def _position_forward(x: torch.Tensor, w: torch.Tensor, k: int, adjoint: bool = 
 
 def _programs_wanted(device: torch.device) -> int:
     """Programs that keep a GPU busy: a few per multiprocessor. On the CPU (Triton's interpreter) a
-    small number, so that the tests' small shapes split a batch into uneven chunks as big ones do."""
+    small number, so that the selfcheck's small shapes split a batch into chunks (even and uneven) as
+    big ones do on a GPU, and a few fill it (one chunk)."""
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 3
+    return 6
 
 
 def _shared_chunks(n: int, programs: int, wanted: int) -> int:
