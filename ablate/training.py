@@ -393,6 +393,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                 in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **{flag: False})
+    routes.forget_used()  # the record names this run's routes, not an earlier run's of this process
     if t.compile:  # true or a mode of torch.compile
         if task.name == "classification":  # a GPU's depth-wise routes timed eagerly, then traced
             example = torch.randn(cfg.data.batch_size, cfg.data.in_chans, cfg.data.img_size,

@@ -29,6 +29,7 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(routes, "_chosen", {})
     monkeypatch.setattr(routes, "_used", {})
     monkeypatch.setattr(routes, "_calls", {})
+    monkeypatch.setattr(routes, "_call_keys", {})
     monkeypatch.setattr(routes, "_loaded", False)
     monkeypatch.setattr(routes, "_tunable", lambda x: True)
     return tmp_path / "routes.json"
@@ -71,12 +72,16 @@ def test_the_fastest_is_chosen_once_and_shared_through_the_file(fresh, monkeypat
         torch.testing.assert_close(routes.aggregate(LAYOUT, x, w), LAYOUT.aggregate(x, w))
     assert timed == ["per-instance"]  # timed at the first call only
     assert list(routes.used().values()) == ["batch-folded conv channels_last"]
+    routes.forget_used()  # the next run of this process: its calls are its own account
+    routes.aggregate(LAYOUT, x, w)
+    assert list(routes.used().values()) == ["batch-folded conv channels_last"] and len(timed) == 1
     (key, name), = json.loads(fresh.read_text()).items()
     assert name == "batch-folded conv channels_last" and " | per-instance | " in key
     assert f"torch {torch.__version__}" in key and "(3, 8, 6, 5)" in key and "float64" in key
 
     # another process (fresh memory, the same file): the file's choice, no timing
-    for attr, empty in (("_chosen", {}), ("_used", {}), ("_calls", {}), ("_loaded", False)):
+    for attr, empty in (("_chosen", {}), ("_used", {}), ("_calls", {}), ("_call_keys", {}),
+                        ("_loaded", False)):
         monkeypatch.setattr(routes, attr, empty)
     timed.clear()
     assert routes.choose(LAYOUT, x, w) == "batch-folded conv channels_last" and timed == []

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CANDIDATES", "RUNNABLE", "form_of", "aggregate", "choose", "used", "prepare",
+__all__ = ["CANDIDATES", "RUNNABLE", "form_of", "aggregate", "choose", "used", "forget_used", "prepare",
            "folded_channels_last", "depthwise_conv_channels_last", "triton_available"]
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ _used: dict[str, str] = {}  # key -> candidate, the calls of this process
 # the choices by the call's shapes (ints and strings only): what a step's layers, and compiled code
 # while it is traced, look up without building a key, reading the file or timing
 _calls: dict[tuple, str] = {}
+_call_keys: dict[tuple, str] = {}
 _loaded = False
 
 
@@ -228,6 +229,7 @@ def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
     if torch.compiler.is_compiling():  # traced: a lookup only, the choice of an eager call before
         return _calls.get(call, RUNNABLE[form_of(w)][0])
     if call in _calls:
+        _used[_call_keys[call]] = _calls[call]
         return _calls[call]
     form = form_of(w)
     key = _key(form, x, w, layout.kernel_size)
@@ -247,7 +249,7 @@ def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
             _chosen[key] = name
             _save(key, name)
     _used[key] = name
-    _calls[call] = name
+    _calls[call], _call_keys[call] = name, key
     return name
 
 
@@ -257,8 +259,13 @@ def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def used() -> dict[str, str]:
-    """The route each shape of this process took (key -> candidate): what a run's record names."""
+    """The route each shape took (key -> candidate) since `forget_used`: what a run's record names."""
     return dict(_used)
+
+
+def forget_used() -> None:
+    """Start a run's account of routes (a sweep's worker process trains one run after another)."""
+    _used.clear()
 
 
 def prepare(model: torch.nn.Module, example: torch.Tensor, amp: Callable[[], ContextManager]) -> None:
