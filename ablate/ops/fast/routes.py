@@ -190,7 +190,9 @@ def _measure(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def _tunable(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
+    # inference mode allows no gradient, which the timing takes: its first call waits for another
+    return (x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
+            and not torch.is_inference_mode_enabled())
 
 
 def _time_candidates(form: str, layout, x: torch.Tensor, w: torch.Tensor,
