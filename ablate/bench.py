@@ -288,15 +288,13 @@ def _homogeneous_candidates(x, wt, device) -> list[Candidate]:
 
 
 def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
-    (n, c, h, w), g, k = x.shape, wt.shape[1], _kernel(wt)
+    k = _kernel(wt)
 
     def unfold():  # involution's naive form: unfold the neighbourhoods, multiply, sum
-        xi, wi = _leaf(x), _leaf(wt)
+        from ablate.ops.fast.routes import unfold_multiply_sum
 
-        def fn():
-            cols = F.unfold(xi, k, padding=k // 2).view(n, g, c // g, k * k, h, w)
-            return (cols * wi[:, :, None]).sum(3).view(n, c, h, w)
-        return fn, [xi], [wi]
+        xi, wi = _leaf(x), _leaf(wt)
+        return (lambda: unfold_multiply_sum(xi, wi, k)), [xi], [wi]
 
     cands = [Candidate("unfold-multiply-sum", unfold, baseline=True),
              _layout_candidate("ablate reference", "reference", x, wt, device),
