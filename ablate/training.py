@@ -396,10 +396,8 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
     routes.forget_used()  # the record names this run's routes, not an earlier run's of this process
     if t.compile:  # true or a mode of torch.compile
         if task.name == "classification":  # a GPU's depth-wise routes timed eagerly, then traced
-            example = torch.randn(cfg.data.batch_size, cfg.data.in_chans, cfg.data.img_size,
-                                  cfg.data.img_size, device=device)
-            routes.prepare(model, example.contiguous(memory_format=torch.channels_last)
-                           if channels_last else example, amp)
+            batch = (cfg.data.batch_size, cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
+            routes.prepare(model, batch, device, channels_last, amp)
         # static shapes: a batch size of its own (the last eval batch) compiles once more, where
         # dynamic shapes would trace every size symbolically (and inductor fails on some of them)
         forward = torch.compile(forward, mode=None if t.compile is True else t.compile, dynamic=False)

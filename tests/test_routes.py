@@ -141,3 +141,15 @@ def test_a_damaged_file_costs_only_the_timing(fresh, monkeypatch, content):
     x, w = _weights("static")
     assert routes.choose(LAYOUT, x, w) == "cudnn channels_last" and timed == ["static"]
     assert list(json.loads(fresh.read_text()).values()) == ["cudnn channels_last"]
+
+
+def test_timing_leaves_the_random_stream_as_it_found_it(fresh):
+    """A run whose routes are on file and a run that times them draw the same dropout and drop-path:
+    the timing's random tensors come from a stream restored after it."""
+    x, w = _weights("per-instance", torch.float32)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    routes.choose(LAYOUT, x, w)  # timed for real here (the CPU candidates; Triton cannot run)
+    assert json.loads(fresh.read_text())  # it did time, and kept a choice
+    torch.testing.assert_close(torch.rand(3), want)

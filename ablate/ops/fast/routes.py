@@ -22,6 +22,7 @@ there is noisy, and fixed routes keep CPU runs reproducible.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -201,6 +202,18 @@ def _measure(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _aside(device: torch.device):
+    """Timing or a prepared step leaves the run as it found it: the random streams are restored (a
+    run whose routes are already on file draws the same dropout as one that times them), and the
+    peak-memory statistic restarts after it (its candidates' memory is not the model's; the steps
+    after reach the model's own peak again)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _tunable(x: torch.Tensor) -> bool:
     # inference mode allows no gradient, which the timing takes: its first call waits for another
     return (x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
@@ -254,7 +267,7 @@ def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
         if not _tunable(x):
             _used[key] = name
             return name
-        with torch.enable_grad():
+        with torch.enable_grad(), _aside(x.device):
             seconds = _time_candidates(form, layout, x, w)
         if seconds:
             name = min(seconds, key=seconds.get)
@@ -282,13 +295,19 @@ def forget_used() -> None:
     _used.clear()
 
 
-def prepare(model: torch.nn.Module, example: torch.Tensor, amp: Callable[[], ContextManager]) -> None:
-    """One eager forward and backward of a copy of `model` on `example` under `amp` (the run's
-    autocast), so that every shape's route is chosen before the model is compiled (compiled code takes
-    the routes eager calls chose). Nothing to do off a GPU."""
-    if not example.is_cuda:
+def prepare(model: torch.nn.Module, batch: tuple[int, ...], device: torch.device, channels_last: bool,
+            amp: Callable[[], ContextManager]) -> None:
+    """One eager forward and backward of a copy of `model` on a random batch shaped `batch`, under
+    `amp` (the run's autocast), so that every shape's route is chosen before the model is compiled
+    (compiled code takes the routes eager calls chose). Nothing to do off a GPU."""
+    if device.type != "cuda":
         return
-    twin = copy.deepcopy(model).train()  # the model's own batch-norm statistics stay as they are
-    with amp():
-        out = twin(example)
-    out.float().sum().backward()
+    with _aside(device):
+        example = torch.randn(batch, device=device)
+        if channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        twin = copy.deepcopy(model).train()  # the model's own batch-norm statistics stay as they are
+        with amp():
+            out = twin(example)
+        out.float().sum().backward()
+        del twin, out
