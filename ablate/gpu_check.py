@@ -318,14 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.budget_s is not None and a.budget_s <= 0:
         raise ConfigError(f"--budget-s must be a positive number of seconds, got {a.budget_s}")
-    if a.device != "cpu" and not a.device.startswith("cuda"):
-        raise ConfigError(f"--device {a.device!r}: use cuda (a GPU, the default) or cpu")
     try:
-        checked_device(a.device, "--device")
+        device = str(checked_device(a.device, "--device"))  # "auto" becomes cuda or cpu
     except ConfigError as err:
         raise ConfigError(f"{err} (`python -m ablate.gpu_check --device cpu --quick` runs the check's "
                           "steps small on this machine)") from None
-    done = check(a.device, Path(a.out), a.quick, a.only, a.budget_s)
+    done = check(device, Path(a.out), a.quick, a.only, a.budget_s)
     failed = [s["step"] for s in done["steps"] if s["exit"] != 0]
     if failed:
         print(f"gpu-check: {len(failed)} step(s) did not finish cleanly: {', '.join(failed)} (log.txt)",

@@ -176,7 +176,7 @@ def test_gpu_check_refuses_a_budget_that_is_not_positive(tmp_path):
 
     with pytest.raises(ConfigError, match="--budget-s"):
         gpu_check.main(["--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)])
-    with pytest.raises(ConfigError, match="use cuda .* or cpu"):
+    with pytest.raises(ConfigError, match="runs on cpu, cuda or cuda:<index>.*--device cpu --quick"):
         gpu_check.main(["--device", "tpu", "--out", str(tmp_path)])
 
 

@@ -101,6 +101,7 @@ def test_without_timing_a_form_takes_its_first_candidate(fresh, monkeypatch):
     key = routes._key("per-instance", x, w, 3)
     fresh.write_text(json.dumps({key: "a kernel of another version"}))
     assert routes.choose(LAYOUT, x, w) == routes.RUNNABLE["per-instance"][0] and timed == []
+    assert routes._calls  # kept: the next steps' calls look it up instead of reading the file again
 
 
 def test_compiled_code_looks_the_route_up_while_traced(fresh, monkeypatch):
@@ -153,3 +154,12 @@ def test_timing_leaves_the_random_stream_as_it_found_it(fresh):
     routes.choose(LAYOUT, x, w)  # timed for real here (the CPU candidates; Triton cannot run)
     assert json.loads(fresh.read_text())  # it did time, and kept a choice
     torch.testing.assert_close(torch.rand(3), want)
+
+
+def test_inference_mode_defers_the_timing_to_a_call_with_gradients(fresh, monkeypatch):
+    timed = _times(monkeypatch, {"cudnn channels_last": 2e-3, "triton kernel": 1e-3})
+    x, w = _weights("static")
+    with torch.inference_mode():
+        assert routes.choose(LAYOUT, x, w) == "cudnn channels_last"
+    assert timed == [] and not routes._calls
+    assert routes.choose(LAYOUT, x, w) == "triton kernel" and timed == ["static"]

@@ -29,9 +29,9 @@ import torch
 
 from ablate.ops.fast import cpu, flex, native, predicted, routes
 from ablate.ops.fast.attention import fusable_projection, window_attention
-from ablate.ops.fast.routes import depthwise_conv_channels_last, triton_available
+from ablate.ops.fast.routes import depthwise_conv_channels_last
 
-__all__ = ["aggregate", "depthwise_conv_channels_last", "fused_forward", "triton_available"]
+__all__ = ["aggregate", "depthwise_conv_channels_last", "fused_forward"]
 
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

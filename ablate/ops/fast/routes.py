@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CANDIDATES", "RUNNABLE", "form_of", "aggregate", "choose", "used", "forget_used", "prepare",
-           "folded_channels_last", "depthwise_conv_channels_last", "unfold_multiply_sum",
-           "triton_available"]
+           "folded_channels_last", "depthwise_conv_channels_last", "unfold_multiply_sum"]
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,7 @@ def folded_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> 
     return y[0].permute(1, 2, 0).reshape(h, wd, n, c).permute(2, 3, 0, 1)
 
 
-_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def triton_available() -> bool:
-    return _TRITON
+_TRITON = importlib.util.find_spec("triton") is not None  # the Triton candidates need it
 
 
 def unfold_multiply_sum(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -215,9 +210,7 @@ def _aside(device: torch.device):
 
 
 def _tunable(x: torch.Tensor) -> bool:
-    # inference mode allows no gradient, which the timing takes: its first call waits for another
-    return (x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
-            and not torch.is_inference_mode_enabled())
+    return x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
 
 
 def _time_candidates(form: str, layout, x: torch.Tensor, w: torch.Tensor,
@@ -264,17 +257,18 @@ def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
     name = _chosen.get(key)
     if name not in RUNNABLE[form]:  # not timed yet (or a name another version or machine wrote)
         name = RUNNABLE[form][0]
-        if not _tunable(x):
+        if torch.is_inference_mode_enabled():  # no gradient to time with: a later call decides
             _used[key] = name
             return name
-        with torch.enable_grad(), _aside(x.device):
-            seconds = _time_candidates(form, layout, x, w)
-        if seconds:
-            name = min(seconds, key=seconds.get)
-            log.info("routes: %s -> %s (%s)", key, name,
-                     ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in seconds.items()))
-            _chosen[key] = name
-            _save(key, name)
+        if _tunable(x):
+            with torch.enable_grad(), _aside(x.device):
+                seconds = _time_candidates(form, layout, x, w)
+            if seconds:
+                name = min(seconds, key=seconds.get)
+                log.info("routes: %s -> %s (%s)", key, name,
+                         ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in seconds.items()))
+                _chosen[key] = name
+                _save(key, name)
     _used[key] = name
     _calls[call], _call_keys[call] = name, key
     return name
