@@ -382,26 +382,37 @@ def _natten_candidate(n, c, res, k, device, dtype, seed) -> Candidate | None:
 
 def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candidate]:
     """An operator of the attention and per-position families with the Swin block's projections:
-    the reference against the fast path (FlexAttention on a GPU for neighbourhood and global
-    attention; the native kernels on the CPU), and NATTEN for neighbourhood attention."""
+    the reference against the fast path (FlexAttention on a GPU for global attention, the timed
+    route for neighbourhood attention and each of its candidates; the native kernels on the CPU),
+    and NATTEN for neighbourhood attention."""
     from ablate.models.blocks import pointwise
+    from ablate.ops.fast import neighbourhood, routes
 
     spec = PRESETS[preset].at_window(k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, c, *res, generator=gen).to(device, dtype)
     cpg = 32 if spec.dynamic.kind == "attention" else 1
 
-    def ours(backend):
+    def ours(backend, route=None):
         def setup():
             mixer = SpatialMixer(spec, c, res, cpg, backend=backend).to(device, dtype)
             proj = pointwise(c, c).to(device, dtype).to(memory_format=torch.channels_last)
             xi = _leaf(x.contiguous(memory_format=torch.channels_last))
-            return (lambda: mixer(xi, value_proj=proj)), [xi], [*mixer.parameters(), *proj.parameters()]
+
+            def call():
+                if route is None:
+                    return mixer(xi, value_proj=proj)
+                with routes.forced(neighbourhood.FORM, route):
+                    return mixer(xi, value_proj=proj)
+            return call, [xi], [*mixer.parameters(), *proj.parameters()]
         return setup
 
     cands = [Candidate("ablate reference", ours("reference"), baseline=True),
              Candidate("ablate fast", ours("fast"))]
     if preset == "neighborhood_attention":
+        if device.type == "cuda":  # what the route chose from
+            cands += [Candidate(f"ablate fast: {name}", ours("fast", name))
+                      for name in routes.runnable(neighbourhood.FORM)]
         cands += [c_ for c_ in [_natten_candidate(n, c, res, k, device, dtype, seed)] if c_ is not None]
     return cands
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from ablate.config import CONF_DIR, build_model
 from ablate.models.blocks import SwinBlock
 from ablate.ops import backend as ops_backend
-from ablate.ops.fast import attention, cpu, native, predicted
+from ablate.ops.fast import attention, cpu, native, neighbourhood, predicted, routes
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 from ablate.ops.layouts import build_layout
 from ablate.ops.mixer import SpatialMixer
@@ -215,21 +216,9 @@ def flex_backward_on_cpu(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
 
 
-@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
-@pytest.mark.parametrize("preset,res,kernel_size,bias", [
-    ("neighborhood_attention", (9, 11), 5, True),
-    ("neighborhood_attention", (6, 5), 7, True),   # the neighbourhood wider than the map
-    ("neighborhood_attention", (8, 8), 3, False),
-    ("global_attention", (5, 6), 7, True),
-    ("global_attention", (4, 4), 7, False),
-])
-@pytest.mark.parametrize("value_proj", [True, False])
-def test_flex_attention_matches_reference(preset, res, kernel_size, bias, value_proj, flex_backward_on_cpu):
-    """Neighbourhood and global attention on FlexAttention (the GPU path: the bias as a score_mod, the
-    neighbourhood as a mask_mod) equal the reference operator, forward and every gradient, in float64;
-    the bias table's gradient included. Run here through FlexAttention's eager form."""
-    from ablate.ops.fast import flex
-
+def _attention_matches_reference(preset, res, kernel_size, bias, value_proj, fast):
+    """`fast(source, x, context, layout, value_proj)` equals the reference operator, forward and every
+    gradient (the bias table's included), in float64."""
     spec = PRESETS[preset].spec
     spec = replace(spec, connectivity=replace(spec.connectivity, kernel_size=kernel_size),
                    dynamic=replace(spec.dynamic, position_bias=bias))
@@ -239,16 +228,56 @@ def test_flex_attention_matches_reference(preset, res, kernel_size, bias, value_
         for p in mixer.parameters():
             p.normal_()
     proj = torch.nn.Conv2d(8, 8, 1).double() if value_proj else None
-    fn = flex.neighbourhood_attention if preset == "neighborhood_attention" else flex.global_attention
     x = torch.randn(2, 8, *res, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 8, *res, dtype=torch.float64)
     params = [x, *mixer.parameters(), *(proj.parameters() if proj else [])]
     outs = []
-    for y in (fn(mixer.weights, x, x, mixer.layout, proj, compiled=False), mixer(x, value_proj=proj)):
+    for y in (fast(mixer.weights, x, x, mixer.layout, proj), mixer(x, value_proj=proj)):
         outs.append((y, *torch.autograd.grad(y, params, gy)))
     assert len(outs[0]) == 1 + len(params)
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("candidate", list(routes.CANDIDATES[neighbourhood.FORM]))
+@pytest.mark.parametrize("res,kernel_size,bias", [
+    ((9, 11), 5, True),
+    ((6, 5), 7, True),   # the neighbourhood wider than the map
+    ((8, 8), 3, False),
+    ((10, 13), 7, True),  # 130 tokens: two 128-token and three 64-token tiles, the last partly filled
+])
+@pytest.mark.parametrize("value_proj", [True, False])
+def test_neighbourhood_candidates_match_reference(candidate, res, kernel_size, bias, value_proj,
+                                                  flex_backward_on_cpu):
+    """Each of the GPU's neighbourhood-attention candidates (FlexAttention with 128-token tiles, with
+    64-token tiles and the bias in 64 row copies; the logits in memory) equals the reference operator,
+    forward and every gradient, in float64: FlexAttention through its eager form, the logits in
+    memory with the reference's correlate (its Triton correlate: the selfcheck)."""
+    def fast(*args):
+        with routes.forced(neighbourhood.FORM, candidate):
+            return neighbourhood.attention(*args)
+    _attention_matches_reference("neighborhood_attention", res, kernel_size, bias, value_proj, fast)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("res,bias", [((5, 6), True), ((4, 4), False)])
+@pytest.mark.parametrize("value_proj", [True, False])
+def test_flex_global_attention_matches_reference(res, bias, value_proj, flex_backward_on_cpu):
+    """Global attention on FlexAttention (the GPU path: the bias as a score_mod) equals the reference."""
+    from ablate.ops.fast import flex
+
+    fast = functools.partial(flex.global_attention, compiled=False)
+    _attention_matches_reference("global_attention", res, 7, bias, value_proj, fast)
+
+
+def test_finer_flex_tiles_visit_fewer_keys():
+    """What the 64-token tiles save, counted from the block masks the kernel skips by (tiny's maps)."""
+    from ablate.ops.fast import flex
+
+    for res, at_128, at_64 in (((56, 56), 12.7, 8.8), ((14, 14), 6.8, 4.3), ((7, 7), 6.8, 1.7)):
+        assert flex.visited_keys(res, 7, 128) == pytest.approx(at_128, abs=0.05)
+        assert flex.visited_keys(res, 7, 64) == pytest.approx(at_64, abs=0.05)
 
 
 def _block_pair(preset, res, shifted, dim=8, cpg=4):
@@ -443,9 +472,10 @@ def test_triton_kernels_through_the_interpreter():
     pytest.importorskip("triton")
     proc = _selfcheck("--device", "cpu", env={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from ablate.ops.fast.selfcheck import CASES
+    from ablate.ops.fast.selfcheck import CASES, CORRELATE_CASES
 
-    assert proc.stdout.count(" ok") == len(CASES) + 2  # every kernel case, two compiled operator families
+    # every kernel case, the correlate's cases, three compiled operator families
+    assert proc.stdout.count(" ok") == len(CASES) + len(CORRELATE_CASES) + 3
 
 
 def test_a_batch_shared_weight_gradient_splits_the_batch_only_to_fill_the_gpu():
@@ -473,15 +503,19 @@ def test_triton_kernels_on_gpu(dtype):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _gpu_pair(preset):
+    spec = PRESETS[preset].spec
+    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "locally_connected": 1}.get(preset, 32)
+    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
+    return fast.cuda(), ref.cuda()
+
+
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
                                     "local_attention", "neighborhood_attention", "global_attention"])
 def test_gpu_fast_mixer_matches_reference(preset, true_float32):
-    spec = PRESETS[preset].spec
-    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "locally_connected": 1}.get(preset, 32)
-    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
-    fast, ref = fast.cuda(), ref.cuda()
+    fast, ref = _gpu_pair(preset)
     x, context = (t.cuda() for t in _inputs(4, 64, 14, 14))
     gy = torch.randn(4, 64, 14, 14, device="cuda")
     static = preset in ("dwconv", "locally_connected")
@@ -494,20 +528,11 @@ def test_gpu_fast_mixer_matches_reference(preset, true_float32):
 BF16_TOLERANCE = 3e-2
 
 
-@pytest.mark.gpu
-@requires_gpu
-@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
-                                    "local_attention", "neighborhood_attention", "global_attention"])
-def test_gpu_fast_mixer_in_bf16_within_its_tolerance(preset, true_float32):
-    """The fast paths as training runs them on a GPU (bf16 autocast, channels_last) against the
+def _assert_bf16_within_tolerance(fast, ref, static: bool):
+    """The fast mixer as training runs it on a GPU (bf16 autocast, channels_last) against the
     reference in float32: forward and every gradient within BF16_TOLERANCE."""
-    spec = PRESETS[preset].spec
-    cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "locally_connected": 1}.get(preset, 32)
-    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
-    fast, ref = fast.cuda(), ref.cuda()
     x, context = (t.cuda().contiguous(memory_format=torch.channels_last) for t in _inputs(4, 64, 14, 14))
     gy = torch.randn(4, 64, 14, 14, device="cuda")
-    static = preset in ("dwconv", "locally_connected")
     outs = []
     for mixer, autocast in ((fast, True), (ref, False)):
         xi = x.clone().requires_grad_(True)
@@ -519,3 +544,25 @@ def test_gpu_fast_mixer_in_bf16_within_its_tolerance(preset, true_float32):
     for got, want in zip(*outs):
         error = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
         assert error < BF16_TOLERANCE, error
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
+                                    "local_attention", "neighborhood_attention", "global_attention"])
+def test_gpu_fast_mixer_in_bf16_within_its_tolerance(preset, true_float32):
+    _assert_bf16_within_tolerance(*_gpu_pair(preset), static=preset in ("dwconv", "locally_connected"))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("candidate", list(routes.CANDIDATES[neighbourhood.FORM]))
+def test_gpu_neighbourhood_candidates_match_reference(candidate, true_float32):
+    """Each neighbourhood-attention candidate, not only the one the timing chose: float32 (TF32 off)
+    to 1e-4, and bf16 autocast within its tolerance."""
+    fast, ref = _gpu_pair("neighborhood_attention")
+    x, context = (t.cuda() for t in _inputs(4, 64, 14, 14))
+    gy = torch.randn(4, 64, 14, 14, device="cuda")
+    with routes.forced(neighbourhood.FORM, candidate):
+        _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)
+        _assert_bf16_within_tolerance(fast, ref, static=False)

@@ -39,9 +39,9 @@ def _times(monkeypatch, seconds: dict[str, float]) -> list[str]:
     """Replace the timing by `seconds` per candidate; returns the forms timed, in order."""
     timed = []
 
-    def fake(form, layout, x, w, rounds=5):
+    def fake(form, layout, operands, rounds=5):
         timed.append(form)
-        return {name: seconds[name] for name in routes.RUNNABLE[form] if name in seconds}
+        return {name: seconds[name] for name in routes.runnable(form) if name in seconds}
 
     monkeypatch.setattr(routes, "_time_candidates", fake)
     return timed
@@ -84,11 +84,11 @@ def test_the_fastest_is_chosen_once_and_shared_through_the_file(fresh, monkeypat
                         ("_loaded", False)):
         monkeypatch.setattr(routes, attr, empty)
     timed.clear()
-    assert routes.choose(LAYOUT, x, w) == "batch-folded conv channels_last" and timed == []
+    assert routes.choose("per-instance", LAYOUT, x, w) == "batch-folded conv channels_last" and timed == []
 
     # a second shape is timed and added beside the first
     x2, w2 = x[:2], w[:2]
-    routes.choose(LAYOUT, x2, w2)
+    routes.choose("per-instance", LAYOUT, x2, w2)
     assert timed == ["per-instance"] and len(json.loads(fresh.read_text())) == 2
 
 
@@ -98,9 +98,9 @@ def test_without_timing_a_form_takes_its_first_candidate(fresh, monkeypatch):
     monkeypatch.setattr(routes, "_tunable", lambda x: False)
     timed = _times(monkeypatch, {})
     x, w = _weights("per-instance")
-    key = routes._key("per-instance", x, w, 3)
+    key = routes._key("per-instance", LAYOUT, (x, w))
     fresh.write_text(json.dumps({key: "a kernel of another version"}))
-    assert routes.choose(LAYOUT, x, w) == routes.RUNNABLE["per-instance"][0] and timed == []
+    assert routes.choose("per-instance", LAYOUT, x, w) == routes.runnable("per-instance")[0] and timed == []
     assert routes._calls  # kept: the next steps' calls look it up instead of reading the file again
 
 
@@ -130,7 +130,7 @@ def test_compiled_code_looks_the_route_up_while_traced(fresh, monkeypatch):
 def test_timing_leaves_out_a_candidate_that_cannot_run_here(monkeypatch):
     """On this CPU the Triton kernels have no GPU (and no interpreter): timed without them."""
     x, w = _weights("per-instance", torch.float32)
-    seconds = routes._time_candidates("per-instance", LAYOUT, x, w, rounds=1)
+    seconds = routes._time_candidates("per-instance", LAYOUT, (x, w), rounds=1)
     assert {"batch-folded conv", "batch-folded conv channels_last"} <= set(seconds)
     assert "triton kernel" not in seconds and all(s > 0 for s in seconds.values())
 
@@ -140,7 +140,7 @@ def test_a_damaged_file_costs_only_the_timing(fresh, monkeypatch, content):
     fresh.write_text(content)
     timed = _times(monkeypatch, {"cudnn channels_last": 1e-3, "triton kernel": 2e-3})
     x, w = _weights("static")
-    assert routes.choose(LAYOUT, x, w) == "cudnn channels_last" and timed == ["static"]
+    assert routes.choose("static", LAYOUT, x, w) == "cudnn channels_last" and timed == ["static"]
     assert list(json.loads(fresh.read_text()).values()) == ["cudnn channels_last"]
 
 
@@ -151,7 +151,7 @@ def test_timing_leaves_the_random_stream_as_it_found_it(fresh):
     torch.manual_seed(5)
     want = torch.rand(3)
     torch.manual_seed(5)
-    routes.choose(LAYOUT, x, w)  # timed for real here (the CPU candidates; Triton cannot run)
+    routes.choose("per-instance", LAYOUT, x, w)  # timed for real here (the CPU candidates; Triton cannot run)
     assert json.loads(fresh.read_text())  # it did time, and kept a choice
     torch.testing.assert_close(torch.rand(3), want)
 
@@ -160,6 +160,54 @@ def test_inference_mode_defers_the_timing_to_a_call_with_gradients(fresh, monkey
     timed = _times(monkeypatch, {"cudnn channels_last": 2e-3, "triton kernel": 1e-3})
     x, w = _weights("static")
     with torch.inference_mode():
-        assert routes.choose(LAYOUT, x, w) == "cudnn channels_last"
+        assert routes.choose("static", LAYOUT, x, w) == "cudnn channels_last"
     assert timed == [] and not routes._calls
-    assert routes.choose(LAYOUT, x, w) == "triton kernel" and timed == ["static"]
+    assert routes.choose("static", LAYOUT, x, w) == "triton kernel" and timed == ["static"]
+
+
+def _rows_of_one_projection(layout, groups=2, head=4, batch=2):
+    """q, k, v (N, G, T, d) as neighbourhood attention receives them: views of one projection."""
+    tokens = layout.resolution[0] * layout.resolution[1]
+    rows = torch.randn(batch, tokens, 3 * groups * head, dtype=torch.float64)
+    return rows.view(batch, tokens, 3, groups, head).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def test_a_registered_form_is_timed_kept_and_forced_like_the_depthwise_ones(fresh, monkeypatch):
+    """Neighbourhood attention's core is a form of its own (registered by its module): its key names
+    each operand (the q, k, v views by their strides, the bias), the map and K; a map of as many
+    tokens in another shape is another key; `forced` overrides the choice while it holds."""
+    from ablate.ops.fast.neighbourhood import FORM
+
+    timed = _times(monkeypatch, {"flex": 3e-3, "flex 64-token tiles": 1e-3, "triton logits in memory": 2e-3})
+    q, k, v = _rows_of_one_projection(LAYOUT)
+    bias = torch.randn(2, 9, dtype=torch.float64)
+    assert routes.choose(FORM, LAYOUT, q, k, v, bias) == "flex 64-token tiles" and timed == [FORM]
+    (key, name), = json.loads(fresh.read_text()).items()
+    assert f" | {FORM} | " in key and "(2, 2, 30, 4) strides (720, 4, 24, 1)" in key
+    assert "(2, 9) contiguous" in key and "map (6, 5) k 3" in key
+    routes.choose(FORM, SlidingLayout((5, 6), 3), q, k, v, bias)
+    assert timed == [FORM, FORM] and len(json.loads(fresh.read_text())) == 2
+    with routes.forced(FORM, "flex"):
+        assert routes.choose(FORM, LAYOUT, q, k, v, bias) == "flex"
+    assert routes.choose(FORM, LAYOUT, q, k, v, bias) == "flex 64-token tiles" and len(timed) == 2
+    with pytest.raises(KeyError, match="no candidate 'flex 32'"), routes.forced(FORM, "flex 32"):
+        pass
+
+
+def test_timing_gives_every_operand_a_gradient_and_keeps_its_strides(monkeypatch):
+    """The timing's random operands are strided as the call's (q, k, v views of one projection);
+    an absent bias stays absent. On this CPU FlexAttention has no backward: left out."""
+    from ablate.ops.fast.neighbourhood import FORM
+
+    seen = []
+
+    def candidate(layout, q, k, v, bias):
+        seen.append(([t.stride() for t in (q, k, v)], bias))
+        return q * k + v
+
+    monkeypatch.setitem(routes.CANDIDATES, FORM, {**routes.CANDIDATES[FORM], "marked": candidate})
+    q, k, v = _rows_of_one_projection(LAYOUT)
+    seconds = routes._time_candidates(FORM, LAYOUT, (q, k, v, None), rounds=1)
+    assert "flex" not in seconds and "flex 64-token tiles" not in seconds
+    assert "marked" in seconds and seen[0] == ([q.stride()] * 3, None)
+    assert ("triton logits in memory" in seconds) == ("triton logits in memory" in routes.runnable(FORM))

@@ -6,7 +6,7 @@
 | homogeneous dynamic (kernel per instance) | compiled shift-and-accumulate | timed (1) |
 | inhomogeneous dynamic, locally connected | native loops (sliding.c), compiled if large | timed (1) |
 | I-D-DW conv, one channel per group | weights never materialised (predicted.py) | timed (1) |
-| neighbourhood attention | native loops (sliding.c) for logits and aggregation | FlexAttention |
+| neighbourhood attention | native loops (sliding.c) for logits and aggregation | timed (2) |
 | window attention (local) | SDPA; training with a learned bias: chunks | SDPA |
 | global attention (one window of >= 128 tokens) | as window attention | FlexAttention |
 
@@ -22,12 +22,15 @@ cuda --section ops`, bf16, batch 128, tiny stages 1-2, forward + backward) had a
 per form: static weights cuDNN channels_last 1.3 ms against Triton's 8.7; per-instance kernels the
 batch-folded conv 6.0 ms against Triton's 8.7; per-position weights Triton 36 ms against
 unfold-multiply-sum's 38 and the reference's 45.
+
+(2) Neighbourhood attention's core is timed the same way (`neighbourhood.py`): FlexAttention with
+128- or 64-token tiles, or its logits in memory through Triton.
 """
 from __future__ import annotations
 
 import torch
 
-from ablate.ops.fast import cpu, flex, native, predicted, routes
+from ablate.ops.fast import cpu, flex, native, neighbourhood, predicted, routes
 from ablate.ops.fast.attention import fusable_projection, window_attention
 from ablate.ops.fast.routes import depthwise_conv_channels_last
 
@@ -96,7 +99,7 @@ def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None
         x, value_proj = value_proj(x), None  # values from their own projection, then as usual
     if kind is NeighbourhoodAttentionWeights:
         if _flex_pays(x):
-            return flex.neighbourhood_attention(source, x, context, layout, value_proj)
+            return neighbourhood.attention(source, x, context, layout, value_proj)
         if not _native_pays(x):
             return None
         values = x if value_proj is None else value_proj(x)

@@ -11,6 +11,17 @@ tile by tile in one kernel, with the two parts of these operators as its two hoo
   block mask built from it lets the kernel skip every tile of keys that no query of a tile of
   queries sees; it depends only on the map and K, so it is built once per shape and device.
 
+Two costs of the neighbourhood are the kernel's, not the operator's, and `neighbourhood` takes both
+as parameters (the GPU times the settings, `neighbourhood.py`):
+
+- the block size: a tile of queries computes every key of each tile of keys it touches. A 7 x 7
+  neighbourhood over raster rows visits 12.7x the 49 keys a query needs at 56 x 56 with 128-token
+  tiles, 8.8x with 64-token tiles; 6.8x and 1.7x at 7 x 7 (`visited_keys` counts them).
+- the bias table's gradient: the kernel adds each score's gradient into its table entry by an
+  atomic add, so every query of the batch meets on the table's K*K entries per head; `rows` copies
+  of the table, one per query row modulo `rows`, spread those adds over `rows` times the addresses
+  (their sum is the table's gradient, by autograd of the copy).
+
 Positions are tokens in raster order (h * W + w), the rows of a channels_last map, so q, k and v
 are views of one projection and the output is a channels_last map, with no copy on either side.
 
@@ -28,7 +39,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ablate.ops.fast.attention import fused_projection, heads
 
-__all__ = ["neighbourhood_attention", "global_attention", "neighbourhood_mods", "global_mods", "flex"]
+__all__ = ["neighbourhood_attention", "global_attention", "neighbourhood", "attend_rows",
+           "neighbourhood_mods", "global_mods", "flex", "visited_keys"]
 
 
 @functools.cache
@@ -43,10 +55,12 @@ def flex(q, k, v, score_mod=None, block_mask=None, scale=None, compiled: bool | 
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
-def neighbourhood_mods(bias: torch.Tensor | None, resolution: tuple[int, int], kernel_size: int):
+def neighbourhood_mods(bias: torch.Tensor | None, resolution: tuple[int, int], kernel_size: int,
+                       rows: int = 1):
     """(score_mod, mask_mod) of attention over the K x K neighbourhood of each position of an H x W
     map: the key's offset (dy, dx) from the query, within +-K//2, indexes bias[g, (dy + p) K + dx + p]
-    (the row-major order of `sliding_correlate`'s logits)."""
+    (the row-major order of `sliding_correlate`'s logits). With rows > 1 the score reads a copy of
+    the table per query row modulo `rows` (the same values; the gradient's atomic adds spread)."""
     width, p = resolution[1], kernel_size // 2
 
     def offsets(q_idx, kv_idx):
@@ -58,12 +72,13 @@ def neighbourhood_mods(bias: torch.Tensor | None, resolution: tuple[int, int], k
 
     if bias is None:
         return None, mask_mod
+    table = bias.unsqueeze(1).repeat(1, rows, 1)  # (G, rows, K*K)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         dy, dx = offsets(q_idx, kv_idx)
         # clamped: the hook is also evaluated at masked pairs of a partly visible tile
         entry = (dy + p).clamp(0, 2 * p) * kernel_size + (dx + p).clamp(0, 2 * p)
-        return score + bias[h, entry]
+        return score + table[h, q_idx % rows, entry]
 
     return score_mod, mask_mod
 
@@ -84,14 +99,33 @@ def global_mods(bias: torch.Tensor | None, resolution: tuple[int, int]):
 
 
 @functools.lru_cache(maxsize=64)
-def _block_mask(resolution: tuple[int, int], kernel_size: int, device: str):
+def _block_mask(resolution: tuple[int, int], kernel_size: int, device: str, block: int = 128):
     _, mask_mod = neighbourhood_mods(None, resolution, kernel_size)
     tokens = resolution[0] * resolution[1]
-    return create_block_mask(mask_mod, None, None, tokens, tokens, device=device)
+    return create_block_mask(mask_mod, None, None, tokens, tokens, device=device, BLOCK_SIZE=block)
 
 
-def _attend_rows(source, x, context, value_proj, score_mod, block_mask, compiled):
-    """y (N, C, H, W), channels_last: q, k (and v) from one projection of the rows of `context`."""
+def visited_keys(resolution: tuple[int, int], kernel_size: int, block: int) -> float:
+    """Keys the kernel computes per query with `block`-token tiles, over the K*K of the operator."""
+    mask = _block_mask(tuple(resolution), kernel_size, "cpu", block)
+    full = mask.full_kv_num_blocks
+    tiles = mask.kv_num_blocks.sum() + (0 if full is None else full.sum())
+    return float(tiles) * block * block / (resolution[0] * resolution[1] * kernel_size ** 2)
+
+
+def neighbourhood(q, k, v, bias, resolution, kernel_size, block: int = 128, rows: int = 1,
+                  compiled: bool | None = None) -> torch.Tensor:
+    """q, k, v (N, G, T, d) rows of an H x W map, bias (G, K*K) or None -> (N, G, T, d): attention of
+    each position over its K x K neighbourhood, `block`-token tiles, the bias in `rows` copies."""
+    score_mod, _ = neighbourhood_mods(bias, resolution, kernel_size, rows)
+    block_mask = _block_mask(tuple(resolution), kernel_size, str(q.device), block)
+    # the scale is folded into q's projection already
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, compiled=compiled)
+
+
+def attend_rows(source, x, context, value_proj, attend) -> torch.Tensor:
+    """y (N, C, H, W), channels_last: q, k (and v) from one projection of the rows of `context`,
+    attended by `attend(q, k, v)` on (N, G, T, d) rows."""
     n, _, h, w = x.shape
     weight, bias = fused_projection(source, value_proj)
     parts = weight.shape[0] // source.dim
@@ -99,19 +133,20 @@ def _attend_rows(source, x, context, value_proj, score_mod, block_mask, compiled
     q, k, *v = heads(rows, parts, source.groups)
     if not v:
         v = heads(x.permute(0, 2, 3, 1).reshape(n, h * w, -1), 1, source.groups)
-    # the scale is folded into q's projection already
-    y = flex(q, k, v[0], score_mod=score_mod, block_mask=block_mask, scale=1.0, compiled=compiled)
+    y = attend(q, k, v[0])
     return y.transpose(1, 2).reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def neighbourhood_attention(source, x, context, layout, value_proj=None, compiled=None) -> torch.Tensor:
+def neighbourhood_attention(source, x, context, layout, value_proj=None, compiled=None, block: int = 128,
+                            rows: int = 1) -> torch.Tensor:
     """A `NeighbourhoodAttentionWeights` source applied on FlexAttention."""
-    score_mod, _ = neighbourhood_mods(source.position_bias, layout.resolution, layout.kernel_size)
-    block_mask = _block_mask(tuple(layout.resolution), layout.kernel_size, str(x.device))
-    return _attend_rows(source, x, context, value_proj, score_mod, block_mask, compiled)
+    return attend_rows(source, x, context, value_proj, lambda q, k, v: neighbourhood(
+        q, k, v, source.position_bias, layout.resolution, layout.kernel_size, block, rows, compiled))
 
 
 def global_attention(source, x, context, layout, value_proj=None, compiled=None) -> torch.Tensor:
     """A `WindowAttentionWeights` source whose one window is the whole map, on FlexAttention."""
     score_mod, _ = global_mods(source.position_bias, layout.resolution)
-    return _attend_rows(source, x, context, value_proj, score_mod, None, compiled)
+    # the scale is folded into q's projection already
+    return attend_rows(source, x, context, value_proj, lambda q, k, v: flex(
+        q, k, v, score_mod=score_mod, scale=1.0, compiled=compiled))

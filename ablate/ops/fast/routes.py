@@ -1,4 +1,4 @@
-"""Which path applies a depth-wise family's weights on a GPU: the fastest, timed once per shape.
+"""Which path computes an operator on a GPU: the fastest of its candidates, timed once per shape.
 
 On a GPU the fastest way to apply sliding weights depends on their form, the shape and the GPU. One
 H200 (bf16, batch 128, tiny stages 1-2, forward and both gradients) measured static weights 4.5x
@@ -7,11 +7,16 @@ Triton kernel; per-instance kernels faster through the batch-folded conv (6.0 ms
 per-position weights faster through Triton (36 ms) than the reference (45): a different winner per
 form, each measured once, on one GPU, at one size. Instead of a table of those winners, a form's
 candidates are timed at the first eager call of a shape (forward and both gradients, on random
-tensors of the call's shapes, dtype and layout) and the fastest is kept: in memory, and in a JSON
+tensors of the call's shapes, dtype and strides) and the fastest is kept: in memory, and in a JSON
 file per machine (`ABLATE_ROUTES`, default ~/.cache/ablate/routes.json, keyed by the GPU's name and
 PyTorch's version) that other processes (a sweep's jobs, the bench's compiling processes) read
 instead of timing again. Every candidate computes the same operator (tests/test_fast_paths.py holds
 each to the reference): the choice changes speed and float rounding, nothing else.
+
+A form is an operator and the shape of its operands: the depth-wise family's three weight forms
+(`CANDIDATES` here, applied by `aggregate`), and forms other modules `register` (neighbourhood
+attention's core, `neighbourhood.py`). A candidate is a function (layout, *operands) -> output whose
+tensor operands all get gradients.
 
 Under `torch.compile` the routing is traced as a lookup: a shape that an eager call of this process
 routed takes that route, any other the form's first candidate (no file read or timing while
@@ -38,13 +43,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CANDIDATES", "RUNNABLE", "form_of", "aggregate", "choose", "used", "forget_used", "prepare",
-           "folded_channels_last", "depthwise_conv_channels_last", "unfold_multiply_sum"]
+__all__ = ["CANDIDATES", "register", "runnable", "form_of", "aggregate", "run", "choose", "forced", "used",
+           "forget_used", "prepare", "folded_channels_last", "depthwise_conv_channels_last",
+           "unfold_multiply_sum"]
 
 log = logging.getLogger(__name__)
 
-# One candidate: (layout, x, w) -> y, with x (N, C, H, W) and w as the sliding layout receives it.
-Candidate = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# One candidate: (layout, *operands) -> output. The depth-wise forms' operands are x (N, C, H, W) and
+# w as the sliding layout receives it; an operand may be None (an absent bias).
+Candidate = Callable[..., torch.Tensor]
 
 
 def depthwise_conv_channels_last(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -100,7 +107,8 @@ def _triton_position(layout, x, w):
 
 
 # Each form's candidates; the first is taken where nothing was timed (under compile, or with timing
-# off): the one a GPU measured fastest before timing existed.
+# off): for the depth-wise forms the one a GPU measured fastest before timing existed. Candidates
+# whose name starts with "triton" need Triton.
 CANDIDATES: dict[str, dict[str, Candidate]] = {
     "static": {
         "cudnn channels_last": lambda layout, x, w: depthwise_conv_channels_last(x, w, layout.kernel_size),
@@ -127,9 +135,16 @@ def form_of(w: torch.Tensor) -> str:
     return "static" if w.shape[0] == 1 else "per-instance"
 
 
-# The candidates this machine can run, in the table's order; the first is a form's default.
-RUNNABLE = {form: [name for name in table if _TRITON or not name.startswith("triton")]
-            for form, table in CANDIDATES.items()}
+
+def register(form: str, table: dict[str, Candidate]) -> None:
+    """Add a form and its candidates (first: the default where nothing was timed)."""
+    CANDIDATES[form] = table
+
+
+def runnable(form: str) -> list[str]:
+    """The form's candidates this machine can run, in the table's order; the first is its default."""
+    return [name for name in CANDIDATES[form] if _TRITON or not name.startswith("triton")]
+
 
 _chosen: dict[str, str] = {}  # key -> candidate, this process (from timing or the file)
 _used: dict[str, str] = {}  # key -> candidate, the calls of this process
@@ -137,6 +152,7 @@ _used: dict[str, str] = {}  # key -> candidate, the calls of this process
 # while it is traced, look up without building a key, reading the file or timing
 _calls: dict[tuple, str] = {}
 _call_keys: dict[tuple, str] = {}
+_forced: dict[str, str] = {}  # form -> candidate, while `forced` holds (the bench, the tests)
 _loaded = False
 
 
@@ -144,11 +160,29 @@ def _file() -> Path:
     return Path(os.environ.get("ABLATE_ROUTES") or Path.home() / ".cache" / "ablate" / "routes.json")
 
 
-def _key(form: str, x: torch.Tensor, w: torch.Tensor, k: int) -> str:
+def _describe(t: torch.Tensor | None) -> str:
+    """An operand's shape and memory layout (its strides where it is not a dense NCHW or NHWC)."""
+    if t is None:
+        return "none"
+    if t.is_contiguous():
+        layout = "contiguous"
+    elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        layout = "channels_last"
+    else:
+        layout = f"strides {tuple(t.stride())}"
+    return f"{tuple(t.shape)} {layout}"
+
+
+def _first(operands: tuple) -> torch.Tensor:
+    return next(t for t in operands if t is not None)
+
+
+def _key(form: str, layout, operands: tuple) -> str:
+    x = _first(operands)
     device = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
-    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "nchw"
-    return (f"{device} | torch {torch.__version__} | {form} | x {tuple(x.shape)} {layout} | "
-            f"w {tuple(w.shape)} | k {k} | {str(x.dtype).removeprefix('torch.')}")
+    return (f"{device} | torch {torch.__version__} | {form} | "
+            f"{' | '.join(_describe(t) for t in operands)} | map {tuple(layout.resolution)} "
+            f"k {layout.kernel_size} | {str(x.dtype).removeprefix('torch.')}")
 
 
 def _load() -> None:
@@ -213,56 +247,65 @@ def _tunable(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("ABLATE_TUNE_ROUTES", "1") != "0"
 
 
-def _time_candidates(form: str, layout, x: torch.Tensor, w: torch.Tensor,
-                     rounds: int = 5) -> dict[str, float]:
-    """Median seconds of a forward and both gradients of each candidate, on random tensors shaped,
-    typed and laid out as the call's; interleaved rounds after one untimed call each (which compiles
-    a Triton kernel). A candidate that fails (a shape its kernel refuses) is left out."""
-    xi = torch.randn_like(x).requires_grad_()
-    wi = torch.randn_like(w).requires_grad_()
+def _random_like(t: torch.Tensor) -> torch.Tensor:
+    """A random tensor with t's shape, dtype, device and strides (a view's gaps and overlaps too)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    return torch.randn(extent, dtype=t.dtype, device=t.device).as_strided(t.shape, t.stride())
+
+
+def _time_candidates(form: str, layout, operands: tuple, rounds: int = 5) -> dict[str, float]:
+    """Median seconds of a forward and every operand's gradient of each candidate, on random tensors
+    shaped, typed and strided as the call's; interleaved rounds after one untimed call each (which
+    compiles a Triton or FlexAttention kernel). A candidate that fails (a shape its kernel refuses,
+    a GPU its kernel's configurations do not fit) is left out."""
+    inputs = tuple(None if t is None else _random_like(t).requires_grad_() for t in operands)
+    leaves = [t for t in inputs if t is not None]
     steps = {}
-    for name in RUNNABLE[form]:
+    for name in runnable(form):
         def step(candidate=CANDIDATES[form][name]):
-            y = candidate(layout, xi, wi)
-            torch.autograd.grad(y, (xi, wi), torch.ones_like(y))
+            y = candidate(layout, *inputs)
+            torch.autograd.grad(y, leaves, torch.ones_like(y))
         try:
             step()
         except Exception as err:  # noqa: BLE001  a candidate that cannot run this shape is no choice
-            log.warning("routes: %s cannot run %s %s: %s", name, form, tuple(x.shape), err)
+            log.warning("routes: %s cannot run %s %s: %s", name, form, tuple(leaves[0].shape), err)
             continue
         steps[name] = step
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            times[name].append(_measure(step, x.device))
+            times[name].append(_measure(step, leaves[0].device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _call(layout, x: torch.Tensor, w: torch.Tensor) -> tuple:
-    return (tuple(x.shape), tuple(x.stride()), tuple(w.shape), layout.kernel_size, str(x.dtype),
-            str(x.device))
+def _call(form: str, layout, operands: tuple) -> tuple:
+    x = _first(operands)
+    shapes = tuple(None if t is None else (tuple(t.shape), tuple(t.stride())) for t in operands)
+    return (form, tuple(layout.resolution), layout.kernel_size, shapes, str(x.dtype), str(x.device))
 
 
-def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
-    """The candidate that applies `w` to `x` (see the module's docstring)."""
-    call = _call(layout, x, w)
+def choose(form: str, layout, *operands: torch.Tensor | None) -> str:
+    """The candidate that computes `form` on these operands (see the module's docstring)."""
+    if form in _forced:
+        return _forced[form]
+    call = _call(form, layout, operands)
     if torch.compiler.is_compiling():  # traced: a lookup only, the choice of an eager call before
-        return _calls.get(call, RUNNABLE[form_of(w)][0])
+        return _calls.get(call, runnable(form)[0])
     if call in _calls:
         _used[_call_keys[call]] = _calls[call]
         return _calls[call]
-    form = form_of(w)
-    key = _key(form, x, w, layout.kernel_size)
+    x = _first(operands)
+    key = _key(form, layout, operands)
     _load()
     name = _chosen.get(key)
-    if name not in RUNNABLE[form]:  # not timed yet (or a name another version or machine wrote)
-        name = RUNNABLE[form][0]
+    if name not in runnable(form):  # not timed yet (or a name another version or machine wrote)
+        name = runnable(form)[0]
         if torch.is_inference_mode_enabled():  # no gradient to time with: a later call decides
             _used[key] = name
             return name
         if _tunable(x):
             with torch.enable_grad(), _aside(x.device):
-                seconds = _time_candidates(form, layout, x, w)
+                seconds = _time_candidates(form, layout, operands)
             if seconds:
                 name = min(seconds, key=seconds.get)
                 log.info("routes: %s -> %s (%s)", key, name,
@@ -274,9 +317,31 @@ def choose(layout, x: torch.Tensor, w: torch.Tensor) -> str:
     return name
 
 
+def run(form: str, layout, *operands: torch.Tensor | None) -> torch.Tensor:
+    """`form` on these operands through the chosen candidate."""
+    return CANDIDATES[form][choose(form, layout, *operands)](layout, *operands)
+
+
 def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`layout.aggregate(x, w)` through the chosen candidate."""
-    return CANDIDATES[form_of(w)][choose(layout, x, w)](layout, x, w)
+    return run(form_of(w), layout, x, w)
+
+
+@contextlib.contextmanager
+def forced(form: str, name: str):
+    """Every call of `form` takes candidate `name` while this holds (nothing timed or recorded): the
+    bench times each candidate in a model, the GPU tests check each against the reference."""
+    if name not in CANDIDATES[form]:
+        raise KeyError(f"{form!r} has no candidate {name!r}: one of {list(CANDIDATES[form])}")
+    before = _forced.get(form)
+    _forced[form] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            _forced.pop(form)
+        else:
+            _forced[form] = before
 
 
 def used() -> dict[str, str]:

@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from ablate.ops.functional import sliding_aggregate
+from ablate.ops.functional import sliding_aggregate, sliding_correlate
 
-__all__ = ["CASES", "check_triton"]
+__all__ = ["CASES", "CORRELATE_CASES", "check_triton", "check_correlate"]
 
 # (name, N, C, H, W, K, weight kind, groups, shared over the batch). A weight shared by the batch
 # has its gradient summed in chunks of the batch where too few programs would run (on the CPU: fewer
@@ -32,6 +32,22 @@ CASES = [
     ("locally_connected-n7", 7, 4, 5, 5, 3, "position", 4, True),  # chunks of 2, 2, 2, 1
     ("locally_connected-tiles", 2, 4, 20, 20, 3, "position", 4, True),  # 7 tiles: one chunk
 ]
+
+
+# Neighbourhood attention's logits (name, N, C, H, W, K, groups): q and k are views of one projection's
+# rows (N, H, W, 3C), as the operator hands them over, so the kernel reads strided maps.
+CORRELATE_CASES = [
+    ("correlate", 2, 6, 5, 6, 3, 2),
+    ("correlate-k7-wide", 1, 8, 4, 9, 7, 4),  # the neighbourhood taller than the map
+]
+
+
+def _relative_error(pairs) -> float:
+    err = 0.0
+    for got, want in pairs:
+        got, want = got.detach().double().cpu(), want.detach()
+        err = max(err, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
+    return err
 
 
 def _reference(x, w, k, kind):
@@ -66,11 +82,30 @@ def check_triton(device: str = "cuda", dtype: torch.dtype = torch.float32, chann
         op = triton_dw.kernel_aggregate if kind == "kernel" else triton_dw.position_aggregate
         y = op(fx, fw, k)
         y.backward(gy.to(device, dtype))
-        err = 0.0
-        for got, want in ((y, ref_y), (fx.grad, ref_x.grad), (fw.grad, ref_w.grad)):
-            got, want = got.detach().double().cpu(), want.detach()
-            err = max(err, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
-        errors[name] = err
+        errors[name] = _relative_error(((y, ref_y), (fx.grad, ref_x.grad), (fw.grad, ref_w.grad)))
+    return errors
+
+
+def check_correlate(device: str = "cuda", dtype: torch.dtype = torch.float32,
+                    cases=CORRELATE_CASES) -> dict[str, float]:
+    """`triton_dw.position_correlate` against `sliding_correlate`: logits and both maps' gradients."""
+    from ablate.ops.fast import triton_dw
+
+    errors = {}
+    for name, n, c, h, wd, k, g in cases:
+        gen = torch.Generator().manual_seed(2)
+        rows = torch.randn(n, h, wd, 3 * c, generator=gen)
+        gl = torch.randn(n, g, k * k, h, wd, generator=gen)
+        ref = rows.double().requires_grad_()
+        a, b = (ref[..., i * c:(i + 1) * c].permute(0, 3, 1, 2).reshape(n, g, c // g, h, wd) for i in (0, 1))
+        ref_l = sliding_correlate(a, b, k)
+        ref_l.backward(gl.double())
+
+        fast = rows.to(device, dtype).requires_grad_()
+        fa, fb = (fast[..., i * c:(i + 1) * c].permute(0, 3, 1, 2) for i in (0, 1))
+        logits = triton_dw.position_correlate(fa, fb, k, g)
+        logits.backward(gl.to(device, dtype))
+        errors[name] = _relative_error(((logits, ref_l), (fast.grad, ref.grad)))
     return errors
 
 
@@ -81,25 +116,29 @@ def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str
     from ablate.ops.fast import triton_dw
 
     errors = {}
-    for name, op, wshape in (("kernel", triton_dw.kernel_aggregate, (2, 4, 9)),
-                             ("position", triton_dw.position_aggregate, (2, 4, 9, 5, 6))):
+    families = (  # (name, the operator, its function, the second operand's shape, extra arguments)
+        ("kernel", triton_dw._aggregate_op, triton_dw.kernel_aggregate, (2, 4, 9), (3, "kernel")),
+        ("position", triton_dw._aggregate_op, triton_dw.position_aggregate, (2, 4, 9, 5, 6), (3, "position")),
+        ("correlate", triton_dw._correlate_op, triton_dw.position_correlate, (2, 4, 5, 6), (3, 2)),
+    )
+    for name, op, fn, shape, extra in families:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(2, 4, 5, 6, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(wshape, generator=gen).to(device)
-        torch.library.opcheck(triton_dw._aggregate_op, (x.requires_grad_(), w.requires_grad_(), 3, name))
+        w = torch.randn(shape, generator=gen).to(device)
+        if w.dim() == 4:
+            w = w.contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(op, (x.requires_grad_(), w.requires_grad_(), *extra))
 
-        def step(x, w, op=op):
-            return (op(x * 2, w, 3) + 1).square()
+        def step(x, w, fn=fn, arg=extra[1] if name == "correlate" else None):
+            y = fn(x * 2, w, 3) if arg is None else fn(x * 2, w, 3, arg)
+            return (y + 1).square()
 
         compiled = torch.compile(step, fullgraph=True, backend=backend)
-        err = 0.0
         outs = []
-        for fn in (step, compiled):
-            y = fn(x, w)
+        for f in (step, compiled):
+            y = f(x, w)
             outs.append((y, *torch.autograd.grad(y.sum(), (x, w))))
-        for got, want in zip(*outs):
-            err = max(err, ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
-        errors[f"compiled {name}"] = err
+        errors[f"compiled {name}"] = _relative_error(zip(outs[0], [t.double().cpu() for t in outs[1]]))
     return errors
 
 
@@ -111,6 +150,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     errors = check_triton(args.device, dtype)
+    errors.update(check_correlate(args.device, dtype))
     # on the CPU (the interpreter) compile without inductor's codegen: the check is the tracing
     errors.update(check_operators(args.device, "inductor" if args.device.startswith("cuda") else "aot_eager"))
     for name, err in errors.items():

@@ -16,6 +16,10 @@ are contiguous, so every load is coalesced, and a group's weight at a position i
 the channels of the tile that share it (the inhomogeneous kernel's advantage over one thread per
 output, which reloads it per channel). Storage may be bf16/fp16; accumulation is fp32.
 
+The per-position weight gradient is a correlation of two maps (sum over a group's channels of one
+map times the other's neighbour), neighbourhood attention's logits: `position_correlate` is that
+kernel as an operator, whose gradients are the forward and adjoint kernels.
+
 On the CPU these kernels run through Triton's interpreter (TRITON_INTERPRET=1 before importing
 this module); the tests do that on tiny shapes.
 """
@@ -25,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kernel_aggregate", "position_aggregate", "naive_position_forward"]
+__all__ = ["kernel_aggregate", "position_aggregate", "position_correlate", "naive_position_forward"]
 
 
 @triton.jit
@@ -382,3 +386,39 @@ def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torc
 def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """x (N, C, H, W), w (N|1, G, K*K, H, W) -> (N, C, H, W): inhomogeneous / locally connected."""
     return _aggregate_op(x, w.contiguous(), kernel_size, "position")
+
+
+@torch.library.custom_op("ablate::triton_correlate", mutates_args=())
+def _correlate_op(a: torch.Tensor, b: torch.Tensor, k: int, groups: int) -> torch.Tensor:
+    n, _, h, wd = a.shape
+    return _position_weight_grad(b, a, (n, groups, k * k, h, wd), k, a.dtype)
+
+
+@_correlate_op.register_fake
+def _(a, b, k, groups):
+    n, _, h, wd = a.shape
+    return a.new_empty((n, groups, k * k, h, wd))
+
+
+def _save_maps(ctx, inputs, output):
+    a, b, k, _ = inputs
+    ctx.save_for_backward(a, b)
+    ctx.k = k
+
+
+def _correlate_grad(ctx, grad_logits):
+    # logits[i, k] = sum_c a[i, c] b[i + d_k, c]: d a = aggregate(b, dl); d b = the adjoint's scatter of a
+    a, b = ctx.saved_tensors
+    grad_logits = grad_logits.contiguous()
+    ga = _aggregate_op(b, grad_logits, ctx.k, "position") if ctx.needs_input_grad[0] else None
+    gb = _input_grad_op(a, grad_logits, ctx.k, "position") if ctx.needs_input_grad[1] else None
+    return ga, gb, None, None
+
+
+_correlate_op.register_autograd(_correlate_grad, setup_context=_save_maps)
+
+
+def position_correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int, groups: int) -> torch.Tensor:
+    """a, b (N, C, H, W), any strides -> (N, G, K*K, H, W): sum over each group's channels of
+    a[n, c, i] * b[n, c, i + d_k], zero outside the map (`functional.sliding_correlate`)."""
+    return _correlate_op(a, b, kernel_size, groups)
