@@ -41,6 +41,7 @@ import ablate  # noqa: F401  (registers the operators)
 from ablate.cli import run_cli
 from ablate.distributed import checked_device
 from ablate.models.backbone import SIZES, stage_geometry
+from ablate.ops.fast import routes
 from ablate.ops.mixer import SpatialMixer, apply_backend
 from ablate.space.presets import PRESETS
 
@@ -386,7 +387,7 @@ def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candida
     route for neighbourhood attention and each of its candidates; the native kernels on the CPU),
     and NATTEN for neighbourhood attention."""
     from ablate.models.blocks import pointwise
-    from ablate.ops.fast import neighbourhood, routes
+    from ablate.ops.fast import neighbourhood
 
     spec = PRESETS[preset].at_window(k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -689,6 +690,13 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
+def route_rows(chosen: dict[str, str]) -> list[dict]:
+    """Rows of the routes a process took (key -> candidate); the key's GPU and PyTorch version are
+    the bench's header's."""
+    return [{"form and operands": "; ".join(key.split(" | ")[2:]), "candidate": name}
+            for key, name in sorted(chosen.items())]
+
+
 def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -710,6 +718,9 @@ def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) ->
                _markdown(ops, OP_COLUMNS), ""]
     if models:
         md += ["## Models (samples/s, timm benchmark columns)", "", _markdown(models, MODEL_COLUMNS), ""]
+    if meta.get("routes"):
+        md += ["## Routes (the candidate each shape took: ablate/ops/fast/routes.py)", "",
+               _markdown(route_rows(meta["routes"]), ("form and operands", "candidate")), ""]
     paths["markdown"] = out / "bench.md"
     paths["markdown"].write_text("\n".join(md))
     return paths
@@ -781,6 +792,7 @@ def run(args: BenchArgs) -> dict:
             "warmup": warmup, "copy_bandwidth_gbps": None if copy_bw is None else round(copy_bw / 1e9, 1),
             "optimizer": args.optimizer, "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     started = time.perf_counter()
+    routes.forget_used()
     ops, models = [], []
     if args.section in ("all", "ops"):
         for size in sizes:
@@ -806,6 +818,7 @@ def run(args: BenchArgs) -> dict:
                                      channels_last=args.channels_last, vs_bf16=args.vs_bf16,
                                      compiled=compiled, optimizer=args.optimizer)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
+    meta["routes"] = routes.used()  # on a GPU: what each shape's timing chose (empty elsewhere)
     paths = write_outputs(Path(args.out), ops, models, meta)
     print(paths["markdown"].read_text())
     return {"operators": ops, "models": models, "meta": meta, "paths": paths}

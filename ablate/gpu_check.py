@@ -14,8 +14,9 @@ Steps, each a command of its own with a time limit (its output goes to log.txt):
    CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib).
 
 It writes `report.md` (and `report.json`, `log.txt`, the bench's files under `bench/`) in --out,
-rewritten after every step, so a check stopped midway keeps what it measured. The report ends with
-the targets: each measured ratio beside the value the project holds the GPU path to.
+rewritten after every step, so a check stopped midway keeps what it measured. The report names the
+route each shape's timing chose (ablate/ops/fast/routes.py) and ends with the targets: each measured
+ratio beside the value the project holds the GPU path to.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ablate.bench import route_rows
 from ablate.cli import run_cli
 from ablate.distributed import checked_device
 from ablate.errors import ConfigError
@@ -71,7 +73,7 @@ def _selfcheck_errors(_folder: Path, output: str) -> dict[str, Any]:
 def _bench_rows(folder: Path, _output: str) -> dict[str, Any]:
     record = json.loads((folder / "bench.json").read_text())
     return {"models": record["models"], "operators": record["operators"],
-            "bench_wall_s": record["meta"]["wall_s"]}
+            "bench_wall_s": record["meta"]["wall_s"], "routes": record["meta"].get("routes", {})}
 
 
 def _run_rates(folder: Path, _output: str) -> dict[str, Any]:
@@ -109,7 +111,8 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
              read=_selfcheck_errors),
         Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
-        Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 60, read=_bench_rows),
+        # 90 s: neighbourhood attention's candidates each compile at a shape the models did not take
+        Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
         Step(f"micro, {share} runs sharing the device",
              [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
@@ -199,6 +202,12 @@ def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> s
                   "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
                   for r in models]
+    chosen = {k: v for step in ("bench models", "bench operators")
+              for k, v in results.get(step, {}).get("routes", {}).items()}
+    if chosen:
+        lines += ["", "## Routes (the candidate each shape's timing chose)", "",
+                  "| form and operands | candidate |", "|---|---|"]
+        lines += [f"| {r['form and operands']} | {r['candidate']} |" for r in route_rows(chosen)]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---|---|"]
     for g in goals:
         met = "not measured" if g["met"] is None else ("yes" if g["met"] else "no")

@@ -214,6 +214,25 @@ def test_gpu_check_summarises_a_step_that_reported_nothing():
     assert _summary("micro run, eager", nothing).startswith("0/0 runs completed")
 
 
+def test_the_routes_each_shape_took_reach_the_bench_and_the_gpu_check_report(tmp_path):
+    """A GPU session's only output is its files: the bench and the report name the candidate each
+    shape's timing chose (without the GPU and PyTorch, which their headers name)."""
+    from ablate.bench import write_outputs
+    from ablate.gpu_check import _markdown
+
+    key = ("NVIDIA H200 | torch 2.11.0 | neighbourhood attention | (128, 3, 3136, 32) strides "
+           "(903168, 32, 288, 1) | map (56, 56) k 7 | bfloat16")
+    meta = {"machine": {"gpu": "NVIDIA H200", "cpu_threads": 16}, "dtype": "bfloat16",
+            "routes": {key: "flex 64-token tiles"}}
+    # one cell: the key's own separators would split the markdown table's row
+    row = ("| neighbourhood attention; (128, 3, 3136, 32) strides (903168, 32, 288, 1); map (56, 56) k 7; "
+           "bfloat16 | flex 64-token tiles |")
+    assert row in write_outputs(tmp_path, [], [], meta)["markdown"].read_text()
+    report = _markdown({}, [], {"bench operators": {"routes": meta["routes"]}}, [])
+    assert "## Routes" in report and row in report and "flex 64-token tiles" in report
+    assert "## Routes" not in _markdown({}, [], {"bench models": {"routes": {}}}, [])
+
+
 @pytest.mark.parametrize("kind", ["static", "homogeneous", "inhomogeneous"])
 def test_depthwise_family_candidates_compute_the_baselines_function(kind):
     """The bench times candidates side by side; each must compute its baseline's operator (same x,
