@@ -383,16 +383,20 @@ def _natten_candidate(n, c, res, k, device, dtype, seed) -> Candidate | None:
 
 def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candidate]:
     """An operator of the attention and per-position families with the Swin block's projections:
-    the reference against the fast path (FlexAttention on a GPU for global attention, the timed
-    route for neighbourhood attention and each of its candidates; the native kernels on the CPU),
-    and NATTEN for neighbourhood attention."""
+    the reference against the fast path (on a GPU the timed route of neighbourhood and global
+    attention, and each of its candidates; the native kernels on the CPU), and NATTEN for
+    neighbourhood attention."""
     from ablate.models.blocks import pointwise
-    from ablate.ops.fast import neighbourhood
+    from ablate.ops.fast import wide_attention
 
     spec = PRESETS[preset].at_window(k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, c, *res, generator=gen).to(device, dtype)
     cpg = 32 if spec.dynamic.kind == "attention" else 1
+
+    # the operators whose GPU core is a timed route: each candidate is timed beside the route's choice
+    form = {"neighborhood_attention": wide_attention.NEIGHBOURHOOD,
+            "global_attention": wide_attention.GLOBAL}.get(preset)
 
     def ours(backend, route=None):
         def setup():
@@ -403,17 +407,16 @@ def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candida
             def call():
                 if route is None:
                     return mixer(xi, value_proj=proj)
-                with routes.forced(neighbourhood.FORM, route):
+                with routes.forced(form, route):
                     return mixer(xi, value_proj=proj)
             return call, [xi], [*mixer.parameters(), *proj.parameters()]
         return setup
 
     cands = [Candidate("ablate reference", ours("reference"), baseline=True),
              Candidate("ablate fast", ours("fast"))]
+    if form is not None and device.type == "cuda":
+        cands += [Candidate(f"ablate fast: {name}", ours("fast", name)) for name in routes.runnable(form)]
     if preset == "neighborhood_attention":
-        if device.type == "cuda":  # what the route chose from
-            cands += [Candidate(f"ablate fast: {name}", ours("fast", name))
-                      for name in routes.runnable(neighbourhood.FORM)]
         cands += [c_ for c_ in [_natten_candidate(n, c, res, k, device, dtype, seed)] if c_ is not None]
     return cands
 

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from ablate.config import CONF_DIR, build_model
 from ablate.models.blocks import SwinBlock
 from ablate.ops import backend as ops_backend
-from ablate.ops.fast import attention, cpu, native, neighbourhood, predicted, routes
+from ablate.ops.fast import attention, cpu, native, predicted, routes, wide_attention
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 from ablate.ops.layouts import build_layout
 from ablate.ops.mixer import SpatialMixer
@@ -181,13 +180,13 @@ def test_learned_mask_attention_in_chunks_is_autograds_composition(monkeypatch, 
     mask = torch.randn(masks, g, t, t, dtype=torch.float64, requires_grad=True)
     logits = torch.matmul(q, k.transpose(-2, -1)).view(n, windows, g, t, t) + mask
     want = torch.matmul(logits.softmax(-1).flatten(0, 1), v)
-    got = attention._attend(q, k, v, mask, n)
+    got = attention.attend(q, k, v, mask, n)
     gy = torch.randn_like(want)
     torch.testing.assert_close(got, want)
     grads = [torch.autograd.grad(y, (q, k, v, mask), gy) for y in (got, want)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
-    torch.autograd.gradcheck(lambda *a: attention._attend(*a, n), (q, k, v, mask))
+    torch.autograd.gradcheck(lambda *a: attention.attend(*a, n), (q, k, v, mask))
 
 
 @pytest.mark.parametrize("res,shifted", [((14, 14), False), ((14, 14), True), ((9, 11), True),
@@ -240,7 +239,7 @@ def _attention_matches_reference(preset, res, kernel_size, bias, value_proj, fas
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
-@pytest.mark.parametrize("candidate", list(routes.CANDIDATES[neighbourhood.FORM]))
+@pytest.mark.parametrize("candidate", list(routes.CANDIDATES[wide_attention.NEIGHBOURHOOD]))
 @pytest.mark.parametrize("res,kernel_size,bias", [
     ((9, 11), 5, True),
     ((6, 5), 7, True),   # the neighbourhood wider than the map
@@ -255,19 +254,21 @@ def test_neighbourhood_candidates_match_reference(candidate, res, kernel_size, b
     forward and every gradient, in float64: FlexAttention through its eager form, the logits in
     memory with the reference's correlate (its Triton correlate: the selfcheck)."""
     def fast(*args):
-        with routes.forced(neighbourhood.FORM, candidate):
-            return neighbourhood.attention(*args)
+        with routes.forced(wide_attention.NEIGHBOURHOOD, candidate):
+            return wide_attention.neighbourhood_attention(*args)
     _attention_matches_reference("neighborhood_attention", res, kernel_size, bias, value_proj, fast)
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
-@pytest.mark.parametrize("res,bias", [((5, 6), True), ((4, 4), False)])
+@pytest.mark.parametrize("candidate", list(routes.CANDIDATES[wide_attention.GLOBAL]))
+@pytest.mark.parametrize("res,bias", [((5, 6), True), ((4, 4), False), ((12, 11), True)])
 @pytest.mark.parametrize("value_proj", [True, False])
-def test_flex_global_attention_matches_reference(res, bias, value_proj, flex_backward_on_cpu):
-    """Global attention on FlexAttention (the GPU path: the bias as a score_mod) equals the reference."""
-    from ablate.ops.fast import flex
-
-    fast = functools.partial(flex.global_attention, compiled=False)
+def test_global_candidates_match_reference(candidate, res, bias, value_proj, flex_backward_on_cpu):
+    """Global attention's GPU candidates (FlexAttention with the bias as a score_mod; SDPA with the
+    bias expanded to a mask) equal the reference, forward and every gradient, in float64."""
+    def fast(*args):
+        with routes.forced(wide_attention.GLOBAL, candidate):
+            return wide_attention.global_attention(*args)
     _attention_matches_reference("global_attention", res, 7, bias, value_proj, fast)
 
 
@@ -556,13 +557,16 @@ def test_gpu_fast_mixer_in_bf16_within_its_tolerance(preset, true_float32):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("candidate", list(routes.CANDIDATES[neighbourhood.FORM]))
-def test_gpu_neighbourhood_candidates_match_reference(candidate, true_float32):
-    """Each neighbourhood-attention candidate, not only the one the timing chose: float32 (TF32 off)
-    to 1e-4, and bf16 autocast within its tolerance."""
-    fast, ref = _gpu_pair("neighborhood_attention")
+@pytest.mark.parametrize("preset,form,candidate", [
+    (preset, form, name) for preset, form in (("neighborhood_attention", wide_attention.NEIGHBOURHOOD),
+                                              ("global_attention", wide_attention.GLOBAL))
+    for name in routes.CANDIDATES[form]])
+def test_gpu_wide_attention_candidates_match_reference(preset, form, candidate, true_float32):
+    """Each candidate of neighbourhood and global attention, not only the one the timing chose:
+    float32 (TF32 off) to 1e-4, and bf16 autocast within its tolerance."""
+    fast, ref = _gpu_pair(preset)
     x, context = (t.cuda() for t in _inputs(4, 64, 14, 14))
     gy = torch.randn(4, 64, 14, 14, device="cuda")
-    with routes.forced(neighbourhood.FORM, candidate):
+    with routes.forced(form, candidate):
         _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)
         _assert_bf16_within_tolerance(fast, ref, static=False)

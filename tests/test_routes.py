@@ -176,7 +176,7 @@ def test_a_registered_form_is_timed_kept_and_forced_like_the_depthwise_ones(fres
     """Neighbourhood attention's core is a form of its own (registered by its module): its key names
     each operand (the q, k, v views by their strides, the bias), the map and K; a map of as many
     tokens in another shape is another key; `forced` overrides the choice while it holds."""
-    from ablate.ops.fast.neighbourhood import FORM
+    from ablate.ops.fast.wide_attention import NEIGHBOURHOOD as FORM
 
     timed = _times(monkeypatch, {"flex": 3e-3, "flex 64-token tiles": 1e-3, "triton logits in memory": 2e-3})
     q, k, v = _rows_of_one_projection(LAYOUT)
@@ -184,7 +184,7 @@ def test_a_registered_form_is_timed_kept_and_forced_like_the_depthwise_ones(fres
     assert routes.choose(FORM, LAYOUT, q, k, v, bias) == "flex 64-token tiles" and timed == [FORM]
     (key, name), = json.loads(fresh.read_text()).items()
     assert f" | {FORM} | " in key and "(2, 2, 30, 4) strides (720, 4, 24, 1)" in key
-    assert "(2, 9) contiguous" in key and "map (6, 5) k 3" in key
+    assert "(2, 9) contiguous" in key and "resolution=(6, 5), kernel_size=3" in key
     routes.choose(FORM, SlidingLayout((5, 6), 3), q, k, v, bias)
     assert timed == [FORM, FORM] and len(json.loads(fresh.read_text())) == 2
     with routes.forced(FORM, "flex"):
@@ -197,7 +197,7 @@ def test_a_registered_form_is_timed_kept_and_forced_like_the_depthwise_ones(fres
 def test_timing_gives_every_operand_a_gradient_and_keeps_its_strides(monkeypatch):
     """The timing's random operands are strided as the call's (q, k, v views of one projection);
     an absent bias stays absent. On this CPU FlexAttention has no backward: left out."""
-    from ablate.ops.fast.neighbourhood import FORM
+    from ablate.ops.fast.wide_attention import NEIGHBOURHOOD as FORM
 
     seen = []
 

@@ -8,7 +8,7 @@
 | I-D-DW conv, one channel per group | weights never materialised (predicted.py) | timed (1) |
 | neighbourhood attention | native loops (sliding.c) for logits and aggregation | timed (2) |
 | window attention (local) | SDPA; training with a learned bias: chunks | SDPA |
-| global attention (one window of >= 128 tokens) | as window attention | FlexAttention |
+| global attention (one window of >= 128 tokens) | as window attention | timed (2) |
 
 `aggregate` and `fused_forward` return None where no fast path applies; the caller then runs the
 reference. Every fast path is checked against its reference in tests/test_fast_paths.py. The native
@@ -23,14 +23,15 @@ per form: static weights cuDNN channels_last 1.3 ms against Triton's 8.7; per-in
 batch-folded conv 6.0 ms against Triton's 8.7; per-position weights Triton 36 ms against
 unfold-multiply-sum's 38 and the reference's 45.
 
-(2) Neighbourhood attention's core is timed the same way (`neighbourhood.py`): FlexAttention with
-128- or 64-token tiles, or its logits in memory through Triton.
+(2) Neighbourhood and global attention's cores are timed the same way (`wide_attention.py`):
+FlexAttention with 128- or 64-token tiles, or the logits in memory through Triton (neighbourhood);
+FlexAttention, or SDPA with the bias expanded to a mask (global).
 """
 from __future__ import annotations
 
 import torch
 
-from ablate.ops.fast import cpu, flex, native, neighbourhood, predicted, routes
+from ablate.ops.fast import cpu, native, predicted, routes, wide_attention
 from ablate.ops.fast.attention import fusable_projection, window_attention
 from ablate.ops.fast.routes import depthwise_conv_channels_last
 
@@ -79,8 +80,8 @@ def _flex_pays(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in _GPU_DTYPES
 
 
-# A single window (global attention, or a window covering a small map) goes to FlexAttention from one
-# FlexAttention tile of tokens on; below it, SDPA's kernels on the materialised bias are as cheap.
+# A single window (global attention, or a window covering a small map) is timed from one FlexAttention
+# tile of tokens on; below it, SDPA's kernels on the materialised bias are as cheap.
 FLEX_MIN_TOKENS = 128
 
 
@@ -99,11 +100,11 @@ def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None
         x, value_proj = value_proj(x), None  # values from their own projection, then as usual
     if kind is NeighbourhoodAttentionWeights:
         if _flex_pays(x):
-            return neighbourhood.attention(source, x, context, layout, value_proj)
+            return wide_attention.neighbourhood_attention(source, x, context, layout, value_proj)
         if not _native_pays(x):
             return None
         values = x if value_proj is None else value_proj(x)
         return aggregate(layout, values, source(context, layout, correlate=correlate))
     if _flex_pays(x) and layout.num_windows == 1 and layout.tokens >= FLEX_MIN_TOKENS:
-        return flex.global_attention(source, x, context, layout, value_proj)
+        return wide_attention.global_attention(source, x, context, layout, value_proj)
     return window_attention(source, x, context, layout, value_proj)

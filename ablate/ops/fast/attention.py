@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["window_attention", "fusable_projection", "fused_projection", "heads", "partition_rows",
-           "merge_rows"]
+__all__ = ["window_attention", "attend", "attend_rows", "fusable_projection", "fused_projection", "heads",
+           "partition_rows", "merge_rows"]
 
 _CPU_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
@@ -135,7 +135,7 @@ class _LearnedMaskAttention(torch.autograd.Function):
         return gq, gk, gv, gmask.to(q.dtype)
 
 
-def _attend(q, k, v, mask, n: int) -> torch.Tensor:
+def attend(q, k, v, mask, n: int) -> torch.Tensor:
     """softmax(q k^T + mask) v over (N * nW, G, T, Cg) windows; q carries the scale already."""
     if mask is not None and q.device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled():
         if q.dtype == torch.bfloat16:  # autocast: autograd's composition, with its fp32 softmax
@@ -195,6 +195,21 @@ def window_attention(source, x: torch.Tensor, context: torch.Tensor, layout,
     q, k, *v = heads(qkv, parts, g)
     if not v:
         v = heads(partition_rows(x.permute(0, 2, 3, 1), layout), 1, g)
-    y = _attend(q, k, v[0], _additive_mask(source, layout, q.dtype), n)  # (N * nW, G, T, Cg)
+    y = attend(q, k, v[0], _additive_mask(source, layout, q.dtype), n)  # (N * nW, G, T, Cg)
     y = merge_rows(y.transpose(1, 2).flatten(2), layout, n)  # (N, H, W, C)
     return y.permute(0, 3, 1, 2)
+
+
+def attend_rows(source, x, context, value_proj, core) -> torch.Tensor:
+    """y (N, C, H, W), channels_last, of an attention source over the whole map's rows (no windows):
+    q, k (and v) from one projection of the rows of `context` (raster order, so q, k and v are views
+    of it), attended by `core(q, k, v)` on (N, G, T, d) rows."""
+    n, _, h, w = x.shape
+    weight, bias = fused_projection(source, value_proj)
+    parts = weight.shape[0] // source.dim
+    rows = F.linear(context.permute(0, 2, 3, 1).reshape(n, h * w, -1), weight, bias)  # (N, T, parts*C)
+    q, k, *v = heads(rows, parts, source.groups)
+    if not v:
+        v = heads(x.permute(0, 2, 3, 1).reshape(n, h * w, -1), 1, source.groups)
+    y = core(q, k, v[0])
+    return y.transpose(1, 2).reshape(n, h, w, -1).permute(0, 3, 1, 2)

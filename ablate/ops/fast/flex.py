@@ -12,7 +12,7 @@ tile by tile in one kernel, with the two parts of these operators as its two hoo
   queries sees; it depends only on the map and K, so it is built once per shape and device.
 
 Two costs of the neighbourhood are the kernel's, not the operator's, and `neighbourhood` takes both
-as parameters (the GPU times the settings, `neighbourhood.py`):
+as parameters (the GPU times the settings, `wide_attention.py`):
 
 - the block size: a tile of queries computes every key of each tile of keys it touches. A 7 x 7
   neighbourhood over raster rows visits 12.7x the 49 keys a query needs at 56 x 56 with 128-token
@@ -34,13 +34,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ablate.ops.fast.attention import fused_projection, heads
-
-__all__ = ["neighbourhood_attention", "global_attention", "neighbourhood", "attend_rows",
-           "neighbourhood_mods", "global_mods", "flex", "visited_keys"]
+__all__ = ["neighbourhood", "global_", "neighbourhood_mods", "global_mods", "flex", "visited_keys"]
 
 
 @functools.cache
@@ -123,30 +119,9 @@ def neighbourhood(q, k, v, bias, resolution, kernel_size, block: int = 128, rows
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, compiled=compiled)
 
 
-def attend_rows(source, x, context, value_proj, attend) -> torch.Tensor:
-    """y (N, C, H, W), channels_last: q, k (and v) from one projection of the rows of `context`,
-    attended by `attend(q, k, v)` on (N, G, T, d) rows."""
-    n, _, h, w = x.shape
-    weight, bias = fused_projection(source, value_proj)
-    parts = weight.shape[0] // source.dim
-    rows = F.linear(context.permute(0, 2, 3, 1).reshape(n, h * w, -1), weight, bias)  # (N, T, parts*C)
-    q, k, *v = heads(rows, parts, source.groups)
-    if not v:
-        v = heads(x.permute(0, 2, 3, 1).reshape(n, h * w, -1), 1, source.groups)
-    y = attend(q, k, v[0])
-    return y.transpose(1, 2).reshape(n, h, w, -1).permute(0, 3, 1, 2)
-
-
-def neighbourhood_attention(source, x, context, layout, value_proj=None, compiled=None, block: int = 128,
-                            rows: int = 1) -> torch.Tensor:
-    """A `NeighbourhoodAttentionWeights` source applied on FlexAttention."""
-    return attend_rows(source, x, context, value_proj, lambda q, k, v: neighbourhood(
-        q, k, v, source.position_bias, layout.resolution, layout.kernel_size, block, rows, compiled))
-
-
-def global_attention(source, x, context, layout, value_proj=None, compiled=None) -> torch.Tensor:
-    """A `WindowAttentionWeights` source whose one window is the whole map, on FlexAttention."""
-    score_mod, _ = global_mods(source.position_bias, layout.resolution)
+def global_(q, k, v, bias, resolution, compiled: bool | None = None) -> torch.Tensor:
+    """q, k, v (N, G, T, d) rows of an H x W map, bias (G, offsets) or None -> (N, G, T, d): attention
+    of every position over the whole map."""
+    score_mod, _ = global_mods(bias, resolution)
     # the scale is folded into q's projection already
-    return attend_rows(source, x, context, value_proj, lambda q, k, v: flex(
-        q, k, v, score_mod=score_mod, scale=1.0, compiled=compiled))
+    return flex(q, k, v, score_mod=score_mod, scale=1.0, compiled=compiled)

@@ -14,9 +14,10 @@ instead of timing again. Every candidate computes the same operator (tests/test_
 each to the reference): the choice changes speed and float rounding, nothing else.
 
 A form is an operator and the shape of its operands: the depth-wise family's three weight forms
-(`CANDIDATES` here, applied by `aggregate`), and forms other modules `register` (neighbourhood
-attention's core, `neighbourhood.py`). A candidate is a function (layout, *operands) -> output whose
-tensor operands all get gradients.
+(`CANDIDATES` here, applied by `aggregate`), and forms other modules `register` (neighbourhood and
+global attention's cores, `wide_attention.py`). A shape is the operands' shapes, strides and dtype
+and the layout's geometry (its `extra_repr`). A candidate is a function (layout, *operands) ->
+output whose tensor operands all get gradients.
 
 Under `torch.compile` the routing is traced as a lookup: a shape that an eager call of this process
 routed takes that route, any other the form's first candidate (no file read or timing while
@@ -181,8 +182,8 @@ def _key(form: str, layout, operands: tuple) -> str:
     x = _first(operands)
     device = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
     return (f"{device} | torch {torch.__version__} | {form} | "
-            f"{' | '.join(_describe(t) for t in operands)} | map {tuple(layout.resolution)} "
-            f"k {layout.kernel_size} | {str(x.dtype).removeprefix('torch.')}")
+            f"{' | '.join(_describe(t) for t in operands)} | {layout.extra_repr()} | "
+            f"{str(x.dtype).removeprefix('torch.')}")
 
 
 def _load() -> None:
@@ -281,7 +282,7 @@ def _time_candidates(form: str, layout, operands: tuple, rounds: int = 5) -> dic
 def _call(form: str, layout, operands: tuple) -> tuple:
     x = _first(operands)
     shapes = tuple(None if t is None else (tuple(t.shape), tuple(t.stride())) for t in operands)
-    return (form, tuple(layout.resolution), layout.kernel_size, shapes, str(x.dtype), str(x.device))
+    return (form, layout.extra_repr(), shapes, str(x.dtype), str(x.device))
 
 
 def choose(form: str, layout, *operands: torch.Tensor | None) -> str:

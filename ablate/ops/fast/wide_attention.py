@@ -1,7 +1,10 @@
-"""Neighbourhood attention on a GPU: three ways to compute it, the fastest timed per shape (routes.py).
+"""Attention over more keys than a window, on a GPU: neighbourhood and global attention, each among
+candidates timed per shape (routes.py).
 
-Neighbourhood attention's core, softmax(q k^T + bias, over each position's K x K neighbourhood) v,
-has no single best kernel on a GPU, for reasons no CPU test can weigh:
+Both operators attend over the rows of the whole map (q, k and v are views of one projection:
+`attention.attend_rows`), and for both the fastest kernel depends on costs no CPU test can weigh.
+
+Neighbourhood attention, softmax(q k^T + bias over each position's K x K neighbourhood) v:
 
 - "flex": FlexAttention (flex.py) with 128-token tiles, its default. Fused (no logits in memory),
   but a tile of queries computes every key of each tile of keys it touches, 12.7x the 49 keys a
@@ -16,20 +19,29 @@ has no single best kernel on a GPU, for reasons no CPU test can weigh:
   per-position aggregate through its own route: the reference's arithmetic, no wasted keys, no
   atomics, at the price of the (N, G, K*K, H, W) logits and weights in memory.
 
-`attention` applies a `NeighbourhoodAttentionWeights` source through the chosen one; every candidate
-equals the reference operator, forward and gradients (tests/test_fast_paths.py on the CPU, the
-candidates one by one on a GPU under `-m gpu`).
+Global attention (one window over the whole map, from FLEX_MIN_TOKENS tokens on), with Swin's
+relative position bias:
+
+- "flex": FlexAttention, the bias read from its table by each pair's offset; the table's gradient
+  is an atomic add per score, N * G * T^2 of them (3.8e9 per layer at tiny stage 1, batch 128);
+- "sdpa, bias as a mask": the table expanded to a (G, T, T) additive mask for
+  `scaled_dot_product_attention`'s memory-efficient kernel, whose backward writes the mask's gradient
+  per image (N * G * T^2 values, 7.5 GB in bf16 at that size) and sums it over the batch: no
+  atomics, much memory (where it does not fit, the timing leaves it out).
+
+Every candidate equals the reference operator, forward and gradients (tests/test_fast_paths.py on
+the CPU; each candidate on a GPU under `-m gpu`).
 """
 from __future__ import annotations
 
 import torch
 
-from ablate.ops.fast import flex, routes
+from ablate.ops.fast import attention, flex, routes
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 
-__all__ = ["FORM", "attention", "logits_in_memory"]
+__all__ = ["NEIGHBOURHOOD", "GLOBAL", "neighbourhood_attention", "global_attention", "logits_in_memory"]
 
-FORM = "neighbourhood attention"
+NEIGHBOURHOOD, GLOBAL = "neighbourhood attention", "global attention"
 
 
 def _map(rows: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
@@ -55,8 +67,8 @@ def _reference_aggregate(layout, x, w):
 
 
 def logits_in_memory(layout, q, k, v, bias) -> torch.Tensor:
-    """The core with its logits as a tensor: on a GPU the Triton correlate and the per-position
-    aggregate's route; elsewhere the reference's functions (the tests)."""
+    """Neighbourhood attention's core with its logits as a tensor: on a GPU the Triton correlate and
+    the per-position aggregate's route; elsewhere the reference's functions (the tests)."""
     groups = q.shape[1]
     if q.is_cuda:
         from ablate.ops.fast import triton_dw  # a GPU's (compiles at first call)
@@ -71,20 +83,36 @@ def logits_in_memory(layout, q, k, v, bias) -> torch.Tensor:
     return _rows(y, groups)
 
 
-def _flex(block: int, rows: int):
+def _flex_neighbourhood(block: int, rows: int):
     def candidate(layout, q, k, v, bias):
         return flex.neighbourhood(q, k, v, bias, layout.resolution, layout.kernel_size, block, rows)
     return candidate
 
 
-routes.register(FORM, {
-    "flex": _flex(128, 1),
-    "flex 64-token tiles": _flex(64, 64),
+def _sdpa_global(layout, q, k, v, bias):
+    mask = None if bias is None else bias[:, layout.relative_index][None].to(q.dtype)  # (1, G, T, T)
+    return attention.attend(q, k, v, mask, q.shape[0])
+
+
+routes.register(NEIGHBOURHOOD, {
+    "flex": _flex_neighbourhood(128, 1),
+    "flex 64-token tiles": _flex_neighbourhood(64, 64),
     "triton logits in memory": logits_in_memory,
+})
+routes.register(GLOBAL, {
+    "flex": lambda layout, q, k, v, bias: flex.global_(q, k, v, bias, layout.resolution),
+    "sdpa, bias as a mask": _sdpa_global,
 })
 
 
-def attention(source, x, context, layout, value_proj=None) -> torch.Tensor:
+def neighbourhood_attention(source, x, context, layout, value_proj=None) -> torch.Tensor:
     """A `NeighbourhoodAttentionWeights` source applied through the chosen candidate."""
-    return flex.attend_rows(source, x, context, value_proj,
-                            lambda q, k, v: routes.run(FORM, layout, q, k, v, source.position_bias))
+    return attention.attend_rows(source, x, context, value_proj, lambda q, k, v: routes.run(
+        NEIGHBOURHOOD, layout, q, k, v, source.position_bias))
+
+
+def global_attention(source, x, context, layout, value_proj=None) -> torch.Tensor:
+    """A `WindowAttentionWeights` source whose one window is the whole map, through the chosen
+    candidate."""
+    return attention.attend_rows(source, x, context, value_proj, lambda q, k, v: routes.run(
+        GLOBAL, layout, q, k, v, source.position_bias))
