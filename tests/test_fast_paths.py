@@ -272,6 +272,46 @@ def test_global_candidates_match_reference(candidate, res, bias, value_proj, fle
     _attention_matches_reference("global_attention", res, 7, bias, value_proj, fast)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+def test_every_flex_shape_gets_its_compiled_kernel(monkeypatch):
+    """Dynamo runs a code object eagerly after `recompile_limit` compiled shapes: one shared
+    `torch.compile(flex_attention)` fell back to the dense eager form at a process's ninth shape. Each
+    shape and variant compiles on its own (traced with the eager backend here: no kernel generation;
+    forward only, as FlexAttention has no CPU backward), and a compiled model's trace looks up the
+    block mask an eager call built."""
+    from ablate.ops.fast import flex
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's eager backend, counting what it is handed
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(flex, "BACKEND", backend)
+    monkeypatch.setattr(flex, "_compiled", {})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for res, block in (((4, 4), 128), ((4, 5), 128), ((5, 5), 128), ((5, 5), 64), ((3, 7), 64)):
+            q, k, v = torch.randn(3, 1, 2, res[0] * res[1], 8).unbind(0)
+            bias = torch.randn(2, 9)
+            seen = len(graphs)
+            got = flex.neighbourhood(q, k, v, bias, res, 3, block, compiled=True)
+            assert len(graphs) > seen, f"{res} {block}: run eagerly, not compiled"
+            want = flex.neighbourhood(q, k, v, bias, res, 3, block, compiled=False)
+            torch.testing.assert_close(got, want)
+    assert len(flex._compiled) == 5
+
+    def model(q, k, v, bias):
+        return flex.neighbourhood(q, k, v, bias, (3, 7), 3, 64, compiled=True) * 2
+
+    masks = len(flex._block_masks)
+    traced = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(traced(q, k, v, bias), 2 * want)
+    assert len(flex._block_masks) == masks
+
+
 def test_finer_flex_tiles_visit_fewer_keys():
     """What the 64-token tiles save, counted from the block masks the kernel skips by (tiny's maps)."""
     from ablate.ops.fast import flex

@@ -31,23 +31,44 @@ refuses a backward on the CPU, where `ablate.ops.fast` keeps its own kernels.
 """
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 __all__ = ["neighbourhood", "global_", "neighbourhood_mods", "global_mods", "flex", "visited_keys"]
 
 
-@functools.cache
-def _compiled():
-    return torch.compile(flex_attention, dynamic=False)
+# Dynamo keeps the compiled forms of one code object in one cache of at most `recompile_limit` (8)
+# entries, then runs it eagerly: one `torch.compile(flex_attention)` shared by every call would fall
+# back to FlexAttention's eager form, the dense (N, G, T, T) scores, at the ninth shape a process
+# meets (a neighbourhood-attention model's four stages in two tilings fill it alone). So each shape
+# and variant gets a compiled function with a code object of its own.
+_compiled: dict[tuple, Callable] = {}
+BACKEND = "inductor"  # the fused kernel's; the tests trace with "eager"
 
 
-def flex(q, k, v, score_mod=None, block_mask=None, scale=None, compiled: bool | None = None):
-    """flex_attention, compiled (the fused kernel) by default on a GPU; eager (dense) elsewhere."""
+def _compiled_for(key: tuple) -> Callable:
+    fn = _compiled.get(key)
+    if fn is None:
+        def attend(q, k, v, score_mod, block_mask, scale):
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        attend.__code__ = attend.__code__.replace(co_name=f"flex_attention_{len(_compiled)}")
+        fn = _compiled[key] = torch.compile(attend, dynamic=False, backend=BACKEND)
+    return fn
+
+
+def flex(q, k, v, score_mod=None, block_mask=None, scale=None, compiled: bool | None = None,
+         variant: tuple = ()):
+    """flex_attention, compiled (the fused kernel) by default on a GPU; eager (dense) elsewhere, and
+    traced as it is inside a compiled model. `variant`: what else than the operands' shapes makes
+    the call another kernel (the tiling, a score_mod's constants)."""
     compiled = q.is_cuda if compiled is None else compiled
-    fn = _compiled() if compiled else flex_attention
+    if not compiled or torch.compiler.is_compiling():
+        fn = flex_attention
+    else:
+        fn = _compiled_for((variant, *((tuple(t.shape), t.stride()) for t in (q, k, v)), q.dtype, q.device,
+                            score_mod is None))
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
@@ -94,11 +115,20 @@ def global_mods(bias: torch.Tensor | None, resolution: tuple[int, int]):
     return score_mod, None
 
 
-@functools.lru_cache(maxsize=64)
-def _block_mask(resolution: tuple[int, int], kernel_size: int, device: str, block: int = 128):
-    _, mask_mod = neighbourhood_mods(None, resolution, kernel_size)
-    tokens = resolution[0] * resolution[1]
-    return create_block_mask(mask_mod, None, None, tokens, tokens, device=device, BLOCK_SIZE=block)
+_block_masks: dict[tuple, BlockMask] = {}
+
+
+def _block_mask(resolution: tuple[int, int], kernel_size: int, device: str, block: int = 128) -> BlockMask:
+    """Built once per map, K, device and tiling; a dict, so that compiled code finds the mask an
+    eager call built (`functools.cache` is traced through, building the mask in the graph)."""
+    key = (resolution, kernel_size, device, block)
+    mask = _block_masks.get(key)
+    if mask is None:
+        _, mask_mod = neighbourhood_mods(None, resolution, kernel_size)
+        tokens = resolution[0] * resolution[1]
+        mask = _block_masks[key] = create_block_mask(mask_mod, None, None, tokens, tokens, device=device,
+                                                     BLOCK_SIZE=block)
+    return mask
 
 
 def visited_keys(resolution: tuple[int, int], kernel_size: int, block: int) -> float:
@@ -116,7 +146,8 @@ def neighbourhood(q, k, v, bias, resolution, kernel_size, block: int = 128, rows
     score_mod, _ = neighbourhood_mods(bias, resolution, kernel_size, rows)
     block_mask = _block_mask(tuple(resolution), kernel_size, str(q.device), block)
     # the scale is folded into q's projection already
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, compiled=compiled)
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, compiled=compiled,
+                variant=("neighbourhood", tuple(resolution), kernel_size, block, rows))
 
 
 def global_(q, k, v, bias, resolution, compiled: bool | None = None) -> torch.Tensor:
@@ -124,4 +155,5 @@ def global_(q, k, v, bias, resolution, compiled: bool | None = None) -> torch.Te
     of every position over the whole map."""
     score_mod, _ = global_mods(bias, resolution)
     # the scale is folded into q's projection already
-    return flex(q, k, v, score_mod=score_mod, scale=1.0, compiled=compiled)
+    return flex(q, k, v, score_mod=score_mod, scale=1.0, compiled=compiled,
+                variant=("global", tuple(resolution)))
