@@ -388,16 +388,22 @@ def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> to
     return _aggregate_op(x, w.contiguous(), kernel_size, "position")
 
 
+def _logits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits of half-precision maps stay in float32, as accumulated: a softmax follows, and bf16's
+    8-bit mantissa would round a logit of 10 by 0.04 (4% of the weight)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 @torch.library.custom_op("ablate::triton_correlate", mutates_args=())
 def _correlate_op(a: torch.Tensor, b: torch.Tensor, k: int, groups: int) -> torch.Tensor:
     n, _, h, wd = a.shape
-    return _position_weight_grad(b, a, (n, groups, k * k, h, wd), k, a.dtype)
+    return _position_weight_grad(b, a, (n, groups, k * k, h, wd), k, _logits_dtype(a.dtype))
 
 
 @_correlate_op.register_fake
 def _(a, b, k, groups):
     n, _, h, wd = a.shape
-    return a.new_empty((n, groups, k * k, h, wd))
+    return a.new_empty((n, groups, k * k, h, wd), dtype=_logits_dtype(a.dtype))
 
 
 def _save_maps(ctx, inputs, output):
@@ -420,5 +426,6 @@ _correlate_op.register_autograd(_correlate_grad, setup_context=_save_maps)
 
 def position_correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int, groups: int) -> torch.Tensor:
     """a, b (N, C, H, W), any strides -> (N, G, K*K, H, W): sum over each group's channels of
-    a[n, c, i] * b[n, c, i + d_k], zero outside the map (`functional.sliding_correlate`)."""
+    a[n, c, i] * b[n, c, i + d_k], zero outside the map (`functional.sliding_correlate`); float32
+    for half-precision maps."""
     return _correlate_op(a, b, kernel_size, groups)
