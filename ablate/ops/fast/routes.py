@@ -136,7 +136,6 @@ def form_of(w: torch.Tensor) -> str:
     return "static" if w.shape[0] == 1 else "per-instance"
 
 
-
 def register(form: str, table: dict[str, Candidate]) -> None:
     """Add a form and its candidates (first: the default where nothing was timed)."""
     CANDIDATES[form] = table
