@@ -722,7 +722,8 @@ def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) ->
     if models:
         md += ["## Models (samples/s, timm benchmark columns)", "", _markdown(models, MODEL_COLUMNS), ""]
     if meta.get("routes"):
-        md += ["## Routes (the candidate each shape took: ablate/ops/fast/routes.py)", "",
+        md += [f"## Routes (the candidate each shape took: ablate/ops/fast/routes.py; "
+               f"{meta.get('routes_timing_s', 0)} s timing them)", "",
                _markdown(route_rows(meta["routes"]), ("form and operands", "candidate")), ""]
     paths["markdown"] = out / "bench.md"
     paths["markdown"].write_text("\n".join(md))
@@ -822,6 +823,7 @@ def run(args: BenchArgs) -> dict:
                                      compiled=compiled, optimizer=args.optimizer)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     meta["routes"] = routes.used()  # on a GPU: what each shape's timing chose (empty elsewhere)
+    meta["routes_timing_s"] = round(routes.timing_seconds(), 1)  # included in wall_s
     paths = write_outputs(Path(args.out), ops, models, meta)
     print(paths["markdown"].read_text())
     return {"operators": ops, "models": models, "meta": meta, "paths": paths}

@@ -73,7 +73,8 @@ def _selfcheck_errors(_folder: Path, output: str) -> dict[str, Any]:
 def _bench_rows(folder: Path, _output: str) -> dict[str, Any]:
     record = json.loads((folder / "bench.json").read_text())
     return {"models": record["models"], "operators": record["operators"],
-            "bench_wall_s": record["meta"]["wall_s"], "routes": record["meta"].get("routes", {})}
+            "bench_wall_s": record["meta"]["wall_s"], "routes": record["meta"].get("routes", {}),
+            "routes_timing_s": record["meta"].get("routes_timing_s")}
 
 
 def _run_rates(folder: Path, _output: str) -> dict[str, Any]:
@@ -226,7 +227,9 @@ def _summary(name: str, numbers: dict[str, Any]) -> str:
         return f"{len(numbers['cases'])} cases, largest relative error {worst:.1e}" + (
             f", failing: {', '.join(bad)}" if bad else "")
     if "models" in numbers:
-        return f"{len(numbers['models'])} model rows, {len(numbers['operators'])} operator rows"
+        timing = numbers.get("routes_timing_s")
+        return (f"{len(numbers['models'])} model rows, {len(numbers['operators'])} operator rows"
+                + (f", {timing} s of it timing routes" if timing else ""))
     if "runs" in numbers:
         rates = ", ".join(f"{r:.0f}" for r in numbers["samples_per_s"])
         return f"{numbers['completed']}/{numbers['runs']} runs completed; train img/s {rates}"

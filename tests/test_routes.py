@@ -151,8 +151,10 @@ def test_timing_leaves_the_random_stream_as_it_found_it(fresh):
     torch.manual_seed(5)
     want = torch.rand(3)
     torch.manual_seed(5)
+    spent = routes.timing_seconds()
     routes.choose("per-instance", LAYOUT, x, w)  # timed for real here (the CPU candidates; Triton cannot run)
     assert json.loads(fresh.read_text())  # it did time, and kept a choice
+    assert routes.timing_seconds() > spent  # and counted the time it took (the bench reports it)
     torch.testing.assert_close(torch.rand(3), want)
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CANDIDATES", "register", "runnable", "form_of", "aggregate", "run", "choose", "forced", "used",
-           "forget_used", "prepare", "folded_channels_last", "depthwise_conv_channels_last",
+           "timing_seconds", "forget_used", "prepare", "folded_channels_last", "depthwise_conv_channels_last",
            "unfold_multiply_sum"]
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ _used: dict[str, str] = {}  # key -> candidate, the calls of this process
 _calls: dict[tuple, str] = {}
 _call_keys: dict[tuple, str] = {}
 _forced: dict[str, str] = {}  # form -> candidate, while `forced` holds (the bench, the tests)
+_timing_s = 0.0  # wall seconds this process spent timing (candidates' compiles included)
 _loaded = False
 
 
@@ -304,12 +305,16 @@ def choose(form: str, layout, *operands: torch.Tensor | None) -> str:
             _used[key] = name
             return name
         if _tunable(x):
+            global _timing_s
+            started = time.perf_counter()
             with torch.enable_grad(), _aside(x.device):
                 seconds = _time_candidates(form, layout, operands)
+            spent = time.perf_counter() - started
+            _timing_s += spent
             if seconds:
                 name = min(seconds, key=seconds.get)
-                log.info("routes: %s -> %s (%s)", key, name,
-                         ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in seconds.items()))
+                log.info("routes: %s -> %s (%s; timed in %.1f s)", key, name,
+                         ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in seconds.items()), spent)
                 _chosen[key] = name
                 _save(key, name)
     _used[key] = name
@@ -347,6 +352,12 @@ def forced(form: str, name: str):
 def used() -> dict[str, str]:
     """The route each shape took (key -> candidate) since `forget_used`: what a run's record names."""
     return dict(_used)
+
+
+def timing_seconds() -> float:
+    """Wall seconds this process has spent timing candidates, their first calls' compiles included:
+    a cost paid once per shape and machine (later processes read the file)."""
+    return _timing_s
 
 
 def forget_used() -> None:
