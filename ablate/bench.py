@@ -307,6 +307,13 @@ def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
             xi, wi = _leaf(x), _leaf(wt)
             return (lambda: triton_dw.naive_position_forward(xi, wi, k)), [xi], [wi]
         cands.append(Candidate("triton one-thread-per-output (fwd only)", naive, passes=("fwd",)))
+
+        def tiled(tile):  # the per-position route's Triton candidates, one per tile
+            def setup():
+                xi, wi = _leaf(x.contiguous(memory_format=torch.channels_last)), _leaf(wt)
+                return (lambda: triton_dw.position_aggregate(xi, wi, k, tile)), [xi], [wi]
+            return setup
+        cands += [Candidate(f"triton NHWC, {tile} tile", tiled(tile)) for tile in triton_dw.POSITION_TILES]
     return cands
 
 

@@ -513,10 +513,10 @@ def test_triton_kernels_through_the_interpreter():
     pytest.importorskip("triton")
     proc = _selfcheck("--device", "cpu", env={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from ablate.ops.fast.selfcheck import CASES, CORRELATE_CASES
+    from ablate.ops.fast.selfcheck import CASES, CORRELATE_CASES, TILE_CASES
 
-    # every kernel case, the correlate's cases, three compiled operator families
-    assert proc.stdout.count(" ok") == len(CASES) + len(CORRELATE_CASES) + 3
+    # every kernel case, on other tiles too, the correlate's cases, three compiled operator families
+    assert proc.stdout.count(" ok") == len(CASES) + len(TILE_CASES) + len(CORRELATE_CASES) + 3
 
 
 def test_a_batch_shared_weight_gradient_splits_the_batch_only_to_fill_the_gpu():

@@ -213,3 +213,15 @@ def test_timing_gives_every_operand_a_gradient_and_keeps_its_strides(monkeypatch
     assert "flex" not in seconds and "flex 64-token tiles" not in seconds
     assert "marked" in seconds and seen[0] == ([q.stride()] * 3, None)
     assert ("triton logits in memory" in seconds) == ("triton logits in memory" in routes.runnable(FORM))
+
+
+def test_the_per_position_route_times_every_triton_tile():
+    """Each tile of the Triton per-position kernels is a candidate of its own (the selfcheck holds
+    each to the reference through Triton's interpreter)."""
+    triton_dw = pytest.importorskip("ablate.ops.fast.triton_dw")
+    names = [n for n in routes.CANDIDATES["per-position"] if n.startswith("triton")]
+    assert names[0] == "triton" and len(names) == len(triton_dw.POSITION_TILES)
+    assert {n.removeprefix("triton").strip() or triton_dw.DEFAULT_TILE for n in names} == set(
+        triton_dw.POSITION_TILES)
+    with pytest.raises(ValueError, match="no per-position tile '8x8'"):
+        triton_dw._tile_name("position 8x8")

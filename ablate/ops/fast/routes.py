@@ -101,10 +101,13 @@ def _triton_kernel(layout, x, w):
     return triton_dw.kernel_aggregate(x, w, layout.kernel_size)
 
 
-def _triton_position(layout, x, w):
-    from ablate.ops.fast import triton_dw
+def _triton_position(tile: str) -> Candidate:
+    """The Triton per-position kernels on one of `triton_dw.POSITION_TILES`."""
+    def candidate(layout, x, w):
+        from ablate.ops.fast import triton_dw
 
-    return triton_dw.position_aggregate(x, w, layout.kernel_size)
+        return triton_dw.position_aggregate(x, w, layout.kernel_size, tile)
+    return candidate
 
 
 # Each form's candidates; the first is taken where nothing was timed (under compile, or with timing
@@ -122,7 +125,9 @@ CANDIDATES: dict[str, dict[str, Candidate]] = {
         "triton kernel": _triton_kernel,
     },
     "per-position": {
-        "triton": _triton_position,
+        "triton": _triton_position("64x32"),
+        "triton 32x128": _triton_position("32x128"),
+        "triton 128x64": _triton_position("128x64"),
         "shift-and-accumulate": _reference,
         "unfold-multiply-sum": lambda layout, x, w: unfold_multiply_sum(x, w, layout.kernel_size),
     },

@@ -15,7 +15,7 @@ import torch
 
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 
-__all__ = ["CASES", "CORRELATE_CASES", "check_triton", "check_correlate"]
+__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "check_triton", "check_correlate"]
 
 # (name, N, C, H, W, K, weight kind, groups, shared over the batch). A weight shared by the batch
 # has its gradient summed in chunks of the batch where too few programs would run (on the CPU: fewer
@@ -31,6 +31,14 @@ CASES = [
     ("locally_connected", 2, 4, 5, 5, 3, "position", 4, True),  # 1 tile: 2 chunks of 1
     ("locally_connected-n7", 7, 4, 5, 5, 3, "position", 4, True),  # chunks of 2, 2, 2, 1
     ("locally_connected-tiles", 2, 4, 20, 20, 3, "position", 4, True),  # 7 tiles: one chunk
+]
+# The per-position kernels on their other tiles (triton_dw.POSITION_TILES): (case, tile). Whole maps
+# in one tile, a group wider than a tile's channels' share, a batch-shared gradient in chunks.
+TILE_CASES = [
+    ("inhomogeneous-k5", "32x128"),
+    ("locally_connected-n7", "32x128"),
+    ("inhomogeneous", "128x64"),
+    ("locally_connected-tiles", "128x64"),
 ]
 
 
@@ -58,13 +66,20 @@ def _reference(x, w, k, kind):
     return sliding_aggregate(x.reshape(n, g, c // g, h, wd), w, k).reshape(n, c, h, wd)
 
 
+def _with_tiles(cases, tile_cases):
+    """Each case on the default tile, then the tile cases: (name, tile, case's fields)."""
+    by_name = {case[0]: case for case in cases}
+    yield from ((case[0], None, case[1:]) for case in cases)
+    yield from ((f"{name} {tile}", tile, by_name[name][1:]) for name, tile in tile_cases)
+
+
 def check_triton(device: str = "cuda", dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                 cases=CASES) -> dict[str, float]:
+                 cases=CASES, tile_cases=TILE_CASES) -> dict[str, float]:
     """Largest relative error of each case (forward, grad x, grad w together)."""
     from ablate.ops.fast import triton_dw
 
     errors = {}
-    for name, n, c, h, wd, k, kind, g, shared in cases:
+    for name, tile, (n, c, h, wd, k, kind, g, shared) in _with_tiles(cases, tile_cases):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(n, c, h, wd, generator=gen)
         wshape = (1 if shared else n, g, k * k) + ((h, wd) if kind == "position" else ())
@@ -79,8 +94,10 @@ def check_triton(device: str = "cuda", dtype: torch.dtype = torch.float32, chann
             fx = fx.contiguous(memory_format=torch.channels_last)
         fx.requires_grad_()
         fw = w.to(device, dtype).requires_grad_()
-        op = triton_dw.kernel_aggregate if kind == "kernel" else triton_dw.position_aggregate
-        y = op(fx, fw, k)
+        if kind == "kernel":
+            y = triton_dw.kernel_aggregate(fx, fw, k)
+        else:
+            y = triton_dw.position_aggregate(fx, fw, k, tile or triton_dw.DEFAULT_TILE)
         y.backward(gy.to(device, dtype))
         errors[name] = _relative_error(((y, ref_y), (fx.grad, ref_x.grad), (fw.grad, ref_w.grad)))
     return errors

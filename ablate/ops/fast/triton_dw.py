@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kernel_aggregate", "position_aggregate", "position_correlate", "naive_position_forward"]
+__all__ = ["kernel_aggregate", "position_aggregate", "position_correlate", "naive_position_forward",
+           "POSITION_TILES", "DEFAULT_TILE"]
 
 
 @triton.jit
@@ -254,24 +255,42 @@ def _kernel_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int) -> t
     return gw
 
 
-def _group_blocks(c: int, groups: int) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_CG, group tiles): whole groups per tile, about BLOCK_C channels of them."""
+# The per-position kernels' tiles: (positions, about this many channels, warps). The first is the
+# default; the others are candidates the GPU's routes time (`position_aggregate(..., tile=)`): a wider
+# channel tile reads longer contiguous rows of the NHWC map, a taller one reuses more of each weight
+# row, and which pays is the GPU's to say.
+POSITION_TILES = {"64x32": (64, 32, 4), "32x128": (32, 128, 4), "128x64": (128, 64, 8)}
+DEFAULT_TILE = "64x32"
+
+
+def _tile_name(kind: str) -> str:
+    """The tile of a per-position operator kind: "position" (the default tile) or "position <tile>"."""
+    name = kind.partition(" ")[2] or DEFAULT_TILE
+    if name not in POSITION_TILES:
+        raise ValueError(f"no per-position tile {name!r}: one of {list(POSITION_TILES)}")
+    return name
+
+
+def _group_blocks(c: int, groups: int, block_c: int = BLOCK_C) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_CG, group tiles): whole groups per tile, about `block_c` channels of them."""
     cg = c // groups
     block_cg = triton.next_power_of_2(cg)
-    block_g = max(1, min(triton.next_power_of_2(groups), BLOCK_C // block_cg))
+    block_g = max(1, min(triton.next_power_of_2(groups), block_c // block_cg))
     return block_g, block_cg, triton.cdiv(groups, block_g)
 
 
-def _position_forward(x: torch.Tensor, w: torch.Tensor, k: int, adjoint: bool = False) -> torch.Tensor:
+def _position_forward(x: torch.Tensor, w: torch.Tensor, k: int, adjoint: bool = False,
+                      tile: str = DEFAULT_TILE) -> torch.Tensor:
     """x (N, C, H, W); w (N|1, G, K*K, H, W) -> (N, C, H, W) channels_last."""
     n, c, h, wd = x.shape
+    block_p, block_c, warps = POSITION_TILES[tile]
     y = _out(x)
     swn = 0 if w.shape[0] == 1 else w.stride(0)
-    block_g, block_cg, group_tiles = _group_blocks(c, w.shape[1])
-    grid = (n * triton.cdiv(h * wd, BLOCK_P), group_tiles)
+    block_g, block_cg, group_tiles = _group_blocks(c, w.shape[1], block_c)
+    grid = (n * triton.cdiv(h * wd, block_p), group_tiles)
     _position_fwd[grid](x, w, y, h, wd, c, c // w.shape[1], *_nhwc_strides(x), swn, *w.stride()[1:],
                         *_nhwc_strides(y), K=k, ADJOINT=adjoint,
-                        BLOCK_P=BLOCK_P, BLOCK_G=block_g, BLOCK_CG=block_cg)
+                        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=warps)
     return y
 
 
@@ -291,11 +310,13 @@ def _shared_chunks(n: int, programs: int, wanted: int) -> int:
     return -(-n // chunks)
 
 
-def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int, dtype) -> torch.Tensor:
+def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int, dtype,
+                          tile: str = DEFAULT_TILE) -> torch.Tensor:
     """gw shaped as w (N|1, G, K*K, H, W): a weight shared over the batch gets the batch's sum."""
     n, c, h, wd = x.shape
-    block_g, block_cg, group_tiles = _group_blocks(c, w_shape[1])
-    tiles = triton.cdiv(h * wd, BLOCK_P)
+    block_p, block_c, warps = POSITION_TILES[tile]
+    block_g, block_cg, group_tiles = _group_blocks(c, w_shape[1], block_c)
+    tiles = triton.cdiv(h * wd, block_p)
     shared = w_shape[0] == 1 and n != 1
     per = _shared_chunks(n, tiles * group_tiles, _programs_wanted(x.device)) if shared else 1
     chunks = triton.cdiv(n, per)
@@ -305,7 +326,8 @@ def _position_weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, k: int, dt
     swn = 0 if shared else gw.stride(0)
     _position_wgrad[(chunks * tiles, group_tiles)](
         x, gy, gw, n, per, h, wd, c, c // w_shape[1], *_nhwc_strides(x), *_nhwc_strides(gy),
-        swn, *gw.stride()[1:], K=k, ATOMIC=atomic, BLOCK_P=BLOCK_P, BLOCK_G=block_g, BLOCK_CG=block_cg)
+        swn, *gw.stride()[1:], K=k, ATOMIC=atomic, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_CG=block_cg,
+        num_warps=warps)
     return gw.to(dtype)
 
 
@@ -324,17 +346,19 @@ def naive_position_forward(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Te
 # The passes as PyTorch operators (torch.library): `torch.compile` keeps each one a single opaque call
 # shaped by its fake implementation, instead of breaking the graph at a Python launch in every layer;
 # the gradients are operators too. `kind` picks the family: "kernel" (w: N|1, C, K*K) or "position"
-# (w: N|1, G, K*K, H, W).
+# (w: N|1, G, K*K, H, W), the latter on a tile of POSITION_TILES ("position 32x128"; bare: the default).
 @torch.library.custom_op("ablate::triton_aggregate", mutates_args=())
 def _aggregate_op(x: torch.Tensor, w: torch.Tensor, k: int, kind: str) -> torch.Tensor:
-    return _kernel_forward(x, w, k) if kind == "kernel" else _position_forward(x, w, k)
+    if kind == "kernel":
+        return _kernel_forward(x, w, k)
+    return _position_forward(x, w, k, tile=_tile_name(kind))
 
 
 @torch.library.custom_op("ablate::triton_aggregate_input_grad", mutates_args=())
 def _input_grad_op(gy: torch.Tensor, w: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     if kind == "kernel":
         return _kernel_forward(gy, w.flip(-1), k)  # the transpose of a convolution: the flipped kernel
-    return _position_forward(gy, w, k, adjoint=True)
+    return _position_forward(gy, w, k, adjoint=True, tile=_tile_name(kind))
 
 
 @torch.library.custom_op("ablate::triton_aggregate_weight_grad", mutates_args=())
@@ -342,7 +366,7 @@ def _weight_grad_op(x: torch.Tensor, gy: torch.Tensor, w: torch.Tensor, k: int, 
     """The weights' gradient, shaped and typed as w (summed over the batch for shared weights)."""
     if kind == "kernel":
         return _kernel_weight_grad(x, gy, w.shape, k).to(w.dtype)
-    return _position_weight_grad(x, gy, w.shape, k, w.dtype)
+    return _position_weight_grad(x, gy, w.shape, k, w.dtype, tile=_tile_name(kind))
 
 
 @_aggregate_op.register_fake
@@ -383,9 +407,11 @@ def kernel_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torc
     return _aggregate_op(x, wc.contiguous(), kernel_size, "kernel")
 
 
-def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """x (N, C, H, W), w (N|1, G, K*K, H, W) -> (N, C, H, W): inhomogeneous / locally connected."""
-    return _aggregate_op(x, w.contiguous(), kernel_size, "position")
+def position_aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int,
+                       tile: str = DEFAULT_TILE) -> torch.Tensor:
+    """x (N, C, H, W), w (N|1, G, K*K, H, W) -> (N, C, H, W): inhomogeneous / locally connected, its
+    three kernels on `tile` (POSITION_TILES)."""
+    return _aggregate_op(x, w.contiguous(), kernel_size, f"position {tile}")
 
 
 def _logits_dtype(dtype: torch.dtype) -> torch.dtype:
