@@ -225,3 +225,53 @@ def test_the_per_position_route_times_every_triton_tile():
         triton_dw.POSITION_TILES)
     with pytest.raises(ValueError, match="no per-position tile '8x8'"):
         triton_dw._tile_name("position 8x8")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_blocks_1x1_convolutions_are_a_form_too(fresh, monkeypatch, bias):
+    """The blocks' 1x1 convolutions (Swin's linear layers on a map): cuDNN's convolution or the
+    linear layer on the map's rows compute the convolution's function with every gradient (float64
+    here); the shape's key is the operands' alone; the fused q, k, v projection still takes them."""
+    from ablate.models.blocks import POINTWISE, pointwise
+    from ablate.ops.fast.attention import fusable_projection
+
+    conv = pointwise(8, 12, bias=bias).double()
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    leaves = [x, *conv.parameters()]
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    for name, candidate in routes.CANDIDATES[POINTWISE].items():
+        got = candidate(None, x, conv.weight, conv.bias)
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+        for g, wg in zip(torch.autograd.grad(got.square().sum(), leaves), want_grads):
+            torch.testing.assert_close(g, wg, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(conv(x), want)  # on the CPU: the convolution itself
+    assert fusable_projection(conv, 8)
+
+    timed = _times(monkeypatch, {"cudnn conv": 2e-3, "linear on rows": 1e-3})
+    assert routes.choose(POINTWISE, None, x, conv.weight, conv.bias) == "linear on rows"
+    assert timed == [POINTWISE]
+    (key, _), = json.loads(fresh.read_text()).items()
+    assert f" | {POINTWISE} | (2, 8, 5, 6) channels_last | (12, 8, 1, 1) contiguous | " in key
+    assert ("(12,) contiguous" if bias else "| none |") in key and "||" not in key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("candidate", ["cudnn conv", "linear on rows"])
+def test_gpu_pointwise_candidates_match_the_convolution(candidate, true_float32):
+    from ablate.models.blocks import POINTWISE, pointwise
+
+    conv = pointwise(64, 96).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    leaves = [x, *conv.parameters()]
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    with routes.forced(POINTWISE, candidate):
+        got = conv(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, wg in zip(torch.autograd.grad(got.square().sum(), leaves), want_grads):
+        torch.testing.assert_close(g, wg, rtol=1e-4, atol=1e-5)

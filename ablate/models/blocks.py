@@ -10,20 +10,44 @@ dwnet: the official DWNet block: 1x1 conv-BN-ReLU, operator, BN-ReLU, 1x1 conv-B
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 
+from ablate.ops.fast import routes
 from ablate.ops.mixer import SpatialMixer
 
-__all__ = ["SwinBlock", "DWNetBlock", "BLOCKS", "Mlp", "pointwise", "LN_EPS"]
+__all__ = ["SwinBlock", "DWNetBlock", "BLOCKS", "Mlp", "Pointwise", "pointwise", "LN_EPS", "POINTWISE"]
 
 # Swin uses nn.LayerNorm with its default eps; timm's LayerNorm2d defaults to 1e-6 (ConvNeXt).
 LN_EPS = 1e-5
 
+POINTWISE = "pointwise"
+# The same GEMM two ways on a channels_last map: cuDNN's 1x1 convolution, or a linear layer on the
+# map's rows (positions x channels, a view of it), as timm's Swin computes its projections and MLP
+# (cuBLAS). Which is faster depends on the GPU, the library versions and the shape; the route times it.
+routes.register(POINTWISE, {
+    "cudnn conv": lambda layout, x, weight, bias: F.conv2d(x, weight, bias),
+    "linear on rows": lambda layout, x, weight, bias: F.linear(
+        x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2),
+})
 
-def pointwise(in_dim: int, out_dim: int, bias: bool = True, linear_init: bool = True) -> nn.Conv2d:
+
+class Pointwise(nn.Conv2d):
+    """A 1x1 convolution: the nn.Linear of Swin's blocks on a map (its weights, its function). On a
+    GPU a channels_last map goes through the route's choice of cuDNN's convolution or the linear
+    layer's GEMM on the map's rows; elsewhere the convolution (oneDNN's is the faster on a CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return routes.run(POINTWISE, None, x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def pointwise(in_dim: int, out_dim: int, bias: bool = True, linear_init: bool = True) -> Pointwise:
     """A 1x1 convolution; with `linear_init`, initialised as the nn.Linear it replaces in Swin."""
-    conv = nn.Conv2d(in_dim, out_dim, 1, bias=bias)
+    conv = Pointwise(in_dim, out_dim, 1, bias=bias)
     if linear_init:
         nn.init.trunc_normal_(conv.weight, std=0.02)
         if bias:

@@ -17,11 +17,11 @@ and Triton kernels are torch.library operators, so a compiled model keeps them a
 (1) On a GPU the depth-wise family's path is timed per shape at its first call and the fastest
 kept (`routes.py`): static weights through cuDNN channels_last or Triton; per-instance kernels
 through the batch-folded conv in NCHW or NHWC, or Triton; per-position weights through Triton (on
-each of three tiles), the reference's shift-and-accumulate or unfold-multiply-sum. One H200 (`python -m ablate.bench --device
-cuda --section ops`, bf16, batch 128, tiny stages 1-2, forward + backward) had a different winner
-per form: static weights cuDNN channels_last 1.3 ms against Triton's 8.7; per-instance kernels the
-batch-folded conv 6.0 ms against Triton's 8.7; per-position weights Triton 36 ms against
-unfold-multiply-sum's 38 and the reference's 45.
+each of three tiles), the reference's shift-and-accumulate or unfold-multiply-sum. One H200
+(`python -m ablate.bench --device cuda --section ops`, bf16, batch 128, tiny stages 1-2, forward +
+backward) had a different winner per form: static weights cuDNN channels_last 1.3 ms against
+Triton's 8.7; per-instance kernels the batch-folded conv 6.0 ms against Triton's 8.7; per-position
+weights Triton 36 ms against unfold-multiply-sum's 38 and the reference's 45.
 
 (2) Neighbourhood and global attention's cores are timed the same way (`wide_attention.py`):
 FlexAttention with 128- or 64-token tiles, or the logits in memory through Triton (neighbourhood);

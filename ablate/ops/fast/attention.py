@@ -34,7 +34,7 @@ _CPU_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 def fusable_projection(module: nn.Module | None, in_channels: int) -> bool:
     """Whether `module` is a plain 1x1 convolution of `in_channels` (one GEMM per position)."""
-    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
             and module.padding == (0, 0) and module.dilation == (1, 1) and module.groups == 1
             and module.in_channels == in_channels)
 

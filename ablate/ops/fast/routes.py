@@ -15,9 +15,10 @@ each to the reference): the choice changes speed and float rounding, nothing els
 
 A form is an operator and the shape of its operands: the depth-wise family's three weight forms
 (`CANDIDATES` here, applied by `aggregate`), and forms other modules `register` (neighbourhood and
-global attention's cores, `wide_attention.py`). A shape is the operands' shapes, strides and dtype
-and the layout's geometry (its `extra_repr`). A candidate is a function (layout, *operands) ->
-output whose tensor operands all get gradients.
+global attention's cores, `wide_attention.py`; the blocks' 1x1 convolutions, `models/blocks.py`). A
+shape is the operands' shapes, strides and dtype and the layout's geometry (its `extra_repr`; None
+where the operands say it all). A candidate is a function (layout, *operands) -> output whose tensor
+operands all get gradients.
 
 Under `torch.compile` the routing is traced as a lookup: a shape that an eager call of this process
 routed takes that route, any other the form's first candidate (no file read or timing while
@@ -183,12 +184,18 @@ def _first(operands: tuple) -> torch.Tensor:
     return next(t for t in operands if t is not None)
 
 
+def _geometry(layout) -> str:
+    """What a shape's key adds to the operands' shapes: the layout's geometry (none where the
+    operands' shapes say it all, as a 1x1 convolution's)."""
+    return "" if layout is None else layout.extra_repr()
+
+
 def _key(form: str, layout, operands: tuple) -> str:
     x = _first(operands)
     device = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
-    return (f"{device} | torch {torch.__version__} | {form} | "
-            f"{' | '.join(_describe(t) for t in operands)} | {layout.extra_repr()} | "
-            f"{str(x.dtype).removeprefix('torch.')}")
+    parts = [device, f"torch {torch.__version__}", form, *(_describe(t) for t in operands), _geometry(layout),
+             str(x.dtype).removeprefix("torch.")]
+    return " | ".join(part for part in parts if part)
 
 
 def _load() -> None:
@@ -287,7 +294,7 @@ def _time_candidates(form: str, layout, operands: tuple, rounds: int = 5) -> dic
 def _call(form: str, layout, operands: tuple) -> tuple:
     x = _first(operands)
     shapes = tuple(None if t is None else (tuple(t.shape), tuple(t.stride())) for t in operands)
-    return (form, layout.extra_repr(), shapes, str(x.dtype), str(x.device))
+    return (form, _geometry(layout), shapes, str(x.dtype), str(x.device))
 
 
 def choose(form: str, layout, *operands: torch.Tensor | None) -> str:
