@@ -37,7 +37,7 @@ routes.register(POINTWISE, {
 class Pointwise(nn.Conv2d):
     """A 1x1 convolution: the nn.Linear of Swin's blocks on a map (its weights, its function). On a
     GPU a channels_last map goes through the route's choice of cuDNN's convolution or the linear
-    layer's GEMM on the map's rows; elsewhere the convolution (oneDNN's is the faster on a CPU)."""
+    layer's GEMM on the map's rows; elsewhere the convolution (oneDNN's, on a CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
