@@ -294,7 +294,7 @@ def _time_candidates(form: str, layout, operands: tuple, rounds: int = 5) -> dic
 def _call(form: str, layout, operands: tuple) -> tuple:
     x = _first(operands)
     shapes = tuple(None if t is None else (tuple(t.shape), tuple(t.stride())) for t in operands)
-    return (form, _geometry(layout), shapes, str(x.dtype), str(x.device))
+    return (form, _geometry(layout), shapes, x.dtype, x.device)
 
 
 def choose(form: str, layout, *operands: torch.Tensor | None) -> str:
