@@ -105,9 +105,12 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
     selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
     share = 2 if quick else 4
     listed = [
-        # on a GPU machine's cores, workers share the GPU: inductor compiles the presets side by side
+        # on a GPU machine's cores, workers share the GPU: inductor compiles the presets side by side.
+        # No route timing: it would compile every candidate at every test shape (FlexAttention's
+        # twice), and the tests hold each candidate to the reference one by one (`routes.forced`)
         Step("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                               *(["-n", "8"] if gpu else []), "tests"], 150, read=_pytest_counts),
+                               *(["-n", "8"] if gpu else []), "tests"], 150, env={"ABLATE_TUNE_ROUTES": "0"},
+             read=_pytest_counts),
         Step("selfcheck float32", selfcheck, 90, env=interpret, read=_selfcheck_errors),
         Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
              read=_selfcheck_errors),
