@@ -13,7 +13,7 @@ PyTorch's version) that other processes (a sweep's jobs, the bench's compiling p
 instead of timing again. Every candidate computes the same operator (tests/test_fast_paths.py holds
 each to the reference): the choice changes speed and float rounding, nothing else.
 
-A form is an operator and the shape of its operands: the depth-wise family's three weight forms
+A form is an operator with one kind of operands: the depth-wise family's three weight forms
 (`CANDIDATES` here, applied by `aggregate`), and forms other modules `register` (neighbourhood and
 global attention's cores, `wide_attention.py`; the blocks' 1x1 convolutions, `models/blocks.py`). A
 shape is the operands' shapes, strides and dtype and the layout's geometry (its `extra_repr`; None
@@ -23,9 +23,9 @@ operands all get gradients.
 Under `torch.compile` the routing is traced as a lookup: a shape that an eager call of this process
 routed takes that route, any other the form's first candidate (no file read or timing while
 tracing); `prepare` runs one eager step of a model first so that its compiled form finds every route
-chosen. `ABLATE_TUNE_ROUTES=0` turns the timing off (every
-form takes its first candidate). On the CPU the routes are fixed (`ablate.ops.fast`'s table): timing
-there is noisy, and fixed routes keep CPU runs reproducible.
+chosen. `ABLATE_TUNE_ROUTES=0` turns the timing off (every form takes its first candidate). On the
+CPU the routes are fixed (`ablate.ops.fast`'s table): timing there is noisy, and fixed routes keep
+CPU runs reproducible.
 """
 from __future__ import annotations
 
