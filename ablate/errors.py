@@ -74,18 +74,27 @@ def signals_raise() -> Iterator[None]:
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block is done (then arrive as usual): for writes that must
-    happen together, like an epoch's metrics row and its checkpoint."""
+    happen together, like an epoch's metrics row and its checkpoint.
+
+    Held by Python-level handlers, not by blocking the signals (`pthread_sigmask`): a blocked signal
+    sent to the process is delivered to any other thread that does not block it (PyTorch's and
+    the data loader's threads), whose arrival runs the main thread's handler at once, in the middle
+    of the writes."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if held:  # the first one, now, to the handler it was meant for
+            signal.raise_signal(held[0])
 
 
 def _children(pid: int) -> list[int]:

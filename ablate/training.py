@@ -451,8 +451,11 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
             if best is None or not row[primary] <= best[primary]:
                 best = {k: row[k] for k in ("epoch", *_measured(task))}
             history.append(row)
-            if dist.is_main:
-                with signals_deferred():  # the row and its checkpoint together: Ctrl-C waits for both
+            # the row, its checkpoint and the count of checkpointed epochs together: Ctrl-C waits for
+            # all three (a signal held during the writes arrives as the block ends, and the message it
+            # prints must count the checkpoint just written)
+            with signals_deferred():
+                if dist.is_main:
                     store.append_metrics(row)
                     store.save_checkpoint({
                         "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
@@ -461,7 +464,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                         "world_size": dist.world_size, "identity": identity,
                         # the rows of metrics.jsonl so far: a resume restores the file from them
                         "history": history})
-            checkpointed = epoch + 1
+                checkpointed = epoch + 1
             wandb_run.log({k: v for k, v in row.items() if k != "epoch" and v is not None}
                           | {"epoch": epoch + 1}, step=step)
             log.info("epoch %d/%d  loss %.4f  val %s  test %s  lr %.2e  %.0f img/s  %.0f s",

@@ -45,3 +45,61 @@ def test_sigterm_to_a_joblib_sweep_stops_its_workers(tmp_path):
     got, out = _finish(_start(tmp_path, *sweep), timeout=600)
     records = [RunStore(p).read_results() for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert got == 0 and sorted(r["status"] for r in records if r) == ["completed", "completed"], out[-3000:]
+
+
+def test_a_signal_held_during_the_checkpoint_counts_the_epoch_it_saved(tmp_path, monkeypatch):
+    """A signal that lands while an epoch's row and checkpoint are written waits for them, then
+    arrives as the block ends: the message counts that epoch (it said "no epoch was finished", with
+    epoch 1's checkpoint on disk, when the count was updated after the block; the subprocess test
+    above caught it once in CI). Deterministic here: the save itself sends the signal."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    from ablate.config import CONF_DIR
+    from ablate.errors import Interrupted, signals_raise
+    from ablate.training import train
+
+    save = RunStore.save_checkpoint
+
+    def save_then_signal(self, state):
+        save(self, state)
+        os.kill(os.getpid(), signal.SIGTERM)  # held: the writes' block is not done yet
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", save_then_signal)
+    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
+                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
+                 f"trainer.results_root={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(Interrupted) as stop, signals_raise():
+        train(cfg)
+    assert "interrupted at epoch 2 of 2 by SIGTERM; epoch 1 is checkpointed" in str(stop.value)
+    folder = next((tmp_path / "runs").iterdir())
+    assert len(RunStore(folder).read_metrics()) == 1 and RunStore(folder).read_results() is None
+
+
+def test_signals_wait_for_the_block_whichever_thread_receives_them():
+    """A signal sent to the process while another thread runs (PyTorch's, the data loader's) still
+    waits for the block: blocking it in the main thread alone let the kernel hand it to the other
+    thread, and the handler then ran in the middle of the block."""
+    import os
+    import threading
+
+    from ablate.errors import Interrupted, signals_deferred, signals_raise
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    done = []
+    try:
+        with pytest.raises(Interrupted), signals_raise():
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # a handler run now would raise here
+                done.append("block")
+            done.append("after the block")  # the held signal arrives first
+    finally:
+        release.set()
+        other.join()
+    assert done == ["block"]
