@@ -277,10 +277,8 @@ def _homogeneous_candidates(x, wt, device) -> list[Candidate]:
                                  groups=n * c).reshape(n, c, h, w)), [xi], [wi]
 
     def folded_channels_last():  # the same conv folded into an NHWC map: cuDNN's NHWC kernels
-        from ablate.ops.fast.routes import folded_channels_last
-
         xi, wi = _leaf(x.contiguous(memory_format=torch.channels_last)), _leaf(wt)
-        return (lambda: folded_channels_last(xi, wi, k)), [xi], [wi]
+        return (lambda: routes.folded_channels_last(xi, wi, k)), [xi], [wi]
 
     return [Candidate("batch-folded grouped conv", folded, baseline=True),
             Candidate("batch-folded grouped conv, channels_last", folded_channels_last),
@@ -292,10 +290,8 @@ def _inhomogeneous_candidates(x, wt, device) -> list[Candidate]:
     k = _kernel(wt)
 
     def unfold():  # involution's naive form: unfold the neighbourhoods, multiply, sum
-        from ablate.ops.fast.routes import unfold_multiply_sum
-
         xi, wi = _leaf(x), _leaf(wt)
-        return (lambda: unfold_multiply_sum(xi, wi, k)), [xi], [wi]
+        return (lambda: routes.unfold_multiply_sum(xi, wi, k)), [xi], [wi]
 
     cands = [Candidate("unfold-multiply-sum", unfold, baseline=True),
              _layout_candidate("ablate reference", "reference", x, wt, device),

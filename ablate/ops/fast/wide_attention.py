@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from ablate.ops.fast import attention, flex, routes
-from ablate.ops.functional import sliding_aggregate, sliding_correlate
+from ablate.ops.functional import sliding_correlate
 
 __all__ = ["NEIGHBOURHOOD", "GLOBAL", "neighbourhood_attention", "global_attention", "logits_in_memory"]
 
@@ -61,11 +61,6 @@ def _reference_correlate(a, b, k, groups):
     return sliding_correlate(*(t.reshape(n, groups, c // groups, h, w) for t in (a, b)), k)
 
 
-def _reference_aggregate(layout, x, w):
-    n, c, h, wd = x.shape
-    return sliding_aggregate(x.reshape(n, w.shape[1], -1, h, wd), w, layout.kernel_size).reshape(n, c, h, wd)
-
-
 def logits_in_memory(layout, q, k, v, bias) -> torch.Tensor:
     """Neighbourhood attention's core with its logits as a tensor: on a GPU the Triton correlate and
     the per-position aggregate's route; elsewhere the reference's functions (the tests)."""
@@ -74,7 +69,7 @@ def logits_in_memory(layout, q, k, v, bias) -> torch.Tensor:
         from ablate.ops.fast import triton_dw  # a GPU's (compiles at first call)
         correlate, aggregate = triton_dw.position_correlate, routes.aggregate
     else:
-        correlate, aggregate = _reference_correlate, _reference_aggregate
+        correlate, aggregate = _reference_correlate, lambda layout, x, w: layout.aggregate(x, w)
     logits = correlate(_map(q, layout.resolution), _map(k, layout.resolution), layout.kernel_size, groups)
     if bias is not None:
         logits = logits + bias[None, :, :, None, None]
