@@ -15,7 +15,8 @@ import torch
 
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 
-__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "check_triton", "check_correlate"]
+__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "WINDOW_CASES", "check_triton", "check_correlate",
+           "check_window"]
 
 # (name, N, C, H, W, K, weight kind, groups, shared over the batch). A weight shared by the batch
 # has its gradient summed in chunks of the batch where too few programs would run (on the CPU: fewer
@@ -47,6 +48,22 @@ TILE_CASES = [
 CORRELATE_CASES = [
     ("correlate", 2, 6, 5, 6, 3, 2),
     ("correlate-k7-wide", 1, 8, 4, 9, 7, 4),  # the neighbourhood taller than the map
+]
+
+
+# Window aggregation (name, N, C, H, W, window, shift, groups, weights): weights "shared" (1, 1, G, T, T:
+# local MLP, a window convolution), "per-window" (1, nW, ..), "per-instance" (N, 1, ..) or "dynamic"
+# (N, nW, ..). A shared weight's gradient is summed over every (instance, window) pair in chunks of
+# them where too few programs would run (on the CPU: fewer than 6).
+WINDOW_CASES = [
+    ("window", 2, 8, 6, 6, 3, 0, 2, "shared"),  # the windows tile the map
+    ("window-shifted", 2, 8, 6, 6, 3, 1, 2, "shared"),  # roll and region mask
+    ("window-padded-shifted", 3, 6, 7, 5, 3, 1, 3, "shared"),  # pad, then roll; 2 channels a group
+    ("window-k7", 2, 64, 14, 14, 7, 3, 2, "shared"),  # the models' 7 x 7 (49 of 64 tokens), 32 a group
+    ("window-per-window", 2, 4, 6, 6, 3, 1, 2, "per-window"),
+    ("window-per-instance", 3, 4, 6, 6, 3, 0, 1, "per-instance"),
+    ("window-dynamic", 2, 4, 5, 6, 2, 1, 2, "dynamic"),
+    ("window-uneven-chunks", 7, 4, 4, 4, 2, 0, 1, "shared"),  # 28 pairs: 5 chunks of 5, one of 3
 ]
 
 
@@ -126,19 +143,52 @@ def check_correlate(device: str = "cuda", dtype: torch.dtype = torch.float32,
     return errors
 
 
+def check_window(device: str = "cuda", dtype: torch.dtype = torch.float32,
+                 cases=WINDOW_CASES) -> dict[str, float]:
+    """`triton_window.window_aggregate` against `WindowLayout.aggregate`: output and both gradients."""
+    from ablate.ops.fast import triton_window
+    from ablate.ops.layouts import WindowLayout
+
+    errors = {}
+    for name, n, c, h, wd, k, shift, g, weights in cases:
+        layout = WindowLayout((h, wd), (k, k), (shift, shift))
+        t = layout.tokens
+        wshape = {"shared": (1, 1), "per-window": (1, layout.num_windows), "per-instance": (n, 1),
+                  "dynamic": (n, layout.num_windows)}[weights] + (g, t, t)
+        gen = torch.Generator().manual_seed(3)
+        x, w, gy = (torch.randn(shape, generator=gen) for shape in ((n, c, h, wd), wshape, (n, c, h, wd)))
+        ref_x, ref_w = x.double().requires_grad_(), w.double().requires_grad_()
+        ref_y = layout.aggregate(ref_x, ref_w)
+        ref_y.backward(gy.double())
+
+        fx = x.to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        fw = w.to(device).requires_grad_()
+        y = triton_window.window_aggregate(layout.to(device), fx, fw)
+        y.backward(gy.to(device, dtype))
+        errors[name] = _relative_error(((y, ref_y), (fx.grad, ref_x.grad), (fw.grad, ref_w.grad)))
+    return errors
+
+
 def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str, float]:
     """The kernels as PyTorch operators: `torch.library.opcheck` (schema, fake shapes and strides,
     autograd registration), then each family inside `torch.compile(fullgraph=True)` (no graph break)
     against the eager call, forward and both gradients. Largest relative error per family."""
-    from ablate.ops.fast import triton_dw
+    from ablate.ops.fast import triton_dw, triton_window
+    from ablate.ops.layouts import WindowLayout
 
+    window = WindowLayout((5, 6), (3, 3), (1, 1)).to(device)  # padded to 6 x 6, shifted: 4 windows of 9
     errors = {}
-    families = (  # (name, the operator, its function, the second operand's shape, extra arguments)
-        ("kernel", triton_dw._aggregate_op, triton_dw.kernel_aggregate, (2, 4, 9), (3, "kernel")),
-        ("position", triton_dw._aggregate_op, triton_dw.position_aggregate, (2, 4, 9, 5, 6), (3, "position")),
-        ("correlate", triton_dw._correlate_op, triton_dw.position_correlate, (2, 4, 5, 6), (3, 2)),
+    families = (  # (name, the operator, the second operand's shape, its extra arguments, the function)
+        ("kernel", triton_dw._aggregate_op, (2, 4, 9), (3, "kernel"),
+         lambda x, w: triton_dw.kernel_aggregate(x, w, 3)),
+        ("position", triton_dw._aggregate_op, (2, 4, 9, 5, 6), (3, "position"),
+         lambda x, w: triton_dw.position_aggregate(x, w, 3)),
+        ("correlate", triton_dw._correlate_op, (2, 4, 5, 6), (3, 2),
+         lambda x, w: triton_dw.position_correlate(x, w, 3, 2)),
+        ("window", triton_window._window_op, (1, 4, 2, 9, 9), ([3, 3, 1, 1],),
+         lambda x, w: triton_window.window_aggregate(window, x, w)),
     )
-    for name, op, fn, shape, extra in families:
+    for name, op, shape, extra, fn in families:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(2, 4, 5, 6, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
         w = torch.randn(shape, generator=gen).to(device)
@@ -146,9 +196,8 @@ def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str
             w = w.contiguous(memory_format=torch.channels_last)
         torch.library.opcheck(op, (x.requires_grad_(), w.requires_grad_(), *extra))
 
-        def step(x, w, fn=fn, arg=extra[1] if name == "correlate" else None):
-            y = fn(x * 2, w, 3) if arg is None else fn(x * 2, w, 3, arg)
-            return (y + 1).square()
+        def step(x, w, fn=fn):
+            return (fn(x * 2, w) + 1).square()
 
         compiled = torch.compile(step, fullgraph=True, backend=backend)
         outs = []
@@ -168,6 +217,7 @@ def main(argv=None) -> int:
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     errors = check_triton(args.device, dtype)
     errors.update(check_correlate(args.device, dtype))
+    errors.update(check_window(args.device, dtype))
     # on the CPU (the interpreter) compile without inductor's codegen: the check is the tracing
     errors.update(check_operators(args.device, "inductor" if args.device.startswith("cuda") else "aot_eager"))
     for name, err in errors.items():
