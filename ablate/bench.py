@@ -385,25 +385,26 @@ def _natten_candidate(n, c, res, k, device, dtype, seed) -> Candidate | None:
 
 
 def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candidate]:
-    """An operator of the attention and per-position families with the Swin block's projections:
-    the reference against the fast path (on a GPU the timed route of neighbourhood and global
-    attention, and each of its candidates; the native kernels on the CPU), and NATTEN for
-    neighbourhood attention."""
+    """An operator of the attention, window-matrix and per-position families with the Swin block's
+    projections: the reference against the fast path (on a GPU the timed route of neighbourhood and
+    global attention and of window matrices, and each of its candidates; the native kernels on the
+    CPU), and NATTEN for neighbourhood attention."""
     from ablate.models.blocks import pointwise
     from ablate.ops.fast import wide_attention
 
     spec = PRESETS[preset].at_window(k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, c, *res, generator=gen).to(device, dtype)
-    cpg = 32 if spec.dynamic.kind == "attention" else 1
+    cpg = _channels_per_group(preset)
+    shifted = spec.connectivity.kind == "window"  # a shifted layer: the window's dearer form
 
     # the operators whose GPU core is a timed route: each candidate is timed beside the route's choice
-    form = {"neighborhood_attention": wide_attention.NEIGHBOURHOOD,
-            "global_attention": wide_attention.GLOBAL}.get(preset)
+    form = {"neighborhood_attention": wide_attention.NEIGHBOURHOOD, "global_attention": wide_attention.GLOBAL,
+            "local_mlp": "windowed"}.get(preset)
 
     def ours(backend, route=None):
         def setup():
-            mixer = SpatialMixer(spec, c, res, cpg, backend=backend).to(device, dtype)
+            mixer = SpatialMixer(spec, c, res, cpg, shifted=shifted, backend=backend).to(device, dtype)
             proj = pointwise(c, c).to(device, dtype).to(memory_format=torch.channels_last)
             xi = _leaf(x.contiguous(memory_format=torch.channels_last))
 
@@ -424,8 +425,14 @@ def _mixer_candidates(preset, n, c, res, k, device, dtype, seed) -> list[Candida
     return cands
 
 
-OPERATORS = ("dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention", "locally_connected",
-             "neighborhood_attention", "global_attention")
+OPERATORS = ("dwconv", "dynamic_dwconv", "idynamic_dwconv", "local_attention", "local_mlp",
+             "locally_connected", "neighborhood_attention", "global_attention")
+
+
+def _channels_per_group(preset: str) -> int:
+    """The preset's channels per weight group (heads 32 wide; the local MLP's groups too)."""
+    per_group = PRESETS[preset].spec.sharing.channels_per_group
+    return per_group if isinstance(per_group, int) else 1
 
 
 def _bytes_moved(kind: str, x: torch.Tensor, wt: torch.Tensor) -> dict[str, int]:
@@ -445,7 +452,7 @@ def operator_rows(size: str, stages: Sequence[int], ops: Sequence[str], batch: i
         for op in ops:
             kind = {"dwconv": "static", "dynamic_dwconv": "homogeneous", "idynamic_dwconv": "inhomogeneous",
                     "local_attention": "attention"}.get(op, "mixer")
-            if kind in ("attention", "mixer") and PRESETS[op].spec.dynamic.kind == "attention" and c % 32:
+            if kind in ("attention", "mixer") and c % _channels_per_group(op):
                 continue
             if kind == "attention":
                 cands = _attention_candidates(batch, c, (h, w), True, dims.window, device, dtype, s)

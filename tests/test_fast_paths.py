@@ -513,10 +513,12 @@ def test_triton_kernels_through_the_interpreter():
     pytest.importorskip("triton")
     proc = _selfcheck("--device", "cpu", env={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from ablate.ops.fast.selfcheck import CASES, CORRELATE_CASES, TILE_CASES
+    from ablate.ops.fast.selfcheck import CASES, CORRELATE_CASES, TILE_CASES, WINDOW_CASES
 
-    # every kernel case, on other tiles too, the correlate's cases, three compiled operator families
-    assert proc.stdout.count(" ok") == len(CASES) + len(TILE_CASES) + len(CORRELATE_CASES) + 3
+    # every kernel case, on other tiles too, the correlate's and the windows' cases, four compiled
+    # operator families
+    cases = len(CASES) + len(TILE_CASES) + len(CORRELATE_CASES) + len(WINDOW_CASES)
+    assert proc.stdout.count(" ok") == cases + 4
 
 
 def test_a_batch_shared_weight_gradient_splits_the_batch_only_to_fill_the_gpu():
@@ -544,23 +546,26 @@ def test_triton_kernels_on_gpu(dtype):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+GPU_PRESETS = ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected", "local_attention",
+               "local_mlp", "neighborhood_attention", "global_attention"]
+STATIC = ("dwconv", "locally_connected", "local_mlp")  # no context to differentiate
+
+
 def _gpu_pair(preset):
     spec = PRESETS[preset].spec
     cpg = {"dwconv": 1, "dynamic_dwconv": 1, "idynamic_dwconv": 4, "locally_connected": 1}.get(preset, 32)
-    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset == "local_attention")
+    fast, ref = _mixer_pair(spec, 64, (14, 14), cpg, shifted=preset in ("local_attention", "local_mlp"))
     return fast.cuda(), ref.cuda()
 
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
-                                    "local_attention", "neighborhood_attention", "global_attention"])
+@pytest.mark.parametrize("preset", GPU_PRESETS)
 def test_gpu_fast_mixer_matches_reference(preset, true_float32):
     fast, ref = _gpu_pair(preset)
     x, context = (t.cuda() for t in _inputs(4, 64, 14, 14))
     gy = torch.randn(4, 64, 14, 14, device="cuda")
-    static = preset in ("dwconv", "locally_connected")
-    context = None if static else context  # static weights: no context to differentiate
+    context = None if preset in STATIC else context
     _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)
 
 
@@ -589,10 +594,9 @@ def _assert_bf16_within_tolerance(fast, ref, static: bool):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("preset", ["dwconv", "dynamic_dwconv", "idynamic_dwconv", "locally_connected",
-                                    "local_attention", "neighborhood_attention", "global_attention"])
+@pytest.mark.parametrize("preset", GPU_PRESETS)
 def test_gpu_fast_mixer_in_bf16_within_its_tolerance(preset, true_float32):
-    _assert_bf16_within_tolerance(*_gpu_pair(preset), static=preset in ("dwconv", "locally_connected"))
+    _assert_bf16_within_tolerance(*_gpu_pair(preset), static=preset in STATIC)
 
 
 @pytest.mark.gpu
@@ -610,3 +614,17 @@ def test_gpu_wide_attention_candidates_match_reference(preset, form, candidate, 
     with routes.forced(form, candidate):
         _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), context, gy, 1e-4)
         _assert_bf16_within_tolerance(fast, ref, static=False)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("candidate", list(routes.CANDIDATES["windowed"]))
+def test_gpu_window_candidates_match_reference(candidate, true_float32):
+    """Each candidate of window matrices (the local MLP's shifted windows here): float32 (TF32 off)
+    to 1e-4, and bf16 autocast within its tolerance."""
+    fast, ref = _gpu_pair("local_mlp")
+    x, _ = (t.cuda() for t in _inputs(4, 64, 14, 14))
+    gy = torch.randn(4, 64, 14, 14, device="cuda")
+    with routes.forced("windowed", candidate):
+        _compare(fast, ref, x.contiguous(memory_format=torch.channels_last), None, gy, 1e-4)
+        _assert_bf16_within_tolerance(fast, ref, static=True)

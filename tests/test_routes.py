@@ -4,6 +4,7 @@ compiled code looks the choice up while it is traced, without timing or reading 
 itself is a GPU's; here it is replaced by given times (no test depends on a machine's speed)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -213,6 +214,27 @@ def test_timing_gives_every_operand_a_gradient_and_keeps_its_strides(monkeypatch
     assert "flex" not in seconds and "flex 64-token tiles" not in seconds
     assert "marked" in seconds and seen[0] == ([q.stride()] * 3, None)
     assert ("triton logits in memory" in seconds) == ("triton logits in memory" in routes.runnable(FORM))
+
+
+def test_window_matrices_are_a_form_of_their_own():
+    """A windowed layout's weights (N|1, nW|1, G, T, T) are the "windowed" form, not the sliding
+    per-position one of the same rank; its default is the reference (what untimed calls run), and on
+    the CPU the fast backend leaves windows to the reference (the selfcheck holds the Triton
+    candidate to it through Triton's interpreter)."""
+    from ablate.ops import fast
+    from ablate.ops.layouts import WindowLayout
+
+    window = WindowLayout((6, 6), (3, 3), (1, 1))
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(1, 1, 2, 9, 9)
+    assert routes.form_of(window, w) == "windowed" and routes.form_of(LAYOUT, torch.randn(3, 4, 9, 6, 5)) == (
+        "per-position")
+    assert routes.runnable("windowed")[0] == "einsum on windows"
+    torch.testing.assert_close(routes.CANDIDATES["windowed"]["einsum on windows"](window, x, w),
+                               window.aggregate(x, w))
+    assert fast.aggregate(window, x, w) is None
+    if importlib.util.find_spec("triton") is not None:  # the routes' limit is the kernels'
+        from ablate.ops.fast.triton_window import MAX_TOKENS
+        assert routes.MAX_WINDOW_TOKENS == MAX_TOKENS
 
 
 def test_the_per_position_route_times_every_triton_tile():

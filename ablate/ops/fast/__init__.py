@@ -8,6 +8,7 @@
 | I-D-DW conv, one channel per group | weights never materialised (predicted.py) | timed (1) |
 | neighbourhood attention | native loops (sliding.c) for logits and aggregation | timed (2) |
 | window attention (local) | SDPA; training with a learned bias: chunks | SDPA |
+| window matrices (local MLP, window conv) | the reference (einsum on windows) | timed (3) |
 | global attention (one window of >= 128 tokens) | as window attention | timed (2) |
 
 `aggregate` and `fused_forward` return None where no fast path applies; the caller then runs the
@@ -26,6 +27,10 @@ weights Triton 36 ms against unfold-multiply-sum's 38 and the reference's 45.
 (2) Neighbourhood and global attention's cores are timed the same way (`wide_attention.py`):
 FlexAttention with 128- or 64-token tiles, or the logits in memory through Triton (neighbourhood);
 FlexAttention, or SDPA with the bias expanded to a mask (global).
+
+(3) Window matrices up to 8 x 8 tokens: the reference's einsum on windows cut out of the map (pad,
+roll and reshape copies of it, both ways, each pass), or Triton kernels that address each window's
+tokens where they lie on the map and read and write the map once (`triton_window.py`).
 """
 from __future__ import annotations
 
@@ -42,10 +47,13 @@ _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """A fast `layout.aggregate(x, w)`, or None."""
+    gpu = x.is_cuda and x.dtype in _GPU_DTYPES
+    if layout.kind == "windowed":
+        return routes.aggregate(layout, x, w) if gpu and layout.tokens <= routes.MAX_WINDOW_TOKENS else None
     if layout.kind != "sliding":
         return None
     k = layout.kernel_size
-    if x.is_cuda and x.dtype in _GPU_DTYPES:
+    if gpu:
         return routes.aggregate(layout, x, w)
     n, c, h, wd = x.shape
     if w.dim() == 5 and _native_pays(x):

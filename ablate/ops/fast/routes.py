@@ -13,9 +13,10 @@ PyTorch's version) that other processes (a sweep's jobs, the bench's compiling p
 instead of timing again. Every candidate computes the same operator (tests/test_fast_paths.py holds
 each to the reference): the choice changes speed and float rounding, nothing else.
 
-A form is an operator with one kind of operands: the depth-wise family's three weight forms
-(`CANDIDATES` here, applied by `aggregate`), and forms other modules `register` (neighbourhood and
-global attention's cores, `wide_attention.py`; the blocks' 1x1 convolutions, `models/blocks.py`). A
+A form is an operator with one kind of operands: the layouts' weight forms (`CANDIDATES` here,
+applied by `aggregate`: the depth-wise family's three and window matrices), and forms other modules
+`register` (neighbourhood and global attention's cores, `wide_attention.py`; the blocks' 1x1
+convolutions, `models/blocks.py`). A
 shape is the operands' shapes, strides and dtype and the layout's geometry (its `extra_repr`; None
 where the operands say it all). A candidate is a function (layout, *operands) -> output whose tensor
 operands all get gradients.
@@ -45,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CANDIDATES", "register", "runnable", "form_of", "aggregate", "run", "choose", "forced", "used",
+__all__ = ["CANDIDATES", "MAX_WINDOW_TOKENS", "register", "runnable", "form_of", "aggregate", "run", "choose",
+           "forced", "used",
            "timing_seconds", "forget_used", "prepare", "folded_channels_last", "depthwise_conv_channels_last",
            "unfold_multiply_sum"]
 
@@ -102,6 +104,18 @@ def _triton_kernel(layout, x, w):
     return triton_dw.kernel_aggregate(x, w, layout.kernel_size)
 
 
+def _triton_window(layout, x, w):
+    from ablate.ops.fast import triton_window  # a GPU's (compiles at first call)
+
+    return triton_window.window_aggregate(layout, x, w)
+
+
+# The largest window the Triton window kernels take (`triton_window.MAX_TOKENS`, which imports Triton:
+# tests/test_routes.py holds the two equal). A bigger window (a global layout of a big map) is one
+# large GEMM for the reference already.
+MAX_WINDOW_TOKENS = 64
+
+
 def _triton_position(tile: str) -> Candidate:
     """The Triton per-position kernels on one of `triton_dw.POSITION_TILES`."""
     def candidate(layout, x, w):
@@ -132,11 +146,20 @@ CANDIDATES: dict[str, dict[str, Candidate]] = {
         "shift-and-accumulate": _reference,
         "unfold-multiply-sum": lambda layout, x, w: unfold_multiply_sum(x, w, layout.kernel_size),
     },
+    # window matrices (N|1, nW|1, G, T, T) of a WindowLayout: the reference cuts the map into windows
+    # and back (copies of the map, each pass); the Triton kernels address the windows in place
+    "windowed": {
+        "einsum on windows": _reference,
+        "triton on windows": _triton_window,
+    },
 }
 
 
-def form_of(w: torch.Tensor) -> str:
-    """The weights' form: static (1, G, K*K), per-instance (N, G, K*K), per-position (.., H, W)."""
+def form_of(layout, w: torch.Tensor) -> str:
+    """The weights' form: window matrices of a windowed layout; of a sliding one static (1, G, K*K),
+    per-instance (N, G, K*K) or per-position (.., H, W)."""
+    if layout.kind == "windowed":
+        return "windowed"
     if w.dim() == 5:
         return "per-position"
     return "static" if w.shape[0] == 1 else "per-instance"
@@ -341,7 +364,7 @@ def run(form: str, layout, *operands: torch.Tensor | None) -> torch.Tensor:
 
 def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`layout.aggregate(x, w)` through the chosen candidate."""
-    return run(form_of(w), layout, x, w)
+    return run(form_of(layout, w), layout, x, w)
 
 
 @contextlib.contextmanager
