@@ -70,13 +70,15 @@ def _window_fwd(x_ptr, w_ptr, y_ptr, NW, H, W, HP, WP, GW, CG,
                 sxn, sxc, sxh, sxw, swn, sww, swg, swi, swj, syn, syc, syh, syw,
                 WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                 TP: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    # y[n, pos(i), c] = sum_j w[n, win, g, i, j] x[n, pos(j), c] over window `win`'s tokens; with the
-    # weights' i and j strides swapped, the input gradient.
+    # y[n, pos(i), c] = sum_j w[n, win, g, i, j] x[n, pos(j), c] over window `win`'s tokens, for one
+    # block of BLOCK_C of group g's CG channels; with the weights' i and j strides swapped, the input
+    # gradient.
     n = (tl.program_id(0) // NW).to(tl.int64)
     win = tl.program_id(0) % NW
-    g = tl.program_id(1)
+    blocks = tl.cdiv(CG, BLOCK_C)
+    g = tl.program_id(1) // blocks
+    c = (tl.program_id(1) % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     h, w, on_map = _window_tokens(win, H, W, HP, WP, GW, WH, WW, SH, SW, TP)
-    c = tl.arange(0, BLOCK_C)
     ch = g * CG + c
     mask = on_map[:, None] & (c < CG)[None, :]
     xv = tl.load(x_ptr + n * sxn + (h * sxh + w * sxw)[:, None] + ch[None, :] * sxc, mask=mask, other=0.0)
@@ -90,22 +92,20 @@ def _window_fwd(x_ptr, w_ptr, y_ptr, NW, H, W, HP, WP, GW, CG,
 
 
 @triton.jit
-def _window_wgrad(x_ptr, g_ptr, gw_ptr, NW, PAIRS, PER, H, W, HP, WP, GW, CG, WN, WWIN, G,
+def _window_wgrad(x_ptr, g_ptr, gw_ptr, NW, PAIRS, PER, H, W, HP, WP, GW, CG, WWIN, G,
                   sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, spk, spe, spi, spj,
                   PER_INSTANCE: tl.constexpr, PER_WINDOW: tl.constexpr,
                   WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   TP: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     # partial[chunk, e, i, j] = sum over this chunk's (instance, window) pairs of weight matrix e of
-    # sum_c gy[n, pos(i), c] x[n, pos(j), c]. Matrix e = (instance, window, group) of the weights;
-    # its pairs run over the instances unless PER_INSTANCE, over the windows unless PER_WINDOW.
+    # sum_c gy[n, pos(i), c] x[n, pos(j), c] (the group's channels in blocks of BLOCK_C). Matrix e =
+    # (instance, window, group) of the weights; its pairs run over the instances unless PER_INSTANCE,
+    # over the windows unless PER_WINDOW.
     e = tl.program_id(0)
     chunk = tl.program_id(1)
     g = e % G
     ew = (e // G) % WWIN
     en = e // (G * WWIN)
-    c = tl.arange(0, BLOCK_C)
-    ch = g * CG + c
-    cm = (c < CG)[None, :]
     acc = tl.zeros((TP, TP), dtype=tl.float32)
     first = chunk * PER
     count = tl.minimum(PER, PAIRS - first)
@@ -124,10 +124,17 @@ def _window_wgrad(x_ptr, g_ptr, gw_ptr, NW, PAIRS, PER, H, W, HP, WP, GW, CG, WN
         else:
             n = rest.to(tl.int64)
         h, w, on_map = _window_tokens(win, H, W, HP, WP, GW, WH, WW, SH, SW, TP)
-        mask = on_map[:, None] & cm
-        xv = tl.load(x_ptr + n * sxn + (h * sxh + w * sxw)[:, None] + ch[None, :] * sxc, mask=mask, other=0.0)
-        gv = tl.load(g_ptr + n * sgn + (h * sgh + w * sgw)[:, None] + ch[None, :] * sgc, mask=mask, other=0.0)
-        acc += _dot(gv, tl.trans(xv), IEEE, UPCAST)
+        start = 0
+        while start < CG:
+            c = start + tl.arange(0, BLOCK_C)
+            ch = g * CG + c
+            mask = on_map[:, None] & (c < CG)[None, :]
+            xv = tl.load(x_ptr + n * sxn + (h * sxh + w * sxw)[:, None] + ch[None, :] * sxc, mask=mask,
+                         other=0.0)
+            gv = tl.load(g_ptr + n * sgn + (h * sgh + w * sgw)[:, None] + ch[None, :] * sgc, mask=mask,
+                         other=0.0)
+            acc += _dot(gv, tl.trans(xv), IEEE, UPCAST)
+            start += BLOCK_C
         k += 1
     t = tl.arange(0, TP)
     inside = t < WH * WW
@@ -143,12 +150,17 @@ def _geometry(x: torch.Tensor, window: list[int]):
     return h, wd, hp, wp, wp // ww, (hp // wh) * (wp // ww)
 
 
+# The most channels of a group one program's tile holds; wider groups (a map-sized token MLP's 768)
+# are cut into blocks of it.
+MAX_BLOCK_C = 64
+
+
 def _tiles(w_shape, channels: int) -> tuple[int, int, int]:
-    """(TP, BLOCK_C, CG): the token tile (T padded to a power of two; tl.dot wants at least 16) and
-    the channel tile of one group."""
+    """(TP, BLOCK_C, CG): the token tile (T padded to a power of two; tl.dot wants at least 16), the
+    channel tile and the channels of one group."""
     t, groups = w_shape[-1], w_shape[2]
     cg = channels // groups
-    return max(16, triton.next_power_of_2(t)), max(16, triton.next_power_of_2(cg)), cg
+    return max(16, triton.next_power_of_2(t)), min(MAX_BLOCK_C, max(16, triton.next_power_of_2(cg))), cg
 
 
 def _constants(window: list[int], x: torch.Tensor) -> dict:
@@ -171,7 +183,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, window: list[int], transpose: boo
     swn = 0 if w.shape[0] == 1 else w.stride(0)
     sww = 0 if w.shape[1] == 1 else w.stride(1)
     swi, swj = (w.stride(4), w.stride(3)) if transpose else (w.stride(3), w.stride(4))
-    _window_fwd[(n * windows, w.shape[2])](
+    _window_fwd[(n * windows, w.shape[2] * triton.cdiv(cg, block_c))](
         x, w, y, windows, h, wd, hp, wp, gw, cg, *_strides(x), swn, sww, w.stride(2), swi, swj, *_strides(y),
         TP=tp, BLOCK_C=block_c, **_constants(window, x))
     return y
@@ -190,7 +202,7 @@ def _weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, window: list[int], 
     t = w_shape[-1]
     partial = torch.empty((chunks, matrices, t, t), dtype=torch.float32, device=x.device)
     _window_wgrad[(matrices, chunks)](
-        x, gy, partial, windows, pairs, per, h, wd, hp, wp, gw, cg, w_shape[0], w_shape[1], w_shape[2],
+        x, gy, partial, windows, pairs, per, h, wd, hp, wp, gw, cg, w_shape[1], w_shape[2],
         *_strides(x), *_strides(gy), *partial.stride(), PER_INSTANCE=per_instance, PER_WINDOW=per_window,
         TP=tp, BLOCK_C=block_c, **_constants(window, x))
     return partial.sum(0).view(w_shape).to(dtype)
