@@ -16,7 +16,8 @@ the bytes every pass must move over its time, and that bandwidth as a fraction o
 device-to-device copy.
 
 Models: train and inference samples/s of every preset at `micro` and `tiny` beside timm's
-`swin_tiny`, under timm's benchmark column names. Output: CSV, JSON and Markdown under --out.
+`swin_tiny`, under timm's benchmark column names. `--section profile`: where each model's eager train
+step spends its time, by PyTorch operator (torch.profiler). Output: CSV, JSON and Markdown under --out.
 """
 from __future__ import annotations
 
@@ -568,6 +569,15 @@ class _Bench:
         return None if peak.peak is None else _resident_bytes(self.model, self.optimizer) + peak.peak
 
 
+def _batch(size: str, batch: int, device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The models' shared batch: random images of the size's resolution and 1000-class targets."""
+    img = SIZES[size].img_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=gen).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), target
+
+
 def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, rounds: int, warmup: int,
                backend: str, channels_last: bool, vs_bf16: bool = False, compiled: bool = False,
                optimizer: str = "adamw") -> list[dict]:
@@ -577,11 +587,7 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
     (`train_speedup_bf16`: its samples/s over the `dtype` step's). `compiled`: every model through
     torch.compile; its compile time (the first round's excess over the timed steps) is `compile_s`."""
     img = SIZES[size].img_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img, img, generator=gen).to(device)
-    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, target = _batch(size, batch, device, channels_last)
     if compiled:
         _room_for_compiled_models(len(names))
     benches = {n: _Bench(n, size, backend, device, dtype, channels_last, compiled, optimizer) for n in names}
@@ -643,6 +649,50 @@ def model_rows(names: Sequence[str], size: str, batch: int, device, dtype, round
     return rows
 
 
+def profile_rows(names: Sequence[str], size: str, batch: int, device, dtype, warmup: int, backend: str,
+                 channels_last: bool, optimizer: str = "adamw", steps: int = 2, top: int = 10) -> list[dict]:
+    """Where an eager train step's time goes, per model: `steps` steps under torch.profiler after
+    `warmup` steps (which time the routes), each PyTorch operator's self time on the device (the
+    kernels it launched itself: a GPU's; on a CPU its own CPU time), largest first, the `top` of
+    them and a row for the rest. Shares are of the step's device time; a custom operator (ablate's
+    Triton and native kernels) is a row of its own."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]
+    x, target = _batch(size, batch, device, channels_last)
+    rows = []
+    for name in names:
+        bench = _Bench(name, size, backend, device, dtype, channels_last, False, optimizer)
+        for _ in range(warmup):
+            bench.train(x, target)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                bench.train(x, target)
+            _sync(device)
+        # operators only (the kernels' own events would count their time twice), by self time
+        times = [(e.key, e.self_device_time_total if gpu else e.self_cpu_time_total, e.count)
+                 for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+        times = sorted((t for t in times if t[1] > 0), key=lambda t: -t[1])
+        total = sum(t for _, t, _ in times)
+        model = name if name == "swin_tiny" else f"ablate_{name}_{size}"
+        rest = times[top:]
+        listed = times[:top] + ([(f"the other {len(rest)} operators", sum(t for _, t, _ in rest),
+                                  sum(c for _, _, c in rest))] if rest else [])
+        for op, t, count in listed:
+            rows.append({"model": model, "size": size, "operator": op,
+                         "ms_per_step": round(t / steps / 1e3, 3), "share": round(t / total, 3),
+                         "calls_per_step": round(count / steps, 1),
+                         "step_ms": round(total / steps / 1e3, 2)})
+        del bench
+        _release(device)
+        print(f"  profile {size}: {name} {total / steps / 1e3:.1f} ms of "
+              f"{'GPU' if gpu else 'CPU'} time a step", flush=True)
+    return rows
+
+
 def _release(device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -688,6 +738,9 @@ MODEL_COLUMNS = ("model", "size", "mode", "backend", "channels_last", "train_sam
                  "infer_batch_size", "param_count", "train_speedup_bf16")
 
 
+PROFILE_COLUMNS = ("model", "operator", "ms_per_step", "share", "calls_per_step", "step_ms")
+
+
 def _machine(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
@@ -710,10 +763,12 @@ def route_rows(chosen: dict[str, str]) -> list[dict]:
             for key, name in sorted(chosen.items())]
 
 
-def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) -> dict[str, Path]:
+def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict,
+                  profiled: list[dict] | None = None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
+    profiled = profiled or []
     paths = {}
-    for name, rows in (("operators", ops), ("models", models)):
+    for name, rows in (("operators", ops), ("models", models), ("profile", profiled)):
         if not rows:
             continue
         keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -723,7 +778,8 @@ def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) ->
             writer.writeheader()
             writer.writerows(rows)
     paths["json"] = out / "bench.json"
-    paths["json"].write_text(json.dumps({"meta": meta, "operators": ops, "models": models}, indent=1))
+    paths["json"].write_text(json.dumps({"meta": meta, "operators": ops, "models": models,
+                                         "profile": profiled}, indent=1))
     md = [f"# ablate bench ({meta['machine'].get('gpu') or meta['machine'].get('cpu', '')}, "
           f"{meta['machine']['cpu_threads']} threads, {meta['dtype']})", ""]
     if ops:
@@ -731,6 +787,10 @@ def write_outputs(out: Path, ops: list[dict], models: list[dict], meta: dict) ->
                _markdown(ops, OP_COLUMNS), ""]
     if models:
         md += ["## Models (samples/s, timm benchmark columns)", "", _markdown(models, MODEL_COLUMNS), ""]
+    if profiled:
+        md += ["## Where an eager train step's time goes (torch.profiler: each operator's self time on "
+               "the GPU, or the CPU without one; its share of the step's)", "",
+               _markdown(profiled, PROFILE_COLUMNS), ""]
     if meta.get("routes"):
         md += [f"## Routes (the candidate each shape took: ablate/ops/fast/routes.py; "
                f"{meta.get('routes_timing_s', 0)} s timing them)", "",
@@ -771,11 +831,7 @@ def _models_of(args: BenchArgs, size: str) -> list[str]:
 
 
 def _prewarm_only(args: BenchArgs, device, dtype, size: str, batch: int) -> None:
-    img = SIZES[size].img_size
-    x = torch.randn(batch, 3, img, img, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.zeros(batch, dtype=torch.long, device=device)
+    x, target = _batch(size, batch, device, args.channels_last)
     _room_for_compiled_models(len(args.models))
     for name in args.models:
         for compiled in (False, True):  # eager steps compile FlexAttention's kernels too
@@ -831,12 +887,19 @@ def run(args: BenchArgs) -> dict:
                 models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
                                      channels_last=args.channels_last, vs_bf16=args.vs_bf16,
                                      compiled=compiled, optimizer=args.optimizer)
+    profiled = []
+    if args.section == "profile":
+        for size in sizes:
+            batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
+            print(f"profile: {size}, batch {batch}, eager", flush=True)
+            profiled += profile_rows(_models_of(args, size), size, batch, device, dtype, warmup, args.backend,
+                                     args.channels_last, args.optimizer, steps=1 if args.quick else 2)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     meta["routes"] = routes.used()  # on a GPU: what each shape's timing chose (empty elsewhere)
     meta["routes_timing_s"] = round(routes.timing_seconds(), 1)  # included in wall_s
-    paths = write_outputs(Path(args.out), ops, models, meta)
+    paths = write_outputs(Path(args.out), ops, models, meta, profiled)
     print(paths["markdown"].read_text())
-    return {"operators": ops, "models": models, "meta": meta, "paths": paths}
+    return {"operators": ops, "models": models, "profile": profiled, "meta": meta, "paths": paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -845,7 +908,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="reports/bench", help="folder for operators.csv, models.csv, bench.json, "
                                                            "bench.md")
     p.add_argument("--quick", action="store_true", help="small batches and 2 rounds: a smoke run")
-    p.add_argument("--section", choices=["all", "ops", "models"], default="all")
+    p.add_argument("--section", choices=["all", "ops", "models", "profile"], default="all",
+                   help="all: operators and models; profile: where each model's eager train step spends its "
+                        "time (torch.profiler)")
     p.add_argument("--sizes", nargs="+", choices=["micro", "tiny"],
                    help="model sizes (default: tiny on a GPU, tiny and micro on the CPU)")
     p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])

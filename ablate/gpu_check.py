@@ -8,12 +8,13 @@ Steps, each a command of its own with a time limit (its output goes to log.txt):
 1. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
 2. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
 3. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
-   AdamW, eager and compiled, timm's Swin-T beside them in the same process; and the operators of
-   stage 1 (`--section ops`);
+   AdamW, eager and compiled, timm's Swin-T beside them in the same process; where each one's eager
+   step spends its time (`--section profile`, torch.profiler); and the operators of stage 1
+   (`--section ops`);
 4. micro runs of `python -m ablate.train` (the default model on Fashion-MNIST): eager, compiled with
    CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib).
 
-It writes `report.md` (and `report.json`, `log.txt`, the bench's files under `bench/`) in --out,
+It writes `report.md` (and `report.json`, `log.txt`, each bench's `bench.md` in a folder) in --out,
 rewritten after every step, so a check stopped midway keeps what it measured. The report names the
 route each shape's timing chose (ablate/ops/fast/routes.py) and ends with the targets: each measured
 ratio beside the value the project holds the GPU path to.
@@ -72,9 +73,10 @@ def _selfcheck_errors(_folder: Path, output: str) -> dict[str, Any]:
 
 def _bench_rows(folder: Path, _output: str) -> dict[str, Any]:
     record = json.loads((folder / "bench.json").read_text())
+    meta = record["meta"]
     return {"models": record["models"], "operators": record["operators"],
-            "bench_wall_s": record["meta"]["wall_s"], "routes": record["meta"].get("routes", {}),
-            "routes_timing_s": record["meta"].get("routes_timing_s")}
+            "profile": record.get("profile", []), "bench_wall_s": meta["wall_s"],
+            "routes": meta.get("routes", {}), "routes_timing_s": meta.get("routes_timing_s")}
 
 
 def _run_rates(folder: Path, _output: str) -> dict[str, Any]:
@@ -98,9 +100,12 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         bench_models = [*bench, "--quick", "--section", "models", "--sizes", "micro", "--compile", "eager",
                         "--models", "dwconv", "local_attention"]
         bench_ops = [*bench, "--quick", "--section", "ops", "--sizes", "micro", "--stages", "1"]
+        bench_profile = [*bench, "--quick", "--section", "profile", "--sizes", "micro",
+                         "--models", "dwconv", "local_attention"]
     else:
         bench_models = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "both"]
         bench_ops = [*bench, "--section", "ops", "--sizes", "tiny", "--stages", "1", "--rounds", "5"]
+        bench_profile = [*bench, "--section", "profile", "--sizes", "tiny"]
     interpret = {} if gpu else {"TRITON_INTERPRET": "1"}
     selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
     share = 2 if quick else 4
@@ -115,6 +120,8 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
              read=_selfcheck_errors),
         Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
+        # where each preset's step goes, for whoever designs the next kernel: measured before designed
+        Step("bench profile", [*bench_profile, "--out", str(work / "bench-profile")], 90, read=_bench_rows),
         # 90 s: neighbourhood attention's candidates each compile at a shape the models did not take
         Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
@@ -124,7 +131,7 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
               f"trainer.results_root={work / 'share'}"], 120, read=_run_rates),
     ]
     if not quick:  # CUDA graphs are a GPU's; on the CPU compile time would dwarf the quick check
-        listed.insert(6, Step("micro run, compiled (CUDA graphs)",
+        listed.insert(7, Step("micro run, compiled (CUDA graphs)",
                               [*train, "trainer.compile=reduce-overhead",
                                f"trainer.results_root={work / 'graphs'}"], 150, read=_run_rates))
     return listed
@@ -206,6 +213,14 @@ def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> s
                   "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
                   for r in models]
+    profiled = results.get("bench profile", {}).get("profile", [])
+    if profiled:
+        cols = ("model", "operator", "share", "ms_per_step", "step_ms")
+        lines += ["", f"## Where an eager train step's time goes (the {PROFILE_TOP} operators of each model "
+                  "with the most self time on the device; bench-profile in the bench's files has more)", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |"
+                  for r in _top_of_each(profiled, PROFILE_TOP)]
     chosen = {k: v for step in ("bench models", "bench operators")
               for k, v in results.get(step, {}).get("routes", {}).items()}
     if chosen:
@@ -217,6 +232,20 @@ def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> s
         met = "not measured" if g["met"] is None else ("yes" if g["met"] else "no")
         lines.append(f"| {g['target']} | {'' if g['value'] is None else g['value']} | {g['goal']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+PROFILE_TOP = 5
+
+
+def _top_of_each(rows: list[dict], top: int) -> list[dict]:
+    """The first `top` rows of each model (the bench lists each model's operators largest first)."""
+    seen: dict[str, int] = {}
+    kept = []
+    for row in rows:
+        seen[row["model"]] = seen.get(row["model"], 0) + 1
+        if seen[row["model"]] <= top:
+            kept.append(row)
+    return kept
 
 
 def _summary(name: str, numbers: dict[str, Any]) -> str:
@@ -231,7 +260,9 @@ def _summary(name: str, numbers: dict[str, Any]) -> str:
             f", failing: {', '.join(bad)}" if bad else "")
     if "models" in numbers:
         timing = numbers.get("routes_timing_s")
+        profiled = len({r["model"] for r in numbers.get("profile", [])})
         return (f"{len(numbers['models'])} model rows, {len(numbers['operators'])} operator rows"
+                + (f", {profiled} models profiled" if profiled else "")
                 + (f", {timing} s of it timing routes" if timing else ""))
     if "runs" in numbers:
         rates = ", ".join(f"{r:.0f}" for r in numbers["samples_per_s"])
@@ -286,13 +317,13 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
                     numbers = step.read(Path(tmp) / _folder_of(step), output)
                 except (OSError, ValueError, KeyError) as err:
                     numbers = {"unreadable": f"{type(err).__name__}: {err}"}
-            if step.name.startswith("bench") and (Path(tmp) / _folder_of(step)).is_dir():
-                for f in ("bench.md", "bench.json"):
-                    src = Path(tmp) / _folder_of(step) / f
-                    if src.is_file():
-                        target = out / _folder_of(step) / f
-                        target.parent.mkdir(exist_ok=True)
-                        target.write_text(src.read_text())
+            # each bench's tables (its numbers are in report.json): six files in all, within what a
+            # lent GPU's session brings back (eight)
+            src = Path(tmp) / _folder_of(step) / "bench.md"
+            if step.name.startswith("bench") and src.is_file():
+                target = out / _folder_of(step) / "bench.md"
+                target.parent.mkdir(exist_ok=True)
+                target.write_text(src.read_text())
             results[step.name] = numbers
             summary = numbers.get("unreadable") or _summary(step.name, numbers)
             log.append({"step": step.name, "exit": code, "seconds": seconds, "summary": summary})

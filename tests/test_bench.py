@@ -107,6 +107,25 @@ def test_the_readme_quick_bench_runs_to_the_end(tmp_path):
 
 
 
+def test_the_profile_splits_each_models_step_by_operator(tmp_path):
+    """--section profile: each model's eager train step by PyTorch operator, largest self time first,
+    the ten largest and a row for the rest, whose shares of the step sum to 1."""
+    assert main(["--device", "cpu", "--quick", "--section", "profile", "--sizes", "micro", "--models",
+                 "dwconv", "idynamic_dwconv", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    rows = record["profile"]
+    assert not record["models"] and not record["operators"]
+    for model in ("ablate_dwconv_micro", "ablate_idynamic_dwconv_micro"):
+        mine = [r for r in rows if r["model"] == model]
+        assert len(mine) == 11 and mine[-1]["operator"].startswith("the other ")
+        times = [r["ms_per_step"] for r in mine[:-1]]
+        assert times == sorted(times, reverse=True)
+        assert abs(sum(r["share"] for r in mine) - 1) < 0.01
+        assert abs(sum(r["ms_per_step"] for r in mine) - mine[0]["step_ms"]) < 0.05 * mine[0]["step_ms"]
+    assert any("convolution" in r["operator"] for r in rows)
+    assert "## Where an eager train step's time goes" in (tmp_path / "bench.md").read_text()
+
+
 def test_a_forward_only_candidate_is_timed_forward_only():
     """A kernel without a backward (the GPU's naive Triton candidate) gets its forward timed beside the
     others and no backward columns, instead of stopping the bench at its first backward."""
@@ -152,9 +171,14 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert {r["model"] for r in results["bench models"]["models"]} == {"ablate_dwconv_micro",
                                                                        "ablate_local_attention_micro"}
     assert results["micro, 2 runs sharing the device"]["completed"] == 2
+    assert {r["model"] for r in results["bench profile"]["profile"]} == {"ablate_dwconv_micro",
+                                                                          "ablate_local_attention_micro"}
     assert [t["target"] for t in report["targets"]] == [t[0] for t in gpu_check.TARGETS]
     text = (tmp_path / "report.md").read_text()
     assert "## Targets" in text and "micro run, eager" in text and (tmp_path / "log.txt").stat().st_size > 0
+    assert "## Where an eager train step's time goes" in text
+    # what comes back from a lent GPU: at most eight files
+    assert len([f for f in tmp_path.rglob("*") if f.is_file()]) <= 8
 
 
 def test_gpu_check_within_a_budget_names_the_steps_it_did_not_start(tmp_path, capsys):
