@@ -892,8 +892,11 @@ def run(args: BenchArgs) -> dict:
         for size in sizes:
             batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
             print(f"profile: {size}, batch {batch}, eager", flush=True)
-            profiled += profile_rows(_models_of(args, size), size, batch, device, dtype, warmup, args.backend,
-                                     args.channels_last, args.optimizer, steps=1 if args.quick else 2)
+            for name in _models_of(args, size):
+                profiled += profile_rows([name], size, batch, device, dtype, warmup, args.backend,
+                                         args.channels_last, args.optimizer, steps=1 if args.quick else 2)
+                # written as each model is done: a time-boxed check that stops midway keeps them
+                write_outputs(Path(args.out), ops, models, meta, profiled)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     meta["routes"] = routes.used()  # on a GPU: what each shape's timing chose (empty elsewhere)
     meta["routes_timing_s"] = round(routes.timing_seconds(), 1)  # included in wall_s

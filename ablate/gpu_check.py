@@ -8,11 +8,11 @@ Steps, each a command of its own with a time limit (its output goes to log.txt):
 1. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
 2. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
 3. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
-   AdamW, eager and compiled, timm's Swin-T beside them in the same process; where each one's eager
-   step spends its time (`--section profile`, torch.profiler); and the operators of stage 1
-   (`--section ops`);
+   AdamW, eager and compiled, timm's Swin-T beside them in the same process;
 4. micro runs of `python -m ablate.train` (the default model on Fashion-MNIST): eager, compiled with
-   CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib).
+   CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib);
+5. where each preset's eager step spends its time (`python -m ablate.bench --section profile`,
+   torch.profiler), and the operators of stage 1 (`--section ops`).
 
 It writes `report.md` (and `report.json`, `log.txt`, each bench's `bench.md` in a folder) in --out,
 rewritten after every step, so a check stopped midway keeps what it measured. The report names the
@@ -75,7 +75,7 @@ def _bench_rows(folder: Path, _output: str) -> dict[str, Any]:
     record = json.loads((folder / "bench.json").read_text())
     meta = record["meta"]
     return {"models": record["models"], "operators": record["operators"],
-            "profile": record.get("profile", []), "bench_wall_s": meta["wall_s"],
+            "profile": record.get("profile", []), "bench_wall_s": meta.get("wall_s"),
             "routes": meta.get("routes", {}), "routes_timing_s": meta.get("routes_timing_s")}
 
 
@@ -120,18 +120,20 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
              read=_selfcheck_errors),
         Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
-        # where each preset's step goes, for whoever designs the next kernel: measured before designed
-        Step("bench profile", [*bench_profile, "--out", str(work / "bench-profile")], 90, read=_bench_rows),
-        # 90 s: neighbourhood attention's candidates each compile at a shape the models did not take
-        Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
         Step(f"micro, {share} runs sharing the device",
              [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
               "trainer.seed=" + ",".join(str(s) for s in range(share)),
               f"trainer.results_root={work / 'share'}"], 120, read=_run_rates),
+        # after the targets' steps, in what a time-boxed session has left: where each preset's step
+        # goes, for whoever designs the next kernel (measured before designed); written model by
+        # model, so that a step stopped by its limit keeps the models it profiled
+        Step("bench profile", [*bench_profile, "--out", str(work / "bench-profile")], 120, read=_bench_rows),
+        # 90 s: neighbourhood attention's candidates each compile at a shape the models did not take
+        Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
     ]
     if not quick:  # CUDA graphs are a GPU's; on the CPU compile time would dwarf the quick check
-        listed.insert(7, Step("micro run, compiled (CUDA graphs)",
+        listed.insert(5, Step("micro run, compiled (CUDA graphs)",
                               [*train, "trainer.compile=reduce-overhead",
                                f"trainer.results_root={work / 'graphs'}"], 150, read=_run_rates))
     return listed

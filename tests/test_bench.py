@@ -278,3 +278,17 @@ def test_depthwise_family_candidates_compute_the_baselines_function(kind):
         for a, b in zip(got, base):
             # static weights: candidates hold the kernel as (C, 1, k, k) or (1, C, k*k); compare values
             torch.testing.assert_close(a.reshape(b.shape), b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gpu_check_reads_a_profile_stopped_midway(tmp_path):
+    """The profile writes its files model by model; one stopped by its time limit has no wall time
+    yet, and the check still reports the models it profiled."""
+    from ablate.bench import write_outputs
+    from ablate.gpu_check import _bench_rows, _summary
+
+    meta = {"machine": {"cpu": "a CPU", "cpu_threads": 2}, "dtype": "float32"}
+    rows = [{"model": "ablate_dwconv_tiny", "operator": "aten::mm", "ms_per_step": 1.0, "share": 1.0,
+             "calls_per_step": 1.0, "step_ms": 1.0}]
+    write_outputs(tmp_path, [], [], meta, rows)
+    numbers = _bench_rows(tmp_path, "")
+    assert numbers["profile"] == rows and "1 models profiled" in _summary("bench profile", numbers)
