@@ -4,7 +4,7 @@
 pads, rolls and cuts the map into windows, applies each window's (T, T) matrices with an einsum and
 undoes the cut and the roll: on an NCHW or channels_last map each step is a copy of the map, and
 autograd's backward repeats them. On a GPU those copies, not the products, bound the operator. Here
-a program owns one window and one group of channels: it computes where the window's T tokens lie on
+a program owns one window and a block of one group's channels: it computes where the window's T tokens lie on
 the map (the pad and the cyclic shift as address arithmetic, positions on the padding read zeros and
 write nothing), loads them, multiplies by the window's (T, T) weights on the tensor cores and
 stores the result where the tokens came from: the map is read once and written once per pass.
@@ -35,7 +35,7 @@ from ablate.ops.fast.triton_dw import _programs_wanted, _shared_chunks
 __all__ = ["window_aggregate", "MAX_TOKENS"]
 
 # A window's (T, T) matrix is one tile in registers: windows up to 8 x 8 tokens (Swin's 7 x 7: 49, a
-# 64-token tile). The routes send bigger windows to the reference (`MAX_TOKENS`).
+# 64-token tile). The routes send bigger windows to the reference (`routes.MAX_WINDOW_TOKENS`).
 MAX_TOKENS = 64
 
 
