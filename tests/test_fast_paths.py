@@ -513,12 +513,13 @@ def test_triton_kernels_through_the_interpreter():
     pytest.importorskip("triton")
     proc = _selfcheck("--device", "cpu", env={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from ablate.ops.fast.selfcheck import CASES, CORRELATE_CASES, TILE_CASES, WINDOW_CASES
+    from ablate.ops.fast import selfcheck
 
-    # every kernel case, on other tiles too, the correlate's and the windows' cases, four compiled
-    # operator families
-    cases = len(CASES) + len(TILE_CASES) + len(CORRELATE_CASES) + len(WINDOW_CASES)
-    assert proc.stdout.count(" ok") == cases + 4
+    # every kernel case, on other tiles too, the correlate's, the windows' and fused neighbourhood
+    # attention's cases, five compiled operator families
+    cases = (selfcheck.CASES, selfcheck.TILE_CASES, selfcheck.CORRELATE_CASES, selfcheck.WINDOW_CASES,
+             selfcheck.NEIGHBOURHOOD_CASES)
+    assert proc.stdout.count(" ok") == sum(map(len, cases)) + 5
 
 
 def test_a_batch_shared_weight_gradient_splits_the_batch_only_to_fill_the_gpu():

@@ -25,7 +25,8 @@ Triton's 8.7; per-instance kernels the batch-folded conv 6.0 ms against Triton's
 weights Triton 36 ms against unfold-multiply-sum's 38 and the reference's 45.
 
 (2) Neighbourhood and global attention's cores are timed the same way (`wide_attention.py`):
-FlexAttention with 128- or 64-token tiles, or the logits in memory through Triton (neighbourhood);
+FlexAttention with 128- or 64-token tiles, the logits in memory through Triton, or Triton's fused
+kernels over exactly each query's K*K keys (neighbourhood);
 FlexAttention, or SDPA with the bias expanded to a mask (global).
 
 (3) Window matrices up to 8 x 8 tokens: the reference's einsum on windows cut out of the map (pad,

@@ -15,8 +15,8 @@ import torch
 
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 
-__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "WINDOW_CASES", "check_triton", "check_correlate",
-           "check_window"]
+__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "WINDOW_CASES", "NEIGHBOURHOOD_CASES", "check_triton",
+           "check_correlate", "check_window", "check_neighbourhood"]
 
 # (name, N, C, H, W, K, weight kind, groups, shared over the batch). A weight shared by the batch
 # has its gradient summed in chunks of the batch where too few programs would run (on the CPU: fewer
@@ -65,6 +65,16 @@ WINDOW_CASES = [
     ("window-dynamic", 2, 4, 5, 6, 2, 1, 2, "dynamic"),
     ("window-uneven-chunks", 7, 4, 4, 4, 2, 0, 1, "shared"),  # 28 pairs: 5 chunks of 5, one of 3
     ("window-wide-group", 1, 160, 4, 4, 2, 1, 2, "shared"),  # 80 channels a group: blocks of 64 and 16
+]
+
+
+# Fused neighbourhood attention (name, N, heads, head width, H, W, K, bias): q, k and v views of one
+# projection's rows (N, T, 3 * heads * d), as the operator hands them over.
+NEIGHBOURHOOD_CASES = [
+    ("neighbourhood", 2, 2, 4, 5, 6, 3, True),
+    ("neighbourhood-k7-wide", 1, 2, 5, 4, 9, 7, True),  # taller than the map; d not a power of 2
+    ("neighbourhood-no-bias", 2, 1, 4, 6, 5, 5, False),
+    ("neighbourhood-tiles", 1, 1, 8, 9, 10, 3, True),  # 90 positions: a tile and a ragged one
 ]
 
 
@@ -170,6 +180,67 @@ def check_window(device: str = "cuda", dtype: torch.dtype = torch.float32,
     return errors
 
 
+def _heads(rows: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """q, k, v (N, G, T, d): views of one projection's rows (N, T, 3 * G * d); shape (N, T, 3, G, d)."""
+    return rows.view(shape).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def check_neighbourhood(device: str = "cuda", dtype: torch.dtype = torch.float32,
+                        cases=NEIGHBOURHOOD_CASES) -> dict[str, float]:
+    """`triton_neighbourhood.neighbourhood_attention` against the reference operator (the logits in
+    memory through `sliding_correlate`, softmax and `sliding_aggregate`): output, the projection's
+    gradient (q, k and v together) and the bias's."""
+    from ablate.ops.fast import triton_neighbourhood
+    from ablate.ops.fast.wide_attention import logits_in_memory
+    from ablate.ops.layouts import SlidingLayout
+
+    errors = {}
+    for name, n, g, d, h, wd, k, bias in cases:
+        layout = SlidingLayout((h, wd), k)
+        gen = torch.Generator().manual_seed(4)
+        rows = torch.randn(n, h * wd, 3 * g * d, generator=gen)
+        table = torch.randn(g, k * k, generator=gen) if bias else None
+        gy = torch.randn(n, g, h * wd, d, generator=gen).to(dtype)
+
+        shape = (n, h * wd, 3, g, d)
+        # the reference from the inputs as stored (bf16-rounded q and k move the softmax more than the
+        # kernels' own rounding does)
+        ref = [rows.to(dtype).double().requires_grad_()] + ([table.double().requires_grad_()] if bias else [])
+        ref_y = logits_in_memory(layout, *_heads(ref[0], shape), ref[1] if bias else None)
+        ref_grads = torch.autograd.grad(ref_y, ref, gy.double())
+
+        fast = [rows.to(device, dtype).requires_grad_()]
+        fast += [table.to(device).requires_grad_()] if bias else []
+        y = triton_neighbourhood.neighbourhood_attention(*_heads(fast[0], shape), fast[1] if bias else None,
+                                                         (h, wd), k)
+        grads = torch.autograd.grad(y, fast, gy.to(device))
+        errors[name] = _relative_error(zip((y, *grads), (ref_y, *ref_grads)))
+    errors["compiled neighbourhood"] = _check_neighbourhood_operator(device)
+    return errors
+
+
+def _check_neighbourhood_operator(device: str) -> float:
+    """The fused kernels as PyTorch operators: `opcheck`, then compiled (fullgraph, the eager backend's
+    tracing: what the other families' check tests of them) against eager."""
+    from ablate.ops.fast import triton_neighbourhood
+
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(2, 20, 24, generator=gen).to(device).requires_grad_()
+    table = torch.randn(2, 9, generator=gen).to(device).requires_grad_()
+    shape = (2, 20, 3, 2, 4)
+    torch.library.opcheck(triton_neighbourhood._forward_op, (*_heads(rows, shape), table, 4, 5, 3))
+
+    def step(rows, table):
+        return (triton_neighbourhood.neighbourhood_attention(*_heads(rows * 2, shape), table, (4, 5), 3) + 1
+                ).square()
+
+    outs = []
+    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        y = f(rows, table)
+        outs.append((y, *torch.autograd.grad(y.sum(), (rows, table))))
+    return _relative_error(zip(outs[0], [t.double().cpu() for t in outs[1]]))
+
+
 def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str, float]:
     """The kernels as PyTorch operators: `torch.library.opcheck` (schema, fake shapes and strides,
     autograd registration), then each family inside `torch.compile(fullgraph=True)` (no graph break)
@@ -219,6 +290,7 @@ def main(argv=None) -> int:
     errors = check_triton(args.device, dtype)
     errors.update(check_correlate(args.device, dtype))
     errors.update(check_window(args.device, dtype))
+    errors.update(check_neighbourhood(args.device, dtype))
     # on the CPU (the interpreter) compile without inductor's codegen: the check is the tracing
     errors.update(check_operators(args.device, "inductor" if args.device.startswith("cuda") else "aot_eager"))
     for name, err in errors.items():

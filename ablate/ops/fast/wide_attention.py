@@ -18,6 +18,10 @@ Neighbourhood attention, softmax(q k^T + bias over each position's K x K neighbo
   the per-position weight gradient's kernel), the bias, the mask and the softmax as tensors, then the
   per-position aggregate through its own route: the reference's arithmetic, no wasted keys, no
   atomics, at the price of the (N, G, K*K, H, W) logits and weights in memory.
+- "triton fused": exactly the K*K keys of every query and no logits in memory
+  (`triton_neighbourhood.py`): a program walks the offsets of a tile of queries with an online
+  softmax, and the backward recomputes the probabilities from the saved log-sum-exp; scores on CUDA
+  cores (a dot product per offset) instead of FlexAttention's tensor-core tiles, no atomics.
 
 Global attention (one window over the whole map, from FLEX_MIN_TOKENS tokens on), with Swin's
 relative position bias:
@@ -78,6 +82,12 @@ def logits_in_memory(layout, q, k, v, bias) -> torch.Tensor:
     return _rows(y, groups)
 
 
+def _triton_fused(layout, q, k, v, bias):
+    from ablate.ops.fast import triton_neighbourhood  # a GPU's (compiles at first call)
+
+    return triton_neighbourhood.neighbourhood_attention(q, k, v, bias, layout.resolution, layout.kernel_size)
+
+
 def _flex_neighbourhood(block: int, rows: int):
     def candidate(layout, q, k, v, bias):
         return flex.neighbourhood(q, k, v, bias, layout.resolution, layout.kernel_size, block, rows)
@@ -93,6 +103,7 @@ routes.register(NEIGHBOURHOOD, {
     "flex": _flex_neighbourhood(128, 1),
     "flex 64-token tiles": _flex_neighbourhood(64, 64),
     "triton logits in memory": logits_in_memory,
+    "triton fused": _triton_fused,
 })
 routes.register(GLOBAL, {
     "flex": lambda layout, q, k, v, bias: flex.global_(q, k, v, bias, layout.resolution),

@@ -1,0 +1,256 @@
+"""Triton kernels (GPU) of neighbourhood attention, fused: exactly the K*K keys of every query, no
+logits in memory; forward and gradients.
+
+softmax(q k^T + bias over each position's K x K neighbourhood) v has two fused forms among the
+route's other candidates (`wide_attention.py`): FlexAttention computes every key of each tile of keys
+a tile of queries touches (8.8x to 12.7x the 49 keys a query needs at tiny stage 1), and the logits
+in memory write and read (N, G, K*K, H, W) float32 tensors several times a pass. Here a program owns
+a tile of query positions of one head and walks the K*K offsets: at each it loads the keys and
+values at the shifted positions (zero-padded, masked out beyond the map), adds the score to an online
+softmax (running maximum and sum, as flash attention does over tiles of keys) and never writes a
+logit. It saves each query's log-sum-exp for the backward, which recomputes the probabilities:
+
+- queries' side (`_na_bwd_q`): dq = sum over offsets of ds k, and each program's sum of ds per
+  offset, the bias table's gradient (partial sums per program, added by PyTorch: no atomics);
+- keys' side (`_na_bwd_kv`): a program owns a tile of key positions and walks the offsets backwards
+  to the queries that see them: dk = sum of ds q, dv = sum of p dO, where ds = p (dO.v - delta) and
+  delta = rowsum(dO * O) (PyTorch, before the kernels).
+
+The scores are computed on CUDA cores, a dot product of the head's d channels per offset: these
+kernels trade the tensor cores for doing only the operator's FLOPs. Which pays is the GPU's to say
+(the route times it). q, k, v are (N, G, T, d) with any strides (the views of one projection that
+`attention.attend_rows` hands over); the output is (N, G, T, d) over (N, T, G, d) memory, so that
+the caller's merge of the heads is a view. Storage may be bf16; everything is computed in float32.
+
+On the CPU these kernels run through Triton's interpreter (TRITON_INTERPRET=1 before importing this
+module); the selfcheck does that on small shapes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["neighbourhood_attention"]
+
+BLOCK_P = 64  # query (or key) positions a program owns
+
+
+@triton.jit
+def _na_fwd(q_ptr, k_ptr, v_ptr, b_ptr, y_ptr, lse_ptr, H, W, D,
+            sqn, sqg, sqt, sqc, skn, skg, skt, skc, svn, svg, svt, svc, sbg, sbt,
+            syn, syg, syt, syc, sln, slg, slt,
+            K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    g = tl.program_id(1)
+    h, w = p // W, p % W
+    pm = p < H * W
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    q = tl.load(q_ptr + n * sqn + g * sqg + p[:, None] * sqt + d[None, :] * sqc,
+                mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_P,), tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    for t in range(K * K):
+        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        j = hh * W + ww
+        mask = ok[:, None] & dm[None, :]
+        kt = tl.load(k_ptr + n * skn + g * skg + j[:, None] * skt + d[None, :] * skc, mask=mask,
+                     other=0.0).to(tl.float32)
+        s = tl.sum(q * kt, axis=1)
+        if HAS_BIAS:
+            s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        # a row whose offsets so far all lie beyond the map has no maximum yet: shift by 0 instead
+        # of -inf, so that its (zero) terms stay zero rather than NaN
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        e = tl.exp(s - shift)
+        vt = tl.load(v_ptr + n * svn + g * svg + j[:, None] * svt + d[None, :] * svc, mask=mask,
+                     other=0.0).to(tl.float32)
+        total = total * alpha + e
+        acc = acc * alpha[:, None] + e[:, None] * vt
+        m = m_new
+    # the centre offset always lies on the map: total > 0 at every position of it
+    safe = tl.where(pm, total, 1.0)
+    tl.store(y_ptr + n * syn + g * syg + p[:, None] * syt + d[None, :] * syc,
+             (acc / safe[:, None]).to(y_ptr.dtype.element_ty), mask=pm[:, None] & dm[None, :])
+    tl.store(lse_ptr + n * sln + g * slg + p * slt, m + tl.log(safe), mask=pm)
+
+
+@triton.jit
+def _na_bwd_q(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gq_ptr, gb_ptr, H, W, D,
+              sqn, sqg, sqt, sqc, skn, skg, skt, skc, svn, svg, svt, svc, sbg, sbt,
+              syn, syg, syt, syc, sln, slg, slt, sgqn, sgqg, sgqt, sgqc, sgbp, sgbg, sgbt,
+              K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dq[i] = sum_t ds[i, t] k[i + d_t], ds = p (dO[i].v[i + d_t] - delta[i]); the bias gradient's
+    # partial sum over this program's queries, per offset t
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    g = tl.program_id(1)
+    h, w = p // W, p % W
+    pm = p < H * W
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    rows = pm[:, None] & dm[None, :]
+    q = tl.load(q_ptr + n * sqn + g * sqg + p[:, None] * sqt + d[None, :] * sqc, mask=rows, other=0.0).to(
+        tl.float32)
+    gy = tl.load(gy_ptr + n * syn + g * syg + p[:, None] * syt + d[None, :] * syc, mask=rows, other=0.0).to(
+        tl.float32)
+    lse = tl.load(lse_ptr + n * sln + g * slg + p * slt, mask=pm, other=0.0)
+    delta = tl.load(delta_ptr + n * sln + g * slg + p * slt, mask=pm, other=0.0)
+    gq = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    for t in range(K * K):
+        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        j = hh * W + ww
+        mask = ok[:, None] & dm[None, :]
+        kt = tl.load(k_ptr + n * skn + g * skg + j[:, None] * skt + d[None, :] * skc, mask=mask,
+                     other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + n * svn + g * svg + j[:, None] * svt + d[None, :] * svc, mask=mask,
+                     other=0.0).to(tl.float32)
+        s = tl.sum(q * kt, axis=1)
+        if HAS_BIAS:
+            s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
+        prob = tl.where(ok, tl.exp(s - lse), 0.0)
+        ds = prob * (tl.sum(gy * vt, axis=1) - delta)
+        gq += ds[:, None] * kt
+        if HAS_BIAS:
+            tl.store(gb_ptr + tl.program_id(0).to(tl.int64) * sgbp + g * sgbg + t * sgbt, tl.sum(ds, axis=0))
+    tl.store(gq_ptr + n * sgqn + g * sgqg + p[:, None] * sgqt + d[None, :] * sgqc,
+             gq.to(gq_ptr.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _na_bwd_kv(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gk_ptr, gv_ptr, H, W, D,
+               sqn, sqg, sqt, sqc, skn, skg, skt, skc, svn, svg, svt, svc, sbg, sbt,
+               syn, syg, syt, syc, sln, slg, slt, sgkn, sgkg, sgkt, sgkc,
+               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    # key j is offset t of query i = j - d_t: dk[j] = sum_t ds[i, t] q[i], dv[j] = sum_t p[i, t] dO[i]
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    g = tl.program_id(1)
+    h, w = p // W, p % W
+    pm = p < H * W
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    rows = pm[:, None] & dm[None, :]
+    kt = tl.load(k_ptr + n * skn + g * skg + p[:, None] * skt + d[None, :] * skc, mask=rows, other=0.0).to(
+        tl.float32)
+    vt = tl.load(v_ptr + n * svn + g * svg + p[:, None] * svt + d[None, :] * svc, mask=rows, other=0.0).to(
+        tl.float32)
+    gk = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    gv = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+    for t in range(K * K):
+        hh, ww = h - (t // K - K // 2), w - (t % K - K // 2)
+        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        i = hh * W + ww
+        mask = ok[:, None] & dm[None, :]
+        q = tl.load(q_ptr + n * sqn + g * sqg + i[:, None] * sqt + d[None, :] * sqc, mask=mask,
+                    other=0.0).to(tl.float32)
+        gy = tl.load(gy_ptr + n * syn + g * syg + i[:, None] * syt + d[None, :] * syc, mask=mask,
+                     other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + n * sln + g * slg + i * slt, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + n * sln + g * slg + i * slt, mask=ok, other=0.0)
+        s = tl.sum(q * kt, axis=1)
+        if HAS_BIAS:
+            s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
+        prob = tl.where(ok, tl.exp(s - lse), 0.0)
+        gv += prob[:, None] * gy
+        gk += (prob * (tl.sum(gy * vt, axis=1) - delta))[:, None] * q
+    tl.store(gk_ptr + n * sgkn + g * sgkg + p[:, None] * sgkt + d[None, :] * sgkc,
+             gk.to(gk_ptr.dtype.element_ty), mask=rows)
+    tl.store(gv_ptr + n * sgkn + g * sgkg + p[:, None] * sgkt + d[None, :] * sgkc,
+             gv.to(gv_ptr.dtype.element_ty), mask=rows)
+
+
+def _heads_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty (N, G, T, d) tensor over (N, T, G, d) memory: the heads merge into rows as a view."""
+    n, g, tokens, d = t.shape
+    return t.new_empty((n, tokens, g, d)).permute(0, 2, 1, 3)
+
+
+def _launch(q: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    """The grid (tiles of positions of each image, heads) and the tiles."""
+    n, g, tokens, d = q.shape
+    return (n * triton.cdiv(tokens, BLOCK_P), g), dict(BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(d))
+
+
+def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):
+    """The bias pointer and strides (g, t); a dummy (never read) without one."""
+    return (q, 0, 0) if bias is None else (bias, bias.stride(0), bias.stride(1))
+
+
+@torch.library.custom_op("ablate::triton_neighbourhood_attention", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, height: int,
+                width: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    y = _heads_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    grid, tiles = _launch(q)
+    b_ptr, sbg, sbt = _bias_args(bias, q)
+    _na_fwd[grid](q, k, v, b_ptr, y, lse, height, width, q.shape[3], *q.stride(), *k.stride(), *v.stride(),
+                  sbg, sbt, *y.stride(), *lse.stride(), K=kernel_size, HAS_BIAS=bias is not None, **tiles)
+    return y, lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, bias, height, width, kernel_size):
+    return _heads_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ablate::triton_neighbourhood_attention_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                 y: torch.Tensor, lse: torch.Tensor, gy: torch.Tensor, height: int, width: int,
+                 kernel_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias); dbias is empty without a bias."""
+    delta = (gy.float() * y.float()).sum(-1).contiguous()  # (N, G, T): the kernels read it as lse
+    grid, tiles = _launch(q)
+    common = dict(K=kernel_size, HAS_BIAS=bias is not None, **tiles)
+    b_ptr, sbg, sbt = _bias_args(bias, q)
+    gq, gk, gv = _heads_like(q), _heads_like(k), _heads_like(v)
+    parts = (torch.empty((grid[0], q.shape[1], kernel_size ** 2), dtype=torch.float32, device=q.device)
+             if bias is not None else q.new_empty((1, 1, 1), dtype=torch.float32))
+    operands = (*q.stride(), *k.stride(), *v.stride(), sbg, sbt, *gy.stride(), *lse.stride())
+    _na_bwd_q[grid](q, k, v, b_ptr, gy, lse, delta, gq, parts, height, width, q.shape[3], *operands,
+                    *gq.stride(), *parts.stride(), **common)
+    _na_bwd_kv[grid](q, k, v, b_ptr, gy, lse, delta, gk, gv, height, width, q.shape[3], *operands,
+                     *gk.stride(), **common)
+    gb = parts.sum(0).to(bias.dtype) if bias is not None else q.new_empty((0,))
+    return gq, gk, gv, gb
+
+
+@_backward_op.register_fake
+def _(q, k, v, bias, y, lse, gy, height, width, kernel_size):
+    gb = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+    return _heads_like(q), _heads_like(k), _heads_like(v), gb
+
+
+def _save(ctx, inputs, output):
+    q, k, v, bias, height, width, kernel_size = inputs
+    y, lse = output
+    ctx.save_for_backward(q, k, v, bias, y, lse)
+    ctx.geometry = (height, width, kernel_size)
+
+
+def _grad(ctx, gy, _glse):
+    q, k, v, bias, y, lse = ctx.saved_tensors
+    gq, gk, gv, gb = _backward_op(q, k, v, bias, y, lse, gy, *ctx.geometry)
+    return gq, gk, gv, (gb if bias is not None else None), None, None, None
+
+
+_forward_op.register_autograd(_grad, setup_context=_save)
+
+
+def neighbourhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                            resolution: tuple[int, int], kernel_size: int) -> torch.Tensor:
+    """q, k, v (N, G, T, d) rows of an H x W map (any strides), bias (G, K*K) or None -> (N, G, T, d):
+    softmax over each position's K x K neighbourhood (the map's part of it) of q.k + bias, times v. The
+    scale is q's (folded into its projection)."""
+    return _forward_op(q, k, v, bias, resolution[0], resolution[1], kernel_size)[0]
