@@ -16,10 +16,9 @@ each to the reference): the choice changes speed and float rounding, nothing els
 A form is an operator with one kind of operands: the layouts' weight forms (`CANDIDATES` here,
 applied by `aggregate`: the depth-wise family's three and window matrices), and forms other modules
 `register` (neighbourhood and global attention's cores, `wide_attention.py`; the blocks' 1x1
-convolutions, `models/blocks.py`). A
-shape is the operands' shapes, strides and dtype and the layout's geometry (its `extra_repr`; None
-where the operands say it all). A candidate is a function (layout, *operands) -> output whose tensor
-operands all get gradients.
+convolutions, `models/blocks.py`). A shape is the operands' shapes, strides and dtype and the
+layout's geometry (its `extra_repr`; None where the operands say it all). A candidate is a function
+(layout, *operands) -> output whose tensor operands all get gradients.
 
 Under `torch.compile` the routing is traced as a lookup: a shape that an eager call of this process
 routed takes that route, any other the form's first candidate (no file read or timing while
@@ -47,9 +46,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["CANDIDATES", "MAX_WINDOW_TOKENS", "register", "runnable", "form_of", "aggregate", "run", "choose",
-           "forced", "used",
-           "timing_seconds", "forget_used", "prepare", "folded_channels_last", "depthwise_conv_channels_last",
-           "unfold_multiply_sum"]
+           "forced", "used", "timing_seconds", "forget_used", "prepare", "folded_channels_last",
+           "depthwise_conv_channels_last", "unfold_multiply_sum"]
 
 log = logging.getLogger(__name__)
 
