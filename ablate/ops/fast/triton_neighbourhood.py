@@ -37,33 +37,55 @@ BLOCK_P = 64  # query (or key) positions a program owns
 
 
 @triton.jit
+def _tile(H, W, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's image n, head g, positions p (row h, column w, mask pm) and channels d (mask
+    dm) of a head: program (image x tile of positions, head)."""
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    return n, tl.program_id(1), p, p // W, p % W, p < H * W, d, d < D
+
+
+@triton.jit
+def _neighbour(h, w, pm, t, H, W, K: tl.constexpr, SIGN: tl.constexpr):
+    """Position p + SIGN * d_t of offset t (raster order of the K x K offsets), and whether it lies on
+    the map."""
+    hh, ww = h + SIGN * (t // K - K // 2), w + SIGN * (t % K - K // 2)
+    return hh * W + ww, pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+
+
+@triton.jit
+def _rows(ptr, n, g, pos, d, mask, sn, sg, st, sc):
+    """The (positions, channels) tile of one head of (N, G, T, d) rows, in float32."""
+    return tl.load(ptr + n * sn + g * sg + pos[:, None] * st + d[None, :] * sc, mask=mask, other=0.0).to(
+        tl.float32)
+
+
+@triton.jit
+def _score(q, k, b_ptr, g, t, sbg, sbt, HAS_BIAS: tl.constexpr):
+    """q.k per position, plus the head's bias for offset t."""
+    s = tl.sum(q * k, axis=1)
+    if HAS_BIAS:
+        s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _na_fwd(q_ptr, k_ptr, v_ptr, b_ptr, y_ptr, lse_ptr, H, W, D,
             sqn, sqg, sqt, sqc, skn, skg, skt, skc, svn, svg, svt, svc, sbg, sbt,
             syn, syg, syt, syc, sln, slg, slt,
             K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    tiles = tl.cdiv(H * W, BLOCK_P)
-    n = (tl.program_id(0) // tiles).to(tl.int64)
-    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    g = tl.program_id(1)
-    h, w = p // W, p % W
-    pm = p < H * W
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    q = tl.load(q_ptr + n * sqn + g * sqg + p[:, None] * sqt + d[None, :] * sqc,
-                mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    n, g, p, h, w, pm, d, dm = _tile(H, W, D, BLOCK_P, BLOCK_D)
+    rows = pm[:, None] & dm[None, :]
+    q = _rows(q_ptr, n, g, p, d, rows, sqn, sqg, sqt, sqc)
     m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_P,), tl.float32)
     acc = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     for t in range(K * K):
-        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
-        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        j = hh * W + ww
+        j, ok = _neighbour(h, w, pm, t, H, W, K, 1)
         mask = ok[:, None] & dm[None, :]
-        kt = tl.load(k_ptr + n * skn + g * skg + j[:, None] * skt + d[None, :] * skc, mask=mask,
-                     other=0.0).to(tl.float32)
-        s = tl.sum(q * kt, axis=1)
-        if HAS_BIAS:
-            s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
+        s = _score(q, _rows(k_ptr, n, g, j, d, mask, skn, skg, skt, skc), b_ptr, g, t, sbg, sbt, HAS_BIAS)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, s)
         # a row whose offsets so far all lie beyond the map has no maximum yet: shift by 0 instead
@@ -71,15 +93,13 @@ def _na_fwd(q_ptr, k_ptr, v_ptr, b_ptr, y_ptr, lse_ptr, H, W, D,
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift)
         e = tl.exp(s - shift)
-        vt = tl.load(v_ptr + n * svn + g * svg + j[:, None] * svt + d[None, :] * svc, mask=mask,
-                     other=0.0).to(tl.float32)
         total = total * alpha + e
-        acc = acc * alpha[:, None] + e[:, None] * vt
+        acc = acc * alpha[:, None] + e[:, None] * _rows(v_ptr, n, g, j, d, mask, svn, svg, svt, svc)
         m = m_new
     # the centre offset always lies on the map: total > 0 at every position of it
     safe = tl.where(pm, total, 1.0)
     tl.store(y_ptr + n * syn + g * syg + p[:, None] * syt + d[None, :] * syc,
-             (acc / safe[:, None]).to(y_ptr.dtype.element_ty), mask=pm[:, None] & dm[None, :])
+             (acc / safe[:, None]).to(y_ptr.dtype.element_ty), mask=rows)
     tl.store(lse_ptr + n * sln + g * slg + p * slt, m + tl.log(safe), mask=pm)
 
 
@@ -90,35 +110,19 @@ def _na_bwd_q(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gq_ptr, gb
               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     # dq[i] = sum_t ds[i, t] k[i + d_t], ds = p (dO[i].v[i + d_t] - delta[i]); the bias gradient's
     # partial sum over this program's queries, per offset t
-    tiles = tl.cdiv(H * W, BLOCK_P)
-    n = (tl.program_id(0) // tiles).to(tl.int64)
-    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    g = tl.program_id(1)
-    h, w = p // W, p % W
-    pm = p < H * W
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    n, g, p, h, w, pm, d, dm = _tile(H, W, D, BLOCK_P, BLOCK_D)
     rows = pm[:, None] & dm[None, :]
-    q = tl.load(q_ptr + n * sqn + g * sqg + p[:, None] * sqt + d[None, :] * sqc, mask=rows, other=0.0).to(
-        tl.float32)
-    gy = tl.load(gy_ptr + n * syn + g * syg + p[:, None] * syt + d[None, :] * syc, mask=rows, other=0.0).to(
-        tl.float32)
+    q = _rows(q_ptr, n, g, p, d, rows, sqn, sqg, sqt, sqc)
+    gy = _rows(gy_ptr, n, g, p, d, rows, syn, syg, syt, syc)
     lse = tl.load(lse_ptr + n * sln + g * slg + p * slt, mask=pm, other=0.0)
     delta = tl.load(delta_ptr + n * sln + g * slg + p * slt, mask=pm, other=0.0)
     gq = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     for t in range(K * K):
-        hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
-        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        j = hh * W + ww
+        j, ok = _neighbour(h, w, pm, t, H, W, K, 1)
         mask = ok[:, None] & dm[None, :]
-        kt = tl.load(k_ptr + n * skn + g * skg + j[:, None] * skt + d[None, :] * skc, mask=mask,
-                     other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + n * svn + g * svg + j[:, None] * svt + d[None, :] * svc, mask=mask,
-                     other=0.0).to(tl.float32)
-        s = tl.sum(q * kt, axis=1)
-        if HAS_BIAS:
-            s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
-        prob = tl.where(ok, tl.exp(s - lse), 0.0)
+        kt = _rows(k_ptr, n, g, j, d, mask, skn, skg, skt, skc)
+        vt = _rows(v_ptr, n, g, j, d, mask, svn, svg, svt, svc)
+        prob = tl.where(ok, tl.exp(_score(q, kt, b_ptr, g, t, sbg, sbt, HAS_BIAS) - lse), 0.0)
         ds = prob * (tl.sum(gy * vt, axis=1) - delta)
         gq += ds[:, None] * kt
         if HAS_BIAS:
@@ -133,36 +137,20 @@ def _na_bwd_kv(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gk_ptr, g
                syn, syg, syt, syc, sln, slg, slt, sgkn, sgkg, sgkt, sgkc,
                K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     # key j is offset t of query i = j - d_t: dk[j] = sum_t ds[i, t] q[i], dv[j] = sum_t p[i, t] dO[i]
-    tiles = tl.cdiv(H * W, BLOCK_P)
-    n = (tl.program_id(0) // tiles).to(tl.int64)
-    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    g = tl.program_id(1)
-    h, w = p // W, p % W
-    pm = p < H * W
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    n, g, p, h, w, pm, d, dm = _tile(H, W, D, BLOCK_P, BLOCK_D)
     rows = pm[:, None] & dm[None, :]
-    kt = tl.load(k_ptr + n * skn + g * skg + p[:, None] * skt + d[None, :] * skc, mask=rows, other=0.0).to(
-        tl.float32)
-    vt = tl.load(v_ptr + n * svn + g * svg + p[:, None] * svt + d[None, :] * svc, mask=rows, other=0.0).to(
-        tl.float32)
+    kt = _rows(k_ptr, n, g, p, d, rows, skn, skg, skt, skc)
+    vt = _rows(v_ptr, n, g, p, d, rows, svn, svg, svt, svc)
     gk = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     gv = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     for t in range(K * K):
-        hh, ww = h - (t // K - K // 2), w - (t % K - K // 2)
-        ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        i = hh * W + ww
+        i, ok = _neighbour(h, w, pm, t, H, W, K, -1)
         mask = ok[:, None] & dm[None, :]
-        q = tl.load(q_ptr + n * sqn + g * sqg + i[:, None] * sqt + d[None, :] * sqc, mask=mask,
-                    other=0.0).to(tl.float32)
-        gy = tl.load(gy_ptr + n * syn + g * syg + i[:, None] * syt + d[None, :] * syc, mask=mask,
-                     other=0.0).to(tl.float32)
+        q = _rows(q_ptr, n, g, i, d, mask, sqn, sqg, sqt, sqc)
+        gy = _rows(gy_ptr, n, g, i, d, mask, syn, syg, syt, syc)
         lse = tl.load(lse_ptr + n * sln + g * slg + i * slt, mask=ok, other=0.0)
         delta = tl.load(delta_ptr + n * sln + g * slg + i * slt, mask=ok, other=0.0)
-        s = tl.sum(q * kt, axis=1)
-        if HAS_BIAS:
-            s += tl.load(b_ptr + g * sbg + t * sbt).to(tl.float32)
-        prob = tl.where(ok, tl.exp(s - lse), 0.0)
+        prob = tl.where(ok, tl.exp(_score(q, kt, b_ptr, g, t, sbg, sbt, HAS_BIAS) - lse), 0.0)
         gv += prob[:, None] * gy
         gk += (prob * (tl.sum(gy * vt, axis=1) - delta))[:, None] * q
     tl.store(gk_ptr + n * sgkn + g * sgkg + p[:, None] * sgkt + d[None, :] * sgkc,
