@@ -116,8 +116,9 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         Step("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                *(["-n", "8"] if gpu else []), "tests"], 150, env={"ABLATE_TUNE_ROUTES": "0"},
              read=_pytest_counts),
-        Step("selfcheck float32", selfcheck, 90, env=interpret, read=_selfcheck_errors),
-        Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 90, env=interpret,
+        # 120 s: each dtype compiles dozens of Triton kernel variants (the cases' constants differ)
+        Step("selfcheck float32", selfcheck, 120, env=interpret, read=_selfcheck_errors),
+        Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 120, env=interpret,
              read=_selfcheck_errors),
         Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
