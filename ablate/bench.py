@@ -843,6 +843,12 @@ def _prewarm_only(args: BenchArgs, device, dtype, size: str, batch: int) -> None
             _release(device)
 
 
+def _model_batch(args: BenchArgs, size: str, gpu: bool) -> int:
+    """The models' batch (the model and profile sections): tiny 128 on a GPU and 8 on a CPU, micro
+    128, 2 with --quick, or --model-batch."""
+    return args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
+
+
 def run(args: BenchArgs) -> dict:
     device = checked_device(args.device, "--device")
     gpu = device.type == "cuda"
@@ -872,7 +878,7 @@ def run(args: BenchArgs) -> dict:
             ops += operator_rows(size, args.stages, args.ops, batch, device, dtype, rounds, warmup, copy_bw)
     if args.section in ("all", "models"):
         for size in sizes:
-            batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
+            batch = _model_batch(args, size, gpu)
             names = _models_of(args, size)
             # a CPU train step of every model is slow: 2 rounds unless --rounds asks for more
             model_rounds = 1 if args.quick else (args.rounds or (rounds if gpu else 2))
@@ -890,7 +896,7 @@ def run(args: BenchArgs) -> dict:
     profiled = []
     if args.section == "profile":
         for size in sizes:
-            batch = args.model_batch or (2 if args.quick else {"tiny": 128 if gpu else 8, "micro": 128}[size])
+            batch = _model_batch(args, size, gpu)
             print(f"profile: {size}, batch {batch}, eager", flush=True)
             for name in _models_of(args, size):
                 profiled += profile_rows([name], size, batch, device, dtype, warmup, args.backend,
