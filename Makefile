@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo study downstream sweep report bench gpu-check reliability test test-all lint measure
+.PHONY: help install data demo study downstream sweep report bench gpu-check gpu-compile reliability test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench: install ## benchmark operators and models into reports/bench/: make bench
 # no `install` prerequisite: a GPU machine often has no internet; it needs the packages importable
 gpu-check: ## every GPU check, one report (about 8 minutes on one GPU): reports/gpu-check/report.md
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ablate.gpu_check $(ARGS)
+
+gpu-compile: install ## every Triton kernel a GPU run launches, compiled for sm_90 here, no GPU: reports/gpu-compile/
+	$(PY) -m ablate.gpu_compile $(ARGS)
 
 reliability: install ## fault-injection suite: random SIGKILLs, damaged checkpoints/records, locks, full disk, bad inputs
 	$(PY) -m ablate.reliability

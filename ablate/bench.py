@@ -22,6 +22,7 @@ step spends its time, by PyTorch operator (torch.profiler). Output: CSV, JSON an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import gc
@@ -700,18 +701,20 @@ def _release(device) -> None:
 
 
 def prewarm(names: Sequence[str], size: str, batch: int, device: str, dtype: str, backend: str,
-            channels_last: bool, workers: int) -> None:
-    """Compile the models in `workers` processes at once, so that the timing process finds every
-    graph in inductor's caches (on disk, shared): compiling is CPU work, and one process compiling a
-    dozen models in turn is most of a GPU bench's wall time."""
+            channels_last: bool, workers: int, mode: str) -> None:
+    """Compile the models' kernels in `workers` processes at once, so that the timing process finds
+    them in Triton's and inductor's caches (on disk, shared): compiling is CPU work, and one process
+    compiling a dozen models in turn is most of a GPU bench's wall time. `mode` eager: every route
+    candidate of each shape (the Triton kernels the routes' timing compiles); compiled: the models'
+    graphs."""
     import subprocess
 
     chunks = [list(names[i::workers]) for i in range(workers) if names[i::workers]]
     procs = [subprocess.Popen([sys.executable, "-m", "ablate.bench", "--prewarm-only", "--device", device,
                                "--dtype", dtype, "--backend", backend, "--sizes", size, "--model-batch",
                                str(batch), "--section", "models", *(["--nchw"] if not channels_last else []),
-                               "--models", *chunk], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for chunk in chunks]
+                               "--compile", mode, "--models", *chunk], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for chunk in chunks]
     for proc, chunk in zip(procs, chunks):
         _, err = proc.communicate()
         if proc.returncode != 0:  # the timing process compiles it again and shows the error there
@@ -819,7 +822,7 @@ class BenchArgs:
     vs_bf16: bool = False
     compile: str = "auto"  # eager, compiled, both; auto: both on a GPU, eager on the CPU
     optimizer: str = "adamw"
-    prewarm: int | None = None  # processes compiling the models before the compiled rounds
+    prewarm: int | None = None  # processes compiling the models' kernels before the eager and compiled rounds
     prewarm_only: bool = False  # (a prewarm process) compile and step each model once, time nothing
 
 
@@ -833,12 +836,17 @@ def _models_of(args: BenchArgs, size: str) -> list[str]:
 def _prewarm_only(args: BenchArgs, device, dtype, size: str, batch: int) -> None:
     x, target = _batch(size, batch, device, args.channels_last)
     _room_for_compiled_models(len(args.models))
+    eager = args.compile == "eager"
     for name in args.models:
-        for compiled in (False, True):  # eager steps compile FlexAttention's kernels too
+        for compiled in (False,) if eager else (False, True):  # eager steps compile FlexAttention's too
             bench = _Bench(name, size, args.backend, device, dtype, args.channels_last, compiled,
                            args.optimizer)
-            bench.train(x, target)
-            bench.infer(x)
+            # Before the eager rounds no route is chosen yet: each shape's candidates run once
+            # (compiling them), untimed, as processes sharing the GPU would time each other. The
+            # compiled prewarm comes after them and takes the routes they chose (the routes' file).
+            with routes.rehearsing() if eager else contextlib.nullcontext():
+                bench.train(x, target)
+                bench.infer(x)
             del bench
             _release(device)
 
@@ -885,10 +893,10 @@ def run(args: BenchArgs) -> dict:
             for mode in modes:
                 compiled = mode == "compiled"
                 workers = args.prewarm if args.prewarm is not None else (4 if gpu else 0)
-                if compiled and workers:
-                    print(f"models: {size}, compiling in {workers} processes first", flush=True)
+                if workers:
+                    print(f"models: {size}, {mode}: compiling in {workers} processes first", flush=True)
                     prewarm(names, size, batch, str(device), args.dtype, args.backend, args.channels_last,
-                            workers)
+                            workers, mode)
                 print(f"models: {size}, batch {batch}, {mode}", flush=True)
                 models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
                                      channels_last=args.channels_last, vs_bf16=args.vs_bf16,
@@ -937,8 +945,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the CPU)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="the train step's optimizer (adamw: fused on a GPU)")
-    p.add_argument("--prewarm", type=int, help="processes that compile the models before the compiled "
-                   "rounds (default: 4 on a GPU, 0 on the CPU)")
+    p.add_argument("--prewarm", type=int, help="processes that compile the models' kernels before the "
+                   "eager rounds (every route candidate's) and the compiled ones (the graphs) (default: 4 "
+                   "on a GPU, 0 on the CPU)")
     p.add_argument("--prewarm-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--vs-bf16", action="store_true", help="also time every model's train step under bf16 "
                    "autocast, interleaved: the train_speedup_bf16 column")

@@ -40,7 +40,7 @@ class Pointwise(nn.Conv2d):
     layer's GEMM on the map's rows; elsewhere the convolution (oneDNN's, on a CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        if routes.routed(x) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             return routes.run(POINTWISE, None, x, self.weight, self.bias)
         return super().forward(x)
 

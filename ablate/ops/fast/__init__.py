@@ -43,12 +43,9 @@ from ablate.ops.fast.routes import depthwise_conv_channels_last
 
 __all__ = ["aggregate", "depthwise_conv_channels_last", "fused_forward"]
 
-_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """A fast `layout.aggregate(x, w)`, or None."""
-    gpu = x.is_cuda and x.dtype in _GPU_DTYPES
+    gpu = routes.routed(x)
     if layout.kind == "windowed":
         return routes.aggregate(layout, x, w) if gpu and layout.tokens <= routes.MAX_WINDOW_TOKENS else None
     if layout.kind != "sliding":
@@ -84,11 +81,6 @@ def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tenso
     return native.correlate(a, b, kernel_size) if _native_pays(a) else None
 
 
-def _flex_pays(x: torch.Tensor) -> bool:
-    """FlexAttention's fused kernel is generated for GPUs (its CPU form has no backward)."""
-    return x.is_cuda and x.dtype in _GPU_DTYPES
-
-
 # A single window (global attention, or a window covering a small map) is timed from one FlexAttention
 # tile of tokens on; below it, SDPA's kernels on the materialised bias are as cheap.
 FLEX_MIN_TOKENS = 128
@@ -108,12 +100,12 @@ def fused_forward(mixer, x: torch.Tensor, context: torch.Tensor, value_proj=None
     if value_proj is not None and not (context is x and fusable_projection(value_proj, x.shape[1])):
         x, value_proj = value_proj(x), None  # values from their own projection, then as usual
     if kind is NeighbourhoodAttentionWeights:
-        if _flex_pays(x):
+        if routes.routed(x):
             return wide_attention.neighbourhood_attention(source, x, context, layout, value_proj)
         if not _native_pays(x):
             return None
         values = x if value_proj is None else value_proj(x)
         return aggregate(layout, values, source(context, layout, correlate=correlate))
-    if _flex_pays(x) and layout.num_windows == 1 and layout.tokens >= FLEX_MIN_TOKENS:
+    if routes.routed(x) and layout.num_windows == 1 and layout.tokens >= FLEX_MIN_TOKENS:
         return wide_attention.global_attention(source, x, context, layout, value_proj)
     return window_attention(source, x, context, layout, value_proj)

@@ -26,6 +26,11 @@ tracing); `prepare` runs one eager step of a model first so that its compiled fo
 chosen. `ABLATE_TUNE_ROUTES=0` turns the timing off (every form takes its first candidate). On the
 CPU the routes are fixed (`ablate.ops.fast`'s table): timing there is noisy, and fixed routes keep
 CPU runs reproducible.
+
+`rehearsing` routes a model's calls as a GPU would and runs each shape's candidates once instead of
+timing them: on a GPU, processes that compile every kernel in parallel before one process times
+(the bench's prewarm); off a GPU, under `triton_target.TargetCompiler`, the Triton kernels compiled
+for a GPU this machine does not have (`python -m ablate.gpu_compile`).
 """
 from __future__ import annotations
 
@@ -45,9 +50,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CANDIDATES", "MAX_WINDOW_TOKENS", "register", "runnable", "form_of", "aggregate", "run", "choose",
-           "forced", "used", "timing_seconds", "forget_used", "prepare", "folded_channels_last",
-           "depthwise_conv_channels_last", "unfold_multiply_sum"]
+__all__ = ["CANDIDATES", "MAX_WINDOW_TOKENS", "GPU_DTYPES", "register", "runnable", "form_of", "routed",
+           "aggregate", "run", "choose", "forced", "Rehearsal", "rehearsing", "used", "timing_seconds",
+           "forget_used", "prepare", "folded_channels_last", "depthwise_conv_channels_last",
+           "unfold_multiply_sum"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +174,16 @@ def register(form: str, table: dict[str, Candidate]) -> None:
     CANDIDATES[form] = table
 
 
+# The dtypes the GPU paths take; float64 (the exact checks) keeps the reference everywhere.
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def routed(x: torch.Tensor) -> bool:
+    """Whether an operator on `x` goes through the routes: on a GPU in a GPU path's dtype, or on any
+    device while `rehearsing` holds."""
+    return x.dtype in GPU_DTYPES and (x.is_cuda or _rehearsal is not None)
+
+
 def runnable(form: str) -> list[str]:
     """The form's candidates this machine can run, in the table's order; the first is its default."""
     return [name for name in CANDIDATES[form] if _TRITON or not name.startswith("triton")]
@@ -182,6 +198,7 @@ _call_keys: dict[tuple, str] = {}
 _forced: dict[str, str] = {}  # form -> candidate, while `forced` holds (the bench, the tests)
 _timing_s = 0.0  # wall seconds this process spent timing (candidates' compiles included)
 _loaded = False
+_rehearsal: Rehearsal | None = None  # while `rehearsing` holds
 
 
 def _file() -> Path:
@@ -287,28 +304,40 @@ def _random_like(t: torch.Tensor) -> torch.Tensor:
     return torch.randn(extent, dtype=t.dtype, device=t.device).as_strided(t.shape, t.stride())
 
 
-def _time_candidates(form: str, layout, operands: tuple, rounds: int = 5) -> dict[str, float]:
-    """Median seconds of a forward and every operand's gradient of each candidate, on random tensors
-    shaped, typed and strided as the call's; interleaved rounds after one untimed call each (which
-    compiles a Triton or FlexAttention kernel). A candidate that fails (a shape its kernel refuses,
-    a GPU its kernel's configurations do not fit) is left out."""
+def _first_calls(form: str, layout, operands: tuple, names: list[str]) -> tuple[dict[str, Callable[[], None]],
+                                                                               dict[str, str]]:
+    """One forward and every operand's gradient of each named candidate, on random tensors shaped,
+    typed and strided as the call's (this compiles a Triton or FlexAttention kernel): the steps that
+    ran, to run again, and the error of each that failed."""
     inputs = tuple(None if t is None else _random_like(t).requires_grad_() for t in operands)
     leaves = [t for t in inputs if t is not None]
-    steps = {}
-    for name in runnable(form):
+    steps, failed = {}, {}
+    for name in names:
         def step(candidate=CANDIDATES[form][name]):
             y = candidate(layout, *inputs)
             torch.autograd.grad(y, leaves, torch.ones_like(y))
         try:
             step()
         except Exception as err:  # noqa: BLE001  a candidate that cannot run this shape is no choice
-            log.warning("routes: %s cannot run %s %s: %s", name, form, tuple(leaves[0].shape), err)
+            failed[name] = f"{type(err).__name__}: {err}"
             continue
         steps[name] = step
+    return steps, failed
+
+
+def _time_candidates(form: str, layout, operands: tuple, rounds: int = 5) -> dict[str, float]:
+    """Median seconds of a forward and every operand's gradient of each candidate, on random tensors
+    shaped, typed and strided as the call's; interleaved rounds after one untimed call each (which
+    compiles a Triton or FlexAttention kernel). A candidate that fails (a shape its kernel refuses,
+    a GPU its kernel's configurations do not fit) is left out."""
+    steps, failed = _first_calls(form, layout, operands, runnable(form))
+    for name, err in failed.items():
+        log.warning("routes: %s cannot run %s %s: %s", name, form, _describe(_first(operands)), err)
+    device = _first(operands).device
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            times[name].append(_measure(step, leaves[0].device))
+            times[name].append(_measure(step, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -325,6 +354,8 @@ def choose(form: str, layout, *operands: torch.Tensor | None) -> str:
     call = _call(form, layout, operands)
     if torch.compiler.is_compiling():  # traced: a lookup only, the choice of an eager call before
         return _calls.get(call, runnable(form)[0])
+    if _rehearsal is not None:
+        return _rehearsal.choose(form, layout, operands)
     if call in _calls:
         _used[_call_keys[call]] = _calls[call]
         return _calls[call]
@@ -380,6 +411,55 @@ def forced(form: str, name: str):
             _forced.pop(form)
         else:
             _forced[form] = before
+
+
+class Rehearsal:
+    """What `rehearsing` saw: each routed shape (its key) with the candidates that ran on it, and the
+    error of each that failed."""
+
+    def __init__(self) -> None:
+        self.ran: dict[str, list[str]] = {}
+        self.failed: dict[str, dict[str, str]] = {}
+
+    def choose(self, form: str, layout, operands: tuple) -> str:
+        """Run the form's candidates once on this shape (the first time it is seen): on a GPU every
+        one, off it the Triton ones (the others are PyTorch's operators: nothing to compile). The
+        call itself takes the form's first candidate that did not fail (off a GPU, that needs no
+        FlexAttention: inductor generates its kernels for the GPU it runs on)."""
+        key = _key(form, layout, operands)
+        gpu = _first(operands).is_cuda
+        # (inference mode has no gradients to run; a training step's call of the shape runs them)
+        if key not in self.ran and key not in self.failed and not torch.is_inference_mode_enabled():
+            names = [name for name in runnable(form) if gpu or name.startswith("triton")]
+            with torch.enable_grad():
+                steps, failed = _first_calls(form, layout, operands, names)
+            self.ran[key] = list(steps)
+            if failed:
+                self.failed[key] = failed
+        usable = [name for name in runnable(form) if (gpu or not name.startswith("flex"))
+                  and name not in self.failed.get(key, {})]
+        if not usable:
+            raise RuntimeError(f"routes: no candidate of {form!r} runs {key}: {self.failed.get(key)}")
+        return usable[0]
+
+
+@contextlib.contextmanager
+def rehearsing():
+    """Route every call as a GPU would (`routed`: on any device) and run each shape's candidates once,
+    forward and gradients, instead of timing them: nothing is timed, chosen or written to the routes'
+    file. On a GPU this compiles every candidate's kernels into Triton's and inductor's caches (on
+    disk, shared by processes), so that a process timing the routes afterwards finds them compiled
+    (the bench's prewarm, many shapes in parallel processes). Off a GPU the Triton launches go where
+    the caller sends them: under `triton_target.TargetCompiler` they are compiled for a GPU and not
+    run, and the values computed mean nothing (only shapes are rehearsed). Yields the `Rehearsal`."""
+    global _rehearsal
+    if _rehearsal is not None:
+        raise RuntimeError("routes: a rehearsal is already running")
+    _rehearsal = Rehearsal()
+    try:
+        yield _rehearsal
+    finally:
+        _rehearsal = None
 
 
 def used() -> dict[str, str]:

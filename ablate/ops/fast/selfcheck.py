@@ -15,7 +15,8 @@ import torch
 
 from ablate.ops.functional import sliding_aggregate, sliding_correlate
 
-__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "WINDOW_CASES", "NEIGHBOURHOOD_CASES", "check_triton",
+__all__ = ["CASES", "TILE_CASES", "CORRELATE_CASES", "WINDOW_CASES", "NEIGHBOURHOOD_CASES", "KERNEL_CHECKS",
+           "check_triton",
            "check_correlate", "check_window", "check_neighbourhood"]
 
 # (name, N, C, H, W, K, weight kind, groups, shared over the batch). A weight shared by the batch
@@ -215,7 +216,6 @@ def check_neighbourhood(device: str = "cuda", dtype: torch.dtype = torch.float32
                                                          (h, wd), k)
         grads = torch.autograd.grad(y, fast, gy.to(device))
         errors[name] = _relative_error(zip((y, *grads), (ref_y, *ref_grads)))
-    errors["compiled neighbourhood"] = _check_neighbourhood_operator(device)
     return errors
 
 
@@ -277,7 +277,13 @@ def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str
             y = f(x, w)
             outs.append((y, *torch.autograd.grad(y.sum(), (x, w))))
         errors[f"compiled {name}"] = _relative_error(zip(outs[0], [t.double().cpu() for t in outs[1]]))
+    errors["compiled neighbourhood"] = _check_neighbourhood_operator(device)
     return errors
+
+
+# The Triton kernels' families, each check(device, dtype) -> {case: error} (`python -m ablate.gpu_compile`
+# compiles what they launch for a GPU); `check_operators` adds their operators, compiled.
+KERNEL_CHECKS = (check_triton, check_correlate, check_window, check_neighbourhood)
 
 
 def main(argv=None) -> int:
@@ -289,9 +295,8 @@ def main(argv=None) -> int:
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     # on the CPU (the interpreter) compile without inductor's codegen: the check is the tracing
     backend = "inductor" if args.device.startswith("cuda") else "aot_eager"
-    families = (lambda: check_triton(args.device, dtype), lambda: check_correlate(args.device, dtype),
-                lambda: check_window(args.device, dtype), lambda: check_neighbourhood(args.device, dtype),
-                lambda: check_operators(args.device, backend))
+    families = [lambda check=check: check(args.device, dtype) for check in KERNEL_CHECKS]
+    families.append(lambda: check_operators(args.device, backend))
     errors = {}
     for family in families:  # printed family by family: a check stopped by a time limit keeps them
         found = family()

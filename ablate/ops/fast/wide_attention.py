@@ -69,7 +69,7 @@ def logits_in_memory(layout, q, k, v, bias) -> torch.Tensor:
     """Neighbourhood attention's core with its logits as a tensor: on a GPU the Triton correlate and
     the per-position aggregate's route; elsewhere the reference's functions (the tests)."""
     groups = q.shape[1]
-    if q.is_cuda:
+    if routes.routed(q):
         from ablate.ops.fast import triton_dw  # a GPU's (compiles at first call)
         correlate, aggregate = triton_dw.position_correlate, routes.aggregate
     else:

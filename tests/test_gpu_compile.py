@@ -1,0 +1,154 @@
+"""The Triton kernels compiled for a GPU without one (ablate/ops/fast/triton_target.py,
+`python -m ablate.gpu_compile`): a model's train step routed as on a GPU reaches every Triton
+candidate of its shapes, each launch compiles for sm_90 with Triton's own specialisation, and what a
+GPU would refuse (a compile error, more shared memory than a block may have) fails the command.
+
+Triton decides at import whether its kernels are interpreted (TRITON_INTERPRET), so every compile
+runs in a subprocess with it unset."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ablate.errors import EXIT_CODES
+from ablate.ops.fast import routes
+from ablate.ops.layouts import WindowLayout
+
+pytest.importorskip("triton")
+
+
+def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=900)
+
+
+def test_presets_compile_for_sm90_with_the_kernels_of_their_shapes_and_none_spills(tmp_path):
+    out = tmp_path / "gc"
+    proc = _run("-m", "ablate.gpu_compile", "--presets", "local_mlp", "idynamic_dwconv", "--dtypes",
+                "bfloat16", "--no-selfcheck", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = json.loads((out / "builds.json").read_text())
+    assert found["arch"] == 90 and found["problems"] == []
+    # Swin's 7 x 7 windows, plain and shifted by 3, each forward, input gradient and weight gradient
+    windows = [b for b in found["builds"] if b["constants"].get("WH") == 7]
+    assert {b["kernel"] for b in windows} == {"_window_fwd", "_window_wgrad"}
+    assert {b["constants"]["SH"] for b in windows} == {0, 3}
+    for b in found["builds"]:
+        assert b["error"] is None and b["signature"].startswith("*bf16")
+        assert b["shared_bytes"] <= 232448 and 0 < b["registers"] <= 255 and b["num_warps"] > 0
+        # fully unrolled over the 49 taps, the per-position kernels took 255 registers and spilled
+        assert b["stack_bytes"] == 0, b
+    # the per-position forward, input gradient (adjoint) and weight gradient on each tile, each stage
+    position = {(b["kernel"], b["constants"].get("ADJOINT"), b["constants"]["BLOCK_P"])
+                for b in found["builds"] if b["kernel"].startswith("_position")}
+    assert position == {(k, a, p) for k, a in (("_position_fwd", False), ("_position_fwd", True),
+                                               ("_position_wgrad", None)) for p in (32, 64, 128)}
+    # every windowed shape of the model's four stages reached the Triton candidate
+    windowed = {key: ran for key, ran in found["routes"].items() if " | windowed | " in key}
+    per_position = [ran for key, ran in found["routes"].items() if " | per-position | " in key]
+    assert len(per_position) == 4 and all(len(ran) == 3 for ran in per_position)
+    assert len(windowed) == 7 and all(ran == ["triton on windows"] for ran in windowed.values())
+    assert "| _window_fwd |" in (out / "builds.md").read_text()
+
+
+TOYS = '''
+import torch, triton, triton.language as tl
+
+from ablate.ops.fast.triton_target import TargetCompiler
+
+
+@triton.jit
+def square_dot(a_ptr, b_ptr, c_ptr, B: tl.constexpr):
+    i = tl.arange(0, B)
+    a = tl.load(a_ptr + i[:, None] * B + i[None, :])
+    b = tl.load(b_ptr + i[:, None] * B + i[None, :])
+    tl.store(c_ptr + i[:, None] * B + i[None, :], tl.dot(a, b).to(c_ptr.dtype.element_ty))
+
+
+def problems(arch, b, dtype):
+    a = torch.zeros(b, b, dtype=dtype)
+    with TargetCompiler(arch) as compiler:
+        square_dot[(1,)](a, a, a, B=b)
+        square_dot[(1,)](a, a, a, B=b)  # the same specialisation: compiled once
+    (build,) = compiler.builds.values()
+    assert build.launches == 2
+    return [why for _, why in compiler.problems()]
+
+
+assert problems(90, 64, torch.bfloat16) == []
+# two 256 x 256 bf16 tiles: 256 KiB of shared memory, more than an H100's block may have
+assert "shared memory, sm_90 allows 232448" in problems(90, 256, torch.bfloat16)[0]
+# fp8 (e4m3) on the tensor cores is sm_89's and later: an A100 refuses to compile it
+assert "not supported in this architecture" in problems(80, 32, torch.float8_e4m3fn)[0]
+assert problems(90, 32, torch.float8_e4m3fn) == []
+print("toys ok")
+'''
+
+
+def test_what_the_gpu_would_refuse_is_found_without_it(tmp_path):
+    (tmp_path / "toys.py").write_text(TOYS)  # Triton reads a kernel's source from its file
+    proc = _run("toys.py", cwd=tmp_path)
+    assert proc.returncode == 0 and "toys ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--presets", "nope"], "--presets: unknown nope"),
+    (["--arch", "75"], "--arch 75: no limits known"),
+    (["--dtypes", "float64"], "--dtypes: float64"),
+])
+def test_bad_arguments_are_named(args, says):
+    proc = _run("-m", "ablate.gpu_compile", *args)
+    assert proc.returncode == EXIT_CODES["bad input"] and says in proc.stderr, proc.stderr
+
+
+def test_a_rehearsal_routes_as_a_gpu_and_runs_each_shapes_triton_candidates_once(monkeypatch, tmp_path):
+    """...and times, chooses and writes nothing: a rehearsal's processes share a GPU, whose timings
+    would be each other's."""
+    calls = []
+    monkeypatch.setenv("ABLATE_ROUTES", str(tmp_path / "routes.json"))
+    monkeypatch.setattr(routes, "_tunable", lambda x: True)  # timing allowed, were it not a rehearsal
+    monkeypatch.setattr(routes, "_used", {})
+    monkeypatch.setattr(routes, "_time_candidates", lambda *a, **k: pytest.fail("a rehearsal timed"))
+
+    def counted(layout, x, w):
+        calls.append(tuple(x.shape))
+        return layout.aggregate(x, w)
+
+    monkeypatch.setitem(routes.CANDIDATES["windowed"], "triton on windows", counted)
+    monkeypatch.setattr(routes, "_TRITON", True)
+    layout = WindowLayout((6, 6), (3, 3), (1, 1))
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 4, 6, 6, generator=gen), torch.randn(1, 1, 2, 9, 9, generator=gen)
+    from ablate.ops import fast
+
+    assert fast.aggregate(layout, x, w) is None  # off a GPU: the reference, not the routes
+    with routes.rehearsing() as rehearsal:
+        y = fast.aggregate(layout, x, w)
+        fast.aggregate(layout, x, w)  # the same shape: nothing runs again
+        fast.aggregate(layout, x.double(), w.double())  # float64 keeps the reference, rehearsed or not
+    torch.testing.assert_close(y, layout.aggregate(x, w))  # the call itself took the reference's route
+    assert calls == [(2, 4, 6, 6)]
+    (key,) = rehearsal.ran
+    assert " | windowed | " in key and rehearsal.ran[key] == ["triton on windows"] and not rehearsal.failed
+    assert not routes.routed(x)  # and after it, the CPU is the CPU again
+    assert not (tmp_path / "routes.json").exists() and not routes.used()
+
+
+def test_a_rehearsal_records_a_triton_candidate_that_fails(monkeypatch):
+    def broken(layout, x, w):
+        raise RuntimeError("refused")
+
+    monkeypatch.setitem(routes.CANDIDATES["windowed"], "triton on windows", broken)
+    monkeypatch.setattr(routes, "_TRITON", True)
+    layout = WindowLayout((6, 6), (3, 3), (0, 0))
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(1, 1, 1, 9, 9)
+    with routes.rehearsing() as rehearsal:
+        torch.testing.assert_close(routes.aggregate(layout, x, w), layout.aggregate(x, w))
+    (errors,) = rehearsal.failed.values()
+    assert errors == {"triton on windows": "RuntimeError: refused"}
