@@ -44,7 +44,7 @@ def _kernel_fwd(x_ptr, w_ptr, y_ptr, H, W, C,
     h, w = p // W, p % W
     pm, cm = p < H * W, c < C
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for t in tl.static_range(K * K):
+    for t in tl.range(K * K):  # a loop, not unrolled (tl.static_range): why, above BLOCK_P below
         hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
         ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         xv = tl.load(x_ptr + n * sxn + hh[:, None] * sxh + ww[:, None] * sxw + c[None, :] * sxc,
@@ -129,7 +129,7 @@ def _position_fwd(x_ptr, w_ptr, y_ptr, H, W, C, CG,
     h, w = p // W, p % W
     pm = p < H * W
     acc = tl.zeros((BLOCK_P, BLOCK_G, BLOCK_CG), dtype=tl.float32)
-    for t in tl.static_range(K * K):
+    for t in tl.range(K * K):
         if ADJOINT:
             hh, ww = h - (t // K - K // 2), w - (t % K - K // 2)
         else:
@@ -164,7 +164,7 @@ def _position_wgrad(x_ptr, g_ptr, gw_ptr, N, PER, H, W, C, CG,
     chunk = (tl.program_id(0) // tiles).to(tl.int64)
     first = chunk * PER
     count = tl.minimum(PER, N - first)
-    for t in tl.static_range(K * K):
+    for t in tl.range(K * K):
         hh, ww = h + (t // K - K // 2), w + (t % K - K // 2)
         ok = pm & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         acc = tl.zeros((BLOCK_P, BLOCK_G), dtype=tl.float32)
@@ -210,6 +210,13 @@ def _position_fwd_naive(x_ptr, w_ptr, y_ptr, total, H, W, C, CG,
 
 
 BLOCK_P, BLOCK_C = 64, 32
+# The kernels loop over the K*K taps (tl.range), not unrolled (tl.static_range). Fully
+# unrolled, the 7 x 7 kernels compiled for sm_90 took all 255 registers a thread has and spilled 64-128
+# bytes of stack a thread (NHWC, bf16, each of the three per-position tiles), and 3-5 s of compile
+# each; rolled, the default tile took 56 registers, no spill, 0.1-0.4 s (`python -m ablate.gpu_compile`,
+# Triton 3.6 and 3.8): more programs a multiprocessor to hide the loads' latency, and a first GPU
+# bench that is not mostly compiling. Unrolled by 7 (loop_unroll_factor) they spilled 64-968 bytes at
+# every stage of I-D-DW conv: no candidate.
 # the kernel weights' gradient holds a [K, BLOCK_P, BLOCK_C] tile of the map per step (a kernel row's
 # shifts of it): a smaller tile of positions keeps it in registers
 WGRAD_BLOCK_P, WGRAD_BLOCK_C = 32, 32
