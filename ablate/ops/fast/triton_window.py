@@ -151,16 +151,20 @@ def _geometry(x: torch.Tensor, window: list[int]):
 
 
 # The most channels of a group one program's tile holds; wider groups (a map-sized token MLP's 768)
-# are cut into blocks of it.
-MAX_BLOCK_C = 64
+# are cut into blocks of it. Float32's exact products are CUDA-core FMAs with their operands in
+# registers: compiled for sm_90, a 64-token window's 64-channel tile took 255 registers and spilled
+# 504 bytes a thread (5 KB in another specialisation); 32 channels took 96 and none
+# (`python -m ablate.gpu_compile`). Half precision's products run on the tensor cores: 64 fit.
+MAX_BLOCK_C = {torch.float32: 32, torch.bfloat16: 64, torch.float16: 64}
 
 
-def _tiles(w_shape, channels: int) -> tuple[int, int, int]:
+def _tiles(w_shape, channels: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(TP, BLOCK_C, CG): the token tile (T padded to a power of two; tl.dot wants at least 16), the
     channel tile and the channels of one group."""
     t, groups = w_shape[-1], w_shape[2]
     cg = channels // groups
-    return max(16, triton.next_power_of_2(t)), min(MAX_BLOCK_C, max(16, triton.next_power_of_2(cg))), cg
+    block_c = min(MAX_BLOCK_C[dtype], max(16, triton.next_power_of_2(cg)))
+    return max(16, triton.next_power_of_2(t)), block_c, cg
 
 
 def _constants(window: list[int], x: torch.Tensor) -> dict:
@@ -178,7 +182,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, window: list[int], transpose: boo
     """x (N, C, H, W) any strides, w (N|1, nW|1, G, T, T) -> (N, C, H, W) channels_last."""
     n, c = x.shape[:2]
     h, wd, hp, wp, gw, windows = _geometry(x, window)
-    tp, block_c, cg = _tiles(w.shape, c)
+    tp, block_c, cg = _tiles(w.shape, c, x.dtype)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     swn = 0 if w.shape[0] == 1 else w.stride(0)
     sww = 0 if w.shape[1] == 1 else w.stride(1)
@@ -193,7 +197,7 @@ def _weight_grad(x: torch.Tensor, gy: torch.Tensor, w_shape, window: list[int], 
     """The weights' gradient, shaped as w (N|1, nW|1, G, T, T): summed over what shares a matrix."""
     n, c = x.shape[:2]
     h, wd, hp, wp, gw, windows = _geometry(x, window)
-    tp, block_c, cg = _tiles(w_shape, c)
+    tp, block_c, cg = _tiles(w_shape, c, x.dtype)
     per_instance, per_window = w_shape[0] > 1, w_shape[1] > 1
     matrices = w_shape[0] * w_shape[1] * w_shape[2]
     pairs = (1 if per_instance else n) * (1 if per_window else windows)
