@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         summary += f"; spilling registers: {', '.join(spilling)}"
     (out / "builds.md").write_text(f"# Triton kernels for sm_{a.arch}\n\n{summary}\n\n{table(found)}\n")
     print(table(found), summary, sep="\n\n")
-    for problem in found["problems"]:
+    for problem in found["problems"]:  # (builds.json has each whole)
         where = problem.get("kernel") or f"{problem['route']}: {problem['candidate']}"
-        print(f"sm_{a.arch} refuses {where} {_constants(problem.get('constants', {}))}: {problem['why']}",
-              file=sys.stderr)
+        why = problem["why"].strip().splitlines()[-1] if problem["why"].strip() else "?"
+        constants = _constants(problem.get("constants", {}))
+        print(f"sm_{a.arch} refuses {where} {constants}: {why}", file=sys.stderr)
     return 1 if found["problems"] else 0
 
 

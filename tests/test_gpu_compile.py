@@ -160,3 +160,19 @@ def test_a_rehearsal_records_a_triton_candidate_that_fails(monkeypatch):
         torch.testing.assert_close(routes.aggregate(layout, x, w), layout.aggregate(x, w))
     (errors,) = rehearsal.failed.values()
     assert errors == {"triton on windows": "RuntimeError: refused"}
+
+
+def test_a_kernel_the_gpu_refuses_fails_the_command_and_is_named(monkeypatch, tmp_path, capsys):
+    from ablate import gpu_compile
+
+    build = dict(kernel="_toy", constants={"B": 256}, signature="*bf16", aligned="", seconds=0.1,
+                 shared_bytes=262144, registers=255, stack_bytes=0, num_warps=4, launches=1, error=None)
+    why = "262144 bytes of shared memory, sm_90 allows 232448 a block"
+    found = dict(arch=90, builds=[build], routes={}, not_covered=[],
+                 problems=[dict(kernel="_toy", constants={"B": 256}, why=why)])
+    monkeypatch.setattr(gpu_compile, "compile_for", lambda *a, **k: found)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert gpu_compile.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "sm_90 refuses _toy B=256: 262144 bytes of shared memory" in err
+    assert "| _toy | B=256 |" in (tmp_path / "builds.md").read_text()  # what was compiled is kept

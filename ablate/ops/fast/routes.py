@@ -304,7 +304,10 @@ def _random_like(t: torch.Tensor) -> torch.Tensor:
     return torch.randn(extent, dtype=t.dtype, device=t.device).as_strided(t.shape, t.stride())
 
 
-def _first_calls(form: str, layout, operands: tuple, names: list[str]) -> tuple[dict[str, Callable[[], None]],
+Step = Callable[[], None]
+
+
+def _first_calls(form: str, layout, operands: tuple, names: list[str]) -> tuple[dict[str, Step],
                                                                                dict[str, str]]:
     """One forward and every operand's gradient of each named candidate, on random tensors shaped,
     typed and strided as the call's (this compiles a Triton or FlexAttention kernel): the steps that
