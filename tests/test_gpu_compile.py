@@ -41,7 +41,8 @@ def test_every_kernel_of_every_preset_compiles_for_sm90_and_none_spills_in_bf16(
     # every kernel the fast paths launch (the bench's one-thread-per-output baseline is no path)
     assert {b["kernel"] for b in found["builds"]} == {"_kernel_fwd", "_kernel_wgrad", "_position_fwd",
                                                       "_position_wgrad", "_window_fwd", "_window_wgrad",
-                                                      "_na_fwd", "_na_bwd_q", "_na_bwd_kv"}
+                                                      "_na_fwd", "_na_bwd_q", "_na_bwd_kv", "_na_halo_fwd",
+                                                      "_na_halo_bwd"}
     for b in found["builds"]:
         assert b["error"] is None and b["shared_bytes"] <= 232448 and 0 < b["registers"] <= 255
         if b["signature"].startswith("*bf16"):  # unrolled over 49 taps, the depth-wise kernels spilled

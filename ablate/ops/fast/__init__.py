@@ -22,11 +22,12 @@ each of three tiles), the reference's shift-and-accumulate or unfold-multiply-su
 (`python -m ablate.bench --device cuda --section ops`, bf16, batch 128, tiny stages 1-2, forward +
 backward) had a different winner per form: static weights cuDNN channels_last 1.3 ms against
 Triton's 8.7; per-instance kernels the batch-folded conv 6.0 ms against Triton's 8.7; per-position
-weights Triton 36 ms against unfold-multiply-sum's 38 and the reference's 45.
+weights Triton 36 ms against unfold-multiply-sum's 38 and the reference's 45 (Triton's kernels then
+unrolled their K*K taps; they loop now: triton_dw.py).
 
 (2) Neighbourhood and global attention's cores are timed the same way (`wide_attention.py`):
 FlexAttention with 128- or 64-token tiles, the logits in memory through Triton, or Triton's fused
-kernels over exactly each query's K*K keys (neighbourhood);
+kernels over exactly each query's K*K keys or over halo tiles on the tensor cores (neighbourhood);
 FlexAttention, or SDPA with the bias expanded to a mask (global).
 
 (3) Window matrices up to 8 x 8 tokens: the reference's einsum on windows cut out of the map (pad,

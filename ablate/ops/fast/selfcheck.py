@@ -211,12 +211,14 @@ def check_neighbourhood(device: str = "cuda", dtype: torch.dtype = torch.float32
         ref_y = logits_in_memory(layout, *_heads(ref[0], shape), ref[1] if bias else None)
         ref_grads = torch.autograd.grad(ref_y, ref, gy.double())
 
-        fast = [rows.to(device, dtype).requires_grad_()]
-        fast += [table.to(device).requires_grad_()] if bias else []
-        y = triton_neighbourhood.neighbourhood_attention(*_heads(fast[0], shape), fast[1] if bias else None,
-                                                         (h, wd), k)
-        grads = torch.autograd.grad(y, fast, gy.to(device))
-        errors[name] = _relative_error(zip((y, *grads), (ref_y, *ref_grads)))
+        for halo in (False, True):  # the offset-walking kernels, the tensor cores' halo tiles
+            fast = [rows.to(device, dtype).requires_grad_()]
+            fast += [table.to(device).requires_grad_()] if bias else []
+            fast_table = fast[1] if bias else None
+            y = triton_neighbourhood.neighbourhood_attention(*_heads(fast[0], shape), fast_table, (h, wd), k,
+                                                             halo=halo)
+            grads = torch.autograd.grad(y, fast, gy.to(device))
+            errors[name + (" halo" if halo else "")] = _relative_error(zip((y, *grads), (ref_y, *ref_grads)))
     return errors
 
 
@@ -229,17 +231,19 @@ def _check_neighbourhood_operator(device: str) -> float:
     rows = torch.randn(2, 20, 24, generator=gen).to(device).requires_grad_()
     table = torch.randn(2, 9, generator=gen).to(device).requires_grad_()
     shape = (2, 20, 3, 2, 4)
-    torch.library.opcheck(triton_neighbourhood._forward_op, (*_heads(rows, shape), table, 4, 5, 3))
-
-    def step(rows, table):
-        return (triton_neighbourhood.neighbourhood_attention(*_heads(rows * 2, shape), table, (4, 5), 3) + 1
-                ).square()
-
     outs = []
-    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        y = f(rows, table)
-        outs.append((y, *torch.autograd.grad(y.sum(), (rows, table))))
-    return _relative_error(zip(outs[0], [t.double().cpu() for t in outs[1]]))
+    for halo in (False, True):
+        torch.library.opcheck(triton_neighbourhood._forward_op, (*_heads(rows, shape), table, 4, 5, 3, halo))
+
+        def step(rows, table, halo=halo):
+            y = triton_neighbourhood.neighbourhood_attention(*_heads(rows * 2, shape), table, (4, 5), 3, halo)
+            return (y + 1).square()
+
+        for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+            y = f(rows, table)
+            outs.append((y, *torch.autograd.grad(y.sum(), (rows, table))))
+    # each kernel compiled against itself eager, and the halo kernels against the offsets'
+    return max(_relative_error(zip(outs[0], [t.double().cpu() for t in other])) for other in outs[1:])
 
 
 def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str, float]:

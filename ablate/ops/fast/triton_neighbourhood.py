@@ -17,8 +17,14 @@ logit. It saves each query's log-sum-exp for the backward, which recomputes the 
   delta = rowsum(dO * O) (PyTorch, before the kernels).
 
 The scores are computed on CUDA cores, a dot product of the head's d channels per offset: these
-kernels trade the tensor cores for doing only the operator's FLOPs. Which pays is the GPU's to say
-(the route times it). q, k, v are (N, G, T, d) with any strides (the views of one projection that
+kernels trade the tensor cores for doing only the operator's FLOPs. The halo kernels (`halo=True`)
+make the other trade: a program owns a 4 x 4 tile of queries and the (4 + K - 1)^2 keys around it
+(100 at K = 7, in a 128-key tile), computes all their scores with `tl.dot` on the tensor cores and
+masks the pairs that are no neighbours (2.6x the operator's scores; FlexAttention's tiles compute
+8.8x to 12.7x at tiny stage 1), with no online softmax (the halo is one tile). Their backward
+recomputes the probabilities per query tile, stores dq, and adds dk and dv into float32 gradients by
+atomic adds (the halos of neighbouring tiles share keys). Which pays is the GPU's to say (the route
+times both). q, k, v are (N, G, T, d) with any strides (the views of one projection that
 `attention.attend_rows` hands over); the output is (N, G, T, d) over (N, T, G, d) memory, so that
 the caller's merge of the heads is a view. Storage may be bf16; everything is computed in float32.
 
@@ -27,13 +33,21 @@ module); the selfcheck does that on small shapes.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from ablate.ops.fast.triton_window import _dot
+
 __all__ = ["neighbourhood_attention"]
 
 BLOCK_P = 64  # query (or key) positions a program owns
+# The halo kernels' query tile: TILE_H x TILE_W positions (tl.dot's 16 rows) and the keys around it,
+# (TILE_H + K - 1) x (TILE_W + K - 1): 100 for K = 7, in a 128-key tile, 2.6x the 49 keys a query needs
+# (FlexAttention's tiles: 8.8x to 12.7x at tiny stage 1).
+TILE_H, TILE_W = 4, 4
 
 
 @triton.jit
@@ -159,16 +173,123 @@ def _na_bwd_kv(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gk_ptr, g
              gv.to(gv_ptr.dtype.element_ty), mask=rows)
 
 
+@triton.jit
+def _halo(H, W, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.constexpr):
+    """This program's image n, head g, query tile (positions qp, mask qm), the keys of its halo
+    (positions kp, mask km), which query-key pairs are neighbours (nb) and their offsets t (raster
+    order of the K x K offsets): program (image x tile, head)."""
+    R: tl.constexpr = K // 2
+    HW: tl.constexpr = TW + K - 1
+    cols = tl.cdiv(W, TW)
+    tiles = tl.cdiv(H, TH) * cols
+    n = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    i = tl.arange(0, TH * TW)
+    qh, qw = (tile // cols) * TH + i // TW, (tile % cols) * TW + i % TW
+    j = tl.arange(0, KP)
+    kh, kw = (tile // cols) * TH - R + j // HW, (tile % cols) * TW - R + j % HW
+    qm = (qh < H) & (qw < W)
+    km = (j < (TH + K - 1) * HW) & (kh >= 0) & (kh < H) & (kw >= 0) & (kw < W)
+    dh, dw = kh[None, :] - qh[:, None], kw[None, :] - qw[:, None]
+    nb = qm[:, None] & km[None, :] & (dh >= -R) & (dh <= R) & (dw >= -R) & (dw <= R)
+    return n, tl.program_id(1), qh * W + qw, qm, kh * W + kw, km, nb, (dh + R) * K + (dw + R)
+
+
+@triton.jit
+def _raw(ptr, n, g, pos, d, mask, sn, sg, st, sc):
+    """The (positions, channels) tile of one head of (N, G, T, d) rows, as stored (the tensor cores'
+    operands)."""
+    return tl.load(ptr + n * sn + g * sg + pos[:, None] * st + d[None, :] * sc, mask=mask, other=0.0)
+
+
+@triton.jit
+def _halo_scores(q, kh, b_ptr, g, nb, t, sbg, sbt, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """q k^T (+ bias) of the tile's queries and its halo's keys; -inf where they are no neighbours."""
+    s = _dot(q, tl.trans(kh), IEEE, UPCAST)
+    if HAS_BIAS:
+        s += tl.load(b_ptr + g * sbg + t * sbt, mask=nb, other=0.0).to(tl.float32)
+    return tl.where(nb, s, float("-inf"))
+
+
+@triton.jit
+def _na_halo_fwd(q_ptr, k_ptr, v_ptr, b_ptr, y_ptr, lse_ptr, H, W, D,
+                 sqn, sqg, sqt, sqc, skn, skg, skt, skc, svn, svg, svt, svc, sbg, sbt,
+                 syn, syg, syt, syc, sln, slg, slt,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                 KP: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # a tile of queries against its halo of keys on the tensor cores: the scores of the pairs that
+    # are no neighbours are computed and masked (2.6x the operator's at K = 7), no online softmax
+    n, g, qp, qm, kp, km, nb, t = _halo(H, W, K, TH, TW, KP)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    q = _raw(q_ptr, n, g, qp, d, qm[:, None] & dm[None, :], sqn, sqg, sqt, sqc)
+    kh = _raw(k_ptr, n, g, kp, d, km[:, None] & dm[None, :], skn, skg, skt, skc)
+    vh = _raw(v_ptr, n, g, kp, d, km[:, None] & dm[None, :], svn, svg, svt, svc)
+    s = _halo_scores(q, kh, b_ptr, g, nb, t, sbg, sbt, HAS_BIAS, IEEE, UPCAST)
+    m = tl.where(qm, tl.max(s, axis=1), 0.0)  # a query off the map has no neighbour: shift by 0
+    p = tl.exp(s - m[:, None])
+    total = tl.where(qm, tl.sum(p, axis=1), 1.0)  # the centre is a neighbour of every query on the map
+    y = _dot(p, vh, IEEE, UPCAST) / total[:, None]
+    tl.store(y_ptr + n * syn + g * syg + qp[:, None] * syt + d[None, :] * syc, y.to(y_ptr.dtype.element_ty),
+             mask=qm[:, None] & dm[None, :])
+    tl.store(lse_ptr + n * sln + g * slg + qp * slt, m + tl.log(total), mask=qm)
+
+
+@triton.jit
+def _na_halo_bwd(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gq_ptr, gk_ptr, gv_ptr, gb_ptr,
+                 H, W, D, sqn, sqg, sqt, sqc, skn, skg, skt, skc, svn, svg, svt, svc, sbg, sbt,
+                 syn, syg, syt, syc, sln, slg, slt, sgqn, sgqg, sgqt, sgqc, sgkn, sgkg, sgkt, sgkc,
+                 sgbp, sgbg, sgbt,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                 KP: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # p recomputed from the saved log-sum-exp; ds = p (dO v^T - delta). dq = ds k of the tile's own
+    # queries (stored); dk = ds^T q and dv = p^T dO of its halo's keys, which neighbouring tiles'
+    # halos share: added into float32 gradients (atomics); the bias gradient's per-program sums.
+    n, g, qp, qm, kp, km, nb, t = _halo(H, W, K, TH, TW, KP)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    rows, keys = qm[:, None] & dm[None, :], km[:, None] & dm[None, :]
+    q = _raw(q_ptr, n, g, qp, d, rows, sqn, sqg, sqt, sqc)
+    gy = _raw(gy_ptr, n, g, qp, d, rows, syn, syg, syt, syc)
+    kh = _raw(k_ptr, n, g, kp, d, keys, skn, skg, skt, skc)
+    vh = _raw(v_ptr, n, g, kp, d, keys, svn, svg, svt, svc)
+    lse = tl.load(lse_ptr + n * sln + g * slg + qp * slt, mask=qm, other=0.0)
+    delta = tl.load(delta_ptr + n * sln + g * slg + qp * slt, mask=qm, other=0.0)
+    p = tl.exp(_halo_scores(q, kh, b_ptr, g, nb, t, sbg, sbt, HAS_BIAS, IEEE, UPCAST) - lse[:, None])
+    ds = p * (_dot(gy, tl.trans(vh), IEEE, UPCAST) - delta[:, None])
+    gq = _dot(ds, kh, IEEE, UPCAST)
+    tl.store(gq_ptr + n * sgqn + g * sgqg + qp[:, None] * sgqt + d[None, :] * sgqc,
+             gq.to(gq_ptr.dtype.element_ty), mask=rows)
+    halo = n * sgkn + g * sgkg + kp[:, None] * sgkt + d[None, :] * sgkc
+    tl.atomic_add(gk_ptr + halo, _dot(tl.trans(ds), q, IEEE, UPCAST), mask=keys)
+    tl.atomic_add(gv_ptr + halo, _dot(tl.trans(p), gy, IEEE, UPCAST), mask=keys)
+    if HAS_BIAS:
+        for o in range(K * K):
+            tl.store(gb_ptr + tl.program_id(0).to(tl.int64) * sgbp + g * sgbg + o * sgbt,
+                     tl.sum(tl.sum(tl.where(t == o, ds, 0.0), axis=1), axis=0))
+
+
 def _heads_like(t: torch.Tensor) -> torch.Tensor:
     """An empty (N, G, T, d) tensor over (N, T, G, d) memory: the heads merge into rows as a view."""
     n, g, tokens, d = t.shape
     return t.new_empty((n, tokens, g, d)).permute(0, 2, 1, 3)
 
 
-def _launch(q: torch.Tensor) -> tuple[tuple[int, int], dict]:
-    """The grid (tiles of positions of each image, heads) and the tiles."""
+def _launch(q: torch.Tensor, height: int, width: int, kernel_size: int, halo: bool) -> tuple[tuple[int, int],
+                                                                                              dict]:
+    """The grid (tiles of positions of each image, heads) and the kernels' tiles: of positions in
+    raster order, or (halo) TILE_H x TILE_W queries and their halo of keys, on the tensor cores
+    (float32 exactly, as the reference; upcast in Triton's interpreter, as triton_window's)."""
     n, g, tokens, d = q.shape
-    return (n * triton.cdiv(tokens, BLOCK_P), g), dict(BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(d))
+    if not halo:
+        return (n * triton.cdiv(tokens, BLOCK_P), g), dict(BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(d))
+    keys = (TILE_H + kernel_size - 1) * (TILE_W + kernel_size - 1)
+    upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    grid = (n * triton.cdiv(height, TILE_H) * triton.cdiv(width, TILE_W), g)
+    return grid, dict(TH=TILE_H, TW=TILE_W, KP=max(16, triton.next_power_of_2(keys)),
+                      BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32 or upcast,
+                      UPCAST=upcast)
 
 
 def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):
@@ -178,67 +299,78 @@ def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):
 
 @torch.library.custom_op("ablate::triton_neighbourhood_attention", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, height: int,
-                width: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                width: int, kernel_size: int, halo: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     y = _heads_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    grid, tiles = _launch(q)
+    grid, tiles = _launch(q, height, width, kernel_size, halo)
     b_ptr, sbg, sbt = _bias_args(bias, q)
-    _na_fwd[grid](q, k, v, b_ptr, y, lse, height, width, q.shape[3], *q.stride(), *k.stride(), *v.stride(),
-                  sbg, sbt, *y.stride(), *lse.stride(), K=kernel_size, HAS_BIAS=bias is not None, **tiles)
+    (_na_halo_fwd if halo else _na_fwd)[grid](
+        q, k, v, b_ptr, y, lse, height, width, q.shape[3], *q.stride(), *k.stride(), *v.stride(), sbg, sbt,
+        *y.stride(), *lse.stride(), K=kernel_size, HAS_BIAS=bias is not None, **tiles)
     return y, lse
 
 
 @_forward_op.register_fake
-def _(q, k, v, bias, height, width, kernel_size):
+def _(q, k, v, bias, height, width, kernel_size, halo=False):
     return _heads_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("ablate::triton_neighbourhood_attention_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                  y: torch.Tensor, lse: torch.Tensor, gy: torch.Tensor, height: int, width: int,
-                 kernel_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 kernel_size: int, halo: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
     """(dq, dk, dv, dbias); dbias is empty without a bias."""
     delta = (gy.float() * y.float()).sum(-1).contiguous()  # (N, G, T): the kernels read it as lse
-    grid, tiles = _launch(q)
+    grid, tiles = _launch(q, height, width, kernel_size, halo)
     common = dict(K=kernel_size, HAS_BIAS=bias is not None, **tiles)
     b_ptr, sbg, sbt = _bias_args(bias, q)
     gq, gk, gv = _heads_like(q), _heads_like(k), _heads_like(v)
     parts = (torch.empty((grid[0], q.shape[1], kernel_size ** 2), dtype=torch.float32, device=q.device)
              if bias is not None else q.new_empty((1, 1, 1), dtype=torch.float32))
     operands = (*q.stride(), *k.stride(), *v.stride(), sbg, sbt, *gy.stride(), *lse.stride())
-    _na_bwd_q[grid](q, k, v, b_ptr, gy, lse, delta, gq, parts, height, width, q.shape[3], *operands,
-                    *gq.stride(), *parts.stride(), **common)
-    _na_bwd_kv[grid](q, k, v, b_ptr, gy, lse, delta, gk, gv, height, width, q.shape[3], *operands,
-                     *gk.stride(), **common)
+    if halo:  # the halos' keys overlap: their gradients meet in float32 by atomic adds
+        gk32, gv32 = (torch.zeros(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=torch.float32,
+                                  device=t.device).permute(0, 2, 1, 3) for t in (k, v))
+        _na_halo_bwd[grid](q, k, v, b_ptr, gy, lse, delta, gq, gk32, gv32, parts, height, width, q.shape[3],
+                           *operands, *gq.stride(), *gk32.stride(), *parts.stride(), **common)
+        gk.copy_(gk32), gv.copy_(gv32)
+    else:
+        _na_bwd_q[grid](q, k, v, b_ptr, gy, lse, delta, gq, parts, height, width, q.shape[3], *operands,
+                        *gq.stride(), *parts.stride(), **common)
+        _na_bwd_kv[grid](q, k, v, b_ptr, gy, lse, delta, gk, gv, height, width, q.shape[3], *operands,
+                         *gk.stride(), **common)
     gb = parts.sum(0).to(bias.dtype) if bias is not None else q.new_empty((0,))
     return gq, gk, gv, gb
 
 
 @_backward_op.register_fake
-def _(q, k, v, bias, y, lse, gy, height, width, kernel_size):
+def _(q, k, v, bias, y, lse, gy, height, width, kernel_size, halo=False):
     gb = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
     return _heads_like(q), _heads_like(k), _heads_like(v), gb
 
 
 def _save(ctx, inputs, output):
-    q, k, v, bias, height, width, kernel_size = inputs
+    q, k, v, bias, height, width, kernel_size, halo = inputs
     y, lse = output
     ctx.save_for_backward(q, k, v, bias, y, lse)
-    ctx.geometry = (height, width, kernel_size)
+    ctx.geometry = (height, width, kernel_size, halo)
 
 
 def _grad(ctx, gy, _glse):
     q, k, v, bias, y, lse = ctx.saved_tensors
     gq, gk, gv, gb = _backward_op(q, k, v, bias, y, lse, gy, *ctx.geometry)
-    return gq, gk, gv, (gb if bias is not None else None), None, None, None
+    return gq, gk, gv, (gb if bias is not None else None), None, None, None, None
 
 
 _forward_op.register_autograd(_grad, setup_context=_save)
 
 
 def neighbourhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                            resolution: tuple[int, int], kernel_size: int) -> torch.Tensor:
+                            resolution: tuple[int, int], kernel_size: int,
+                            halo: bool = False) -> torch.Tensor:
     """q, k, v (N, G, T, d) rows of an H x W map (any strides), bias (G, K*K) or None -> (N, G, T, d):
     softmax over each position's K x K neighbourhood (the map's part of it) of q.k + bias, times v. The
-    scale is q's (folded into its projection)."""
-    return _forward_op(q, k, v, bias, resolution[0], resolution[1], kernel_size)[0]
+    scale is q's (folded into its projection). `halo`: the tensor-core kernels (query tiles against
+    their halo of keys) instead of the offset-walking ones."""
+    return _forward_op(q, k, v, bias, resolution[0], resolution[1], kernel_size, halo)[0]
