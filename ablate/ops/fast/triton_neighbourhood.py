@@ -242,7 +242,8 @@ def _na_halo_bwd(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gq_ptr,
                  syn, syg, syt, syc, sln, slg, slt, sgqn, sgqg, sgqt, sgqc, sgkn, sgkg, sgkt, sgkc,
                  sgbp, sgbg, sgbt,
                  K: tl.constexpr, HAS_BIAS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                 KP: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                 KP: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 OFFSETS: tl.constexpr):
     # p recomputed from the saved log-sum-exp; ds = p (dO v^T - delta). dq = ds k of the tile's own
     # queries (stored); dk = ds^T q and dv = p^T dO of its halo's keys, which neighbouring tiles'
     # halos share: added into float32 gradients (atomics); the bias gradient's per-program sums.
@@ -264,10 +265,12 @@ def _na_halo_bwd(q_ptr, k_ptr, v_ptr, b_ptr, gy_ptr, lse_ptr, delta_ptr, gq_ptr,
     halo = n * sgkn + g * sgkg + kp[:, None] * sgkt + d[None, :] * sgkc
     tl.atomic_add(gk_ptr + halo, _dot(tl.trans(ds), q, IEEE, UPCAST), mask=keys)
     tl.atomic_add(gv_ptr + halo, _dot(tl.trans(p), gy, IEEE, UPCAST), mask=keys)
-    if HAS_BIAS:
-        for o in range(K * K):
-            tl.store(gb_ptr + tl.program_id(0).to(tl.int64) * sgbp + g * sgbg + o * sgbt,
-                     tl.sum(tl.sum(tl.where(t == o, ds, 0.0), axis=1), axis=0))
+    if HAS_BIAS:  # query i's offset o is halo column (i's row + o's row) * HW + i's column + o's column
+        HW: tl.constexpr = TW + K - 1
+        i, o = tl.arange(0, TH * TW), tl.arange(0, OFFSETS)
+        col = ((i // TW) * HW + i % TW)[:, None] + ((o // K) * HW + o % K)[None, :]
+        gb = tl.sum(tl.gather(ds, tl.where(o[None, :] < K * K, col, 0), axis=1), axis=0)
+        tl.store(gb_ptr + tl.program_id(0).to(tl.int64) * sgbp + g * sgbg + o * sgbt, gb, mask=o < K * K)
 
 
 def _heads_like(t: torch.Tensor) -> torch.Tensor:
@@ -333,7 +336,8 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
         gk32, gv32 = (torch.zeros(t.shape[0], t.shape[2], t.shape[1], t.shape[3], dtype=torch.float32,
                                   device=t.device).permute(0, 2, 1, 3) for t in (k, v))
         _na_halo_bwd[grid](q, k, v, b_ptr, gy, lse, delta, gq, gk32, gv32, parts, height, width, q.shape[3],
-                           *operands, *gq.stride(), *gk32.stride(), *parts.stride(), **common)
+                           *operands, *gq.stride(), *gk32.stride(), *parts.stride(), **common,
+                           OFFSETS=triton.next_power_of_2(kernel_size ** 2))
         gk.copy_(gk32), gv.copy_(gv32)
     else:
         _na_bwd_q[grid](q, k, v, b_ptr, gy, lse, delta, gq, parts, height, width, q.shape[3], *operands,
