@@ -128,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--arch {a.arch}: no limits known for it; one of {', '.join(map(str, LIMITS))}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise ConfigError("TRITON_INTERPRET=1 makes Triton interpret the kernels, not compile them: unset it")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the compiles: a bad --out costs nothing
     # a Triton cache of its own (unless one is named): every kernel is compiled, so its time is the
     # compiler's, and nothing is left behind
     with tempfile.TemporaryDirectory(prefix="ablate-gpu-compile-") as cache:
         os.environ.setdefault("TRITON_CACHE_DIR", cache)
         found = compile_for(a.arch, a.presets, a.size, a.dtypes, selfcheck_cases=not a.no_selfcheck)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "builds.json").write_text(json.dumps(found, indent=1, default=str))
     total = sum(b["seconds"] for b in found["builds"])
     summary = (f"{len(found['builds'])} kernel specialisations compiled for sm_{a.arch} in {total:.0f} s "

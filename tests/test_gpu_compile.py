@@ -110,6 +110,7 @@ def test_what_the_gpu_would_refuse_is_found_without_it(tmp_path):
     (["--presets", "nope"], "--presets: unknown nope"),
     (["--arch", "75"], "--arch 75: no limits known"),
     (["--dtypes", "float64"], "--dtypes: float64"),
+    (["--out", "/proc/no-such-folder"], "No such file or directory: /proc/no-such-folder"),
 ])
 def test_bad_arguments_are_named(args, says):
     proc = _run("-m", "ablate.gpu_compile", *args)
