@@ -33,13 +33,11 @@ module); the selfcheck does that on small shapes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ablate.ops.fast.triton_window import _dot
+from ablate.ops.fast.triton_window import _dot, dot_precision
 
 __all__ = ["neighbourhood_attention"]
 
@@ -70,10 +68,16 @@ def _neighbour(h, w, pm, t, H, W, K: tl.constexpr, SIGN: tl.constexpr):
 
 
 @triton.jit
+def _raw(ptr, n, g, pos, d, mask, sn, sg, st, sc):
+    """The (positions, channels) tile of one head of (N, G, T, d) rows, as stored (the tensor cores'
+    operands)."""
+    return tl.load(ptr + n * sn + g * sg + pos[:, None] * st + d[None, :] * sc, mask=mask, other=0.0)
+
+
+@triton.jit
 def _rows(ptr, n, g, pos, d, mask, sn, sg, st, sc):
-    """The (positions, channels) tile of one head of (N, G, T, d) rows, in float32."""
-    return tl.load(ptr + n * sn + g * sg + pos[:, None] * st + d[None, :] * sc, mask=mask, other=0.0).to(
-        tl.float32)
+    """`_raw` in float32 (the CUDA cores' operands)."""
+    return _raw(ptr, n, g, pos, d, mask, sn, sg, st, sc).to(tl.float32)
 
 
 @triton.jit
@@ -196,13 +200,6 @@ def _halo(H, W, K: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
-def _raw(ptr, n, g, pos, d, mask, sn, sg, st, sc):
-    """The (positions, channels) tile of one head of (N, G, T, d) rows, as stored (the tensor cores'
-    operands)."""
-    return tl.load(ptr + n * sn + g * sg + pos[:, None] * st + d[None, :] * sc, mask=mask, other=0.0)
-
-
-@triton.jit
 def _halo_scores(q, kh, b_ptr, g, nb, t, sbg, sbt, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                  UPCAST: tl.constexpr):
     """q k^T (+ bias) of the tile's queries and its halo's keys; -inf where they are no neighbours."""
@@ -283,16 +280,14 @@ def _launch(q: torch.Tensor, height: int, width: int, kernel_size: int, halo: bo
                                                                                               dict]:
     """The grid (tiles of positions of each image, heads) and the kernels' tiles: of positions in
     raster order, or (halo) TILE_H x TILE_W queries and their halo of keys, on the tensor cores
-    (float32 exactly, as the reference; upcast in Triton's interpreter, as triton_window's)."""
+    (float32 exactly, as the reference: `dot_precision`)."""
     n, g, tokens, d = q.shape
     if not halo:
         return (n * triton.cdiv(tokens, BLOCK_P), g), dict(BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(d))
     keys = (TILE_H + kernel_size - 1) * (TILE_W + kernel_size - 1)
-    upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"
     grid = (n * triton.cdiv(height, TILE_H) * triton.cdiv(width, TILE_W), g)
     return grid, dict(TH=TILE_H, TW=TILE_W, KP=max(16, triton.next_power_of_2(keys)),
-                      BLOCK_D=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32 or upcast,
-                      UPCAST=upcast)
+                      BLOCK_D=max(16, triton.next_power_of_2(d)), **dot_precision(q.dtype))
 
 
 def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):

@@ -167,10 +167,16 @@ def _tiles(w_shape, channels: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return max(16, triton.next_power_of_2(t)), block_c, cg
 
 
+def dot_precision(dtype: torch.dtype) -> dict:
+    """`_dot`'s constants for operands of `dtype`: float32 exactly (IEEE); in Triton's interpreter
+    everything upcast and exact (its bfloat16 dot is wrong, see `_dot`)."""
+    upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's own test of the interpreter
+    return dict(IEEE=dtype == torch.float32 or upcast, UPCAST=upcast)
+
+
 def _constants(window: list[int], x: torch.Tensor) -> dict:
     wh, ww, sh, sw = window
-    upcast = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's own test of the interpreter
-    return dict(WH=wh, WW=ww, SH=sh, SW=sw, IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast)
+    return dict(WH=wh, WW=ww, SH=sh, SW=sw, **dot_precision(x.dtype))
 
 
 def _strides(t: torch.Tensor):
