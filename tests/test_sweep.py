@@ -65,6 +65,34 @@ def test_without_grids_it_is_the_basic_product():
     assert len(jobs) == 6 and len({tuple(j) for j in jobs}) == 6
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"retries": -1}, "hydra.sweeper.retries=-1 must be an integer >= 0"),
+    ({"retries": "abc"}, "hydra.sweeper.retries='abc' must be an integer >= 0"),
+    ({"poll_seconds": 0}, "hydra.sweeper.poll_seconds=0 must be a number > 0"),
+    ({"max_batch_size": "abc"}, "hydra.sweeper.max_batch_size='abc' must be an integer >= 1 or null"),
+    ({"grids": []}, "hydra.sweeper.grids is an empty list"),
+    ({"grids": {"operator": "dwconv"}}, "hydra.sweeper.grids must be a list of grids"),
+    ({"grids": [5]}, "hydra.sweeper.grids must be a list of grids"),
+    ({"params": 5}, "hydra.sweeper.params must be a mapping"),
+    ({"parms": {"trainer.seed": "0,1"}}, "Did you mean hydra.sweeper.params?"),
+])
+def test_a_sweeper_setting_out_of_range_is_named_with_what_to_set(settings, message):
+    # a sweep file's own settings are input like any other: a clear ConfigError, never a crash
+    # (retries=-1 launched nothing and ended in an UnboundLocalError) or a Python message
+    from ablate.errors import ConfigError
+    from ablate.sweep.sweeper import GridSweeper
+
+    with pytest.raises(ConfigError) as err:
+        GridSweeper(**settings)
+    assert message in str(err.value)
+
+
+def test_a_sweeper_setting_out_of_range_exits_2_without_a_traceback(tmp_path):
+    code, out = run_sweep(tmp_path, "hydra.sweeper.retries=-1", "trainer.sweep=bad", *TINY)
+    assert code == 2 and "hydra.sweeper.retries=-1 must be an integer >= 0" in out, out[-3000:]
+    assert "Traceback" not in out and not records(tmp_path / "bad")
+
+
 def test_pyproject_lists_every_package_and_the_hydra_plugin():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = set(find_packages(where=str(ROOT), include=["ablate*", "analysis*"]))

@@ -15,7 +15,9 @@ Configured by `hydra.sweeper` (conf/hydra/sweeper/grid.yaml, and the files of `s
 """
 from __future__ import annotations
 
+import difflib
 import logging
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -41,16 +43,54 @@ __all__ = ["GridSweeper", "register_sweeper"]
 log = logging.getLogger("ablate.sweep")
 
 
+_SETTINGS = ("max_batch_size", "params", "grids", "poll_seconds", "retries", "tune")
+
+
+def _check_settings(max_batch_size, params, grids, poll_seconds, retries, unknown: Mapping[str, Any]) -> None:
+    """hydra.sweeper's own settings, named with what to set, as the schema names a training value:
+    Hydra hands them to the constructor unchecked (a misspelt key became a TypeError, `retries: -1`
+    launched nothing and crashed, a grid that is not a list of mappings a Python message)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    where = "hydra.sweeper"
+    if unknown:
+        near = [m for k in unknown for m in difflib.get_close_matches(k, _SETTINGS, n=1)]
+        hint = f". Did you mean {' or '.join(f'{where}.{m}' for m in near)}?" if near else ""
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; it takes "
+                          f"{', '.join(_SETTINGS)}{hint}")
+    if max_batch_size is not None and not (is_int(max_batch_size) and max_batch_size >= 1):
+        raise ConfigError(f"{where}.max_batch_size={max_batch_size!r} must be an integer >= 1 or null (all "
+                          "jobs at once)")
+    if not (is_int(retries) and retries >= 0):
+        raise ConfigError(f"{where}.retries={retries!r} must be an integer >= 0 (0: never relaunch a job "
+                          "that ended without a record)")
+    if isinstance(poll_seconds, bool) or not isinstance(poll_seconds, (int, float)) \
+            or not math.isfinite(poll_seconds) or poll_seconds <= 0:
+        raise ConfigError(f"{where}.poll_seconds={poll_seconds!r} must be a number > 0 (seconds between "
+                          "two looks at the results store)")
+    if params is not None and not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params must be a mapping of setting: values (e.g. {{trainer.seed: "
+                          f"'0,1,2'}}); got {params!r}")
+    if grids is not None:
+        if isinstance(grids, str) or not isinstance(grids, Sequence) \
+                or not all(isinstance(g, Mapping) for g in grids):
+            raise ConfigError(f"{where}.grids must be a list of grids, each a mapping of setting: values "
+                              f"(e.g. [{{operator: 'dwconv,local_mlp'}}]); got {grids!r}")
+        if not grids:  # a union of no grids has no jobs: not the one default job that null means
+            raise ConfigError(f"{where}.grids is an empty list: list at least one grid, or remove the key "
+                              "(null: the product of params and the command line)")
+
+
 class GridSweeper(Sweeper):
     """Hydra's basic sweeper semantics plus grid unions, skipping of finished runs and invalid cells,
     progress, and a sweep that goes on past a failed job."""
 
     def __init__(self, max_batch_size: int | None = None, params: Mapping[str, Any] | None = None,
                  grids: Sequence[Mapping[str, Any]] | None = None, poll_seconds: float = 2.0,
-                 retries: int = 1, tune: Mapping[str, Any] | None = None):
+                 retries: int = 1, tune: Mapping[str, Any] | None = None, **unknown: Any):
         super().__init__()
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ConfigError(f"hydra.sweeper.max_batch_size must be null or >= 1; got {max_batch_size}")
+        _check_settings(max_batch_size, params, grids, poll_seconds, retries, unknown)
         self.tuning = parse_tuning(tune)
         self.max_batch_size, self.poll_seconds, self.retries = max_batch_size, poll_seconds, retries
         self.params = dict(params or {})
