@@ -93,6 +93,17 @@ def test_a_sweeper_setting_out_of_range_exits_2_without_a_traceback(tmp_path):
     assert "Traceback" not in out and not records(tmp_path / "bad")
 
 
+@pytest.mark.parametrize("status, retried", [("failed", True), ("lost", True), ("diverged", False),
+                                             ("refused", False)])
+def test_the_summary_offers_a_relaunch_only_for_what_a_relaunch_trains_again(tmp_path, status, retried):
+    # a relaunch skips a diverged run (finished, like a completed one): "retry" would promise nothing
+    from ablate.sweep.progress import summary_text
+
+    summary = {"sweep": "s", "jobs": 2, "seconds": 3.0, "statuses": {"completed": 1, status: 1},
+               "skipped_because": {}, "failures": [{"run": "r", "status": status, "error": "why"}]}
+    assert ("launch the same command again" in summary_text(summary, tmp_path)) == retried
+
+
 def test_pyproject_lists_every_package_and_the_hydra_plugin():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = set(find_packages(where=str(ROOT), include=["ablate*", "analysis*"]))

@@ -194,6 +194,8 @@ def summary_text(summary: dict[str, Any], results_dir: Path) -> str:
     for f in s["failures"]:
         lines.append(f"  {f['status']}: {f['run']}: {f['error']}")
     lines.append(f"  results: {results_dir}   report: python -m analysis.report {results_dir}")
-    if any(f["status"] != "refused" for f in s["failures"]):  # a refused job needs another run_name
+    # a refused job needs another run_name; a diverged one is finished (a relaunch skips it, as a
+    # completed one): only failed and lost jobs are trained again by the same command
+    if any(f["status"] in ("failed", "lost") for f in s["failures"]):
         lines.append("  launch the same command again to retry the failed jobs; finished runs are kept")
     return "\n".join(lines)
