@@ -141,6 +141,22 @@ def explain(err: BaseException) -> str | None:
     return None
 
 
+# Hydra's modes, of which a command takes one: its own check raises a bare ValueError (a traceback)
+_MODES = {"-m": "-m (--multirun)", "--multirun": "-m (--multirun)", "-r": "--run", "--run": "--run",
+          "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+          "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def _one_hydra_mode(args: list[str]) -> str | None:
+    """The message for a command line that asks Hydra for two modes at once (None: it does not)."""
+    given = list(dict.fromkeys(_MODES[a.split("=", 1)[0]] for a in args if a.split("=", 1)[0] in _MODES))
+    if len(given) < 2:
+        return None
+    return (f"{' and '.join(given)} cannot be given together: a command runs one of --run, -m (--multirun), "
+            "--cfg, --info, --shell-completion. Keep one (`--cfg job` prints the config of one job; "
+            "`-m ...` runs the sweep).")
+
+
 def run_cli(main: Callable[[], int | None], hydra_app: bool = False) -> NoReturn:
     """Run an entry point's main function through the one error path and exit with its code.
 
@@ -150,6 +166,10 @@ def run_cli(main: Callable[[], int | None], hydra_app: bool = False) -> NoReturn
     full = os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
     saved = os.environ.get("HYDRA_FULL_ERROR")
     if hydra_app:
+        conflict = _one_hydra_mode(sys.argv[1:])
+        if conflict:
+            print(f"error: {conflict}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CODES["bad input"])
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         with signals_raise():

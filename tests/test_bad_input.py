@@ -36,6 +36,7 @@ def test_bad_input_gives_a_clear_error_and_touches_no_result(tmp_path, row):
     (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
     (["-m", "data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),  # a sweep: the same code
     (["-m", "operator=dwconvx"], "Could not find 'operator/dwconvx'"),
+    (["-m", "--cfg=job"], "-m (--multirun) and --cfg cannot be given together"),  # Hydra's ValueError
 ])
 def test_the_real_command_line_exits_2(tmp_path, overrides, message):
     flags = [o for o in overrides if o.startswith("-")]
@@ -64,3 +65,4 @@ def test_a_read_only_output_folder_exits_2_naming_it(tmp_path):
     report = run("-m", "analysis.report", str(tmp_path), "--out", str(READ_ONLY), "--no-weights")
     assert report.returncode == 2 and str(READ_ONLY) in report.stderr, report.stderr[-2000:]
     assert "Traceback" not in swept.stderr + report.stderr
+
