@@ -121,6 +121,7 @@ def _os_message(err: OSError) -> str | None:
         "FileNotFoundError": "check the path",
         "IsADirectoryError": "give a file, not a folder",
         "NotADirectoryError": "a part of the path is a file: give a folder",
+        "FileExistsError": "a file is where a folder should be: give a folder, or move the file",
     }.get(type(err).__name__, "check the path, its permissions and the free space")
     if err.errno == 30:  # EROFS
         fix = "the file system is read-only: choose a writable folder"

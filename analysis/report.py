@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablate.cli import run_cli
+from ablate.cli import explain, run_cli
 from analysis.check import check_tables
 from analysis.claims import CLAIMS_FILE, claims_table, load_claims, printed_claims, write_claims
 from analysis.code_versions import MODES, code_note
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         index = render_report(args.results, args.out, weights=not args.no_weights, claims_file=args.claims,
                               code=args.code)
     except (ValueError, FileNotFoundError) as err:  # ClaimsFileError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
+        # a path the system refused says what to change (ablate.cli), not only Python's words
+        print(f"error: {explain(err) or err}", file=sys.stderr)
         return 2
     # the tables say what the records say
     checked = check_tables(args.results, index.parent, args.claims, args.code)

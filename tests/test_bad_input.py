@@ -66,3 +66,16 @@ def test_a_read_only_output_folder_exits_2_naming_it(tmp_path):
     assert report.returncode == 2 and str(READ_ONLY) in report.stderr, report.stderr[-2000:]
     assert "Traceback" not in swept.stderr + report.stderr
 
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/report"])
+def test_a_report_folder_where_a_file_is_exits_2_saying_what_to_change(tmp_path, out):
+    def run(*command):
+        return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+
+    (tmp_path / "a_file").write_text("a file where the report folder should be\n")
+    assert run("-m", "ablate.train", *QUICK, f"trainer.results_root={tmp_path / 'results'}").returncode == 0
+    report = run("-m", "analysis.report", str(tmp_path / "results"), "--out", str(tmp_path / out),
+                 "--no-weights")
+    assert report.returncode == 2 and str(tmp_path / out) in report.stderr, report.stderr[-2000:]
+    assert "give a folder" in report.stderr and "Traceback" not in report.stderr, report.stderr[-2000:]
