@@ -13,6 +13,7 @@ every table leaves out and the report lists.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -51,7 +52,7 @@ _EXPLAINING = ("reason", "rule", "error", "git_commit", "path", "code_fingerprin
 # What a record must hold to be used, and of which type: every record names its run; a completed one
 # also carries what the tables and figures read. Fields of _RESULTS that are present must be numbers
 # (or null: not measured).
-_TEXT, _INTEGER, _NUMBER, _OBJECT = "text", "an integer", "a number", "an object"
+_TEXT, _INTEGER, _NUMBER, _OBJECT = "text", "an integer", "a finite number", "an object"
 _REQUIRED = {"status": _TEXT, "run": _TEXT, "preset": _TEXT, "operator": _TEXT}
 _REQUIRED_COMPLETED = {"model": _TEXT, "data": _TEXT, "block": _TEXT, "seed": _INTEGER, "epochs": _INTEGER,
                        "epochs_done": _INTEGER, "params_m": _NUMBER, "gmac": _NUMBER,
@@ -99,7 +100,9 @@ def _is(value: Any, kind: str) -> bool:
         return False
     if kind == _INTEGER:
         return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    return isinstance(value, (int, float))
+    # json reads NaN and Infinity as floats: a mean would skip a NaN seed silently and an inf one
+    # would swamp its row, so neither is a measurement the tables can use
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def record_problems(record: Mapping[str, Any]) -> list[str]:
@@ -120,7 +123,7 @@ def record_problems(record: Mapping[str, Any]) -> list[str]:
     for key in (*NUMERIC_COLUMNS, *INTEGER_COLUMNS):  # cpg is computed here, never read from a record
         present = key not in required and key != "cpg" and record.get(key) is not None
         if present and not _is(record[key], _NUMBER):
-            problems.append(f"{key!r} is {record[key]!r}, not a number")
+            problems.append(f"{key!r} is {record[key]!r}, not {_NUMBER}")
     return problems
 
 

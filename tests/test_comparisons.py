@@ -230,6 +230,26 @@ def test_seeds_to_resolve_is_the_first_count_with_80_percent_power():
 
 
 # -- damaged records ----------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_completed_record_with_a_number_that_is_not_finite_is_unreadable(tmp_path, value):
+    # json writes NaN and Infinity; a mean skips NaN silently, so such a seed vanished from its row
+    # ("2 seeds" of 3 records) while the report said every record was read
+    from analysis.records import read_record
+
+    record = {"status": "completed", "run": "r", "preset": "dwconv", "operator": "dwconv", "model": "micro",
+              "data": "fashion_mnist", "block": "dwnet", "seed": 0, "epochs": 1, "epochs_done": 1,
+              "params_m": 1.2, "gmac": 0.01, "experiment": "e", "identity": {"preset": "dwconv"},
+              "final_test_top1": 80.0}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(record))
+    assert read_record(path) == (record, None)
+    for key in ("final_test_top1", "best_val_top1"):  # the row's number, and one it only shows
+        path.write_text(json.dumps(record).replace('"final_test_top1": 80.0', f'"{key}": {value}')
+                        if key == "final_test_top1" else json.dumps(record)[:-1] + f', "{key}": {value}}}')
+        found, reason = read_record(path)
+        assert found is None and f"{key!r} is {float(value)!r}, not a finite number" in reason, reason
+
+
 def test_a_store_with_damaged_records_still_reports_and_lists_them(mini_store, tmp_path, capsys):  # noqa: F811
     store = tmp_path / "store"
     shutil.copytree(mini_store, store)
