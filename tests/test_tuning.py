@@ -35,6 +35,17 @@ def test_a_bad_tune_names_its_key(tune, message):
         parse_tuning(tune)
 
 
+@pytest.mark.parametrize("text", ['{"setting": "optim.lr", "cel', "[]", '{"cells": 3}'])
+def test_a_damaged_tuning_record_stops_the_report_naming_it(tmp_path, capsys, text):
+    # read as "not a tuned sweep", it put every candidate rate into the tables, silently
+    (tmp_path / "tuning.json").write_text(text)
+    with pytest.raises(ValueError, match="tuning.json is damaged"):
+        read_tuning(tmp_path)
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "report"), "--no-weights"]) == 2
+    assert "Launch the tuned sweep's command again" in capsys.readouterr().err
+    assert read_tuning(tmp_path / "untuned") is None  # no file: a sweep that was not tuned
+
+
 def test_the_plan_selects_with_one_seed_then_trains_every_seed_at_the_best_value():
     tuning = parse_tuning({"values": "0.001,0.01,0.1", "seed": 0})
     jobs = [[f"operator={op}", f"trainer.seed={s}"] for op in ("dwconv", "local_mlp") for s in (0, 1, 2)]

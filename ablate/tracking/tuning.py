@@ -25,10 +25,26 @@ def write_tuning(results_dir: str | Path, data: dict[str, Any]) -> Path:
 
 
 def read_tuning(results_dir: str | Path) -> dict[str, Any] | None:
-    """The tuning.json of a tuned sweep's results folder, or None (not a tuned sweep, or unreadable)."""
+    """The tuning.json of a tuned sweep's results folder, or None (not a tuned sweep: no such file).
+
+    Raises ValueError for a file that is there but damaged: read as "not tuned", every candidate
+    value would enter the tables beside the chosen one, silently."""
     path = Path(results_dir) / TUNING_FILE
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("cells"), list) else None
+    except OSError as err:
+        problem = f"cannot be read: {err.strerror or err}"
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            problem = f"not valid JSON ({len(text)} characters; cut short?): {err}"
+        else:
+            if isinstance(data, dict) and isinstance(data.get("cells"), list):
+                return data
+            problem = "not an object with a list of `cells`"
+    raise ValueError(f"{path} is damaged ({problem}), so the report cannot tell each cell's chosen runs "
+                     f"from the other candidates. Launch the tuned sweep's command again (it trains "
+                     f"nothing finished and rewrites {TUNING_FILE} from the records).")
