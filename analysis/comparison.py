@@ -17,7 +17,7 @@ from analysis.experiments import distinguishing_settings, experiments
 from analysis.stats import t_interval
 from analysis.tables import (
     count_cell,
-    fmt,
+    experiment_columns,
     format_table,
     interval_cell,
     number_cell,
@@ -74,12 +74,7 @@ def comparison_table(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame
 
 def printed_comparison(table: pd.DataFrame) -> pd.DataFrame:
     """The table as read in Markdown and LaTeX (a settings column only where rows differ in one)."""
-    columns = {"operator": lambda r: r["operator"]}
-    if (table["settings"] != "").any():
-        columns["settings"] = lambda r: r["settings"]
-    columns.update({"block": lambda r: r["block"], "model": lambda r: r["model"], "data": lambda r: r["data"],
-                    "epochs": lambda r: fmt(r["epochs"], "d"),
-                    "train images": lambda r: fmt(r["train_size"], "d")})
+    columns = {"operator": lambda r: r["operator"], **experiment_columns(table)}
     columns.update(printed_cells(COMPARISON_PRINTED))
     return format_table(table, columns)
 

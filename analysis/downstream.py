@@ -17,7 +17,7 @@ from analysis.plotting import new_figure, save_figure
 from analysis.stats import t_interval
 from analysis.tables import (
     count_cell,
-    fmt,
+    experiment_columns,
     format_table,
     interval_cell,
     number_cell,
@@ -86,12 +86,8 @@ def downstream_printed(task: str) -> dict:
 
 
 def printed_downstream(table: pd.DataFrame, task: str) -> pd.DataFrame:
-    columns = {"operator": lambda r: r["operator"], "backbone from": lambda r: r["backbone"]}
-    if (table["settings"] != "").any():
-        columns["settings"] = lambda r: r["settings"]
-    columns.update({"model": lambda r: r["model"], "data": lambda r: r["data"],
-                    "epochs": lambda r: fmt(r["epochs"], "d"),
-                    "train images": lambda r: fmt(r["train_size"], "d")})
+    columns = {"operator": lambda r: r["operator"], "backbone from": lambda r: r["backbone"],
+               **experiment_columns(table, block=False)}
     columns.update(printed_cells(downstream_printed(task)))
     return format_table(table, columns)
 

@@ -23,7 +23,7 @@ from analysis.experiments import distinguishing_settings, experiments
 from analysis.stats import paired_difference
 from analysis.tables import (
     count_cell,
-    fmt,
+    experiment_columns,
     format_table,
     interval_cell,
     number_cell,
@@ -131,12 +131,8 @@ def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
 def printed_effects(table: pd.DataFrame) -> pd.DataFrame:
     """The table as read in Markdown (a settings column only where pairs differ in one)."""
     columns = {"axis": lambda r: r["axis"], "from": lambda r: r["from"], "to": lambda r: r["to"],
-               "from operator": lambda r: r["from_operator"], "to operator": lambda r: r["to_operator"]}
-    if len(table) and (table["settings"] != "").any():
-        columns["settings"] = lambda r: r["settings"]
-    columns.update({"block": lambda r: r["block"], "model": lambda r: r["model"], "data": lambda r: r["data"],
-                    "epochs": lambda r: fmt(r["epochs"], "d"),
-                    "train images": lambda r: fmt(r["train_size"], "d")})
+               "from operator": lambda r: r["from_operator"], "to operator": lambda r: r["to_operator"],
+               **experiment_columns(table)}
     columns.update(printed_cells(EFFECTS_PRINTED))
     return format_table(table, columns)
 

@@ -20,8 +20,8 @@ from analysis.axes import is_missing
 from analysis.stats import MAX_SEEDS
 
 __all__ = ["MISSING", "fmt", "plural", "Cell", "number_cell", "interval_cell", "count_cell",
-           "text_cell", "seeds_needed_cell", "format_table", "printed_cells", "to_markdown", "to_latex",
-           "to_html", "write_table"]
+           "text_cell", "seeds_needed_cell", "experiment_columns", "format_table", "printed_cells",
+           "to_markdown", "to_latex", "to_html", "write_table"]
 
 MISSING = "n/a"  # how an absent number prints (not measured, one seed has no spread, ...)
 
@@ -122,6 +122,20 @@ def text_cell(column: str) -> Cell:
 def printed_cells(cells: Mapping[str, Cell]) -> dict[str, Callable[[Any], str]]:
     """header -> render, for format_table."""
     return {header: cell.render for header, cell in cells.items()}
+
+
+def experiment_columns(table: pd.DataFrame, *, block: bool = True) -> dict[str, Callable[[Any], str]]:
+    """The printed columns that say which experiment a row is: a settings column only where rows
+    differ in one (an empty table has none), then the block, model, data, epochs and train images."""
+    columns: dict[str, Callable[[Any], str]] = {}
+    if len(table) and (table["settings"] != "").any():
+        columns["settings"] = lambda r: r["settings"]
+    if block:
+        columns["block"] = lambda r: r["block"]
+    columns.update({"model": lambda r: r["model"], "data": lambda r: r["data"],
+                    "epochs": lambda r: fmt(r["epochs"], "d"),
+                    "train images": lambda r: fmt(r["train_size"], "d")})
+    return columns
 
 
 def format_table(frame: pd.DataFrame, columns: Mapping[str, Callable[[Any], str]]) -> pd.DataFrame:
