@@ -80,9 +80,17 @@ def _compact(hydra_text: str) -> str:
     unknown = re.search(r"full_key: (\S+)", text)
     if unknown and "not in" in text:
         text += _nearest_keys(unknown.group(1))
+    converted = re.search(r"could not be converted to (Integer|Float|Boolean)", text)
+    if unknown and converted:
+        text += f"\nSet {unknown.group(1)} to {_KIND_OF_VALUE[converted.group(1)]}."
     if options:
         text += f"\nThe options of {group}: {', '.join(options)} (e.g. {group}={options[0]})."
     return text
+
+
+# what a typed field takes, as the user writes it (OmegaConf names only the type it failed to make)
+_KIND_OF_VALUE = {"Integer": "a whole number (e.g. 3)", "Float": "a number (e.g. 0.001 or 1e-3)",
+                  "Boolean": "true or false"}
 
 
 def _nearest_keys(full_key: str) -> str:

@@ -34,6 +34,8 @@ def test_bad_input_gives_a_clear_error_and_touches_no_result(tmp_path, row):
     (["operator=dwconvx"], "Could not find 'operator/dwconvx'"),
     (["optim.lr=["], "cannot parse the override 'optim.lr=['"),
     (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
+    (["schedule.epochs=1.5"], "Set schedule.epochs to a whole number"),  # OmegaConf names only the type
+    (["optim.lr=abc"], "Set optim.lr to a number"),
     (["-m", "data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),  # a sweep: the same code
     (["-m", "operator=dwconvx"], "Could not find 'operator/dwconvx'"),
     (["-m", "--cfg=job"], "-m (--multirun) and --cfg cannot be given together"),  # Hydra's ValueError
