@@ -106,6 +106,161 @@ def test_letterboxing_keeps_boxes_masks_and_labels_with_the_image(tmp_path, garm
     assert (seg["labels"][20:] == IGNORE_LABEL).all()
 
 
+# -- hostile input: refused up front with the key, file or value to change; unusual input works --------
+def _edit_annotations(coco: Path, split: str, edit) -> Path:
+    path = coco / "annotations" / f"instances_{split}.json"
+    dataset = json.loads(path.read_text())
+    if edit is None:  # not an object at all
+        dataset = []
+    else:
+        edit(dataset)
+    path.write_text(json.dumps(dataset))
+    return path
+
+
+def _first(key: str):
+    def edit(dataset):
+        del dataset["annotations"][0][key]
+    return edit
+
+
+def _set(key: str, value):
+    def edit(dataset):
+        dataset["annotations"][0][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (_first("bbox"), "bbox"),
+    (_first("segmentation"), "segmentation"),
+    (_first("area"), "area"),  # COCOeval reads it (its area ranges)
+    (_first("iscrowd"), "iscrowd"),  # COCOeval reads it
+    (_set("bbox", [1, 2, 3]), "bbox"),
+    (_set("bbox", "1 2 3 4"), "bbox"),
+    (_set("bbox", [1, 2, -5, 4]), "bbox"),
+    (_set("segmentation", [[1, 2]]), "segmentation"),
+    (_set("segmentation", "a mask"), "segmentation"),
+    (_set("category_id", 99), "category_id 99"),
+    (_set("image_id", 999), "image_id 999"),
+    (lambda d: d["images"][0].pop("file_name"), "file_name"),
+    (lambda d: d["images"][0].update(height="64"), "height"),
+    (None, "a JSON object"),
+    (lambda d: d.update(images=[], annotations=[]), "no images"),
+    (lambda d: d.pop("categories"), "no categories"),
+], ids=["no bbox", "no segmentation", "no area", "no iscrowd", "short bbox", "text bbox", "negative width",
+        "short polygon", "text segmentation", "unknown category", "unknown image", "no file_name",
+        "text height", "a list", "no images", "no categories"])
+def test_a_malformed_coco_annotation_file_is_refused_naming_what_to_change(folders, edit, expect):
+    from ablate.data import DataError
+
+    path = _edit_annotations(folders[0], "val2017", edit)
+    with pytest.raises(DataError) as caught:
+        coco_split(folders[0], "val2017", channels=1, size=64, num_classes=10)
+    assert str(path) in str(caught.value) and expect in str(caught.value), caught.value
+
+
+def test_an_image_file_the_annotations_name_must_exist(folders):
+    from ablate.data import DataError
+
+    missing = folders[0] / "val2017" / "000000000003.png"
+    missing.unlink()
+    with pytest.raises(DataError, match="000000000003.png"):
+        coco_split(folders[0], "val2017", channels=1, size=64, num_classes=10)
+
+
+def test_boxes_are_clipped_to_the_image_and_those_outside_it_dropped(folders):
+    def edit(dataset):
+        first, second = [a for a in dataset["annotations"] if a["image_id"] == 1][:2]
+        first["bbox"] = [-4.0, 50.0, 20.0, 30.0]  # over the left and bottom edges of the 64 x 64 image
+        second["bbox"] = [70.0, 10.0, 5.0, 5.0]  # wholly right of it
+    _edit_annotations(folders[0], "val2017", edit)
+    split = coco_split(folders[0], "val2017", channels=1, size=32, num_classes=10)
+    _, target = split[0]
+    assert target["boxes"][0].tolist() == [0.0, 25.0, 8.0, 32.0]  # [0, 50, 16, 64] at scale 1/2
+    assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
+    assert (target["boxes"] >= 0).all() and (target["boxes"] <= 32).all()
+    assert (target["boxes"][:, 2:] - target["boxes"][:, :2] >= 0.5).all()  # nothing degenerate left
+
+
+def _damage_png(path: Path) -> None:
+    """A chunk length overwritten: PIL raises SyntaxError ("broken PNG file"), not OSError."""
+    data = bytearray(path.read_bytes())
+    data[35] = 0
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("task,data", [("detection", "coco"), ("segmentation", "ade20k")])
+def test_a_damaged_image_exits_2_naming_it_before_the_run_starts(folders, tmp_path, task, data):
+    root = folders[0] if data == "coco" else folders[1]
+    damaged = (root / "train2017" if data == "coco" else root / "images" / "training") / "000000000005.png"
+    _damage_png(damaged)
+    classes = 10 if data == "coco" else 11
+    done = _command("ablate.downstream", f"task={task}", f"data={data}", f"data.root={root}",
+                    "data.img_size=64", "data.in_chans=1", f"data.num_classes={classes}",
+                    "data.in_memory=true", "data.num_workers=0", "data.mean=[0.286]", "data.std=[0.353]",
+                    "data.val_size=2", "data.batch_size=4", "task.pretrained=false", root=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(damaged) in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_an_error_in_a_loader_worker_is_its_message_without_the_worker_traceback(folders):
+    from ablate.data import DataError
+    from ablate.data.dense import DenseLoader
+
+    damaged = folders[0] / "val2017" / "000000000002.png"
+    _damage_png(damaged)
+    split = coco_split(folders[0], "val2017", channels=1, size=64, num_classes=10)
+    loader = DenseLoader(split, torch.arange(len(split)), batch_size=2, device="cpu", mean=[0.0], std=[1.0],
+                         train=False, in_memory=False, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        list(loader)
+    assert str(damaged) in str(caught.value) and "Traceback" not in str(caught.value), caught.value
+
+
+def test_ade20k_labels_255_are_ignored_and_16_bit_labels_are_read_as_they_are(folders):
+    from PIL import Image
+
+    from ablate.data import DataError
+
+    labels = folders[1] / "annotations" / "training" / "000000000001.png"
+    stored = np.asarray(Image.open(labels)).copy()
+    stored[0, :5] = 255  # the ignore index of label maps already shifted (mmsegmentation's reduce_zero_label)
+    Image.fromarray(stored).save(labels)
+    _, target = ade_split(folders[1], "training", channels=1, size=64, num_classes=11)[0]
+    assert (target["labels"][0, :5] == IGNORE_LABEL).all()
+    wide = stored.astype(np.uint16)
+    wide[0, 0] = 300  # 44 once cast to 8 bits: in range for 150 classes, wrong
+    Image.fromarray(wide).save(labels)
+    with pytest.raises(DataError, match="label 300"):
+        ade_split(folders[1], "training", channels=1, size=64, num_classes=150)[0]
+    Image.fromarray(stored).convert("RGB").save(labels)
+    with pytest.raises(DataError, match="single-channel"):
+        ade_split(folders[1], "training", channels=1, size=64, num_classes=11)[0]
+
+
+def test_letterboxed_masks_and_labels_stay_on_their_pixels_of_the_image(tmp_path):
+    """Scaled by 100/64, an object's mask and label map cover the pixels its (bilinear) image does:
+    each takes the source pixel nearest by centre (PyTorch's 'nearest' takes the one up and left,
+    shifting masks and labels by up to a source pixel against the image)."""
+    from ablate.data.scenes import Scene
+
+    image = np.zeros((64, 64), dtype=np.uint8)
+    image[11:37, 17:42] = 255
+    inside = image > 0
+    labels = np.where(inside, 2, 1).astype(np.uint8)
+    scene = Scene(image, [(17, 11, 42, 37)], [inside], [0], labels)
+    coco, ade = tmp_path / "coco", tmp_path / "ade"
+    write_coco([scene], coco / "val2017", coco / "annotations" / "instances_val2017.json")
+    write_ade20k([scene], ade / "images" / "validation", ade / "annotations" / "validation")
+    letterboxed, target = coco_split(coco, "val2017", 1, 100, 10)[0]
+    _, seg = ade_split(ade, "validation", 1, 100, 11)[0]
+    inside, outside = letterboxed[0] > 160, letterboxed[0] < 96  # the object's edge, half covered, aside
+    assert inside.sum() > 400 and (inside | outside).float().mean() > 0.95
+    for covered in (target["masks"][0].bool(), seg["labels"] == 1):
+        assert covered[inside].all() and not covered[outside].any()
+
+
 # -- the metrics ------------------------------------------------------------------------------------
 def _rle(box: tuple[int, int, int, int], size: int = 64) -> dict:
     from pycocotools import mask as coco_mask
@@ -203,6 +358,7 @@ def test_a_coco_and_an_ade20k_folder_train_and_evaluate(folders, tmp_path, task,
     metrics = next((tmp_path / "results").rglob("metrics.jsonl")).read_text()
     rows = [json.loads(line) for line in metrics.splitlines()]
     assert f"val_{metric}" in rows[0] and f"test_{metric}" in rows[0]
+    assert rows[0]["train_loss"] > 0 and rows[0]["samples_per_s"] > 0  # batches were trained on
 
 
 def test_missing_coco_data_exits_2_naming_the_folder_after_building_the_paper_size_model(tmp_path):

@@ -209,13 +209,17 @@ def _dense_data(conf: DataConf, read, train_split: str, test_split: str, root: P
     _check_batches(conf, len(train_idx), world_size)
     common = dict(device=device, mean=list(conf.mean), std=list(conf.std), in_memory=conf.in_memory,
                   num_workers=conf.num_workers, rank=rank, world_size=world_size)
-    return Data(
+    loaders = dict(
         train=DenseLoader(train, train_idx, batch_size=conf.batch_size, train=True, seed=seed,
                           hflip=conf.hflip, name=train_split, **common),
         val=DenseLoader(train, val_idx, batch_size=conf.eval_batch_size, train=False, name=train_split,
                         **common),
         test=DenseLoader(test, test_idx, batch_size=conf.eval_batch_size, train=False, name=test_split,
-                         **common),
+                         **common))
+    for loader in loaders.values():  # in-memory sets decoded here: a damaged file fails before the run
+        loader.preload()
+    return Data(
+        **loaders,
         num_classes=conf.num_classes, in_chans=conf.in_chans, img_size=conf.img_size,
         train_size=len(train_idx), val_size=len(val_idx), test_size=len(test_idx),
         classes=[c["name"] for c in train.coco.loadCats(train.category_ids)] if isinstance(train, CocoSplit)
