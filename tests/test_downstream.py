@@ -370,6 +370,17 @@ def test_missing_coco_data_exits_2_naming_the_folder_after_building_the_paper_si
     assert f"{tmp_path / 'nowhere'}" in done.stderr and "COCO-format" in done.stderr
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--operator", "dwconvx"], "dwconvx"), (["--size", "huge"], "huge"), (["--input", "0", "64"], "--input"),
+    (["--task", "segmentation", "--input", "17", "33"], "patch_size")])
+def test_the_size_command_refuses_a_bad_flag_in_a_line_with_exit_2(flags, named):
+    done = subprocess.run([sys.executable, "-m", "ablate.models.dense", "--size", "micro", *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and named in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 # -- the paper's protocol end to end: pretraining runs, a downstream sweep, the report -------------------
 _PRETRAIN = ["data.train_subset=300", "data.val_size=100", "data.test_subset=100", "schedule.epochs=1"]
 _QUIET = ["logger=none", "trainer.quiet=true", "trainer.threads=1"]

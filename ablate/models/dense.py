@@ -304,14 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     whose models train on 512 x 512 crops)."""
     import argparse
 
+    from ablate.models.backbone import SIZES
     from ablate.models.zoo import create
+    from ablate.space.presets import PRESETS
+
+    def side(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a side in pixels (an integer >= 1)")
+        return int(text)
 
     p = argparse.ArgumentParser(prog="python -m ablate.models.dense",
                                 description=main.__doc__.splitlines()[0])
     p.add_argument("--task", choices=["detection", "segmentation"], default="detection")
-    p.add_argument("--operator", default="dwconv")
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--input", nargs=2, type=int, metavar=("H", "W"),
+    # choices: a misspelt name is refused in a line (exit 2), not a KeyError from the zoo
+    p.add_argument("--operator", choices=list(PRESETS), default="dwconv")
+    p.add_argument("--size", choices=list(SIZES), default="tiny")
+    p.add_argument("--input", nargs=2, type=side, metavar=("H", "W"),
                    help="default: 800 1280 (detection), 512 2048 (segmentation)")
     p.add_argument("--classes", type=int, help="default: 80 (COCO), 150 (ADE20K)")
     a = p.parse_args(argv)
@@ -328,4 +336,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ablate.cli import run_cli  # the one error path: an input size the operator refuses is exit 2
+
+    run_cli(main)
