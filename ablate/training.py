@@ -261,8 +261,14 @@ def check_batchnorm_batch(model: torch.nn.Module, cfg: DictConfig, dist: Dist) -
                "train on several processes (torchrun ... trainer=ddp: BatchNorm synchronised over them)")
         raise ValueError(f"data.batch_size={cfg.data.batch_size} gives BatchNorm a single sample per step, "
                          f"but {len(pooled)} BatchNorm layers normalise globally pooled features (one value "
-                         f"per channel per sample, e.g. {pooled[0]}: a dynamic weight predictor), which "
+                         f"per channel per sample, e.g. {pooled[0]}: {_pooled_role(pooled[0])}), which "
                          f"needs at least 2. Raise data.batch_size to 2 or more, or {fix}.")
+
+
+def _pooled_role(name: str) -> str:
+    """What a BatchNorm over pooled features is, by where it sits: in a backbone's mixer, a dynamic
+    weight predictor; elsewhere (UPerNet's 1x1 pyramid pooling, ...) a layer after a global pooling."""
+    return "a dynamic weight predictor" if ".mixer." in f".{name}." else "a layer after a global pooling"
 
 
 def checkpoint_bytes(model: torch.nn.Module, cfg: DictConfig) -> int:

@@ -301,6 +301,25 @@ def test_perfect_predictions_score_100_on_every_ap(folders):
     assert all(v == 0 for v in coco_metrics(split.coco, split.image_ids, []).values())
 
 
+def test_detections_map_back_to_the_image_and_stay_inside_it():
+    """A 40 x 20 image letterboxed into 64 x 64 (scale 1.6, padding below 32): a box reaching into the
+    padding is clipped to the image, boxes are scaled back, masks come back at the image's size."""
+    from pycocotools import mask as coco_mask
+
+    from ablate.tasks.dense import coco_results
+
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, 8:16, 8:24] = 1.0  # the image's rows 5-9, columns 5-14
+    out = {"boxes": torch.tensor([[8.0, 8.0, 24.0, 16.0], [-3.0, 20.0, 70.0, 60.0]]),
+           "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.4]), "masks": masks}
+    found = coco_results(out, {"orig_size": (20, 40), "image_id": 7}, 64, category_ids=[3, 5])
+    assert [r["category_id"] for r in found] == [3, 5] and all(r["image_id"] == 7 for r in found)
+    assert found[0]["bbox"] == pytest.approx([5.0, 5.0, 10.0, 5.0])
+    assert found[1]["bbox"] == pytest.approx([0.0, 12.5, 40.0, 7.5])  # clipped at x 0 and 40, y 20
+    decoded = coco_mask.decode(found[0]["segmentation"])
+    assert decoded.shape == (20, 40) and decoded[5:10, 5:15].all() and decoded.sum() == 50
+
+
 def test_ap_equals_a_hand_count():
     """Two images, one object each. The first found exactly (score 0.9), the second by a box shifted
     4 px (IoU 320/480 = 0.667, score 0.8). At IoU thresholds up to 0.65 both are found: precision 1
@@ -372,13 +391,34 @@ def test_missing_coco_data_exits_2_naming_the_folder_after_building_the_paper_si
 
 @pytest.mark.parametrize("flags, named", [
     (["--operator", "dwconvx"], "dwconvx"), (["--size", "huge"], "huge"), (["--input", "0", "64"], "--input"),
-    (["--task", "segmentation", "--input", "17", "33"], "patch_size")])
+    (["--task", "segmentation", "--input", "17", "33"], "patch_size"), (["--classes", "0"], "--classes")])
 def test_the_size_command_refuses_a_bad_flag_in_a_line_with_exit_2(flags, named):
     done = subprocess.run([sys.executable, "-m", "ablate.models.dense", "--size", "micro", *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and named in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("head, role", [("upernet", "a layer after a global pooling"),
+                                        ("dynamic_dwconv", "a dynamic weight predictor")])
+def test_a_batch_of_one_names_the_batchnorm_that_needs_two_for_what_it_is(head, role):
+    """UPerNet's 1x1 pyramid pooling normalises one value per channel per sample, like the dynamic
+    predictors: one sample per step is refused, naming the layer as what it is."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    import ablate
+    from ablate.models.dense import UPerNet, head_settings
+    from ablate.training import check_batchnorm_batch
+
+    net = ablate.create("dwconv" if head == "upernet" else head, "micro", num_classes=0, img_size=32)
+    model = UPerNet(net, 3, **head_settings("upernet", "micro", {})) if head == "upernet" else net
+    cfg = OmegaConf.create({"data": {"batch_size": 1, "in_chans": 3, "img_size": 32},
+                            "trainer": {"sync_bn": False}})
+    with pytest.raises(ValueError, match=rf"data.batch_size=1 .*{role}.*Raise data.batch_size to 2"):
+        check_batchnorm_batch(model, cfg, SimpleNamespace(enabled=False, world_size=1))
 
 
 # -- the paper's protocol end to end: pretraining runs, a downstream sweep, the report -------------------

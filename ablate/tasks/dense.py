@@ -30,7 +30,7 @@ from ablate.tasks.metrics import (
 )
 from ablate.tasks.pretrained import load_pretrained
 
-__all__ = ["Detection", "Segmentation"]
+__all__ = ["Detection", "Segmentation", "coco_results"]
 
 
 def _head(cfg: DictConfig, name: str) -> dict[str, Any]:
@@ -76,8 +76,6 @@ class Detection(_Dense):
 
     @torch.no_grad()
     def evaluate(self, model, loader, amp, dist):
-        from pycocotools import mask as coco_mask
-
         model.eval()
         split = loader.split
         results = []
@@ -85,25 +83,39 @@ class Detection(_Dense):
             with amp():
                 outputs = model(list(images))
             for out, target in zip(outputs, targets):
-                h, w = target["orig_size"]
-                scale, nh, nw = letterbox_size(h, w, images.shape[-1])
-                boxes = (out["boxes"].float() / scale).cpu()
-                masks = out["masks"].float()[:, :, :nh, :nw]
-                if len(masks):
-                    masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
-                masks = (masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-                for box, label, score, mask in zip(boxes.tolist(), out["labels"].tolist(),
-                                                   out["scores"].float().tolist(), masks):
-                    counts = coco_mask.encode(np.asfortranarray(mask))["counts"].decode("ascii")
-                    results.append({"image_id": target["image_id"], "score": score,
-                                    "category_id": split.category_ids[label - 1],
-                                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                                    "segmentation": {"size": [h, w], "counts": counts}})
+                results += coco_results(out, target, images.shape[-1], split.category_ids)
         results = dist.gather(results)
         image_ids = [split.image_ids[int(i)] for i in loader.indices]
         if not image_ids:
             return dict.fromkeys(self.metrics, float("nan"))
         return coco_metrics(split.coco, image_ids, results)
+
+
+def coco_results(out: dict[str, torch.Tensor], target: dict[str, Any], side: int,
+                 category_ids: list[int]) -> list[dict[str, Any]]:
+    """One image's detections (the head's output on its letterboxed `side` x `side` input) as COCO
+    results on the image's own pixels: boxes scaled back and clipped to the image (the head clips to
+    the letterboxed input, padding included), masks cut from the padding and resized to the image."""
+    from pycocotools import mask as coco_mask
+
+    h, w = target["orig_size"]
+    scale, nh, nw = letterbox_size(h, w, side)
+    boxes = (out["boxes"].float() / scale).cpu()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    masks = out["masks"].float()[:, :, :nh, :nw]
+    if len(masks):
+        masks = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+    masks = (masks[:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+    results = []
+    for box, label, score, mask in zip(boxes.tolist(), out["labels"].tolist(), out["scores"].float().tolist(),
+                                       masks):
+        counts = coco_mask.encode(np.asfortranarray(mask))["counts"].decode("ascii")
+        results.append({"image_id": target["image_id"], "score": score,
+                        "category_id": category_ids[label - 1],
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                        "segmentation": {"size": [h, w], "counts": counts}})
+    return results
 
 
 class Segmentation(_Dense):
