@@ -10,13 +10,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import timm
 import torch
 
+import ablate
 from ablate.models import AblateNet
 from ablate.ops import registry
+from ablate.ops.mixer import SpatialMixer
 from ablate.ops.sources.static import StaticKernel
 from ablate.space import options
 from ablate.space.grid import axis_grid
+from ablate.space.presets import PRESETS
 from ablate.space.rules import InvalidOperatorError, validate
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing
 
@@ -274,3 +278,24 @@ def test_model_level_rules():
     _check_error(info.value, "img_size must be a multiple of patch_size")
     # and the micro model passes its map sizes on: a locally connected model builds
     assert _build(_op(spatial="none"), "dwnet").mixers()[0].weights.weight.shape[-2:] == (14, 14)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_a_map_of_another_size_is_refused_not_misread(name, backend):
+    """A layer is laid out for one map size (windows, shift masks, per-position weights). Another size
+    must be refused by name: the window layout cut a transposed (8, 4) map into the (4, 8) map's
+    windows and returned a (4, 8) output, and the native kernels read per-position weights laid out
+    for 4 x 8 at a 12 x 12 map's positions, past their end."""
+    spec = PRESETS[name].at_window(2 if PRESETS[name].spec.connectivity.kind == "window" else 3)
+    mixer = SpatialMixer(spec, 32, (4, 8), backend=backend).eval()
+    assert mixer(torch.randn(1, 32, 4, 8)).shape == (1, 32, 4, 8)
+    for shape in ((8, 4), (12, 12)):
+        with pytest.raises(ValueError, match=rf"built for a 4x8 map.*got a {shape[0]}x{shape[1]}"):
+            mixer(torch.randn(1, 32, *shape))
+    # and the whole model says which img_size it was built for, through timm's feature extraction too
+    net = ablate.create(name, "micro", in_chans=1, num_classes=10).eval()
+    features = timm.create_model(f"ablate_{name}_micro", features_only=True, in_chans=1).eval()
+    for model in (net, features):
+        with pytest.raises(ValueError, match=r"img_size"):
+            model(torch.randn(1, 1, 32, 32))

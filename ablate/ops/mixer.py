@@ -72,6 +72,13 @@ class SpatialMixer(nn.Module):
         block's form (values, queries and keys all from its normed input), which lets the fast path
         compute them with one GEMM as Swin's qkv does.
         """
+        if tuple(x.shape[-2:]) != self.layout.resolution:
+            # the layout is laid out for one map (windows, shift masks, per-position weights): another
+            # size would be cut into the wrong windows or read weights past their end, silently
+            (h, w), (hx, wx) = self.layout.resolution, x.shape[-2:]
+            raise ValueError(f"this {type(self).__name__} is built for a {h}x{w} map and got a {hx}x{wx} "
+                             "one: ablate's layers have one input size; build the model for this "
+                             "input (img_size) or resize the input to the model's img_size")
         context = x if context is None else context
         fast_path = resolve(self.backend) == "fast"
         y = fast.fused_forward(self, x, context, value_proj) if fast_path else None
