@@ -53,6 +53,18 @@ def test_timm_features_only_returns_four_nchw_maps():
     assert all(torch.isfinite(f).all() for f in features)
 
 
+
+def test_timm_config_says_the_input_size_is_fixed():
+    """Every layer is laid out for img_size (a map of another size is refused), so the config timm
+    hands to its data and benchmark tools says so, as it does for its own Swin, and names the stem
+    and the classifier (what timm adapts to in_chans and num_classes)."""
+    model = timm.create_model("ablate_dwconv_micro", in_chans=1, num_classes=10, img_size=32)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (1, 32, 32) and cfg["fixed_input_size"] is True
+    modules = dict(model.named_modules())
+    assert isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d)
+    assert modules[cfg["classifier"]] is model.get_classifier()
+
 # ------------------------------------------------------------------------------------------------
 # the analytic formulas against FlopCounterMode
 # ------------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> A
     cfg = kwargs.pop("pretrained_cfg", None) or {}  # timm's create_model passes its own, maybe None
     args.update(kwargs)
     variant = f"ablate_{preset_name}_{size}"
+    # fixed_input_size: every layer is laid out for img_size (SpatialMixer refuses another map size)
     cfg = dict(dict(architecture=variant, num_classes=args.get("num_classes", 1000),
-                    input_size=(args.get("in_chans", 3), *_pair(args["img_size"]))), **dict(cfg))
+                    input_size=(args.get("in_chans", 3), *_pair(args["img_size"])), fixed_input_size=True,
+                    first_conv="stem.0", classifier="head"), **dict(cfg))
     return build_model_with_cfg(
         AblateNet, variant, pretrained, pretrained_cfg=cfg,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
