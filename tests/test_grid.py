@@ -221,6 +221,17 @@ def test_rule_cpg3_suggests_divisors():
     assert "sharing.channels_per_group=4" in info.value.nearest
 
 
+
+@pytest.mark.parametrize("widths", [(2, 4, 8, 16), WIDTHS])
+def test_rule_reduction_suggests_reductions_valid_at_these_widths(widths):
+    """At a stage width of 2 the default reduction 4 is itself invalid: it was the one suggestion."""
+    spec = _op(dyn=Dynamic("homogeneous", reduction=64))
+    with pytest.raises(InvalidOperatorError, match="dynamic.reduction") as info:
+        validate(spec, widths, SIZES)
+    applied = [_apply(spec, o) for o in info.value.nearest]
+    assert applied and all(validate(s, widths, SIZES) for s in applied), info.value.nearest
+
+
 @pytest.fixture
 def sliding_only_option(monkeypatch):
     """A user's dynamic option declared for sliding connectivity only, with its one weight source.

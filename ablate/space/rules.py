@@ -137,7 +137,8 @@ def validate(
         raise InvalidOperatorError(
             "dynamic.reduction", f"the weight predictor's hidden width is channels // reduction; "
             f"reduction={dyn.reduction!r} leaves none at width {min(widths)}.",
-            ["dynamic.reduction=4"])
+            # DWNet's 4 where the narrowest stage has 4 channels, and the largest that leaves one
+            [f"dynamic.reduction={r}" for r in sorted({min(4, min(widths)), min(widths)})])
 
     # -- fixed input size -------------------------------------------------------------------------
     position_tables = (
