@@ -158,7 +158,7 @@ BAD_INPUTS: list[BadInput] = [
     # values of the schema (ablate/schema.py): named with what they must be, before anything is built
     _row("unknown device", "trainer.device=tpu9", "trainer.device='tpu9' must be auto, cpu, cuda"),
     _row("beta out of range", "optim.betas=[2,0.999]", "optim.betas=[2.0, 0.999] must be a list of 2 values"),
-    _row("window larger than every map", "connectivity.kernel_size=29", "larger than",
+    _row("window larger than every map", "connectivity.kernel_size=29", "spans every map",
          "connectivity.kernel_size="),
     # damaged data: named, with the fix (the published checksums, ablate/data/fashion_mnist.sha256)
     _row("Fashion-MNIST labels of random bytes", "data.root={tmp}/fmnist",

@@ -291,6 +291,29 @@ def test_model_level_rules():
     assert _build(_op(spatial="none"), "dwnet").mixers()[0].weights.weight.shape[-2:] == (14, 14)
 
 
+
+@pytest.mark.parametrize("conn,refused", [
+    (Connectivity("window", 13), False),  # 2 windows per side of the 14 x 14 map: local
+    (Connectivity("window", 14), True),   # one window per map at every stage: global attention
+    (Connectivity("sliding", 15), False),  # reaches 7 each way: a corner of the 14 x 14 map sees 8 x 8
+    (Connectivity("sliding", 25), False),
+    (Connectivity("sliding", 27), True),  # reaches 13 each way: every position sees the whole map
+])
+def test_a_kernel_is_refused_exactly_where_it_sees_every_map_whole(conn, refused):
+    """The whole-model rule refuses global connectivity under another name: a window that covers the
+    largest map (a window of 14 was let through, and suggested for 15), a sliding neighbourhood that
+    reaches every position from every other (15 was refused, though a corner sees 8 x 8 of 14 x 14)."""
+    spec = _op(conn)
+    if not refused:
+        assert validate(spec, WIDTHS, SIZES, whole_model=True)
+        return
+    with pytest.raises(InvalidOperatorError, match="14x14") as info:
+        validate(spec, WIDTHS, SIZES, whole_model=True)
+    applied = [s for s in (_apply(spec, o.split(" (")[0]) for o in info.value.nearest) if s is not None]
+    assert len(applied) == 3  # two kernel sizes and global
+    assert all(validate(s, WIDTHS, SIZES, whole_model=True) for s in applied), info.value.nearest
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_a_map_of_another_size_is_refused_not_misread(name, backend):

@@ -52,8 +52,8 @@ def validate(
 ) -> list[int]:
     """Check `spec` for stages of the given channel widths (and feature-map sizes, when fixed).
 
-    `whole_model`: the stages are all of a model's, so a window or kernel larger than every one of
-    their maps (global connectivity under another name) is refused; a single stage's map may be
+    `whole_model`: the stages are all of a model's, so a window or kernel that sees every one of
+    their maps whole (global connectivity under another name) is refused; a single stage's map may be
     smaller than the window (Swin's last stage: the window shrinks to the map).
     Returns the channels per weight group of each stage. Raises InvalidOperatorError otherwise.
     """
@@ -96,13 +96,21 @@ def validate(
                 [f"connectivity.kernel_size={k - 1}", f"connectivity.kernel_size={k + 1}",
                  "connectivity=window"])
     if whole_model and resolutions and conn.kind != "global" and isinstance(k, int):
-        largest = max(max(r) for r in resolutions)
-        if k > largest:
-            sizes = [v for v in range(largest, 0, -1) if conn.kind != "sliding" or v % 2][:2]
+        first = max(resolutions, key=max)
+        largest = max(first)
+        # a window sees a whole map when it covers it; a sliding neighbourhood when it reaches k // 2
+        # positions each way, so a corner reaches the far side: then every map is seen whole
+        if conn.kind == "sliding":
+            whole, sizes = k // 2 >= largest - 1, list(range(2 * largest - 3, 0, -2))[:2]
+            reach = f"reaches {k // 2} positions each way, so every position sees"
+        else:
+            whole, sizes = k >= largest, list(range(largest - 1, 0, -1))[:2]
+            reach = "covers"
+        if whole:
             raise InvalidOperatorError(
-                "kernel_size larger than every map",
-                f"kernel_size={k} is larger than the largest feature map ({largest}x{largest}, the first "
-                f"stage's): every position would see the whole map, which is global connectivity.",
+                "kernel_size spans every map",
+                f"kernel_size={k} {reach} the whole of the largest feature map ({first[0]}x{first[1]}) "
+                "and of every smaller one, which is global connectivity.",
                 [f"connectivity.kernel_size={v} (or model.window={v})" for v in sizes]
                 + ["connectivity=global"])
     if conn.shift and conn.kind != "window":
