@@ -232,6 +232,16 @@ def test_rule_reduction_suggests_reductions_valid_at_these_widths(widths):
     assert applied and all(validate(s, widths, SIZES) for s in applied), info.value.nearest
 
 
+
+def test_a_per_stage_list_from_python_is_one_value_per_stage():
+    """YAML's lists reach the spec as tuples (ablate.config); a Python list was read as one value and
+    refused as not dividing the stage widths, with 1 or 2 as the nearest settings."""
+    spec = _op(WINDOW, spatial="none", cpg=[8, 16, 32, 32], dyn=Dynamic("attention", bias=False))
+    assert spec == _op(WINDOW, spatial="none", cpg=(8, 16, 32, 32), dyn=Dynamic("attention", bias=False))
+    assert spec.axes["channels_per_group"] == [8, 16, 32, 32]
+    assert validate(spec, WIDTHS, SIZES) == [8, 16, 32, 32]
+
+
 @pytest.fixture
 def sliding_only_option(monkeypatch):
     """A user's dynamic option declared for sliding connectivity only, with its one weight source.

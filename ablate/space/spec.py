@@ -61,6 +61,12 @@ class Sharing:
     channels_per_group: int | tuple[int, ...] | None = 1
     groups: int | None = None
 
+    def __post_init__(self):
+        # a list per stage, as Python callers write it, is the tuple YAML's lists become (ablate.config);
+        # the rules read anything else as one value for every stage
+        if isinstance(self.channels_per_group, list):
+            object.__setattr__(self, "channels_per_group", tuple(self.channels_per_group))
+
 
 @dataclass(frozen=True)
 class Dynamic:
