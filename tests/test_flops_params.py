@@ -65,6 +65,24 @@ def test_timm_config_says_the_input_size_is_fixed():
     assert isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d)
     assert modules[cfg["classifier"]] is model.get_classifier()
 
+
+def test_timm_global_pool_options():
+    """timm's pools: avg, max, and '' (the unpooled map, without a classifier); any other is refused by
+    name. 'max' and every other name left the map unpooled for the classifier, a shape error in its
+    matrix product."""
+    x = torch.randn(2, 1, 28, 28)
+    model = timm.create_model("ablate_dwconv_micro", in_chans=1, num_classes=10, global_pool="max").eval()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        torch.testing.assert_close(model(x), model.head(features.amax(dim=(2, 3))))
+        model.reset_classifier(0, "")
+        assert model(x).shape == (2, 256, 2, 2)
+    for pool, classes in (("avgmax", 10), ("", 10)):
+        with pytest.raises(ValueError, match=f"global_pool='{pool}'"):
+            timm.create_model("ablate_dwconv_micro", in_chans=1, num_classes=classes, global_pool=pool)
+    with pytest.raises(ValueError, match="global_pool='token'"):
+        model.reset_classifier(10, "token")
+
 # ------------------------------------------------------------------------------------------------
 # the analytic formulas against FlopCounterMode
 # ------------------------------------------------------------------------------------------------

@@ -62,6 +62,15 @@ def stage_geometry(img_size: Sequence[int], patch_size: int, embed_dim: int, sta
     return widths, sizes
 
 
+def _pool(global_pool: str, num_classes: int) -> str:
+    """timm's global_pool values that this head has: any other left the map unpooled, and the
+    classifier then failed on its shape."""
+    if global_pool not in ("avg", "max", "") or (global_pool == "" and num_classes > 0):
+        raise ValueError(f"global_pool={global_pool!r}: AblateNet pools with 'avg' or 'max', or returns "
+                         "the unpooled map with '' when num_classes=0")
+    return global_pool
+
+
 class PatchMerging(nn.Module):
     """2x2 space-to-depth, LayerNorm, linear 4C -> 2C (Swin's order of the four neighbours)."""
 
@@ -127,7 +136,8 @@ class AblateNet(nn.Module):
         channels_per_group = validate(spec, widths, sizes, whole_model=True)
         self.spec, self.block, self.img_size = spec, block, img_size
         self.stage_channels_per_group = channels_per_group
-        self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
+        self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.global_pool = _pool(global_pool, num_classes)
         self.num_features = self.head_hidden_size = widths[-1]
         self.patch_size, self.in_chans = patch_size, in_chans
 
@@ -162,8 +172,7 @@ class AblateNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
+        self.global_pool = _pool(self.global_pool if global_pool is None else global_pool, num_classes)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +181,8 @@ class AblateNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
             x = x.mean(dim=(2, 3))
+        elif self.global_pool == "max":
+            x = x.amax(dim=(2, 3))
         x = F.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.head(x)
 
