@@ -202,3 +202,18 @@ def test_a_user_option_through_the_measure_app(user_option):
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["operator"] == "dwconv[dynamic=gated]"
+
+
+@pytest.mark.parametrize("source, error", [
+    ("def gate(:\n", "SyntaxError"),
+    ('from ablate.ops import register_dynamic\nregister_dynamic("odd", spatial=("diagonal",))\n',
+     "unknown settings ['diagonal']"),
+])
+def test_a_user_module_that_fails_is_bad_input_naming_where(tmp_path, source, error):
+    """The user's module is input like a setting: an error in it (or a declaration register_dynamic
+    refuses) is exit 2 naming dynamic.module and the line, not a traceback with exit 1."""
+    (tmp_path / "broken_option.py").write_text(source)
+    out = run_measure("model=micro", "dynamic.module=broken_option", env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    assert "[dynamic.module]" in out.stderr and error in out.stderr
+    assert "broken_option.py, line" in out.stderr and "Traceback" not in out.stderr

@@ -7,6 +7,8 @@ an invalid cell as skipped with this message; nothing else in the code re-checks
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import traceback
 from collections.abc import Sequence
 
 from ablate.errors import BadInput
@@ -25,6 +27,19 @@ class InvalidOperatorError(BadInput, ValueError):
         if self.nearest:
             text += " Nearest valid settings: " + "; ".join(self.nearest)
         super().__init__(text)
+
+
+def _where(err: Exception, module: str) -> str:
+    """File and line of an error raised importing `module`: its own last line on the way there."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}, line {err.lineno}"
+    try:
+        origin = importlib.util.find_spec(module).origin
+    except Exception:  # noqa: BLE001  (a package that fails too: fall back to the last frame)
+        origin = None
+    frames = traceback.extract_tb(err.__traceback__)
+    frame = ([f for f in frames if f.filename == origin] or frames or [None])[-1]
+    return f"{frame.filename}, line {frame.lineno}" if frame else module
 
 
 def _divisors(n: int) -> list[int]:
@@ -76,6 +91,11 @@ def validate(
                 "dynamic.module", f"cannot import {dyn.module!r}, which should register "
                 f"dynamic option {dyn.kind!r} ({err}).",
                 ["put the module on PYTHONPATH", "dynamic.module=null"]) from err
+        except Exception as err:  # noqa: BLE001  (the user's module is input: any error in it is theirs)
+            raise InvalidOperatorError(
+                "dynamic.module", f"importing {dyn.module!r}, which should register dynamic option "
+                f"{dyn.kind!r}, failed at {_where(err, dyn.module)}: {type(err).__name__}: {err}.",
+                [f"fix {dyn.module}", "dynamic.module=null"]) from err
     option = dynamic_option(dyn.kind)
     if option is None:
         raise InvalidOperatorError(
