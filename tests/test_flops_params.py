@@ -54,13 +54,17 @@ def test_timm_features_only_returns_four_nchw_maps():
 
 
 
-def test_timm_config_says_the_input_size_is_fixed():
-    """Every layer is laid out for img_size (a map of another size is refused), so the config timm
-    hands to its data and benchmark tools says so, as it does for its own Swin, and names the stem
-    and the classifier (what timm adapts to in_chans and num_classes)."""
-    model = timm.create_model("ablate_dwconv_micro", in_chans=1, num_classes=10, img_size=32)
+def test_timm_config_says_whether_the_input_size_is_fixed():
+    """Windowed layers are laid out for img_size (a map of another size is refused), so the config
+    timm hands to its data and benchmark tools says so, as it does for its own Swin (a depth-wise
+    convolution takes any size: tests/test_grid.py); a user's pretrained_cfg_overlay wins. The config
+    names the stem and the classifier (what timm adapts to in_chans and num_classes)."""
+    model = timm.create_model("ablate_local_attention_micro", in_chans=1, num_classes=10, img_size=32)
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (1, 32, 32) and cfg["fixed_input_size"] is True
+    overlay = dict(fixed_input_size=True, crop_pct=1.0)
+    given = timm.create_model("ablate_dwconv_micro", pretrained_cfg_overlay=overlay).pretrained_cfg
+    assert given["fixed_input_size"] is True and given["crop_pct"] == 1.0
     modules = dict(model.named_modules())
     assert isinstance(modules[cfg["first_conv"]], torch.nn.Conv2d)
     assert modules[cfg["classifier"]] is model.get_classifier()

@@ -324,22 +324,40 @@ def test_a_kernel_is_refused_exactly_where_it_sees_every_map_whole(conn, refused
     assert all(validate(s, WIDTHS, SIZES, whole_model=True) for s in applied), info.value.nearest
 
 
+# the presets whose every layer takes any map: a kernel shared over positions, or predicted from the input
+SIZE_FREE = {"dwconv", "dynamic_dwconv", "idynamic_dwconv"}
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 @pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_a_map_of_another_size_is_refused_not_misread(name, backend):
-    """A layer is laid out for one map size (windows, shift masks, per-position weights). Another size
-    must be refused by name: the window layout cut a transposed (8, 4) map into the (4, 8) map's
-    windows and returned a (4, 8) output, and the native kernels read per-position weights laid out
-    for 4 x 8 at a 12 x 12 map's positions, past their end."""
+def test_a_map_of_another_size_is_refused_or_computed_exactly(name, backend):
+    """A layer laid out for one map size (windows, shift masks, the neighbourhood's border mask,
+    per-position weights) refuses another size by name: the window layout cut a transposed (8, 4) map
+    into the (4, 8) map's windows and returned a (4, 8) output, and the native kernels read
+    per-position weights laid out for 4 x 8 at a 12 x 12 map's positions, past their end. A sliding
+    kernel shared over positions or predicted from the input has no size: there, any map gives what
+    a layer built for that map with the same weights gives. timm's config says which is which."""
     spec = PRESETS[name].at_window(2 if PRESETS[name].spec.connectivity.kind == "window" else 3)
+    torch.manual_seed(0)
     mixer = SpatialMixer(spec, 32, (4, 8), backend=backend).eval()
     assert mixer(torch.randn(1, 32, 4, 8)).shape == (1, 32, 4, 8)
+    assert mixer.size_bound == (name not in SIZE_FREE)
     for shape in ((8, 4), (12, 12)):
-        with pytest.raises(ValueError, match=rf"built for a 4x8 map.*got a {shape[0]}x{shape[1]}"):
-            mixer(torch.randn(1, 32, *shape))
-    # and the whole model says which img_size it was built for, through timm's feature extraction too
+        x = torch.randn(2, 32, *shape)
+        if mixer.size_bound:
+            with pytest.raises(ValueError, match=rf"built for a 4x8 map.*got a {shape[0]}x{shape[1]}"):
+                mixer(x)
+        else:
+            built = SpatialMixer(spec, 32, shape, backend=backend).eval()
+            built.load_state_dict(mixer.state_dict())
+            torch.testing.assert_close(mixer(x), built(x))
+    # and the whole model, through timm's feature extraction too
     net = ablate.create(name, "micro", in_chans=1, num_classes=10).eval()
     features = timm.create_model(f"ablate_{name}_micro", features_only=True, in_chans=1).eval()
+    assert net.pretrained_cfg["fixed_input_size"] == (name not in SIZE_FREE)
     for model in (net, features):
-        with pytest.raises(ValueError, match=r"img_size"):
+        if name in SIZE_FREE:
             model(torch.randn(1, 1, 32, 32))
+        else:
+            with pytest.raises(ValueError, match=r"img_size"):
+                model(torch.randn(1, 1, 32, 32))

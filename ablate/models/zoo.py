@@ -24,18 +24,25 @@ def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> A
     args = dict(spec=preset.at_window(dims.window), block=preset.block, embed_dim=dims.embed_dim,
                 depths=dims.depths, patch_size=dims.patch_size, mlp_ratio=dims.mlp_ratio,
                 img_size=dims.img_size, drop_path_rate=dims.drop_path_rate)
-    cfg = kwargs.pop("pretrained_cfg", None) or {}  # timm's create_model passes its own, maybe None
+    # timm's create_model passes its own cfg (maybe None) and the user's pretrained_cfg_overlay
+    given = {**(kwargs.pop("pretrained_cfg", None) or {}),
+             **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
     args.update(kwargs)
     variant = f"ablate_{preset_name}_{size}"
-    # fixed_input_size: every layer is laid out for img_size (SpatialMixer refuses another map size)
     cfg = dict(dict(architecture=variant, num_classes=args.get("num_classes", 1000),
-                    input_size=(args.get("in_chans", 3), *_pair(args["img_size"])), fixed_input_size=True,
-                    first_conv="stem.0", classifier="head"), **dict(cfg))
-    return build_model_with_cfg(
+                    input_size=(args.get("in_chans", 3), *_pair(args["img_size"])),
+                    first_conv="stem.0", classifier="head"), **given)
+    model = build_model_with_cfg(
         AblateNet, variant, pretrained, pretrained_cfg=cfg,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
         **args,
     )
+    # what timm's data and benchmark tools read: whether a layer is laid out for img_size (windows,
+    # per-position weights; SpatialMixer refuses another map) or the model takes any size (dwconv)
+    if given.get("fixed_input_size") is None:  # not the user's to keep: timm's default is False
+        model.pretrained_cfg["fixed_input_size"] = any(getattr(m, "size_bound", False)
+                                                       for m in model.modules())
+    return model
 
 
 def _pair(size):

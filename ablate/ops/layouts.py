@@ -31,6 +31,7 @@ class WindowLayout(nn.Module):
     """
 
     kind = "windowed"
+    size_bound = True  # the padding, the windows and the shift masks are those of one map size
 
     def __init__(self, resolution: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
         super().__init__()
@@ -108,6 +109,7 @@ class SlidingLayout(nn.Module):
     """The K x K neighbourhood around every position; positions outside the map read zeros."""
 
     kind = "sliding"
+    size_bound = False  # the K x K neighbourhood of any map (only its `inside` mask has one size)
 
     def __init__(self, resolution: tuple[int, int], kernel_size: int):
         super().__init__()

@@ -61,6 +61,9 @@ class SpatialMixer(nn.Module):
                 [f"connectivity={c}" for c, lay in LAYOUT_OF.items()
                  if weight_source_class(spec.dynamic.kind, lay, spec.sharing.spatial) is not None])
         self.weights = source(self.layout, dim, self.groups, spec.dynamic, context_dim or dim)
+        # laid out for `resolution` (windows, shift masks, a border mask, per-position weights): a map
+        # of another size would be cut into the wrong windows or read weights past their end, silently
+        self.size_bound = self.layout.size_bound or self.weights.size_bound
         self.bias = nn.Parameter(torch.zeros(dim)) if spec.dynamic.bias else None
         self.backend = backend
 
@@ -72,13 +75,12 @@ class SpatialMixer(nn.Module):
         block's form (values, queries and keys all from its normed input), which lets the fast path
         compute them with one GEMM as Swin's qkv does.
         """
-        if tuple(x.shape[-2:]) != self.layout.resolution:
-            # the layout is laid out for one map (windows, shift masks, per-position weights): another
-            # size would be cut into the wrong windows or read weights past their end, silently
+        if self.size_bound and tuple(x.shape[-2:]) != self.layout.resolution:
             (h, w), (hx, wx) = self.layout.resolution, x.shape[-2:]
-            raise ValueError(f"this {type(self).__name__} is built for a {h}x{w} map and got a {hx}x{wx} "
-                             "one: ablate's layers have one input size; build the model for this "
-                             "input (img_size) or resize the input to the model's img_size")
+            raise ValueError(f"this {type(self).__name__} ({self.layout.kind} {self.spec.dynamic.kind}, "
+                             f"spatial {self.spec.sharing.spatial}) is built for a {h}x{w} map and got a "
+                             f"{hx}x{wx} one: its layer is laid out for one input size; build the model "
+                             "for this input (img_size) or resize the input to the model's img_size")
         context = x if context is None else context
         fast_path = resolve(self.backend) == "fast"
         y = fast.fused_forward(self, x, context, value_proj) if fast_path else None

@@ -16,7 +16,13 @@ class WeightSource(nn.Module):
     Subclasses say the shape of their weights in their docstring and implement
     `forward(context, layout)` and `macs()` (multiply-accumulates per sample to compute the
     weights, for the GMAC count).
+
+    `size_bound`: the weights (or what computes them) are laid out for the layout's map size, so a map
+    of another size must be refused. True unless a source says otherwise: a source that reads
+    `layout.resolution` or holds per-position tensors and forgets to say so is then refused, not misread.
     """
+
+    size_bound = True
 
     def __init__(self, layout: nn.Module, dim: int, groups: int, dynamic: Dynamic, context_dim: int):
         super().__init__()

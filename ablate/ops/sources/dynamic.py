@@ -33,6 +33,7 @@ class _Homogeneous(WeightSource):
 @register_source("homogeneous", "sliding", "offset")
 class HomogeneousKernel(_Homogeneous):
     """Dynamic depth-wise convolution: one K x K kernel per instance and group. -> (N, G, K*K)."""
+    size_bound = False  # computed from the context at whatever size it has
 
     def __init__(self, layout, dim, groups, dynamic, context_dim):
         super().__init__(layout, dim, groups, dynamic, context_dim, layout.tokens)
@@ -68,6 +69,7 @@ class _Inhomogeneous(WeightSource):
 @register_source("inhomogeneous", "sliding", "none")
 class InhomogeneousSliding(_Inhomogeneous):
     """I-D-DW conv: a K x K kernel per instance, group and position. -> (N, G, K*K, H, W)."""
+    size_bound = False  # computed from the context at whatever size it has
 
     def forward(self, context: torch.Tensor, layout) -> torch.Tensor:
         n, _, h, w = context.shape

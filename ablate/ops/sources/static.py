@@ -54,6 +54,7 @@ class StaticPerWindow(WeightSource):
 @register_source("static", "sliding", "offset")
 class StaticKernel(WeightSource):
     """A (grouped) depth-wise convolution kernel. -> (1, G, K*K)."""
+    size_bound = False  # one kernel slides over any map
 
     def __init__(self, layout, dim, groups, dynamic, context_dim):
         super().__init__(layout, dim, groups, dynamic, context_dim)
