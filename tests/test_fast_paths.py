@@ -424,6 +424,16 @@ def test_native_kernels_gradcheck_in_float64(shape):
 
 
 @requires_native
+def test_native_kernels_refuse_operands_of_another_map():
+    """They read by pointer: weights of a 6 x 6 map at a 12 x 12 map's positions were read past their
+    end (a result, no error)."""
+    with pytest.raises(ValueError, match=r"weights \(1, 1, 9, 6, 6\) do not fit x \(1, 1, 1, 12, 12\)"):
+        native.aggregate(torch.randn(1, 1, 1, 12, 12), torch.randn(1, 1, 9, 6, 6), 3)
+    with pytest.raises(ValueError, match="differ"):
+        native.correlate(torch.randn(1, 1, 1, 12, 12), torch.randn(1, 1, 1, 6, 6), 3)
+
+
+@requires_native
 @pytest.mark.parametrize("preset", ["idynamic_dwconv", "locally_connected", "neighborhood_attention"])
 def test_native_mixers_match_reference(preset, monkeypatch):
     """Through SpatialMixer at a micro-like size, where the native kernels are the fast path."""

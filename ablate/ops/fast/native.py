@@ -283,6 +283,12 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, kernel_size: int) -> torch.Tenso
     None where the kernels do not apply (not the CPU, another dtype, no build)."""
     if not _usable(x, w):
         return None
+    n, g, _, h, wd = x.shape
+    # the kernels read w by pointer at x's positions: a w of another map would be read past its end
+    if w.shape[0] not in (1, n) or tuple(w.shape[1:]) != (g, kernel_size * kernel_size, h, wd):
+        batch = f"{n} or 1" if n > 1 else "1"
+        raise ValueError(f"aggregate: weights {tuple(w.shape)} do not fit x {tuple(x.shape)} and kernel "
+                         f"{kernel_size}: expected ({batch}, {g}, {kernel_size * kernel_size}, {h}, {wd})")
     return _aggregate_op(x.contiguous(), _dense(w), kernel_size)
 
 
@@ -291,4 +297,6 @@ def correlate(a: torch.Tensor, b: torch.Tensor, kernel_size: int) -> torch.Tenso
     kernels do not apply."""
     if not _usable(a, b):
         return None
+    if a.shape != b.shape:  # read by pointer at the same positions
+        raise ValueError(f"correlate: {tuple(a.shape)} and {tuple(b.shape)} differ")
     return _correlate_op(a.contiguous(), b.contiguous(), kernel_size)
