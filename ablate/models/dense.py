@@ -39,6 +39,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ablate.errors import BadInput
 from ablate.models.backbone import AblateNet
 from ablate.models.blocks import LN_EPS
 from ablate.models.roi_align import RoIAlignPyramid
@@ -328,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     detection = a.task == "detection"
     hw = tuple(a.input or ((800, 1280) if detection else (512, 2048)))
     classes = a.classes or (80 if detection else 150)
-    net = create(a.operator, a.size, num_classes=0, img_size=hw)
+    try:
+        net = create(a.operator, a.size, num_classes=0, img_size=hw)
+    except (BadInput, ValueError) as err:  # an input size the operator refuses: a line, exit 2 (argparse's)
+        p.error(str(err))
     head = head_settings("mask_rcnn" if detection else "upernet", a.size, {})
     model = MaskRCNN(net, classes + 1, **head) if detection else UPerNet(net, classes, **head)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -338,6 +342,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ablate.cli import run_cli  # the one error path: an input size the operator refuses is exit 2
+    import sys
 
-    run_cli(main)
+    sys.exit(main())
