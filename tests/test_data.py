@@ -414,6 +414,23 @@ def test_image_folder_in_memory(folder_root):
     assert x.shape == (4, 3, 32, 32)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_image_in_a_folder_is_named_streamed_or_in_memory(tmp_path, workers):
+    """A file PIL cannot decode: named, as a DataError (bad input), from a worker process as from the
+    main one (a worker's exception came with the worker's traceback and without the file); held in
+    memory, while the data is built."""
+    root = write_image_folder(tmp_path / "folder")
+    damaged = sorted((root / "train").rglob("*.JPEG"))[4]
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    data = build(folder_conf(root, num_workers=workers), seed=3)
+    with pytest.raises(DataError, match=rf"{damaged} cannot be read .*replace it") as info:
+        batches(data.train)
+    assert "Traceback" not in str(info.value)
+    with pytest.raises(DataError, match=rf"{damaged} cannot be read"):
+        build(folder_conf(root, num_workers=workers, in_memory=True), seed=3)
+    shutil.rmtree(root)
+
+
 # ==================================================================================================
 # Errors say what to do
 # ==================================================================================================

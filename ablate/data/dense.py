@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ablate.data.errors import DataError
+from ablate.data.errors import UNREADABLE, DataError, Reported, raise_reported, unreadable
 from ablate.data.seeding import epoch_generator
 from ablate.data.shards import EpochShards
 from ablate.data.split import SPLIT_SEED
@@ -45,9 +45,6 @@ __all__ = ["IGNORE_LABEL", "CocoSplit", "AdeSplit", "DenseLoader", "letterbox_si
            "ade_split", "carve"]
 
 IGNORE_LABEL = 255  # ignored pixels of a label map, after ADE20K's 0 ("other") is moved here
-# what PIL raises for a damaged file: OSError mostly, but SyntaxError ("broken PNG file") and
-# ValueError ("Truncated IHDR chunk") for some damaged headers, and its guard against huge images
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def letterbox_size(height: int, width: int, size: int) -> tuple[float, int, int]:
@@ -67,9 +64,8 @@ def _read_image(path: Path, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             return _to_tensor(image, channels)
-    except _UNREADABLE as err:
-        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}): replace it, or remove it "
-                        "from the data set.") from err
+    except UNREADABLE as err:
+        raise unreadable(path, err) from err
 
 
 def _letterbox(image: torch.Tensor, size: int, mode: str = "bilinear",
@@ -273,9 +269,8 @@ class AdeSplit:
         try:
             with Image.open(label_path) as label_map:
                 mode, array = label_map.mode, np.asarray(label_map)  # as stored: 16-bit maps not cut to 8
-        except _UNREADABLE as err:
-            raise DataError(f"{label_path} cannot be read ({type(err).__name__}: {err}): "
-                            "replace it.") from err
+        except UNREADABLE as err:
+            raise unreadable(label_path, err) from err
         if array.ndim != 2 or array.dtype.kind not in "iub":
             raise DataError(f"{label_path} is a {mode} image: a label map must be a single-channel PNG of "
                             "integer labels (mode L, P or I;16).")
@@ -338,23 +333,6 @@ def _flip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, di
     return image, target
 
 
-class _Reported(torch.utils.data.Dataset):
-    """A split whose DataError a worker process returns instead of raising: PyTorch re-raises a worker's
-    exception with the worker's whole traceback in its message."""
-
-    def __init__(self, split):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.split[i]
-        except DataError as err:
-            return err
-
-
 class DenseLoader(EpochShards):
     """Batches (images float32 normalized (B, C, S, S), targets list of dicts) on `device`.
 
@@ -408,12 +386,9 @@ class DenseLoader(EpochShards):
         return self._decoded_by_workers(order)
 
     def _decoded_by_workers(self, order: torch.Tensor):
-        subset = torch.utils.data.Subset(_Reported(self.split), order.tolist())
+        subset = torch.utils.data.Subset(Reported(self.split), order.tolist())
         loader = torch.utils.data.DataLoader(subset, batch_size=None, num_workers=self.num_workers)
-        for item in loader:
-            if isinstance(item, DataError):  # raised here as itself, not wrapped in the worker's traceback
-                raise item
-            yield item
+        return map(raise_reported, loader)
 
     def __iter__(self):
         order, flips = self.order()

@@ -17,7 +17,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from ablate.data.config import DataConf
-from ablate.data.errors import DataError
+from ablate.data.errors import UNREADABLE, DataError, Reported, collate_reported, raise_reported, unreadable
 from ablate.data.seeding import epoch_generator, seeded_global_rngs
 from ablate.data.sources import TensorSplit
 
@@ -58,7 +58,10 @@ class FolderSplit(Dataset):
     def __getitem__(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
-        image = default_loader(path)  # RGB
+        try:
+            image = default_loader(path)  # RGB (decoding happens here, in the conversion)
+        except UNREADABLE as err:
+            raise unreadable(path, err) from err
         if seed is None:
             return self.transform(image), label
         with seeded_global_rngs(seed):
@@ -111,7 +114,8 @@ class FolderLoader:
         self.num_workers = num_workers
         self.sampler = EpochSampler(indices, train=train, seed=seed, rank=rank, world_size=world_size)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            Reported(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            collate_fn=collate_reported,  # a damaged image: its DataError, not the worker's traceback
             drop_last=train, pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,  # no re-forking every epoch
             # its own generator: a DataLoader draws its workers' base seed per epoch from the global
@@ -138,7 +142,8 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
+        for batch in self.loader:
+            images, labels = raise_reported(batch)
             yield (images.to(self.device, non_blocking=True),
                    labels.to(self.device, dtype=torch.int64, non_blocking=True))
 
@@ -167,6 +172,7 @@ def decode_folder(samples: list[tuple[str, int]], classes: list[str], img_size: 
     mode = transforms.InterpolationMode(interpolation if interpolation != "random" else "bilinear")
     decode = transforms.Compose([transforms.Resize(img_size, interpolation=mode),
                                  transforms.CenterCrop(img_size), transforms.PILToTensor()])
-    loader = DataLoader(FolderSplit(samples, decode), batch_size=256, num_workers=num_workers)
-    images, labels = zip(*loader)
+    loader = DataLoader(Reported(FolderSplit(samples, decode)), batch_size=256, num_workers=num_workers,
+                        collate_fn=collate_reported)
+    images, labels = zip(*map(raise_reported, loader))
     return TensorSplit(torch.cat(images), torch.cat(labels).to(torch.int64), list(classes))
