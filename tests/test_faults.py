@@ -73,6 +73,24 @@ def test_no_good_checkpoint_is_a_clear_error(tmp_path):
         RunStore(tmp_path).load_checkpoint()
 
 
+def test_a_damaged_checksum_file_does_not_condemn_good_checkpoints(tmp_path, caplog):
+    """checkpoint.sha256 cut short vouches for nothing, as if absent: the checkpoints that load are
+    used (not both reported damaged, with the advice to delete them and every epoch they hold)."""
+    store = RunStore(tmp_path)
+    store.save_checkpoint(state(1))
+    store.save_checkpoint(state(2))
+    store.checksums.write_text('{"sha')
+    with caplog.at_level(logging.WARNING):
+        assert RunStore(tmp_path).load_checkpoint()["epoch"] == 2
+    assert "checkpoint.sha256 is damaged" in caplog.text
+    resumed = RunStore(tmp_path)
+    resumed.load_checkpoint()
+    resumed.save_checkpoint(state(3))  # the checksum file is whole again, the previous one kept
+    assert RunStore(tmp_path).load_checkpoint()["epoch"] == 3
+    store.checkpoint.write_bytes(store.checkpoint.read_bytes()[:-100])
+    assert RunStore(tmp_path).load_checkpoint()["epoch"] == 2
+
+
 @pytest.mark.parametrize("crash_at", [0, 1, 2])
 def test_a_crash_at_any_step_of_a_save_leaves_a_good_checkpoint(tmp_path, monkeypatch, crash_at):
     """save_checkpoint is three steps (checksums, rotation, new file): kill it after each one."""

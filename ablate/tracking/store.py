@@ -337,8 +337,13 @@ class RunStore:
             return set(json.loads(self.checksums.read_text())["sha256"])
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return set()  # a damaged checksum file vouches for nothing
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            # a damaged checksum file vouches for nothing, but condemns nothing either: the
+            # checkpoints are checked as if it were absent (they must load), rather than all reported
+            # damaged, with the advice to delete them and every epoch they hold
+            log.warning("%s is damaged: the checkpoints are checked by loading them instead; the next "
+                        "checkpoint writes it again", self.checksums)
+            return None
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Write the new checkpoint, keeping the previous one. The order keeps a verifiable checkpoint
