@@ -176,6 +176,23 @@ def test_preflight_names_the_problem_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+def test_preflight_counts_the_checkpoints_a_resumed_run_replaces(tmp_path, monkeypatch):
+    """A run that fitted on its disk when it started fits when it resumes: the checkpoints already in
+    its folder are replaced, not added to."""
+    store = RunStore(tmp_path / "runs" / "a")
+    store.create()
+    store.save_checkpoint({"w": torch.zeros(2**18)})  # about 1 MiB
+    held = store.checkpoint.stat().st_size
+    import ablate.tracking.store as store_module
+
+    real = store_module.shutil.disk_usage
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: type(real(p))(10**9, 10**9 - 2 * held,
+                                                                                   2 * held))
+    store.preflight(3 * held)  # one copy is there: two more fit
+    with pytest.raises(OSError, match="not enough free disk space"):
+        store.preflight(3 * held + held // 2)
+
+
 # -- one writer per run folder ------------------------------------------------------------------------
 def test_a_second_job_on_a_run_folder_is_refused(tmp_path):
     first, second = RunStore(tmp_path), RunStore(tmp_path)

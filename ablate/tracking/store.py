@@ -172,11 +172,15 @@ class RunStore:
             raise OSError(errno.EACCES, f"cannot write to the results folder {self.folder}: {base} is "
                                         f"not writable (permissions or a read-only file system). {fix}")
         free = shutil.disk_usage(base).free
-        if free < needed_bytes:
+        # a resumed run's checkpoints are replaced, not added to: the space they hold counts
+        held = sum(p.stat().st_size for p in (self.checkpoint, self.prev_checkpoint) if p.is_file())
+        if free < needed_bytes - held:
             raise OSError(errno.ENOSPC, f"not enough free disk space for the run in {self.folder}: "
                                         f"{free / 2**20:.1f} MiB free on the disk of {base}, the run needs "
-                                        f"about {needed_bytes / 2**20:.1f} MiB (a checkpoint, its previous "
-                                        "copy and the one being written). Free space there, or "
+                                        f"about {(needed_bytes - held) / 2**20:.1f} MiB more (a checkpoint, "
+                                        "its previous copy and the one being written"
+                                        + (f", of which {held / 2**20:.1f} MiB are there" if held else "")
+                                        + "). Free space there, or "
                                         "set trainer.results_root to a folder on another disk.")
 
     def create(self) -> None:
