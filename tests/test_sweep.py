@@ -94,7 +94,7 @@ def test_a_sweeper_setting_out_of_range_exits_2_without_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("status, retried", [("failed", True), ("lost", True), ("diverged", False),
-                                             ("refused", False)])
+                                             ("refused", False), ("locked", False)])
 def test_the_summary_offers_a_relaunch_only_for_what_a_relaunch_trains_again(tmp_path, status, retried):
     # a relaunch skips a diverged run (finished, like a completed one): "retry" would promise nothing
     from ablate.sweep.progress import summary_text
@@ -182,6 +182,33 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert code == 1  # the sweep finished all it could, and says some jobs failed
     summary = json.loads((tmp_path / "mixed" / ".hydra" / "summary.json").read_text())
     assert summary["statuses"] == {"completed": 1, "failed": 1}
+
+
+def test_a_job_whose_run_folder_another_job_holds_is_reported_locked(tmp_path):
+    """Not "lost, ended without a record" with the advice to relaunch at once: which job holds the
+    folder, and the sweep exits 1 (that job did not run here); the other jobs go on."""
+    from hydra import compose, initialize_config_dir
+
+    from ablate.config import CONF_DIR
+    from ablate.runs import run_folder
+    from ablate.tracking import RunStore
+
+    grid = ["trainer.sweep=held", *TINY]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["operator=dwconv", f"trainer.results_root={tmp_path}", *grid])
+    holder = RunStore(run_folder(cfg))
+    holder.create()
+    holder.lock()  # this process plays the other job (a sweep killed with SIGKILL leaves its workers)
+    try:
+        code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", *grid)
+    finally:
+        holder.unlock()
+    assert code == 1, out[-3000:]
+    assert f"locked: {holder.folder.name}: another job is training the run" in out, out[-3000:]
+    assert f"pid {os.getpid()}" in out and "ended without writing a record" not in out
+    summary = json.loads((tmp_path / "held" / ".hydra" / "summary.json").read_text())
+    assert summary["statuses"] == {"completed": 1, "locked": 1}
+    assert not holder.results.exists()  # nothing recorded in the held folder
 
 
 def test_a_value_out_of_range_stops_the_sweep_before_any_job_trains(tmp_path):

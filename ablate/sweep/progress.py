@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ablate.sweep.plan import Job
-from ablate.tracking import RunStore
+from ablate.tracking import FINISHED, RunStore
 
 __all__ = ["SweepProgress", "Overall", "format_duration", "recorded_since", "summarize"]
 
@@ -83,7 +83,7 @@ class SweepProgress:
         return recorded_since(job, self.started)
 
     def is_done(self, job: Job) -> bool:
-        return job.state != "run" or job.status == "refused" or self.ended(job)
+        return job.state != "run" or job.status in ("refused", "locked") or self.ended(job)
 
     def fresh_jobs(self) -> list[Job]:
         """This phase's jobs that no earlier phase counted (a final job that was a selection run)."""
@@ -92,16 +92,17 @@ class SweepProgress:
 
     def counts(self) -> Counter:
         ran = Counter(RunStore(j.folder).status() for j in self.to_run
-                      if j.status != "refused" and self.ended(j))
+                      if j.status not in ("refused", "locked") and self.ended(j))
         ran["already finished"] = sum(j.state == "finished" for j in self.jobs)
         ran["invalid"] = sum(j.state == "invalid" for j in self.jobs)
         # by the plan or by the job itself; nothing is recorded, the folder is another run's
         ran["refused"] = sum(j.status == "refused" for j in self.jobs)
+        ran["locked"] = sum(j.status == "locked" for j in self.jobs)  # another job trains it
         return ran
 
     def line(self) -> str:
         c = self.counts()
-        planned = ("already finished", "invalid", "refused")
+        planned = ("already finished", "invalid", "refused", "locked")
         ran_now = sum(v for k, v in c.items() if k not in planned)
         done = ran_now + sum(c[k] for k in planned)
         total = len(self.jobs)
@@ -111,8 +112,9 @@ class SweepProgress:
             parts.append(f"already finished {c['already finished']}")
         if c["invalid"]:
             parts.append(f"invalid (skipped) {c['invalid']}")
-        if c["refused"]:
-            parts.append(f"refused {c['refused']}")
+        for k in ("refused", "locked"):
+            if c[k]:
+                parts.append(f"{k} {c[k]}")
         left = total - done
         eta = f", about {format_duration(elapsed / ran_now * left)} left" if ran_now and left else ""
         if self.overall is not None:  # the whole sweep: its jobs, its elapsed time, its ETA
@@ -169,11 +171,13 @@ def summarize(name: str, jobs: Sequence[Job], seconds: float,
             continue
         # a refused job's folder holds another run's record, never its own
         record = {} if job.status == "refused" else RunStore(job.folder).read_results() or {}
+        if job.status == "locked" and record.get("status") not in FINISHED:
+            record = {}  # an older try's record: the job that holds the folder records this run
         status = record.get("status") or job.status or "lost"
         statuses[status] += 1
         if status == "skipped":
             skipped_why[record.get("rule") or record.get("reason") or "invalid"] += 1
-        elif status in ("failed", "diverged", "lost", "refused"):
+        elif status in ("failed", "diverged", "lost", "refused", "locked"):
             error = record.get("error") or job.error or "the job ended without writing a record"
             failures.append({"run": job.folder.name, "status": status,
                              "error": error.strip().splitlines()[0][:300], "folder": str(job.folder)})
@@ -198,4 +202,7 @@ def summary_text(summary: dict[str, Any], results_dir: Path) -> str:
     # completed one): only failed and lost jobs are trained again by the same command
     if any(f["status"] in ("failed", "lost") for f in s["failures"]):
         lines.append("  launch the same command again to retry the failed jobs; finished runs are kept")
+    if any(f["status"] == "locked" for f in s["failures"]):
+        lines.append("  a locked run is being trained by another job: once that job ends, the same command "
+                     "trains what it left")
     return "\n".join(lines)

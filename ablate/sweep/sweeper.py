@@ -160,7 +160,7 @@ class GridSweeper(Sweeper):
         unique = list(unique.values())
         summary = summarize(name, unique, time.time() - started, sweep_dir)
         print(summary_text(summary, results_dir), flush=True)
-        if any(f["status"] in ("failed", "lost", "refused") for f in summary["failures"]):
+        if any(f["status"] in ("failed", "lost", "refused", "locked") for f in summary["failures"]):
             sys.exit(1)  # everything that could run did; a script still learns that some jobs failed
         return returns
 
@@ -230,8 +230,10 @@ class GridSweeper(Sweeper):
                         if r.status == JobStatus.FAILED}
             for job, r in zip(batch, returns):  # refused at run time: the folder holds no record of it
                 outcome = r.return_value if r.status == JobStatus.COMPLETED else None
-                if isinstance(outcome, dict) and outcome.get("status") == "refused":
-                    job.status, job.error = "refused", outcome.get("error")
+                # refused (another run's folder) or locked (another job trains it: a relaunch now
+                # would meet it again, so it is neither lost nor retried) at run time
+                if isinstance(outcome, dict) and outcome.get("status") in ("refused", "locked"):
+                    job.status, job.error = outcome["status"], outcome.get("error")
         lost = [(job, failures[id(job)]) for job in batch
                 if id(job) in failures and not recorded_since(job, launched)]
         return returns, lost
