@@ -278,8 +278,26 @@ def checkpoint_bytes(model: torch.nn.Module, cfg: DictConfig) -> int:
     return 3 * weights * (3 + bool(cfg.optim.ema)) + 4 * 2**20
 
 
-def _finished_record(store: RunStore) -> dict[str, Any] | None:
-    return store.read_results() if store.finished() else None
+def _finished_record(store: RunStore, world_size: int) -> dict[str, Any] | None:
+    record = store.read_results() if store.finished() else None
+    if record is not None:
+        _check_processes(store, record, world_size)
+    return record
+
+
+def _check_processes(store: RunStore, record: dict[str, Any], world_size: int) -> None:
+    """A finished run of another number of processes is another experiment: data.batch_size is per
+    process, so its global batch and learning rate differ. The identity cannot say so (the sweeper
+    that plans a job does not know its processes), so the record, which does, is checked: never
+    reported as this run's result (as a checkpoint of another world size is never resumed)."""
+    theirs = record.get("world_size") or 1
+    if theirs != world_size:
+        raise IdentityConflict(
+            f"the run folder {store.folder} holds a run trained by {theirs} process"
+            f"{'es' if theirs > 1 else ''} (global batch {record.get('global_batch_size')}), this job has "
+            f"{world_size}: data.batch_size is per process, so the global batch and the learning rate "
+            f"differ. Run it with {theirs} process{'es' if theirs > 1 else ''} to find that record, or give "
+            "this run another trainer.run_name (or trainer.sweep).")
 
 
 def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_size: int) -> tuple[str, Any]:
@@ -290,8 +308,9 @@ def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_siz
     try:
         # checked again under the lock: another experiment's job may have claimed the folder since
         store.check_identity(identity)
-        if store.finished():
-            return "finished", store.read_results()
+        record = _finished_record(store, world_size)
+        if record is not None:
+            return "finished", record
         checkpoint = store.load_checkpoint() if resume else None
         if checkpoint is not None and checkpoint.get("world_size", 1) != world_size:
             raise CheckpointError(
@@ -337,7 +356,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> dict[str, Any]:
     t = cfg.trainer
     spec = spec_from_cfg(cfg)
-    done = dist.decide(_finished_record, store)
+    done = dist.decide(_finished_record, store, dist.world_size)
     if done is not None:
         log.info("run already %s: %s (test %s %s); nothing to do. Delete the folder or change the "
                  "config to train again.", done["status"], store.folder, task.primary,

@@ -193,6 +193,22 @@ def test_preflight_counts_the_checkpoints_a_resumed_run_replaces(tmp_path, monke
         store.preflight(3 * held + held // 2)
 
 
+def test_a_run_finished_by_another_number_of_processes_is_not_this_one(tmp_path):
+    """data.batch_size is per process: a record of 2 processes is a run of twice the global batch and
+    learning rate, not "already completed" for a command of 1 (nor the reverse)."""
+    from ablate.tracking.identity import IdentityConflict
+
+    cfg = cfg_for(tmp_path, "logger=none")
+    assert train(cfg)["status"] == "completed"
+    store = RunStore(run_folder(cfg))
+    record = store.read_results()
+    assert record["world_size"] == 1
+    store.write_results({**record, "world_size": 2, "global_batch_size": 2 * record["global_batch_size"]})
+    with pytest.raises(IdentityConflict, match="trained by 2 processes.*this job has 1.*trainer.run_name"):
+        train(cfg)
+    assert store.read_results()["world_size"] == 2  # untouched
+
+
 # -- one writer per run folder ------------------------------------------------------------------------
 def test_a_second_job_on_a_run_folder_is_refused(tmp_path):
     first, second = RunStore(tmp_path), RunStore(tmp_path)
