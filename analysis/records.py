@@ -180,6 +180,13 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
         row["settings"] = flatten(experiment_of(identity))
         row["experiment"] = record.get("experiment") or experiment_key(identity)
     row["recorded_experiment"] = row["experiment"]  # kept as recorded whatever the code mode makes of it
+    processes = record.get("world_size") or 1
+    if processes != 1 and row["experiment"] is not None:
+        # data.batch_size is per process: N processes train with N times the global batch, another
+        # experiment. The identity cannot say so (a sweep plans a job without knowing its processes);
+        # the record does, so such runs are grouped apart and the setting is named where rows differ
+        row["settings"] = {**(row["settings"] or {}), "processes": processes}
+        row["experiment"] = f"{row['experiment']}-p{processes}"
     code = record.get("code") if isinstance(record.get("code"), Mapping) else None
     row["code"], row["code_fingerprint"] = short(code), (code or {}).get("fingerprint")
     row["recorded_at"] = record.get("finished_at")

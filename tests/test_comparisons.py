@@ -64,6 +64,22 @@ def test_two_learning_rates_are_two_rows_that_name_the_rate(lr_store, tmp_path):
     assert table["ci_low"].isna().all()
 
 
+def test_runs_of_another_number_of_processes_are_another_row(lr_store, tmp_path):
+    """data.batch_size is per process: a 2-process seed trained with twice the global batch. Its
+    record says so (world_size); it must not be pooled with the 1-process seeds as one more seed."""
+    import hashlib
+
+    store = copy_runs(lr_store, tmp_path / "store", lambda r: r["identity"]["optim"]["lr"] == 1e-4)
+    for results in store.rglob("results.json"):
+        record = json.loads(results.read_text())
+        if record["seed"] == 2:  # as torchrun with 2 processes would have recorded it
+            results.write_text(json.dumps({**record, "world_size": 2}))
+            (results.parent / "results.sha256").write_text(hashlib.sha256(results.read_bytes()).hexdigest())
+    table = comparison_table(load_runs(store))
+    assert sorted(table["seeds"]) == [1, 2]
+    assert sorted(printed_comparison(table)["settings"]) == ["", "processes=2"]
+
+
 def test_three_seeds_give_scipys_t_interval(lr_store):
     runs = load_runs(lr_store)
     table = comparison_table(runs)
