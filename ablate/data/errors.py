@@ -31,8 +31,8 @@ class DataError(BadInput, RuntimeError):
 
 def unreadable(path: Any, err: BaseException) -> DataError:
     """The error for an image file PIL cannot decode (`err`, one of UNREADABLE)."""
-    return DataError(f"{path} cannot be read ({type(err).__name__}: {err}): replace it, or remove it "
-                     "from the data set.")
+    return DataError(f"{path} cannot be read ({type(err).__name__}: {err}). Replace or delete the damaged "
+                     "file, or set data.root= to another copy of the data set.")
 
 
 class Reported(Dataset):
