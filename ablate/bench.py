@@ -875,6 +875,7 @@ def run(args: BenchArgs) -> dict:
     meta = {"machine": _machine(device), "dtype": str(dtype).replace("torch.", ""), "rounds": rounds,
             "warmup": warmup, "copy_bandwidth_gbps": None if copy_bw is None else round(copy_bw / 1e9, 1),
             "optimizer": args.optimizer, "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out costs nothing
     started = time.perf_counter()
     routes.forget_used()
     ops, models = [], []
@@ -919,6 +920,20 @@ def run(args: BenchArgs) -> dict:
     return {"operators": ops, "models": models, "profile": profiled, "meta": meta, "paths": paths}
 
 
+def _at_least(low: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= low, else argparse's line naming the flag (exit 2). A 0 must
+    not reach `args.batch or default`, which would silently run the default instead."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (an integer >= {low})")
+        return value
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ablate.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
@@ -930,13 +945,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "time (torch.profiler)")
     p.add_argument("--sizes", nargs="+", choices=["micro", "tiny"],
                    help="model sizes (default: tiny on a GPU, tiny and micro on the CPU)")
-    p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
+    p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     p.add_argument("--ops", nargs="+", default=list(OPERATORS), choices=list(OPERATORS))
     p.add_argument("--models", nargs="+", default=list(PRESETS), choices=[*PRESETS, "swin_tiny"])
-    p.add_argument("--batch", type=int, help="operator batch (default: 32 CPU / 128 GPU at tiny, 128 micro)")
-    p.add_argument("--model-batch", type=int,
+    p.add_argument("--batch", type=_at_least(1, "a batch size"),
+                   help="operator batch (default: 32 CPU / 128 GPU at tiny, 128 micro)")
+    p.add_argument("--model-batch", type=_at_least(1, "a batch size"),
                    help="model batch (default: 8 CPU / 128 GPU at tiny, 128 micro)")
-    p.add_argument("--rounds", type=int, help="timed rounds (default: 3 CPU (models 2), 10 GPU, 2 quick)")
+    p.add_argument("--rounds", type=_at_least(1, "a number of rounds"),
+                   help="timed rounds (default: 3 CPU (models 2), 10 GPU, 2 quick)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--backend", default="fast", choices=["fast", "reference"], help="backend of the models")
@@ -945,7 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the CPU)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="the train step's optimizer (adamw: fused on a GPU)")
-    p.add_argument("--prewarm", type=int, help="processes that compile the models' kernels before the "
+    p.add_argument("--prewarm", type=_at_least(0, "a number of processes"),
+                   help="processes that compile the models' kernels before the "
                    "eager rounds (every route candidate's) and the compiled ones (the graphs) (default: 4 "
                    "on a GPU, 0 on the CPU)")
     p.add_argument("--prewarm-only", action="store_true", help=argparse.SUPPRESS)

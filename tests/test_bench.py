@@ -73,6 +73,31 @@ def test_cli_sections(tmp_path):
     assert (tmp_path / "operators.csv").is_file() and not (tmp_path / "models.csv").exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--stages", "5"), ("--stages", "0"), ("--batch", "0"),
+                                        ("--batch", "-1"), ("--model-batch", "0"), ("--rounds", "0"),
+                                        ("--rounds", "-2"), ("--prewarm", "-1")])
+def test_a_count_out_of_range_is_refused_naming_its_flag(tmp_path, capsys, flag, value):
+    """A stage the sizes lack or a count below 1 is a line and exit 2 before anything is measured:
+    not an IndexError or a negative tensor's traceback, nor a 0 that silently became the default
+    (`--batch 0` ran batch 4) or a stage 0 that was stage 4 under another name."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", "cpu", "--quick", "--section", "ops", "--sizes", "micro", "--ops", "dwconv",
+              flag, value, "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_is_measured(tmp_path, capsys):
+    """The full bench takes minutes: a bad --out is found at its start, not when the tables are written."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(FileExistsError):
+        main(["--device", "cpu", "--quick", "--section", "ops", "--sizes", "micro", "--stages", "4",
+              "--ops", "dwconv", "--out", str(afile)])
+    assert "operators:" not in capsys.readouterr().out
+
+
 def test_vs_bf16_times_the_bf16_train_step_beside_the_fp32_one(tmp_path):
     assert main(["--device", "cpu", "--quick", "--section", "models", "--sizes", "micro", "--models",
                  "dwconv", "--vs-bf16", "--out", str(tmp_path)]) == 0
