@@ -536,6 +536,26 @@ def test_triton_kernels_through_the_interpreter():
     assert proc.stdout.count(" ok") == sum(map(len, cases)) + len(selfcheck.NEIGHBOURHOOD_CASES) + 5
 
 
+@pytest.mark.parametrize("device,env,message", [
+    ("tpu", {}, "--device tpu: the selfcheck runs on cuda, cuda:<index> or cpu"),
+    ("cpu", {"TRITON_INTERPRET": "0"}, "--device cpu runs the kernels through Triton's interpreter: "
+                                        "TRITON_INTERPRET=1"),
+    *([] if torch.cuda.is_available() else [("cuda", {}, "--device cuda, but PyTorch sees no CUDA GPU")]),
+    ("cuda:99", {}, "--device cuda:99, but")])
+def test_the_selfcheck_on_a_device_it_cannot_use_says_what_to_run(device, env, message, monkeypatch,
+                                                                    capsys):
+    """A line and exit 2 before any kernel (was a traceback from Triton's driver or torch.cuda, exit 1,
+    which gpu_check's report would count as a failing case)."""
+    from ablate.ops.fast import selfcheck
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stopped:
+        selfcheck.main(["--device", device])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_batch_shared_weight_gradient_splits_the_batch_only_to_fill_the_gpu():
     """Instances per program of the locally connected layer's weight gradient: the whole batch where
     the tiles of positions alone give the programs wanted (one exact store per weight), else chunks

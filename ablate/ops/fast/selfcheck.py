@@ -9,6 +9,7 @@ subprocess, since TRITON_INTERPRET must be set before Triton compiles the kernel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -291,11 +292,36 @@ def check_operators(device: str = "cuda", backend: str = "inductor") -> dict[str
 KERNEL_CHECKS = (check_triton, check_correlate, check_window, check_neighbourhood)
 
 
+def _check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    """A device this machine can run the kernels on, else argparse's line and exit 2 before any kernel
+    (this layer cannot reach ablate.cli): a traceback from torch.cuda or Triton's driver would read, in
+    gpu_check's report, as a failing case."""
+    cpu_form = "TRITON_INTERPRET=1 python -m ablate.ops.fast.selfcheck --device cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: the selfcheck runs on cuda, cuda:<index> or cpu (Triton's "
+                     "interpreter)")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+            parser.error(f"--device {name} runs the kernels through Triton's interpreter: {cpu_form}")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        parser.error(f"--device {name}, but PyTorch sees no CUDA GPU on this machine; on a CPU: {cpu_form}")
+    if device.index is not None and device.index >= count:
+        parser.error(f"--device {name}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ablate.ops.fast.selfcheck",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    _check_device(parser, args.device)
     dtype = getattr(torch, args.dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     # on the CPU (the interpreter) compile without inductor's codegen: the check is the tracing
