@@ -372,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         raise ConfigError(f"{err} (`python -m ablate.gpu_check --device cpu --quick` runs the check's "
                           "steps small on this machine)") from None
+    names = [s.name for s in steps(device, a.quick, Path(a.out))]
+    for word in a.only or []:  # a word matching nothing ran no step and passed: a GPU session spent
+        if not any(word in name for name in names):
+            raise ConfigError(f"--only {word}: no step's name contains it; the steps: {', '.join(names)}")
     done = check(device, Path(a.out), a.quick, a.only, a.budget_s)
     failed = [s["step"] for s in done["steps"] if s["exit"] != 0]
     if failed:

@@ -229,6 +229,17 @@ def test_gpu_check_refuses_a_budget_that_is_not_positive(tmp_path):
         gpu_check.main(["--device", "tpu", "--out", str(tmp_path)])
 
 
+def test_gpu_check_refuses_an_only_word_that_names_no_step(tmp_path):
+    """A misspelt --only ran no step and exited 0 with an empty report: a lent GPU's session spent on
+    nothing. Each word must match a step; the message lists them."""
+    from ablate import gpu_check
+    from ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--only selfchek: no step's name contains it.*selfcheck float32"):
+        gpu_check.main(["--device", "cpu", "--quick", "--only", "bench", "selfchek", "--out", str(tmp_path)])
+    assert not (tmp_path / "report.md").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_gpu_check_without_a_gpu_says_so_at_once(tmp_path):
     """`make gpu-check` on a machine without a GPU: one clear error (exit 2) before any step runs,
