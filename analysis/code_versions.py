@@ -2,8 +2,9 @@
 
 A run's experiment key covers every setting, not the code: after a kernel is changed or a bug fixed,
 a relaunched sweep's new seeds share the key of the old ones. Every record names its code
-(ablate/tracking/code.py: the fingerprint of the package's sources, the git commit), and the
-analysis decides what to do where one experiment's runs come from more than one code version:
+(ablate/tracking/code.py: the fingerprint of the package's sources, the git commit). A code version
+is a fingerprint (the commits its runs name are listed beside it), and the analysis decides what to
+do where one experiment's runs come from more than one:
 
 - `separate` (the default): each code version of an experiment is its own experiment. Its key gets
   the fingerprint, and its settings get `code`, so every table names the version wherever rows
@@ -25,14 +26,33 @@ MODES = ("separate", "newest", "pool")
 _DONE = "completed"
 
 
+def _version(runs: pd.DataFrame) -> pd.Series:
+    """Each run's code version: its fingerprint. The sources are the code; the commit only says where
+    they were, so one fingerprint at two commits (a commit of the README between seeds, a dirty tree
+    then committed) is one version."""
+    return runs["code_fingerprint"].map(lambda found: found or "unrecorded")
+
+
+def _labels(runs: pd.DataFrame) -> dict[str, str]:
+    """Each version's label: its fingerprint's 8 digits and every commit its runs name (`short`'s form)."""
+    labels = {}
+    for version, group in runs.groupby(_version(runs), sort=False):
+        named = list(dict.fromkeys(group["code"].astype(str)))
+        commits = sorted({label.split(" (", 1)[1].rstrip(")") for label in named if " (" in label})
+        head = named[0].split(" (", 1)[0]
+        labels[version] = f"{head} ({', '.join(commits)})" if commits else head
+    return labels
+
+
 def versions(runs: pd.DataFrame) -> list[tuple[str, int]]:
     """(code version, completed runs made by it), oldest first by their latest run."""
     done = runs[runs["status"] == _DONE]
     if done.empty:
         return []
-    latest = done.groupby("code", dropna=False)["recorded_at"].max().sort_values(kind="stable")
-    counts = done["code"].value_counts(dropna=False)
-    return [(str(label), int(counts[label])) for label in latest.index]
+    version = _version(done)
+    latest = done.groupby(version)["recorded_at"].max().sort_values(kind="stable")
+    counts, labels = version.value_counts(), _labels(done)
+    return [(labels[v], int(counts[v])) for v in latest.index]
 
 
 def by_code_version(runs: pd.DataFrame, mode: str = "separate") -> pd.DataFrame:
@@ -41,20 +61,21 @@ def by_code_version(runs: pd.DataFrame, mode: str = "separate") -> pd.DataFrame:
         raise ValueError(f"the code mode must be one of {', '.join(MODES)}; got {mode!r}")
     runs = runs.copy()
     done = runs["status"] == _DONE
-    if mode == "pool" or runs.loc[done, "code"].nunique(dropna=False) <= 1:
+    version = _version(runs)
+    if mode == "pool" or version[done].nunique() <= 1:
         return runs
     if mode == "newest":
         keep = pd.Series(True, index=runs.index)
         for _, group in runs[done].groupby("experiment", dropna=False):
-            newest = group.loc[group["recorded_at"].astype(str).idxmax(), "code"]
-            keep[group.index[group["code"] != newest]] = False
+            newest = version[group["recorded_at"].astype(str).idxmax()]
+            keep[group.index[version[group.index] != newest]] = False
         return runs[keep].reset_index(drop=True)
+    labels = _labels(runs[done])
     for i in runs.index[done]:  # separate
-        fingerprint = runs.at[i, "code_fingerprint"] or "unrecorded"
-        runs.at[i, "experiment"] = f"{runs.at[i, 'experiment']}@{fingerprint}"
+        runs.at[i, "experiment"] = f"{runs.at[i, 'experiment']}@{version[i]}"
         settings = runs.at[i, "settings"]
         if isinstance(settings, dict):
-            runs.at[i, "settings"] = {**settings, "code": runs.at[i, "code"]}
+            runs.at[i, "settings"] = {**settings, "code": labels[version[i]]}
     return runs
 
 

@@ -178,3 +178,32 @@ def test_a_relaunch_retrains_other_code_runs_only_when_asked(repository, tmp_pat
     assert json.loads((old / "results.json").read_text())["status"] == "completed"  # kept
     third = _run(repository, *train, "trainer.rerun_other_code=true")  # done: nothing to train
     assert third.returncode == 0 and "nothing to do" in third.stdout + third.stderr
+
+
+def test_one_fingerprint_at_two_commits_is_one_code_version():
+    """The fingerprint is the code: seeds made by the same package sources at two commits (a commit of
+    the README between them, or a dirty tree then committed) are one version, pooled by every mode,
+    and the report does not say two versions made them; another fingerprint is still kept apart."""
+    from analysis.code_versions import by_code_version, code_note, versions
+    from analysis.records import runs_frame
+
+    same = {"fingerprint": "a" * 16, "dirty": False}
+    codes = [{**same, "commit": "1" * 40}, {**same, "commit": "2" * 40, "dirty": True},
+             {**same, "commit": "3" * 40}, {"fingerprint": "b" * 16, "commit": "3" * 40, "dirty": False}]
+    rows = [{"status": "completed", "run": f"r{seed}", "seed": seed, "experiment": "e", "settings": {},
+             "code": short(code), "code_fingerprint": code["fingerprint"],
+             "recorded_at": f"2026-01-0{seed + 1}"}
+            for seed, code in enumerate(codes)]
+    one = runs_frame(rows[:3])
+    assert [n for _, n in versions(one)] == [3]
+    assert "one code version: aaaaaaaa (1111111, 2222222+, 3333333)" in code_note(one, one, "separate")
+    for mode in ("separate", "newest", "pool"):
+        used = by_code_version(one, mode)
+        assert len(used) == 3 and used["experiment"].nunique() == 1, mode
+
+    two = runs_frame(rows)
+    assert [n for _, n in versions(two)] == [3, 1]
+    apart = by_code_version(two, "separate")
+    assert apart["experiment"].tolist() == ["e@" + "a" * 16] * 3 + ["e@" + "b" * 16]
+    assert len({str(s) for s in apart["settings"][:3]}) == 1  # one version, one row of the tables
+    assert by_code_version(two, "newest")["seed"].tolist() == [3]
