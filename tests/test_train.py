@@ -182,6 +182,22 @@ def test_wandb_disabled_writes_no_wandb_files(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("wandb"))
 
 
+def test_a_mode_wandb_does_not_know_is_bad_input_naming_where_it_was_set(monkeypatch):
+    """WANDB_MODE=foo was reported as `logger.mode must be ...` (a setting the user never gave) and, in
+    a sweep, as a ValueError's traceback with exit 1: it is a ConfigError (exit 2) naming its source."""
+    from ablate.errors import ConfigError
+    from ablate.tracking.wandb_logger import resolve_mode
+
+    monkeypatch.setenv("WANDB_MODE", "foo")
+    with pytest.raises(ConfigError, match=r"WANDB_MODE=foo .*unset WANDB_MODE"):
+        resolve_mode(None)
+    monkeypatch.delenv("WANDB_MODE")
+    with pytest.raises(ConfigError, match=r"^logger.mode=foo"):
+        resolve_mode("foo")
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's old name of offline
+    assert resolve_mode("online") == "offline"
+
+
 def test_an_unreachable_wandb_server_does_not_stop_training(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ablate.errors import ConfigError
+
 __all__ = ["WandbMirror", "resolve_mode", "server_unreachable", "summary_of", "OFFLINE_ENV",
            "PROBE_TIMEOUT_S"]
 
@@ -68,12 +70,16 @@ def resolve_mode(configured: str | None) -> str:
     """online, offline or disabled: WANDB_MODE, else the configured mode, else online with an API
     key; online becomes offline where the server cannot be reached."""
     mode = os.environ.get("WANDB_MODE") or configured
+    # bad input named where it was given (the environment wins over the config): a ConfigError, exit 2
+    # in a single run and in a sweep alike
+    given = f"WANDB_MODE={mode}" if os.environ.get("WANDB_MODE") else f"logger.mode={mode}"
+    fix = "unset WANDB_MODE or set it to one of them" if os.environ.get("WANDB_MODE") else "set one of them"
     if mode in (None, "", "auto"):
         mode = "online" if _has_api_key() else "offline"
     if mode == "dryrun":
         mode = "offline"
     if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logger.mode must be online, offline, disabled or auto; got {mode!r}")
+        raise ConfigError(f"{given} is not a W&B mode: online, offline, disabled or auto; {fix}")
     if mode == "online" and server_unreachable():
         mode = "offline"
     return mode
