@@ -49,6 +49,26 @@ def test_the_fingerprint_follows_the_package_sources_only(tmp_path):
     assert fingerprint(package) != before
 
 
+def test_an_installed_copy_has_the_fingerprint_of_its_sources(tmp_path):
+    """`pip install .` (not editable) puts ablate/sweep/hydra_plugin at hydra_plugins/ablate_sweeper
+    (pyproject's package-dir): the same sources must give the same fingerprint there, else runs of an
+    installed copy of a commit are "other code" than the checkout's and `fingerprint_at` cannot find
+    its commit."""
+    import tomllib
+
+    moved = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {v: k for k, v in moved.items()} == {"ablate/" + source: installed.replace("/", ".")
+                                                for source, installed in code_module.INSTALLED_AT.items()}
+    site = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "ablate", site / "ablate", ignore=shutil.ignore_patterns("__pycache__"))
+    for source, installed in code_module.INSTALLED_AT.items():
+        shutil.move(site / "ablate" / source, site / installed)
+    assert fingerprint(site / "ablate") == fingerprint()
+    plugin = site / "hydra_plugins" / "ablate_sweeper" / "__init__.py"
+    plugin.write_text(plugin.read_text() + "\n# changed\n")
+    assert fingerprint(site / "ablate") != fingerprint()
+
+
 def test_a_training_run_imports_none_of_the_modules_left_out_of_the_fingerprint(tmp_path):
     script = (
         "import sys\n"

@@ -25,13 +25,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["NOT_IN_RUNS", "code_identity", "fingerprint", "fingerprint_at", "short"]
+__all__ = ["INSTALLED_AT", "NOT_IN_RUNS", "code_identity", "fingerprint", "fingerprint_at", "short"]
 
 PACKAGE = Path(__file__).resolve().parent.parent  # the `ablate` package folder
 SUFFIXES = (".py", ".c")
 # measuring, checking and command-line modules: never imported by a training run
 NOT_IN_RUNS = ("bench.py", "gpu_check.py", "measure.py", "reliability.py", "models/geometry.py",
                "ops/fast/selfcheck.py")
+
+# package folders that `pip install .` puts elsewhere (pyproject's [tool.setuptools.package-dir]):
+# Hydra finds plugins only under `hydra_plugins`. An installed copy of a commit must have its fingerprint.
+INSTALLED_AT = {"sweep/hydra_plugin": "hydra_plugins/ablate_sweeper"}
 
 
 def _counted(relative: str) -> bool:
@@ -46,12 +50,18 @@ def _digest(files: list[tuple[str, bytes]]) -> str:
 
 
 def fingerprint(package: Path = PACKAGE) -> str:
-    """The fingerprint of the package's sources as they are on disk."""
+    """The fingerprint of the package's sources as they are on disk; in an installed copy, the folders
+    installed elsewhere (INSTALLED_AT) are read there, under their names in the source tree."""
     files = []
-    for path in package.rglob("*"):
-        relative = path.relative_to(package).as_posix()
-        if path.is_file() and _counted(relative):
-            files.append((relative, path.read_bytes()))
+    folders = [(package, "")]
+    for source, installed in INSTALLED_AT.items():
+        if not (package / source).is_dir() and (package.parent / installed).is_dir():
+            folders.append((package.parent / installed, source + "/"))
+    for folder, prefix in folders:
+        for path in folder.rglob("*"):
+            relative = prefix + path.relative_to(folder).as_posix()
+            if path.is_file() and _counted(relative):
+                files.append((relative, path.read_bytes()))
     return _digest(files)
 
 
