@@ -101,3 +101,18 @@ def test_most_local_layers_see_less_than_the_map_and_global_sees_all_of_it(opera
 
 def test_the_readme_shows_the_geometry_of_the_default_and_tiny():
     assert geometry_table() in README.read_text()
+
+
+def test_the_geometry_command_takes_sizes_and_refuses_a_size_it_lacks(capsys):
+    """`python -m ablate.models.geometry` printed micro and tiny whatever it was given (`--sizes base`
+    too, silently): a size is chosen by --sizes, and a size or flag it lacks is argparse's exit 2."""
+    from ablate.models import geometry
+
+    assert geometry.main(["--sizes", "small"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == geometry_table(("small",)) and "micro" not in out
+    for bad in (["--sizes", "huge"], ["--stages", "1"]):
+        with pytest.raises(SystemExit) as stopped:
+            geometry.main(bad)
+        assert stopped.value.code == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err

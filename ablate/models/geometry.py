@@ -16,7 +16,7 @@ import torch
 
 from ablate.models.backbone import SIZES, AblateNet
 
-__all__ = ["LayerView", "layer_views", "stage_rows", "geometry_table", "GEOMETRY_COLUMNS"]
+__all__ = ["LayerView", "layer_views", "stage_rows", "geometry_table", "GEOMETRY_COLUMNS", "main"]
 
 
 @dataclass(frozen=True)
@@ -112,5 +112,21 @@ def geometry_table(sizes=("micro", "tiny")) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ablate.models.geometry [--sizes ...]`: the table, micro and tiny by default. Bad flags
+    end through argparse (exit 2): this layer cannot reach ablate.cli."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ablate.models.geometry",
+                                description=main.__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["micro", "tiny"],
+                   help="model sizes (default: micro tiny, the README's table)")
+    a = p.parse_args(argv)
+    print(geometry_table(tuple(a.sizes)))
+    return 0
+
+
 if __name__ == "__main__":
-    print(geometry_table())
+    import sys
+
+    sys.exit(main())
