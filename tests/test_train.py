@@ -182,6 +182,53 @@ def test_wandb_disabled_writes_no_wandb_files(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("wandb"))
 
 
+class _WandbLike:
+    """W&B's summary as its service builds it: a row logged with `step=` waits until another step is
+    logged, a commit or the run's finish, and then writes its keys into the summary, as an explicit
+    summary update does; the later write wins."""
+
+    def __init__(self):
+        self.summary_seen, self.pending = {}, None
+        self.summary = self
+
+    def init(self, **_):
+        return self
+
+    def Settings(self, **_):  # noqa: N802  (wandb.Settings)
+        return None
+
+    def _flush(self):
+        if self.pending is not None:
+            self.summary_seen.update(self.pending[1])
+            self.pending = None
+
+    def log(self, data, step=None, commit=None):
+        if self.pending is not None and self.pending[0] != step:
+            self._flush()
+        self.pending = (step, {**(self.pending[1] if self.pending else {}), **data})
+        if commit or step is None:
+            self._flush()
+
+    def update(self, values):
+        self.summary_seen.update(values)
+
+    def finish(self, exit_code=0):
+        self._flush()
+
+
+def test_the_wandb_summary_ends_as_the_record_says(tmp_path, monkeypatch):
+    """The last epoch's row, logged with step= and not committed, reached W&B at finish, after the
+    record's summary, and its `lr` (the last epoch's rate) replaced the record's (the run's rate):
+    the mirror's table differed from the store's. Each row is committed when logged."""
+    fake = _WandbLike()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    results = train(cfg_for(tmp_path))
+    assert results["status"] == "completed"
+    assert fake.summary_seen["lr"] == results["lr"] and fake.summary_seen["status"] == "completed"
+    assert fake.summary_seen["code/fingerprint"] == results["code"]["fingerprint"]
+
+
 def test_a_mode_wandb_does_not_know_is_bad_input_naming_where_it_was_set(monkeypatch):
     """WANDB_MODE=foo was reported as `logger.mode must be ...` (a setting the user never gave) and, in
     a sweep, as a ValueError's traceback with exit 1: it is a ConfigError (exit 2) naming its source."""

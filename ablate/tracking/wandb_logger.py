@@ -124,7 +124,9 @@ class WandbMirror:
                             "; trying offline" if mode != "offline" else "; going on without W&B")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._call("log", metrics, step=step)
+        # committed now: W&B holds a row logged with step= until a later step or the finish, where the
+        # last epoch's row would land after the record's summary and overwrite its keys (lr)
+        self._call("log", metrics, step=step, commit=True)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
