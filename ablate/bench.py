@@ -829,7 +829,8 @@ class BenchArgs:
 def _models_of(args: BenchArgs, size: str) -> list[str]:
     # dwconv is the yardstick of every model's efficiency (samples/s x GMAC relative to it); timm's
     # Swin-T stands beside the tiny models
-    names = list(dict.fromkeys(["dwconv", *args.models]))
+    # (timm's model is built for 224 px: at another size it is left out)
+    names = list(dict.fromkeys(["dwconv", *(m for m in args.models if m != "swin_tiny" or size == "tiny")]))
     return names + (["swin_tiny"] if size == "tiny" and "swin_tiny" not in names else [])
 
 
@@ -972,6 +973,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nchw", action="store_true", help="models in NCHW memory (default channels_last, the "
                                                          "fast layout of 1x1 convs on CPU and GPU alike)")
     a = p.parse_args(argv)
+    if "swin_tiny" in a.models and a.sizes and "tiny" not in a.sizes:
+        p.error("--models swin_tiny: timm's Swin-T is built for 224 px, the tiny size; add tiny to --sizes")
     run(BenchArgs(a.device, a.out, a.quick, a.section, tuple(a.sizes) if a.sizes else None, tuple(a.stages),
                   tuple(a.ops), tuple(a.models), a.batch, a.model_batch, a.rounds, a.dtype, a.backend,
                   not a.nchw, a.vs_bf16, a.compile, a.optimizer, a.prewarm, a.prewarm_only))

@@ -88,6 +88,21 @@ def test_a_count_out_of_range_is_refused_naming_its_flag(tmp_path, capsys, flag,
     assert not list(tmp_path.iterdir())
 
 
+def test_timms_swin_tiny_is_timed_at_tiny_only(tmp_path, capsys):
+    """timm's swin_tiny is built for 224 px: `--models swin_tiny` at micro stopped the bench with timm's
+    AssertionError. It stands beside the tiny models only, and asked for without tiny it is refused."""
+    from ablate.bench import _models_of
+
+    args = BenchArgs(models=("swin_tiny", "local_attention"))
+    assert _models_of(args, "micro") == ["dwconv", "local_attention"]
+    assert _models_of(args, "tiny") == ["dwconv", "swin_tiny", "local_attention"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", "cpu", "--quick", "--section", "models", "--sizes", "micro",
+              "--models", "swin_tiny", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "--models swin_tiny" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_an_out_that_is_a_file_is_refused_before_anything_is_measured(tmp_path, capsys):
     """The full bench takes minutes: a bad --out is found at its start, not when the tables are written."""
     afile = tmp_path / "afile"
