@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, help="seconds for the whole check: each step gets at most "
                    "what is left, and steps that no longer fit are not started (the report names them)")
     a = p.parse_args(argv)
-    if a.budget_s is not None and a.budget_s <= 0:
+    if a.budget_s is not None and not a.budget_s > 0:  # (nan too)
         raise ConfigError(f"--budget-s must be a positive number of seconds, got {a.budget_s}")
     try:
         device = str(checked_device(a.device, "--device"))  # "auto" becomes cuda or cpu

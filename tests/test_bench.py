@@ -238,8 +238,9 @@ def test_gpu_check_refuses_a_budget_that_is_not_positive(tmp_path):
     from ablate import gpu_check
     from ablate.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--budget-s"):
-        gpu_check.main(["--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)])
+    for budget in ("0", "nan"):  # (nan passed a `<= 0` check and became every step's time limit)
+        with pytest.raises(ConfigError, match="--budget-s"):
+            gpu_check.main(["--device", "cpu", "--budget-s", budget, "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="runs on cpu, cuda or cuda:<index>.*--device cpu --quick"):
         gpu_check.main(["--device", "tpu", "--out", str(tmp_path)])
 
