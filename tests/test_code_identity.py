@@ -37,6 +37,18 @@ def test_this_process_names_its_code():
     assert short(None) == "unrecorded" and short(code).startswith(code["fingerprint"][:8])
 
 
+def test_the_code_command_refuses_a_commit_it_cannot_find(capsys):
+    """`python -m ablate.tracking.code <commit>` printed a null fingerprint and exited 0 for a commit
+    that is not there (and took --help for a commit): argparse's line naming it, exit 2."""
+    code_module.main([])
+    assert json.loads(capsys.readouterr().out)["fingerprint"] == fingerprint()
+    for argv in (["no-such-commit"], ["--nope"]):
+        with pytest.raises(SystemExit) as stopped:
+            code_module.main(argv)
+        assert stopped.value.code == 2
+    assert "no-such-commit" in capsys.readouterr().err
+
+
 def test_the_fingerprint_follows_the_package_sources_only(tmp_path):
     package = tmp_path / "ablate"
     shutil.copytree(ROOT / "ablate", package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -125,11 +125,18 @@ def short(code: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:
-        print(json.dumps({"commit": argv[0], "fingerprint": fingerprint_at(argv[0])}))
-    else:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ablate.tracking.code", description=__doc__.splitlines()[0])
+    p.add_argument("commit", nargs="?", help="a commit of this checkout (default: the code as it is on disk)")
+    a = p.parse_args(argv)
+    if a.commit is None:
         print(json.dumps(code_identity()))
+        return 0
+    found = fingerprint_at(a.commit)
+    if found is None:  # a null fingerprint would read as an answer: bad input, argparse's exit 2
+        p.error(f"no commit {a.commit} in a git checkout at {PACKAGE.parent}: name one that `git log` lists")
+    print(json.dumps({"commit": a.commit, "fingerprint": found}))
     return 0
 
 
