@@ -147,6 +147,23 @@ def test_the_readme_quick_bench_runs_to_the_end(tmp_path):
 
 
 
+def test_the_readmes_model_commands_name_the_optimizer_their_numbers_were_measured_with():
+    """The train step's optimizer is AdamW by default since `--optimizer` came (2026-12-06); the README's
+    model-level numbers from before it were measured with SGD, and the commands shown beside them ran
+    AdamW. A models command names `--optimizer sgd` unless its paragraph says AdamW."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    checked = 0
+    for paragraph in re.split(r"\n\s*\n", readme):
+        for command in re.findall(r"`python -m ablate\.bench ([^`]*)`", paragraph.replace("\n", " ")):
+            if "--section models" in command and "AdamW" not in paragraph:
+                assert "--optimizer sgd" in command, command
+                checked += 1
+    assert checked >= 4
+
+
 def test_the_profile_splits_each_models_step_by_operator(tmp_path):
     """--section profile: each model's eager train step by PyTorch operator, largest self time first,
     the ten largest and a row for the rest, whose shares of the step sum to 1."""
