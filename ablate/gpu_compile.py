@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--size: unknown {a.size!r}; one of {', '.join(SIZES)}")
     if any(d not in DTYPES for d in a.dtypes):
         raise ConfigError(f"--dtypes: {' '.join(a.dtypes)}; each one of {', '.join(DTYPES)}")
-    from ablate.ops.fast.triton_target import LIMITS
+    try:  # no Triton (a CPU-only PyTorch, macOS) or one without what the target uses: bad input, not
+        # an ImportError's traceback
+        from ablate.ops.fast.triton_target import LIMITS
+    except ImportError as err:
+        raise ConfigError(f"make gpu-compile needs Triton, which this Python cannot import ({err}): "
+                          "pip install triton (PyTorch's CUDA wheels on Linux bring it)") from None
 
     if a.arch not in LIMITS:
         raise ConfigError(f"--arch {a.arch}: no limits known for it; one of {', '.join(map(str, LIMITS))}")

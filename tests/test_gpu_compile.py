@@ -117,6 +117,18 @@ def test_bad_arguments_are_named(args, says):
     assert proc.returncode == EXIT_CODES["bad input"] and says in proc.stderr, proc.stderr
 
 
+def test_a_machine_without_triton_is_told_what_the_command_needs(monkeypatch, tmp_path):
+    """Without Triton (a CPU-only PyTorch, macOS) the command stopped with a ModuleNotFoundError's
+    traceback, exit 1: it is bad input, exit 2, saying to install Triton."""
+    from ablate import gpu_compile
+    from ablate.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` meets where it is missing
+    monkeypatch.delitem(sys.modules, "ablate.ops.fast.triton_target", raising=False)
+    with pytest.raises(ConfigError, match="needs Triton.*pip install triton"):
+        gpu_compile.main(["--out", str(tmp_path / "gc")])
+
+
 def test_a_rehearsal_routes_as_a_gpu_and_runs_each_shapes_triton_candidates_once(monkeypatch, tmp_path):
     """...and times, chooses and writes nothing: a rehearsal's processes share a GPU, whose timings
     would be each other's."""
