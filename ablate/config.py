@@ -22,11 +22,16 @@ from ablate.schema import validate_config
 from ablate.space.presets import PRESETS
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
-__all__ = ["CONF_DIR", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig", "DownstreamConfig",
-           "spec_from_cfg", "build_model", "operator_label", "check_train_config", "schema_of"]
+__all__ = ["CONF_DIR", "CONFIG_ROOT", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig",
+           "DownstreamConfig", "spec_from_cfg", "build_model", "operator_label", "check_train_config",
+           "schema_of"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+# where conf/ and sweeps/ lie: in an installed copy (pip install without -e), the package itself, where
+# pyproject.toml puts both; in the checkout (the editable install, `make install`), the repository
+_PACKAGE = Path(__file__).resolve().parent
+CONFIG_ROOT = _PACKAGE if (_PACKAGE / "conf").is_dir() else REPO_ROOT
+CONF_DIR = CONFIG_ROOT / "conf"
 
 
 def _cpu_share(jobs_in_parallel: int | None) -> int:
@@ -44,7 +49,7 @@ def sweep_name(sweep: str | None) -> str:
 # ${ablate_root:} puts sweeps/ on Hydra's search path (conf/train.yaml); ${cpu_share:N} sizes the
 # threads of N parallel jobs (conf/launcher/joblib.yaml); ${sweep_name:${trainer.sweep}} names the
 # sweep's folder (oc.select falls back only for a missing key, so a null trainer.sweep gave `None`).
-OmegaConf.register_new_resolver("ablate_root", lambda: str(REPO_ROOT), replace=True)
+OmegaConf.register_new_resolver("ablate_root", lambda: str(CONFIG_ROOT), replace=True)
 OmegaConf.register_new_resolver("cpu_share", _cpu_share, replace=True)
 OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
 

@@ -69,6 +69,7 @@ def test_an_installed_copy_has_the_fingerprint_of_its_sources(tmp_path):
     import tomllib
 
     moved = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    moved = {k: v for k, v in moved.items() if v.startswith("ablate/")}  # not conf/ and sweeps/ (YAML)
     assert {v: k for k, v in moved.items()} == {"ablate/" + source: installed.replace("/", ".")
                                                 for source, installed in code_module.INSTALLED_AT.items()}
     site = tmp_path / "site-packages"
@@ -79,6 +80,33 @@ def test_an_installed_copy_has_the_fingerprint_of_its_sources(tmp_path):
     plugin = site / "hydra_plugins" / "ablate_sweeper" / "__init__.py"
     plugin.write_text(plugin.read_text() + "\n# changed\n")
     assert fingerprint(site / "ablate") != fingerprint()
+
+
+def test_a_real_pip_install_runs_the_hydra_commands_with_the_checkouts_fingerprint(tmp_path):
+    """`pip install .` (not editable) has no checkout around it: conf/ and sweeps/ travel inside the
+    package (pyproject.toml), or every Hydra command stopped at "Primary config directory not found"."""
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    shipped = [*ROOT.glob("conf/**/*.yaml"), *ROOT.glob("sweeps/*.yaml")]
+    installed = sorted(p.relative_to(site / "ablate") for p in (site / "ablate").glob("**/*.yaml"))
+    assert installed == sorted(p.relative_to(ROOT) for p in shipped)
+    env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled"}
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert run("-c", "import ablate.config as c; print(c.CONF_DIR)").strip() == str(site / "ablate" / "conf")
+    assert json.loads(run("-m", "ablate.measure", "model=micro").splitlines()[-1])["operator"] == "dwconv"
+    sweep = run("-m", "ablate.train", "sweeps=demo", "--cfg", "hydra")  # sweeps/ on the search path
+    assert "hydra_plugins.ablate_sweeper.GridSweeper" in sweep and "local_attention,local_mlp" in sweep
+    installed_fingerprint = run("-c", "from ablate.tracking.code import fingerprint; print(fingerprint())")
+    assert installed_fingerprint.strip() == fingerprint()
 
 
 def test_a_training_run_imports_none_of_the_modules_left_out_of_the_fingerprint(tmp_path):

@@ -108,7 +108,11 @@ def test_pyproject_lists_every_package_and_the_hydra_plugin():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = set(find_packages(where=str(ROOT), include=["ablate*", "analysis*"]))
     found.discard("ablate.sweep.hydra_plugin")  # installed as hydra_plugins.ablate_sweeper
-    assert listed == found | {"hydra_plugins.ablate_sweeper"}
+    # conf/ and sweeps/ are installed inside the package (ablate/config.py's CONFIG_ROOT); to setuptools
+    # every folder of YAML files is a package, listed or left out of the install
+    configs = {"ablate." + d.relative_to(ROOT).as_posix().replace("/", ".")
+               for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")] if d.is_dir()}
+    assert listed == found | configs | {"hydra_plugins.ablate_sweeper", "ablate.sweeps"}
 
 
 # -- whole sweeps ---------------------------------------------------------------------------------

@@ -1,0 +1,300 @@
+"""One run over several processes: torchrun + DistributedDataParallel (nccl on GPUs, gloo on CPUs).
+
+    torchrun --nproc_per_node 4 -m ablate.train trainer=ddp ...              # 4 GPUs of one machine
+    torchrun --nproc_per_node 2 -m ablate.train trainer=ddp trainer.device=cpu ...   # CPU, gloo
+
+What the training loop needs to know is here: which rank this process is (`Dist`), how ranks agree
+on a value or an error, and BatchNorm synchronised across ranks. The rules the loop follows:
+- every rank builds the same model from the same seed and sees its share of every batch
+  (`build_data(..., rank=, world_size=)`); `data.batch_size` is per process;
+- only rank 0 writes the results store, checkpoints and W&B; a decision that reads the store
+  (finished? which checkpoint?) is made by rank 0 and broadcast, so the ranks never disagree;
+- metrics are all-reduced, so every rank holds the same numbers.
+Under SLURM without torchrun (one task per GPU, e.g. submitit's tasks_per_node), the SLURM variables
+stand in for torchrun's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from ablate.errors import ConfigError
+
+__all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "init_distributed", "sync_batchnorm",
+           "pooled_batchnorms"]
+
+log = logging.getLogger(__name__)
+
+# Errors a rank-0 decision may raise, re-raised with the same type on every rank.
+_SHARED_ERRORS: dict[str, type[Exception]] = {}
+
+
+def share_error_type(*types: type[Exception]) -> None:
+    for t in types:
+        _SHARED_ERRORS[t.__name__] = t
+
+
+share_error_type(ValueError, OSError, RuntimeError)
+
+
+def checked_device(name: str, key: str) -> torch.device:
+    """The device `name` ("auto": a GPU where there is one) on this machine, or a ConfigError naming
+    the setting `key`: not cpu or cuda, a CUDA device where PyTorch sees no GPU, or an index past the
+    GPUs there are."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setting = f"{key} {name}" if key.startswith("-") else f"{key}={name}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{setting}: ablate runs on cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}, but PyTorch sees no CUDA GPU on this machine; use cpu")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{setting}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    return device
+
+
+@dataclass
+class Dist:
+    """This process's place in the run. `world_size == 1`: one process, no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def device(self, name: str) -> torch.device:
+        """The device of this rank: `auto` / `cuda` become cuda:<local rank> under torchrun."""
+        device = checked_device(name, "trainer.device")
+        if device.type == "cuda" and device.index is None:  # set_device needs an index
+            device = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    # -- agreeing ---------------------------------------------------------------------------------
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (pickled; for decisions and small states)."""
+        if not self.enabled:
+            return value
+        box = [value if self.is_main else None]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def decide(self, fn, *args, **kwargs) -> Any:
+        """Run `fn` on rank 0 only and give its result to every rank; an error it raises is raised on
+        every rank, with its type and message, so no rank waits for a peer that gave up."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn(*args, **kwargs))
+            except Exception as err:  # noqa: BLE001  re-raised below, on every rank
+                if not self.enabled:
+                    raise
+                outcome = ("error", type(err).__name__, str(err))
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "ok":
+            return outcome[1]
+        raise _SHARED_ERRORS.get(outcome[1], RuntimeError)(outcome[2])
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks, in float64 (counts and loss sums stay exact)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, items: list) -> list:
+        """Every rank's `items`, concatenated in rank order, on every rank (pickled: detections)."""
+        if not self.enabled:
+            return list(items)
+        parts: list = [None] * self.world_size
+        tdist.all_gather_object(parts, list(items))
+        return [item for part in parts for item in part]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def close(self) -> None:
+        if self.enabled and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _slurm_env() -> None:
+    """Under SLURM with one task per GPU and no torchrun, derive torchrun's variables."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def init_distributed(enabled: bool, device_name: str, backend: str = "auto", timeout_min: float = 30) -> Dist:
+    """The Dist of this process; with `enabled` and torchrun's (or SLURM's) variables set, joins the
+    process group. `enabled` without them is a run of one process (and says so)."""
+    if not enabled:
+        return Dist()
+    _slurm_env()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        log.warning("trainer.distributed=true but this process was not started by torchrun (no RANK / "
+                    "WORLD_SIZE): training in one process. Launch with `torchrun --nproc_per_node N -m "
+                    "ablate.train trainer=ddp ...` to use N processes.")
+        return Dist()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if world == 1:
+        return Dist(rank, world, local)
+    on_gpu = device_name != "cpu" and torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if on_gpu else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"trainer.backend must be auto, nccl or gloo; got {backend!r}")
+    if backend == "nccl":
+        if not on_gpu:
+            raise ValueError("trainer.backend=nccl needs a GPU: use trainer.backend=gloo (or auto) on CPUs")
+        torch.cuda.set_device(local)
+    if tdist.is_initialized():  # a second job in one process (launchers reuse processes)
+        tdist.destroy_process_group()
+    tdist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_min))
+    return Dist(rank, world, local, backend)
+
+
+# -- BatchNorm across ranks -----------------------------------------------------------------------
+class _SumOverRanks(torch.autograd.Function):
+    """y = the sum of x over ranks; the gradient of each rank's x is the sum of the ranks' gradients
+    of y (every rank's loss depends on every rank's x through y)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        tdist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are those of the global batch over all ranks, on any device.
+
+    torch's SyncBatchNorm runs on GPUs only; this one is written with an autograd-aware sum over ranks
+    (`_SumOverRanks`), so its backward is exact too, on gloo. Two passes
+    (mean, then the mean squared deviation) as F.batch_norm does, so the statistics agree with one
+    process holding the whole batch to float rounding. Same parameters and buffers as BatchNorm2d:
+    checkpoints move freely between single-process and DDP runs.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and tdist.is_available() and tdist.is_initialized()
+                and tdist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _SumOverRanks.apply
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        total = all_reduce(torch.cat([x.sum(dims), count]))
+        n = total[-1].detach()
+        if n.item() <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(n.item())} "
+                             "over all ranks")
+        mean = total[:-1] / n
+        centred = x - mean.reshape(shape)
+        var = all_reduce(centred.pow(2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` synchronised over the ranks: torch's SyncBatchNorm on GPUs (nccl),
+    CpuSyncBatchNorm elsewhere. Parameters, buffers and state-dict keys are kept."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, CpuSyncBatchNorm):
+            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            # the very same parameters and buffers: an optimizer built before still holds them
+            if child.affine:
+                sync.weight, sync.bias = child.weight, child.bias
+            if child.track_running_stats:
+                sync.running_mean, sync.running_var = child.running_mean, child.running_var
+                sync.num_batches_tracked = child.num_batches_tracked
+            sync.train(child.training)
+            setattr(model, name, sync)
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
+@torch.no_grad()
+def pooled_batchnorms(model: nn.Module, in_chans: int, img_size: int) -> list[str]:
+    """Names of the BatchNorms that see one value per channel per sample (on globally pooled
+    features, as in the dynamic weight predictors): with a batch of one they cannot normalise.
+    Found by one eval-mode forward of a single blank image (shapes only; no statistic changes)."""
+    seen: list[str] = []
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: seen.append(name) if args[0][0].numel() == args[0].shape[1] else None)
+        for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sorted(set(seen))
+
+
+def average_scalar(dist: Dist, value: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a 0-d tensor (the global batch's mean loss)."""
+    if not dist.enabled:
+        return value
+    value = value.detach().clone()
+    tdist.all_reduce(value)
+    return value / dist.world_size
+

@@ -1,0 +1,141 @@
+"""What every layer raises and how a process stops: the bottom of the package (it imports nothing of it).
+
+- `BadInput` and its kinds: input the user must change (a setting, a file, a path); the message says
+  what. Each layer raises its own kind (ConfigError here; InvalidOperatorError, DataError,
+  CheckpointError, ... where they are decided); `ablate.cli` turns every one into exit 2.
+- `Interrupted`: SIGINT or SIGTERM inside `signals_raise`; `signals_deferred` holds them back while
+  writes that belong together happen; `stop_children` ends the processes a command started.
+
+`EXIT_CODES` are the exit statuses of every command.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "signals_deferred", "signals_raise",
+           "stop_children"]
+
+EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4,
+              "interrupted": 128 + signal.SIGINT, "terminated": 128 + signal.SIGTERM}
+
+
+class BadInput(Exception):
+    """Input the user must change (a setting, a file, a path); the message says what."""
+
+
+class ConfigError(BadInput, ValueError):
+    """Config values out of range or in conflict: every one named, with what to set instead."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the process (a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` records it as a failure: the run resumes from its last checkpoint)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        self.signum = signum
+        self.message = message or (f"interrupted by {signal.Signals(signum).name}; the same command resumes "
+                                   "(finished runs are kept, the others go on from their last checkpoint)")
+        super().__init__(self.message)
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
+
+    def saying(self, message: str) -> Interrupted:
+        """The same interruption, told with what was interrupted and how to go on."""
+        return Interrupted(self.signum, message)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in the main thread while inside (elsewhere: unchanged)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (then arrive as usual): for writes that must
+    happen together, like an epoch's metrics row and its checkpoint.
+
+    Held by Python-level handlers, not by blocking the signals (`pthread_sigmask`): a blocked signal
+    sent to the process is delivered to any other thread that does not block it (PyTorch's and
+    the data loader's threads), whose arrival runs the main thread's handler at once, in the middle
+    of the writes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if held:  # the first one, now, to the handler it was meant for
+            signal.raise_signal(held[0])
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (Linux /proc; elsewhere none are found)."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parent_of.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def stop_children(grace_s: float = 10.0) -> int:
+    """SIGTERM every process this one started (and theirs), SIGKILL those alive after `grace_s`;
+    returns how many there were. A training job ends at its last checkpoint either way."""
+    pids = _children(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        for pid in alive:  # reap our own children, so they do not linger as zombies
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        alive = [p for p in alive if _alive(p)]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

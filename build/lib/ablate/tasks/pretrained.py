@@ -1,0 +1,82 @@
+"""The paper's protocol for its other two tasks: the backbone starts from a classification run.
+
+A downstream run names its pretraining the way a user would train it: `pretrain.overrides` (the
+classification settings: data, schedule, ...) and `pretrain.sweep` (its results folder), with the
+downstream run's own operator (every axis override included), model size and seed. That composes the
+classification config of exactly one run (`ablate.runs.pretraining_config`), whose folder follows
+from its identity, so the pretraining run is found, never guessed; its experiment key is part of the
+downstream run's identity, so runs fine-tuned from different pretraining are different experiments.
+`task.pretrained=false` trains the same model from scratch (the paper's baseline).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from ablate.errors import ConfigError
+from ablate.models.dense import CLASSIFIER_PARTS
+from ablate.runs import pretraining_config, run_folder
+from ablate.tracking import RunStore
+
+__all__ = ["load_pretrained", "fit_position_tables"]
+
+
+def fit_position_tables(weights: dict[str, torch.Tensor],
+                        target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Position-bias tables resized to the backbone's windows, as Swin fine-tunes at another size: a
+    stage whose map is smaller than the window has its window cut to the map, so the same model has
+    tables of another size at another input size (micro's last stage: a 2 x 2 map at 28 px, 4 x 4 at
+    64). A table (groups, (2w - 1)^2) is a (2w - 1) x (2w - 1) grid of relative offsets; it is
+    resized bicubically to the new grid. Other tensors are left as they are."""
+    fitted = dict(weights)
+    for key, value in weights.items():
+        want = target.get(key)
+        if (not key.endswith("position_bias") or want is None or want.shape == value.shape
+                or value.dim() != 2):
+            continue
+        old, new = math.isqrt(value.shape[1]), math.isqrt(want.shape[1])
+        if old * old != value.shape[1] or new * new != want.shape[1]:
+            continue
+        grid = value.reshape(1, value.shape[0], old, old).float()
+        resized = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=True)
+        fitted[key] = resized.reshape(value.shape[0], new * new).to(value.dtype)
+    return fitted
+
+
+def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
+    """Load the pretraining run's weights into `backbone` (an AblateNet without its final norm and
+    classifier); returns what the record says of it. ConfigError naming the folder and the command
+    where the run is missing or unfinished, or where its weights do not fit this backbone."""
+    pre = pretraining_config(cfg)
+    folder = run_folder(pre)
+    record = RunStore(folder).read_results()
+    command = "python -m ablate.train " + " ".join([
+        f"operator={cfg.preset}", f"model={cfg.model.size.name}", *cfg.pretrain.overrides,
+        f"trainer.seed={cfg.trainer.seed}", f"trainer.sweep={cfg.pretrain.sweep}"])
+    if record is None or record.get("status") != "completed":
+        state = "no record" if record is None else f"status {record.get('status')}"
+        raise ConfigError(f"the backbone starts from a classification run that is not completed ({state} "
+                          f"in {folder}): train it first, `{command}` (or set task.pretrained=false to train "
+                          "from scratch).")
+    checkpoint = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith(CLASSIFIER_PARTS)}
+    weights = fit_position_tables(weights, backbone.state_dict())
+    try:
+        missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of another shape: weights per position of another map size
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ConfigError(f"the weights of {folder} do not fit this backbone at data.img_size="
+                          f"{cfg.data.img_size}: {first} An operator with a weight per position of the map "
+                          "cannot change its input size; set task.pretrained=false.") from err
+    missing = [k for k in missing if not k.startswith(CLASSIFIER_PARTS)]
+    if missing or unexpected:
+        raise ConfigError(f"the weights of {folder} do not fit this backbone (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}): the pretraining run must have this run's operator "
+                          "and model.")
+    return {"pretrained_run": str(folder), "pretrained_experiment": record["experiment"],
+            "pretrained_test_top1": record.get("final_test_top1")}
