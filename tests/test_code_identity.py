@@ -85,10 +85,15 @@ def test_an_installed_copy_has_the_fingerprint_of_its_sources(tmp_path):
 def test_a_real_pip_install_runs_the_hydra_commands_with_the_checkouts_fingerprint(tmp_path):
     """`pip install .` (not editable) has no checkout around it: conf/ and sweeps/ travel inside the
     package (pyproject.toml), or every Hydra command stopped at "Primary config directory not found"."""
-    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    site, elsewhere, source = tmp_path / "site", tmp_path / "elsewhere", tmp_path / "source"
     elsewhere.mkdir()
+    # built from a copy of what pyproject.toml packages: setuptools writes build/ beside its sources
+    for part in ("ablate", "analysis", "conf", "sweeps"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, source / part)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(ROOT)],
+                    "--no-index", "--target", str(site), str(source)],
                    check=True, capture_output=True, timeout=300)
     shipped = [*ROOT.glob("conf/**/*.yaml"), *ROOT.glob("sweeps/*.yaml")]
     installed = sorted(p.relative_to(site / "ablate") for p in (site / "ablate").glob("**/*.yaml"))
