@@ -29,7 +29,7 @@ from ablate.tracking.identity import matches_setting
 from analysis.axes import is_missing
 from analysis.comparison import ACCURACY
 from analysis.experiments import distinguishing_settings, experiments
-from analysis.stats import paired_difference, seeds_to_bound, seeds_to_resolve
+from analysis.stats import Interval, paired_difference, seeds_to_bound, seeds_to_resolve
 from analysis.tables import (
     count_cell,
     format_table,
@@ -194,9 +194,11 @@ def split_settings(settings: Mapping[str, Any], free: Sequence[str] = (),
     return sided, context
 
 
-def _verdict(claim: Claim, low: float, high: float) -> str:
-    """supported / contradicted / unresolved from the interval of Δ (claims.yaml states the rules)."""
-    if math.isnan(low) or math.isnan(high):
+def _verdict(claim: Claim, interval: Interval) -> str:
+    """supported / contradicted / unresolved from the interval of Δ (claims.yaml states the rules).
+    Differences without spread (tied pairs) give an interval of no width, which settles nothing."""
+    low, high = interval.low, interval.high
+    if math.isnan(low) or math.isnan(high) or not interval.std > 0:
         return "unresolved"
     if claim.expect == "on_par":
         supported = -claim.tolerance <= low and high <= claim.tolerance
@@ -255,7 +257,7 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
             found = True
             deltas = (dst.loc[paired, column] - src.loc[paired, column]).to_numpy(dtype=float)
             interval = paired_difference(deltas).interval
-            verdict = _verdict(claim, interval.low, interval.high)
+            verdict = _verdict(claim, interval)
             first = sides[0].iloc[0]
             rows.append({**base, **{c: first[c] for c in CONTEXT_SHOWN}, "pairs": len(paired),
                          "delta_top1_mean": interval.mean, "delta_top1_std": interval.std,

@@ -10,6 +10,11 @@ excludes 0, and **unresolved** otherwise. For an unresolved one, `seeds_to_resol
 paired seeds a difference of the observed size, at the observed spread, needs to be resolved 4 times
 in 5 (the power of the paired t-test, from the noncentral t distribution): the seed count at which
 the interval would just exclude 0 resolves it only half the time.
+
+Differences without spread (every pair differs by exactly as much: accuracies are counts over a test
+set, so two or three seeds can tie) make a t-interval of no width. That is a spread of 0 estimated
+from a handful of draws, not a certainty: such a difference is unresolved, and no seed count follows
+from it (the spread it would need is unknown).
 """
 from __future__ import annotations
 
@@ -81,7 +86,8 @@ def paired_difference(deltas, level: float = LEVEL, power: float = POWER) -> Pai
         ci = test.confidence_interval(level)
         interval = Interval(interval.n, interval.mean, interval.std, float(ci.low), float(ci.high))
         p_value = float(test.pvalue)
-    resolved = interval.n >= 2 and (interval.low > 0 or interval.high < 0)
+    # a zero-width interval excludes 0 for any nonzero mean: the data would "resolve" by a tie
+    resolved = interval.n >= 2 and interval.std > 0 and (interval.low > 0 or interval.high < 0)
     needed = math.nan
     if not resolved and interval.n >= 2:
         needed = seeds_to_resolve(interval.mean, interval.std, level, power)
@@ -91,18 +97,17 @@ def paired_difference(deltas, level: float = LEVEL, power: float = POWER) -> Pai
 def seeds_to_resolve(mean: float, std: float, level: float = LEVEL, power: float = POWER,
                      max_seeds: int = MAX_SEEDS) -> float:
     """The fewest paired seeds n >= 2 at which a paired t-test at `level` detects a true difference
-    `mean` with spread `std` with probability `power`; inf for a zero difference or beyond max_seeds.
+    `mean` with spread `std` with probability `power`; inf for a zero difference or beyond max_seeds;
+    NaN without a spread (one observed as 0 says nothing of the spread the test would meet).
 
     The test statistic of n paired differences follows a noncentral t distribution with n - 1
     degrees of freedom and noncentrality mean / std * sqrt(n); power is its mass beyond the
     two-sided critical value.
     """
-    if not (math.isfinite(mean) and math.isfinite(std)) or std < 0:
+    if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
         return math.nan
     if mean == 0:
         return math.inf
-    if std == 0:
-        return 2.0
     effect = abs(mean) / std
 
     def power_at(n: int) -> float:
@@ -135,19 +140,17 @@ def seeds_to_bound(mean: float, std: float, tolerance: float, level: float = LEV
     """The fewest paired seeds at which the `level` interval of a true difference `mean` with spread
     `std` settles "within +-tolerance" with probability `power`: the whole interval inside the band when
     |mean| < tolerance (an equivalence), or wholly outside it when |mean| > tolerance; inf when the
-    mean sits on the band's edge or beyond max_seeds.
+    mean sits on the band's edge or beyond max_seeds; NaN without a spread (as seeds_to_resolve).
 
     The interval is mean_hat +- h with h = t(n - 1) std / sqrt(n); mean_hat is taken as normal with
     standard error std / sqrt(n) (the spread as observed), so the chance is a difference of normal
     probabilities.
     """
-    if not (math.isfinite(mean) and math.isfinite(std) and tolerance > 0) or std < 0:
+    if not (math.isfinite(mean) and math.isfinite(std) and tolerance > 0) or std <= 0:
         return math.nan
     inside = abs(mean) < tolerance
     if abs(mean) == tolerance:
         return math.inf
-    if std == 0:
-        return 2.0
 
     def power_at(n: int) -> float:
         se = std / math.sqrt(n)

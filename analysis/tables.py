@@ -67,7 +67,10 @@ def _seeds_needed_text(row) -> str:
         return "-"
     needed = row["seeds_needed"]
     if is_missing(needed):
-        return "needs 2 seeds" if row["pairs"] == 1 else MISSING
+        if row["pairs"] == 1:
+            return "needs 2 seeds"
+        # tied pairs: a spread of 0 observed, so no count of seeds follows from it
+        return "no spread to judge by" if row["delta_top1_std"] == 0 else MISSING
     if needed == float("inf"):
         return "never (Δ = 0)" if row["delta_top1_mean"] == 0 else f"> {MAX_SEEDS}"
     return f"{int(needed)}"

@@ -245,6 +245,15 @@ def test_seeds_to_resolve_is_the_first_count_with_80_percent_power():
     assert seeds_to_resolve(0.0, 1.0) == math.inf
 
 
+
+def test_differences_without_spread_resolve_nothing():
+    # accuracies are counts over a test set, so two seeds can differ by exactly as much: the t-interval
+    # then has no width and excluded 0, "resolved" by a tie; and "2 seeds" would resolve it
+    tied = paired_difference([0.5, 0.5, 0.5])
+    assert (tied.interval.low, tied.interval.high) == (0.5, 0.5)
+    assert tied.verdict == "unresolved" and math.isnan(tied.seeds_needed)
+    assert math.isnan(seeds_to_resolve(0.5, 0.0)) and math.isnan(seeds_to_resolve(0.0, 0.0))
+
 # -- damaged records ----------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_a_completed_record_with_a_number_that_is_not_finite_is_unreadable(tmp_path, value):
