@@ -28,13 +28,13 @@ from ablate.errors import BadInput
 from ablate.tracking.identity import matches_setting
 from analysis.axes import is_missing
 from analysis.comparison import ACCURACY
-from analysis.experiments import distinguishing_settings, experiments
+from analysis.experiments import distinguishing_settings, experiments, seed_pairs
 from analysis.stats import Interval, paired_difference, seeds_to_bound, seeds_to_resolve
 from analysis.tables import (
-    count_cell,
     format_table,
     interval_cell,
     number_cell,
+    pairs_cell,
     printed_cells,
     seeds_needed_cell,
     text_cell,
@@ -54,8 +54,8 @@ NOT_IN_STORE = "not in this store"
 # delta_top1_*: the difference of the claim's metric (top-1 for the paper's ImageNet claims, box AP,
 # mask AP or mIoU for its detection and segmentation ones), named as the effect table names it
 CLAIM_COLUMNS = ("id", "claim", "metric", "expect", "tolerance", "from", "to", "settings", "task", "model",
-                 "data", "epochs", "train_size", "pairs", "delta_top1_mean", "delta_top1_std", "ci_low",
-                 "ci_high", "verdict", "seeds_needed", "where")
+                 "data", "epochs", "train_size", "pairs", "unpaired", "delta_top1_mean", "delta_top1_std",
+                 "ci_low", "ci_high", "verdict", "seeds_needed", "where")
 # what a claim may compare: final_test_<metric> of the runs
 METRICS = ("top1", "top5", "box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75", "miou",
            "pixel_acc")
@@ -250,17 +250,17 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
             sides = [next((g for op, g in members if op == w), None) for w in wanted]
             if sides[0] is None or sides[1] is None:
                 continue
-            src, dst = (s.set_index("seed") for s in sides)
-            paired = sorted(set(src.index) & set(dst.index))
-            if not paired:
-                continue
+            # both sides are here: a row even with no seed in common (0 pairs, the seeds counted as
+            # unpaired), never "not in this store"
+            paired, src, dst, unpaired = seed_pairs(sides[0], sides[1], column)
             found = True
-            deltas = (dst.loc[paired, column] - src.loc[paired, column]).to_numpy(dtype=float)
+            deltas = (dst[column] - src[column]).to_numpy(dtype=float)
             interval = paired_difference(deltas).interval
             verdict = _verdict(claim, interval)
             first = sides[0].iloc[0]
             rows.append({**base, **{c: first[c] for c in CONTEXT_SHOWN}, "pairs": len(paired),
-                         "delta_top1_mean": interval.mean, "delta_top1_std": interval.std,
+                         "unpaired": unpaired, "delta_top1_mean": interval.mean,
+                         "delta_top1_std": interval.std,
                          "ci_low": interval.low, "ci_high": interval.high, "verdict": verdict,
                          "seeds_needed": _seeds_needed(claim, interval.mean, interval.std)
                          if verdict == "unresolved" and len(paired) >= 2 else math.nan})
@@ -268,7 +268,8 @@ def claims_table(runs: pd.DataFrame, claims: Sequence[Claim] | None = None, metr
                              if not _is_operator_setting(k) and k not in free and k not in compared
                              and k not in DERIVED})
         if not found:
-            rows.append({**base, **{c: math.nan for c in CONTEXT_SHOWN}, "pairs": 0, "verdict": NOT_IN_STORE,
+            rows.append({**base, **{c: math.nan for c in CONTEXT_SHOWN}, "pairs": 0, "unpaired": 0,
+                         "verdict": NOT_IN_STORE,
                          **{c: math.nan for c in ("delta_top1_mean", "delta_top1_std", "ci_low", "ci_high",
                                                   "seeds_needed")}})
             settings.append(None)
@@ -293,7 +294,7 @@ def _expect_text(row) -> str:
 
 # printed header -> the numbers it shows (analysis.check reads them back with the same cells)
 CLAIMS_PRINTED = {
-    "paired seeds": count_cell("pairs", "seed"),
+    "paired seeds": pairs_cell(),
     "Δ (points)": number_cell("delta_top1_mean", "+.2f"),
     "95% CI": interval_cell("ci_low", "ci_high", "pairs", "+.2f"),
     "verdict": text_cell("verdict"),

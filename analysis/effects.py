@@ -19,14 +19,14 @@ import pandas as pd
 from ablate.tracking.identity import FLIPS, LABEL_SETTINGS, axis_of_setting, differing_keys
 from analysis.axes import ORDER, axis_value_label, rank
 from analysis.comparison import ACCURACY
-from analysis.experiments import distinguishing_settings, experiments
+from analysis.experiments import distinguishing_settings, experiments, seed_pairs
 from analysis.stats import paired_difference
 from analysis.tables import (
-    count_cell,
     experiment_columns,
     format_table,
     interval_cell,
     number_cell,
+    pairs_cell,
     printed_cells,
     seeds_needed_cell,
     text_cell,
@@ -37,14 +37,15 @@ __all__ = ["EFFECT_COLUMNS", "EFFECTS_SHOWN", "EFFECTS_PRINTED", "axis_effects",
            "write_axis_effects"]
 
 EFFECT_COLUMNS = ("axis", "from", "to", "from_operator", "to_operator", "settings", "block", "model", "data",
-                  "epochs", "train_size", "pairs", "delta_top1_mean", "delta_top1_std", "ci_low", "ci_high",
-                  "p_value", "verdict", "seeds_needed", "delta_params_m", "delta_gmac", "speed_ratio")
+                  "epochs", "train_size", "pairs", "unpaired", "delta_top1_mean", "delta_top1_std", "ci_low",
+                  "ci_high", "p_value", "verdict", "seeds_needed", "delta_params_m", "delta_gmac",
+                  "speed_ratio")
 EFFECTS_SHOWN = ("from_operator", "block", "model", "data", "epochs", "train_size")
 
 
 # printed header -> the numbers it shows; the checker (analysis.check) reads them back with the same cells.
 EFFECTS_PRINTED = {
-    "paired seeds": count_cell("pairs", "seed"),
+    "paired seeds": pairs_cell(),
     "Δtop-1 (points)": number_cell("delta_top1_mean", "+.2f"),
     "95% CI": interval_cell("ci_low", "ci_high", "pairs", "+.2f"),
     "verdict": text_cell("verdict"),
@@ -81,6 +82,8 @@ def _flipped_axis(a: dict, b: dict) -> str | None:
 def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
     """One row per pair of experiments that differ in exactly one axis, with paired-seed differences.
 
+    pairs: the seeds both sides measured; unpaired: the seeds of one side only, left out (a pair of
+    experiments with no seed in common is a row of 0 pairs, never dropped).
     delta_* = to - from over the paired seeds: mean, sample std, 95% t-interval (ci_low, ci_high;
     NaN for one pair), p_value (paired t-test), verdict, seeds_needed (paired seeds that resolve a
     difference of this size and spread 4 times in 5; NaN when resolved or not estimable, inf when
@@ -96,23 +99,22 @@ def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
         ranks = [_axis_rank(axis, r, r["cpg"]) for r in (a, b)]
         (src, src_runs), (dst, dst_runs) = ((a, runs_a), (b, runs_b)) if ranks[0] <= ranks[1] else \
             ((b, runs_b), (a, runs_a))
-        src_seeds, dst_seeds = src_runs.set_index("seed"), dst_runs.set_index("seed")
-        paired = sorted(set(src_seeds.index) & set(dst_seeds.index))
-        if not paired:
-            continue  # no seed in common: nothing to pair
-        s, d = src_seeds.loc[paired], dst_seeds.loc[paired]
+        # a seed of one side only is left out and counted (with no seed in common, a row of 0 pairs)
+        paired, s, d, unpaired = seed_pairs(src_runs, dst_runs, metric)
         difference = paired_difference((d[metric] - s[metric]).to_numpy(dtype=float))
         speed = (d["train_samples_per_s"] / s["train_samples_per_s"]).dropna()
         rows.append({
             "axis": axis, "from": axis_value_label(axis, src), "to": axis_value_label(axis, dst),
             "from_operator": src["operator"], "to_operator": dst["operator"], "settings": "",
             **{c: src[c] for c in ("block", "model", "data", "epochs", "train_size")}, "pairs": len(paired),
-            "delta_top1_mean": difference.interval.mean, "delta_top1_std": difference.interval.std,
+            "unpaired": unpaired, "delta_top1_mean": difference.interval.mean,
+            "delta_top1_std": difference.interval.std,
             "ci_low": difference.interval.low, "ci_high": difference.interval.high,
             "p_value": difference.p_value, "verdict": difference.verdict,
             "seeds_needed": difference.seeds_needed,
-            "delta_params_m": float((d["params_m"] - s["params_m"]).mean()),
-            "delta_gmac": float((d["gmac"] - s["gmac"]).mean()),
+            # cost does not depend on the seed: the experiments' means, measured with or without pairs
+            "delta_params_m": float(dst_runs["params_m"].mean() - src_runs["params_m"].mean()),
+            "delta_gmac": float(dst_runs["gmac"].mean() - src_runs["gmac"].mean()),
             "speed_ratio": speed.mean() if len(speed) else float("nan"),
         })
         settings.append(src["settings"])

@@ -17,7 +17,8 @@ from ablate.tracking.identity import matches_setting
 from analysis.axes import is_missing
 from analysis.records import completed
 
-__all__ = ["EXPLAINED_BY", "experiments", "one_run_per_seed", "distinguishing_settings", "setting_text"]
+__all__ = ["EXPLAINED_BY", "experiments", "one_run_per_seed", "seed_pairs", "distinguishing_settings",
+           "setting_text"]
 
 # The settings a descriptive column of a table stands for. A setting that differs between rows is
 # left unsaid only when such a column shows it: its value is the same for every row with the same
@@ -48,6 +49,19 @@ def experiments(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for i, key in enumerate(done["experiment"]):
         groups.setdefault(key, []).append(i)
     return [(key, one_run_per_seed(done.iloc[rows])) for key, rows in groups.items()]
+
+
+def seed_pairs(src: pd.DataFrame, dst: pd.DataFrame, column: str
+               ) -> tuple[list[Any], pd.DataFrame, pd.DataFrame, int]:
+    """Two experiments' runs paired by seed: (the seeds both measured `column` for, src's and dst's
+    runs at those seeds (indexed by seed), how many seeds only one side measured).
+
+    A seed of one side only has nothing to be paired with: it is left out of the difference, and the
+    count says so, since a table that pairs 2 of 3 seeds must not read as a 2-seed experiment."""
+    measured = [side[side[column].notna()].set_index("seed") for side in (src, dst)]
+    a, b = (set(side.index) for side in measured)
+    paired = sorted(a & b)
+    return paired, measured[0].loc[paired], measured[1].loc[paired], len(a ^ b)
 
 
 def setting_text(key: str, value: Any) -> str:

@@ -20,8 +20,8 @@ from analysis.axes import is_missing
 from analysis.stats import MAX_SEEDS
 
 __all__ = ["MISSING", "fmt", "plural", "Cell", "number_cell", "interval_cell", "count_cell",
-           "text_cell", "seeds_needed_cell", "experiment_columns", "format_table", "printed_cells",
-           "to_markdown", "to_latex", "to_html", "write_table"]
+           "text_cell", "seeds_needed_cell", "pairs_cell", "experiment_columns", "format_table",
+           "printed_cells", "to_markdown", "to_latex", "to_html", "write_table"]
 
 MISSING = "n/a"  # how an absent number prints (not measured, one seed has no spread, ...)
 
@@ -69,6 +69,8 @@ def _seeds_needed_text(row) -> str:
     if is_missing(needed):
         if row["pairs"] == 1:
             return "needs 2 seeds"
+        if row["pairs"] == 0:  # both sides measured, by no seed in common
+            return "needs paired seeds"
         # tied pairs: a spread of 0 observed, so no count of seeds follows from it
         return "no spread to judge by" if row["delta_top1_std"] == 0 else MISSING
     if needed == float("inf"):
@@ -114,6 +116,24 @@ def count_cell(column: str, unit: str) -> Cell:
     def render(row):
         return MISSING if is_missing(row[column]) else plural(int(row[column]), unit)
     return Cell((column,), render, parse)
+
+
+_UNPAIRED = re.compile(r"\((\d+) unpaired left out\)")
+
+
+def pairs_cell() -> Cell:
+    """The paired seeds of a difference ("3 seeds"), and the seeds of one side only that it leaves out
+    (`unpaired`): "2 seeds (1 unpaired left out)"."""
+    def render(row):
+        text = MISSING if is_missing(row["pairs"]) else plural(int(row["pairs"]), "seed")
+        unpaired = row.get("unpaired", 0)
+        return text if is_missing(unpaired) or not unpaired else f"{text} ({int(unpaired)} unpaired left out)"
+
+    def parse(text):
+        match = _UNPAIRED.search(text)
+        pairs = math.nan if text == MISSING else float(text.split()[0])
+        return [(pairs, 0.0), (float(match.group(1)) if match else 0.0, 0.0)]
+    return Cell(("pairs", "unpaired"), render, parse)
 
 
 def text_cell(column: str) -> Cell:

@@ -114,6 +114,36 @@ def test_tied_pairs_settle_no_claim(mini_store, tmp_path, claim_id, src, to, del
     assert row["verdict"] == "unresolved" and np.isnan(row["seeds_needed"])
     assert printed_claims(pd.DataFrame([row]))["seeds to settle"].iloc[0] == "no spread to judge by"
 
+
+def test_seeds_of_one_side_only_are_counted_and_checked(mini_store, tmp_path):  # noqa: F811
+    """dwconv has seeds 0-2, dynamic_dwconv 0-1: 2 pairs, and the seed left out is said, in the table
+    and its check; at another rate the sides share no seed: a row of 0 pairs, not "not in this store"."""
+    from analysis import write_axis_effects, write_comparison
+    from analysis.claims import write_claims
+
+    late = three_seeds(mini_store, "dynamic_dwconv", BASE + 1, "-lr", **{"optim.lr": 1e-2})
+    for record in late:
+        record["seed"] = record["identity"]["seed"] = record["seed"] + 10
+    records = (three_seeds(mini_store, "dwconv", BASE)
+               + three_seeds(mini_store, "dynamic_dwconv", BASE + 1)[:2]
+               + three_seeds(mini_store, "dwconv", BASE, "-lr", **{"optim.lr": 1e-2}) + late)
+    store = write_store(tmp_path / "store", records)
+    runs = load_runs(store)
+    rows = claims_table(runs)
+    rows = rows[rows["id"] == "dynamic_beats_static"].sort_values("settings").reset_index(drop=True)
+    assert list(rows["pairs"]) == [2, 0] and list(rows["unpaired"]) == [1, 6]
+    assert list(rows["verdict"]) == ["unresolved", "unresolved"]  # 2 pairs of +1 exactly: tied
+    printed = printed_claims(rows)
+    assert list(printed["paired seeds"]) == ["2 seeds (1 unpaired left out)", "0 seeds (6 unpaired left out)"]
+    assert printed["seeds to settle"].iloc[1] == "needs paired seeds"
+    report = tmp_path / "report"
+    write_comparison(runs, report), write_axis_effects(runs, report), write_claims(runs, report)
+    assert check_tables(store, report) > 0
+    claims_md = (report / "claims.md").read_text()
+    (report / "claims.md").write_text(claims_md.replace(" (1 unpaired left out)", "", 1))
+    with pytest.raises(TableMismatch, match="paired seeds"):
+        check_tables(store, report)
+
 def test_sides_pair_only_within_one_context_and_as_the_preset_defines_them(mini_store, tmp_path):  # noqa: F811
     records = (three_seeds(mini_store, "dwconv", BASE)
                + three_seeds(mini_store, "dynamic_dwconv", BASE + PLUS_ONE)

@@ -147,6 +147,30 @@ def test_an_axis_pair_differs_in_its_axis_and_nothing_else(mini_store, tmp_path)
     assert {"95% CI", "verdict", "seeds to resolve", "settings"} <= set(printed.columns)
 
 
+
+def test_an_axis_pair_says_which_seeds_it_could_not_pair(mini_store, tmp_path):  # noqa: F811
+    """dwconv has seeds 0, 1 and 7; dynamic_dwconv 0, 1 and 8: two pairs, and two seeds left out that
+    the row counts (they were dropped unsaid); at another rate no seed is shared: a row of 0 pairs
+    (it vanished)."""
+    records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
+    records = [r for r in records
+               if r["status"] == "completed" and r["preset"] in ("dwconv", "dynamic_dwconv")]
+    extra = [synthetic(r, f"{r['run']}-extra") for r in records if r["seed"] == 0]
+    for r in extra:
+        r["seed"] = r["identity"]["seed"] = 7 if r["preset"] == "dwconv" else 8
+    apart = [synthetic(r, f"{r['run']}-lr", **{"optim.lr": 1e-2}) for r in records]
+    for r in apart:
+        if r["preset"] == "dynamic_dwconv":
+            r["seed"] = r["identity"]["seed"] = r["seed"] + 10
+    effects = axis_effects(load_runs(write_store(tmp_path / "store", records + extra + apart)))
+    effects = effects.sort_values("settings").reset_index(drop=True)
+    assert list(effects["pairs"]) == [2, 0] and list(effects["unpaired"]) == [2, 4]
+    printed = printed_effects(effects)
+    assert list(printed["paired seeds"]) == ["2 seeds (2 unpaired left out)", "0 seeds (4 unpaired left out)"]
+    assert printed["verdict"].iloc[1] == "unresolved"
+    assert printed["seeds to resolve"].iloc[1] == "needs paired seeds"
+    assert np.isclose(effects["delta_params_m"].iloc[1], effects["delta_params_m"].iloc[0])
+
 def test_a_bf16_twin_is_a_precision_flip_paired_by_seed(mini_store, tmp_path):  # noqa: F811
     """The same experiment in bf16 pairs with its default (auto) twin as a `precision` flip, seed by
     seed; bf16 runs of two operators do not pair across operators and precisions at once."""
