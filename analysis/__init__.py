@@ -12,7 +12,7 @@ claims of claims.yaml, with verdicts), figure2, cost, weights, check, report.
 from analysis.check import TableMismatch, check_tables
 from analysis.claims import claims_table, load_claims, write_claims
 from analysis.comparison import ACCURACY, comparison_table, printed_comparison, write_comparison
-from analysis.cost import pareto_front, plot_cost
+from analysis.cost import pareto_front, pareto_fronts, plot_cost
 from analysis.effects import axis_effects, printed_effects, write_axis_effects
 from analysis.figure2 import figure2_data, plot_figure2
 from analysis.records import COLUMNS, completed, load_runs, row_from_record
@@ -22,7 +22,8 @@ from analysis.weights import WeightMaps, plot_weights, select_weight_runs, weigh
 __all__ = [
     "ACCURACY", "COLUMNS", "TableMismatch", "WeightMaps", "axis_effects", "check_tables", "claims_table",
     "comparison_table", "load_claims", "write_claims",
-    "completed", "figure2_data", "load_runs", "load_wandb_runs", "pareto_front", "plot_cost", "plot_figure2",
+    "completed", "figure2_data", "load_runs", "load_wandb_runs", "pareto_front", "pareto_fronts", "plot_cost",
+    "plot_figure2",
     "plot_weights", "printed_comparison", "printed_effects", "record_from_wandb", "render_report",
     "row_from_record", "row_from_wandb_run", "select_weight_runs", "weight_maps", "weight_variation",
     "write_axis_effects", "write_comparison",

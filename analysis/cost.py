@@ -2,7 +2,9 @@
 
 An operator is worth its cost only if no other one is at least as accurate and at least as cheap:
 those undominated operators form the Pareto front. Points are the comparison table's rows (means
-over seeds), so the plot and the table always agree.
+over seeds), so the plot and the table always agree. Accuracies are comparable only when measured on
+the same test data after the same training (data, epochs, training images): a store that holds
+several such contexts gets one front per context, never one across them.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pandas as pd
 from analysis.comparison import ACCURACY, comparison_table
 from analysis.plotting import new_figure, save_figure
 
-__all__ = ["pareto_front", "plot_cost", "COST_PANELS"]
+__all__ = ["pareto_front", "pareto_fronts", "plot_cost", "COST_PANELS", "CONTEXT"]
 
 # (x column, axis label, which x is better)
 COST_PANELS = (("gmac", "GMAC per image", "lower"), ("train_samples_per_s", "training images / s", "higher"))
@@ -41,6 +43,23 @@ def pareto_front(frame: pd.DataFrame, x: str, y: str, x_better: str = "lower",
     return pd.Series(front, index=frame.index, dtype=bool)
 
 
+# the comparison table's columns within which accuracies are comparable (not the model: a larger
+# model for more GMAC is the trade-off a front shows)
+CONTEXT = ("data", "epochs", "train_size")
+
+
+def pareto_fronts(table: pd.DataFrame, x: str, y: str, x_better: str = "lower") -> pd.Series:
+    """pareto_front within each CONTEXT of the table (one context: the front of all rows)."""
+    front = pd.Series(False, index=table.index, dtype=bool)
+    for _, rows in table.groupby(list(CONTEXT), dropna=False, sort=False):
+        front[rows.index] = pareto_front(rows, x, y, x_better=x_better)
+    return front
+
+
+def _context_text(row) -> str:
+    return f"{row['data']}, {row['epochs']} epochs, {row['train_size']} images"
+
+
 def _labels(table: pd.DataFrame) -> list[str]:
     """Operator names, with model, data and the distinguishing settings where the table mixes several."""
     labels = []
@@ -60,8 +79,9 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
     labels = _labels(table)
     fig = new_figure((11, 4.6))
     axes = fig.subplots(1, len(COST_PANELS))
+    contexts = table.groupby(list(CONTEXT), dropna=False, sort=False)
     for ax, (x, xlabel, better) in zip(axes, COST_PANELS):
-        front = pareto_front(table, x, "top1_mean", x_better=better)
+        front = pareto_fronts(table, x, "top1_mean", x_better=better)
         for i, row in table.iterrows():
             on_front = bool(front.iloc[i])
             # the 95% interval of the mean; one seed has none (no bar, not a bar of 0)
@@ -72,10 +92,13 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
                         markeredgecolor="black" if on_front else "none", capsize=2)
             ax.annotate(labels[i], (row[x], row["top1_mean"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
-        edge = table[front].sort_values(x)
-        if len(edge):
-            ax.plot(edge[x], edge["top1_mean"], "--", color="black", linewidth=1,
-                    label="Pareto front", zorder=1)
+        for k, (_, rows) in enumerate(contexts):
+            edge = rows[front[rows.index]].sort_values(x)
+            if len(edge):
+                name = "Pareto front" + (f" ({_context_text(edge.iloc[0])})" if contexts.ngroups > 1 else "")
+                ax.plot(edge[x], edge["top1_mean"], ("--", ":", "-.")[k % 3], color="black", linewidth=1,
+                        label=name, zorder=1)
+        if front.any():
             ax.legend(fontsize=8, loc="lower right")
         ax.set_xlabel(f"{xlabel} ({better} is better)")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")

@@ -26,6 +26,7 @@ from analysis import (
     figure2_data,
     load_runs,
     pareto_front,
+    pareto_fronts,
     plot_figure2,
     row_from_record,
     row_from_wandb_run,
@@ -357,6 +358,16 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front(frame.iloc[:0], "gmac", "acc").tolist() == []
     with pytest.raises(ValueError):
         pareto_front(frame, "gmac", "acc", x_better="smaller")
+
+
+def test_pareto_fronts_compare_only_rows_of_one_context():
+    """A CIFAR-10 row is not 'dominated' by a cheaper, more accurate Fashion-MNIST row: accuracies
+    on different test data (or after other training) are not comparable."""
+    table = pd.DataFrame({"data": ["fashion_mnist", "fashion_mnist", "cifar10", "fashion_mnist"],
+                          "epochs": [3, 3, 3, 1], "train_size": [5000] * 4,
+                          "gmac": [1.0, 2.0, 3.0, 4.0], "top1_mean": [90.0, 85.0, 60.0, 70.0]})
+    assert pareto_front(table, "gmac", "top1_mean").tolist() == [True, False, False, False]
+    assert pareto_fronts(table, "gmac", "top1_mean").tolist() == [True, False, True, True]
 
 
 def test_cost_plot_files(report):
