@@ -189,6 +189,18 @@ def test_learned_mask_attention_in_chunks_is_autograds_composition(monkeypatch, 
     torch.autograd.gradcheck(lambda *a: attention.attend(*a, n), (q, k, v, mask))
 
 
+@pytest.mark.parametrize("masks", [2, 1])
+def test_learned_mask_attention_double_backward_is_autograds(monkeypatch, masks):
+    """The chunked backward saves the softmax as a constant: differentiated again (create_graph) it
+    dropped the softmax's dependence on q, k and the mask, a silently wrong second derivative (a
+    gradient penalty, say). Under create_graph it must be autograd's composition."""
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 20)
+    n, windows, g, t, d = 2, 2, 1, 4, 3
+    q, k, v = (torch.randn(n * windows, g, t, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.randn(masks, g, t, t, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *a: attention.attend(*a, n), (q, k, v, mask))
+
+
 @pytest.mark.parametrize("res,shifted", [((14, 14), False), ((14, 14), True), ((9, 11), True),
                                          ((5, 6), False)])
 def test_window_rows_are_the_partition_and_merge_is_its_inverse(res, shifted):
@@ -488,6 +500,17 @@ def test_compiled_forms_match_reference(monkeypatch):
     for got, want in zip(torch.autograd.grad(y, (xk, wk), torch.ones_like(y)),
                          torch.autograd.grad(ry, (xk, wk), torch.ones_like(ry))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_forms_double_backward(eager_forms):
+    """The forms' backward read a padded copy of x made inside forward, cut off from x's graph: the
+    weight gradient's own gradient in x was silently zero (create_graph, a gradient penalty)."""
+    x = torch.randn(2, 2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, 9, 4, 5, dtype=torch.float64, requires_grad=True)  # shared over the batch
+    assert torch.autograd.gradgradcheck(lambda a, b: cpu.position_aggregate(a, b, 3), (x, w))
+    xk = torch.randn(2, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+    wk = torch.randn(2, 2, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: cpu.kernel_aggregate(a, b, 3), (xk, wk))
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):

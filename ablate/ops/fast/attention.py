@@ -114,13 +114,22 @@ class _LearnedMaskAttention(torch.autograd.Function):
             torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place: row by row
             probs.append(s)
             y[im, ..., rows, :] = torch.matmul(s, v[im])
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_backward(q, k, v, mask)
         ctx.chunks, ctx.probs, ctx.mask_shape = chunks, probs, mask.shape
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        q, k, v = ctx.saved_tensors
+        q, k, v, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the gradients will be differentiated again
+            # the chunks hold the softmax as a constant and write in place: differentiated, they
+            # would lose its dependence on q, k and the mask. Autograd's composition keeps it.
+            inputs = (q, k, v, mask)
+            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+            with torch.enable_grad():
+                y = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).add(mask).softmax(-1), v)
+            grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
+            return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
         gq, gk, gv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         gmask = q.new_zeros(ctx.mask_shape, dtype=torch.promote_types(q.dtype, torch.float32))
         for (im, rows), p in zip(ctx.chunks, ctx.probs):

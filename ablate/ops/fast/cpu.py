@@ -181,21 +181,22 @@ _KERNEL = _Form(kernel_forward, _flipped_kernel_forward, kernel_weight_grad)
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, k, form):
-        xp = _pad(x, k // 2)
-        ctx.save_for_backward(xp, w)
+        # x itself is saved and padded again in backward: a padded copy made here has no graph back
+        # to x, so the weight gradient's own gradient in x (double backward) would be silently zero
+        ctx.save_for_backward(x, w)
         ctx.k, ctx.form, ctx.x_shape = k, form, x.shape
-        return form.forward(xp, w, k).to(x.dtype)
+        return form.forward(_pad(x, k // 2), w, k).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        xp, w = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         k, form = ctx.k, ctx.form
         gy = gy.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _sum_to(form.input_grad(_pad(gy, k // 2), w, k), ctx.x_shape).to(xp.dtype)
+            gx = _sum_to(form.input_grad(_pad(gy, k // 2), w, k), ctx.x_shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _sum_to(form.weight_grad(gy, xp, k), w.shape).to(w.dtype)
+            gw = _sum_to(form.weight_grad(gy, _pad(x, k // 2), k), w.shape).to(w.dtype)
         return gx, gw, None, None
 
 
