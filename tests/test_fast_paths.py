@@ -436,6 +436,18 @@ def test_native_kernels_gradcheck_in_float64(shape):
 
 
 @requires_native
+@pytest.mark.parametrize("shape", [NATIVE_SHAPES[0], NATIVE_SHAPES[4]])
+def test_native_kernels_double_backward_in_float64(shape):
+    """The gradients are operators too (a gradient penalty differentiates them again, as the
+    reference's are): gradgradcheck of aggregate (per-image and shared weights) and correlate."""
+    k = shape[5]
+    x, weights = _native_operands(*shape, torch.float64, position_major=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: native.aggregate(a, b, k), (x, weights))
+    b = torch.randn_like(x).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda a, c: native.correlate(a, c, k), (x, b))
+
+
+@requires_native
 def test_native_kernels_refuse_operands_of_another_map():
     """They read by pointer: weights of a 6 x 6 map at a 12 x 12 map's positions were read past their
     end (a result, no error)."""

@@ -268,8 +268,53 @@ def _correlate_grad(ctx, gl):
     return ga, gb, None
 
 
+# The gradients' own gradients (double backward: a gradient penalty, a Hessian-vector product). All
+# three are bilinear forms of aggregate y = A(x, w): scatter S(gy, w) is its transpose in x and
+# weight_grad Wg(gy, x) its gradient in w, so <S(gy, w), u> = <A(u, w), gy> = <Wg(gy, u), w>, and
+# each derivative is another of the same kernels.
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:-1])
+    ctx.k = inputs[-1]
+
+
+def _scatter_grad(ctx, ggx):
+    gy, w = ctx.saved_tensors
+    k, ggx = ctx.k, ggx.contiguous()
+    ggy = _aggregate_op(ggx, w, k) if ctx.needs_input_grad[0] else None
+    gw = _weight_grad_op(gy, ggx, w, k) if ctx.needs_input_grad[1] else None
+    return ggy, gw, None
+
+
+def _weight_grad_grad(ctx, ggw):
+    gy, x, w = ctx.saved_tensors
+    k, ggw = ctx.k, _dense(ggw)
+    ggy = _aggregate_op(x, ggw, k) if ctx.needs_input_grad[0] else None
+    gx = _scatter_op(gy, ggw, k) if ctx.needs_input_grad[1] else None
+    return ggy, gx, None, None  # w gives the gradient's layout only
+
+
+def _aggregate_backward_grad(ctx, ggx, ggw):
+    gy, x, w = ctx.saved_tensors
+    k = ctx.k
+    ggx = None if ggx is None else ggx.contiguous()
+    ggw = None if ggw is None else _dense(ggw)
+    ggy = gx = gw = None
+    if ctx.needs_input_grad[0]:
+        parts = ([] if ggx is None else [_aggregate_op(ggx, w, k)]) + \
+                ([] if ggw is None else [_aggregate_op(x, ggw, k)])
+        ggy = sum(parts[1:], parts[0]) if parts else None
+    if ctx.needs_input_grad[1] and ggw is not None:
+        gx = _scatter_op(gy, ggw, k)
+    if ctx.needs_input_grad[2] and ggx is not None:
+        gw = _weight_grad_op(gy, ggx, w, k)
+    return ggy, gx, gw, None
+
+
 _aggregate_op.register_autograd(_aggregate_grad, setup_context=_save_operands)
 _correlate_op.register_autograd(_correlate_grad, setup_context=_save_operands)
+_scatter_op.register_autograd(_scatter_grad, setup_context=_save_all)
+_weight_grad_op.register_autograd(_weight_grad_grad, setup_context=_save_all)
+_aggregate_backward_op.register_autograd(_aggregate_backward_grad, setup_context=_save_all)
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
