@@ -93,6 +93,25 @@ def test_the_fastest_is_chosen_once_and_shared_through_the_file(fresh, monkeypat
     assert timed == ["per-instance"] and len(json.loads(fresh.read_text())) == 2
 
 
+def test_a_default_taken_untried_that_fails_falls_back_to_the_next_candidate(fresh, monkeypatch):
+    """Under inference mode nothing is timed: the first candidate is taken untried. Where it refuses
+    the call, the next one runs it and is kept for that call's shapes; where all fail, the first's
+    error is raised."""
+    def picky(layout, x, w):
+        raise RuntimeError("kernel refuses this shape")
+
+    table = {"fast but picky": picky, "plain": routes.CANDIDATES["per-instance"]["batch-folded conv"]}
+    monkeypatch.setitem(routes.CANDIDATES, "probe", table)
+    x, w = _weights("per-instance")
+    with torch.inference_mode():
+        torch.testing.assert_close(routes.run("probe", LAYOUT, x, w), LAYOUT.aggregate(x, w))
+    assert routes._calls[routes._call("probe", LAYOUT, (x, w))] == "plain"
+    assert list(routes.used().values()) == ["plain"]
+    monkeypatch.setitem(routes.CANDIDATES, "probe", {"fast but picky": picky, "also picky": picky})
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="refuses this shape"):
+        routes.run("probe", LAYOUT, x[:1], w[:1])
+
+
 def test_without_timing_a_form_takes_its_first_candidate(fresh, monkeypatch):
     """ABLATE_TUNE_ROUTES=0 (or the CPU): no timing; a name the file holds that this version's table
     does not know is ignored, not trusted."""

@@ -390,8 +390,27 @@ def choose(form: str, layout, *operands: torch.Tensor | None) -> str:
 
 
 def run(form: str, layout, *operands: torch.Tensor | None) -> torch.Tensor:
-    """`form` on these operands through the chosen candidate."""
-    return CANDIDATES[form][choose(form, layout, *operands)](layout, *operands)
+    """`form` on these operands through the chosen candidate. A choice made without trying it (the
+    default under inference mode or with timing off) that fails on these operands falls back, in
+    eager code, to the form's next candidates; the one that runs is kept for the call's shapes (what
+    compiled code then looks up). Where every candidate fails, the chosen one's error is raised."""
+    name = choose(form, layout, *operands)
+    if torch.compiler.is_compiling():
+        return CANDIDATES[form][name](layout, *operands)
+    try:
+        return CANDIDATES[form][name](layout, *operands)
+    except Exception as first_error:  # noqa: BLE001  a kernel that refuses this call is no choice
+        for other in (n for n in runnable(form) if n != name):
+            try:
+                y = CANDIDATES[form][other](layout, *operands)
+            except Exception:  # noqa: BLE001, S112  the next one, then the first error
+                continue
+            log.warning("routes: %s failed on %s %s (%s: %s); %s ran it instead", name, form,
+                        _describe(_first(operands)), type(first_error).__name__, first_error, other)
+            call, key = _call(form, layout, operands), _key(form, layout, operands)
+            _calls[call], _call_keys[call], _used[key] = other, key, other
+            return y
+        raise
 
 
 def aggregate(layout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
