@@ -50,7 +50,7 @@ from ablate.tasks import Task, task_of
 from ablate.tasks.classification import Classification
 from ablate.tracking import CheckpointError, RunLocked, RunStore, WandbMirror, scrub
 from ablate.tracking.identity import IdentityConflict
-from ablate.tracking.wandb_logger import summary_of
+from ablate.tracking.wandb_logger import resolve_mode, summary_of
 
 __all__ = ["train", "train_one_epoch", "Diverged", "print_results"]
 
@@ -335,6 +335,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     t = cfg.trainer
     check_train_config(cfg)  # every field in its range (ablate/schema.py), before anything is built
+    if cfg.logger.name == "wandb":
+        resolve_mode(cfg.logger.mode)  # WANDB_MODE too: a mode W&B lacks, before the run folder is made
     store = RunStore(run_folder(cfg))
     # then: a folder that holds another experiment is neither trained, resumed nor reported as this
     # run (every rank reads; only rank 0's folder has files)

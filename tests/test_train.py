@@ -245,6 +245,15 @@ def test_a_mode_wandb_does_not_know_is_bad_input_naming_where_it_was_set(monkeyp
     assert resolve_mode("online") == "offline"
 
 
+def test_an_unknown_wandb_mode_is_refused_before_the_run_folder_is_made(tmp_path, monkeypatch):
+    from ablate.errors import ConfigError
+
+    monkeypatch.setenv("WANDB_MODE", "foo")
+    with pytest.raises(ConfigError, match="WANDB_MODE=foo"):
+        train(cfg_for(tmp_path, "logger=wandb"))
+    assert not any(p.is_file() for p in tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
 def test_an_unreachable_wandb_server_does_not_stop_training(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
