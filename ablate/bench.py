@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import ablate  # noqa: F401  (registers the operators)
 from ablate.cli import run_cli
 from ablate.distributed import checked_device
+from ablate.errors import at_least
 from ablate.models.backbone import SIZES, stage_geometry
 from ablate.ops.fast import routes
 from ablate.ops.mixer import SpatialMixer, apply_backend
@@ -921,20 +922,6 @@ def run(args: BenchArgs) -> dict:
     return {"operators": ops, "models": models, "profile": profiled, "meta": meta, "paths": paths}
 
 
-def _at_least(low: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an integer >= low, else argparse's line naming the flag (exit 2). A 0 must
-    not reach `args.batch or default`, which would silently run the default instead."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (an integer >= {low})")
-        return value
-    return parse
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ablate.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
@@ -949,11 +936,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     p.add_argument("--ops", nargs="+", default=list(OPERATORS), choices=list(OPERATORS))
     p.add_argument("--models", nargs="+", default=list(PRESETS), choices=[*PRESETS, "swin_tiny"])
-    p.add_argument("--batch", type=_at_least(1, "a batch size"),
+    p.add_argument("--batch", type=at_least(1, "a batch size"),
                    help="operator batch (default: 32 CPU / 128 GPU at tiny, 128 micro)")
-    p.add_argument("--model-batch", type=_at_least(1, "a batch size"),
+    p.add_argument("--model-batch", type=at_least(1, "a batch size"),
                    help="model batch (default: 8 CPU / 128 GPU at tiny, 128 micro)")
-    p.add_argument("--rounds", type=_at_least(1, "a number of rounds"),
+    p.add_argument("--rounds", type=at_least(1, "a number of rounds"),
                    help="timed rounds (default: 3 CPU (models 2), 10 GPU, 2 quick)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on a GPU, fp32 on the CPU")
@@ -963,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the CPU)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="the train step's optimizer (adamw: fused on a GPU)")
-    p.add_argument("--prewarm", type=_at_least(0, "a number of processes"),
+    p.add_argument("--prewarm", type=at_least(0, "a number of processes"),
                    help="processes that compile the models' kernels before the "
                    "eager rounds (every route candidate's) and the compiled ones (the graphs) (default: 4 "
                    "on a GPU, 0 on the CPU)")

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "signals_deferred", "signals_raise",
-           "stop_children"]
+__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "at_least", "signals_deferred",
+           "signals_raise", "stop_children"]
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4,
               "interrupted": 128 + signal.SIGINT, "terminated": 128 + signal.SIGTERM}
@@ -30,6 +30,22 @@ class BadInput(Exception):
 
 class ConfigError(BadInput, ValueError):
     """Config values out of range or in conflict: every one named, with what to set instead."""
+
+
+def at_least(low: int, what: str):
+    """An argparse type for the commands' flags: an integer >= low, else argparse's line naming the
+    flag (exit 2). A 0 must not reach `args.batch or default`, which would silently run the default."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (an integer >= {low})")
+        return value
+    return parse
 
 
 class Interrupted(BaseException):

@@ -39,7 +39,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ablate.errors import BadInput
+from ablate.errors import BadInput, at_least
 from ablate.models.backbone import AblateNet
 from ablate.models.blocks import LN_EPS
 from ablate.models.roi_align import RoIAlignPyramid
@@ -309,22 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     from ablate.models.zoo import create
     from ablate.space.presets import PRESETS
 
-    def positive(what: str):
-        def parse(text: str) -> int:
-            if not text.isdigit() or int(text) < 1:
-                raise argparse.ArgumentTypeError(f"{text!r} is not {what} (an integer >= 1)")
-            return int(text)
-        return parse
-
     p = argparse.ArgumentParser(prog="python -m ablate.models.dense",
                                 description=main.__doc__.splitlines()[0])
     p.add_argument("--task", choices=["detection", "segmentation"], default="detection")
     # choices: a misspelt name is refused in a line (exit 2), not a KeyError from the zoo
     p.add_argument("--operator", choices=list(PRESETS), default="dwconv")
     p.add_argument("--size", choices=list(SIZES), default="tiny")
-    p.add_argument("--input", nargs=2, type=positive("a side in pixels"), metavar=("H", "W"),
+    p.add_argument("--input", nargs=2, type=at_least(1, "a side in pixels"), metavar=("H", "W"),
                    help="default: 800 1280 (detection), 512 2048 (segmentation)")
-    p.add_argument("--classes", type=positive("a number of classes"), help="default: 80 (COCO), 150 (ADE20K)")
+    p.add_argument("--classes", type=at_least(1, "a number of classes"),
+                   help="default: 80 (COCO), 150 (ADE20K)")
     a = p.parse_args(argv)
     detection = a.task == "detection"
     hw = tuple(a.input or ((800, 1280) if detection else (512, 2048)))
