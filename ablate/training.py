@@ -475,22 +475,25 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                    "elapsed_s": time.perf_counter() - run_start}
             # the best epoch by the task's validation metric (without a validation split: the latest)
             primary = f"val_{task.primary}"
-            if best is None or not row[primary] <= best[primary]:
-                best = {k: row[k] for k in ("epoch", *_measured(task))}
-            history.append(row)
+            now_best = (best if best is not None and row[primary] <= best[primary]
+                        else {k: row[k] for k in ("epoch", *_measured(task))})
             # the row, its checkpoint and the count of checkpointed epochs together: Ctrl-C waits for
             # all three (a signal held during the writes arrives as the block ends, and the message it
-            # prints must count the checkpoint just written)
+            # prints must count the checkpoint just written). The epoch joins the record's history only
+            # once its checkpoint is saved: a save that fails (a full disk) leaves a record of the
+            # epochs a resume starts from, not one more.
             with signals_deferred():
                 if dist.is_main:
                     store.append_metrics(row)
                     store.save_checkpoint({
                         "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
                         "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
-                        "epoch": epoch + 1, "step": step, "best": best, "elapsed_s": row["elapsed_s"],
+                        "epoch": epoch + 1, "step": step, "best": now_best, "elapsed_s": row["elapsed_s"],
                         "world_size": dist.world_size, "identity": identity,
                         # the rows of metrics.jsonl so far: a resume restores the file from them
-                        "history": history})
+                        "history": [*history, row]})
+                history.append(row)
+                best = now_best
                 checkpointed = epoch + 1
             wandb_run.log({k: v for k, v in row.items() if k != "epoch" and v is not None}
                           | {"epoch": epoch + 1}, step=step)

@@ -163,6 +163,31 @@ def test_a_full_disk_leaves_no_half_written_file(tmp_path, monkeypatch):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+def test_a_disk_that_fills_mid_run_records_only_the_checkpointed_epochs(tmp_path, monkeypatch):
+    """The second epoch's checkpoint fails to save: the record (status failed, the disk named) counts
+    one epoch, its final and best numbers are epoch 0's, as the checkpoint a resume starts from holds;
+    the same command then trains epoch 1 again and completes."""
+    cfg = cfg_for(tmp_path, "logger=none", "schedule.epochs=2")
+    real = RunStore.save_checkpoint
+
+    def fills_at_epoch_2(self, state):
+        if state["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, state)
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", fills_at_epoch_2)
+    record = train(cfg)
+    store = RunStore(run_folder(cfg))
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    kept = store.load_checkpoint()
+    assert kept["epoch"] == 1 and record["epochs_done"] == 1
+    assert record["best_epoch"] == 0 and record["final_val_top1"] == kept["history"][-1]["val_top1"]
+    monkeypatch.undo()
+    resumed = train(cfg)
+    assert resumed["status"] == "completed" and resumed["epochs_done"] == 2
+    assert [r["epoch"] for r in store.read_metrics()] == [0, 1]
+
+
 def test_preflight_names_the_problem_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="is a file, not a folder.*trainer.results_root"):
