@@ -206,6 +206,24 @@ def test_seeds_of_two_code_versions_are_not_pooled_without_saying_so(repository,
     assert "2 older run(s) left out" in (newest / "index.md").read_text()
 
 
+def test_a_commit_keeps_its_fingerprint_after_the_rule_leaves_out_more(repository):
+    """A module that joins NOT_IN_RUNS later changes the fingerprint of the code from then on, not of
+    the commits before: `fingerprint_at` applies each commit's own list, so the fingerprints their runs
+    recorded (and the committed reports name) are still found at their commits."""
+    code_file = repository / "ablate" / "tracking" / "code.py"
+    current = code_file.read_text()
+    assert '"gpu_compile.py", ' in current
+    code_file.write_text(current.replace('"gpu_compile.py", ', "", 1))  # the rule before gpu_compile joined
+    git(repository, "commit", "-q", "-am", "the older rule")
+    recorded = _run(repository, "-m", "ablate.tracking.code")
+    assert recorded.returncode == 0, recorded.stderr
+    recorded = json.loads(recorded.stdout)["fingerprint"]
+    code_file.write_text(current)
+    git(repository, "commit", "-q", "-am", "gpu_compile.py joins the modules no run imports")
+    assert fingerprint_at("HEAD~1", repository) == recorded
+    assert fingerprint_at("HEAD", repository) == fingerprint(repository / "ablate") != recorded
+
+
 @pytest.mark.parametrize("report", ["demo", "study", "downstream"])
 def test_the_committed_reports_name_the_code_that_made_them(report):
     """A committed report names a code fingerprint and commit, and that commit's package sources have

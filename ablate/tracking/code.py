@@ -11,13 +11,16 @@ Every record carries `code_identity()`:
 
 Left out of the fingerprint are the modules that only measure, check or drive commands and never run
 inside a training run (`NOT_IN_RUNS`; tests/test_code_identity.py checks that a run imports none of
-them), so that editing the benchmark does not make every result "other code".
+them), so that editing the benchmark does not make every result "other code". The list is read from
+each commit's own copy of this file when a commit's fingerprint is computed: a module added to it
+later leaves the fingerprints that earlier commits' runs recorded findable.
 
     python -m ablate.tracking.code            # this checkout's code identity
     python -m ablate.tracking.code <commit>   # the fingerprint of a commit's package sources
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -30,16 +33,16 @@ __all__ = ["INSTALLED_AT", "NOT_IN_RUNS", "code_identity", "fingerprint", "finge
 PACKAGE = Path(__file__).resolve().parent.parent  # the `ablate` package folder
 SUFFIXES = (".py", ".c")
 # measuring, checking and command-line modules: never imported by a training run
-NOT_IN_RUNS = ("bench.py", "gpu_check.py", "measure.py", "reliability.py", "models/geometry.py",
-               "ops/fast/selfcheck.py")
+NOT_IN_RUNS = ("bench.py", "gpu_check.py", "gpu_compile.py", "measure.py", "reliability.py",
+               "models/geometry.py", "ops/fast/selfcheck.py", "ops/fast/triton_target.py")
 
 # package folders that `pip install .` puts elsewhere (pyproject's [tool.setuptools.package-dir]):
 # Hydra finds plugins only under `hydra_plugins`. An installed copy of a commit must have its fingerprint.
 INSTALLED_AT = {"sweep/hydra_plugin": "hydra_plugins/ablate_sweeper"}
 
 
-def _counted(relative: str) -> bool:
-    return relative.endswith(SUFFIXES) and relative not in NOT_IN_RUNS and "__pycache__" not in relative
+def _counted(relative: str, left_out: tuple[str, ...] = NOT_IN_RUNS) -> bool:
+    return relative.endswith(SUFFIXES) and relative not in left_out and "__pycache__" not in relative
 
 
 def _digest(files: list[tuple[str, bytes]]) -> str:
@@ -79,16 +82,30 @@ def fingerprint_at(commit: str, repo: Path = PACKAGE.parent) -> str | None:
     listing = _git("ls-tree", "-r", "--name-only", commit, "--", "ablate", cwd=repo)
     if listing is None:
         return None
+    left_out = _left_out_at(commit, repo)
     files = []
     for name in listing.splitlines():
         relative = name[len("ablate/"):]
-        if _counted(relative):
+        if _counted(relative, left_out):
             done = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:{name}"], capture_output=True,
                                   timeout=20)
             if done.returncode != 0:
                 return None
             files.append((relative, done.stdout))
     return _digest(files)
+
+
+def _left_out_at(commit: str, repo: Path) -> tuple[str, ...]:
+    """NOT_IN_RUNS as this file said it at `commit`: the rule that commit's runs were fingerprinted by
+    (the current list where the commit's file has none it can read)."""
+    source = _git("show", f"{commit}:ablate/tracking/code.py", cwd=repo)
+    try:
+        for node in ast.parse(source or "").body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NOT_IN_RUNS" for t in node.targets):
+                return tuple(ast.literal_eval(node.value))
+    except (SyntaxError, ValueError):
+        pass
+    return NOT_IN_RUNS
 
 
 def _changed(status_line: str) -> str:
