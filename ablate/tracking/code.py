@@ -101,7 +101,8 @@ def _left_out_at(commit: str, repo: Path) -> tuple[str, ...]:
     source = _git("show", f"{commit}:ablate/tracking/code.py", cwd=repo)
     try:
         for node in ast.parse(source or "").body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NOT_IN_RUNS" for t in node.targets):
+            names = [getattr(target, "id", None) for target in getattr(node, "targets", ())]
+            if isinstance(node, ast.Assign) and "NOT_IN_RUNS" in names:
                 return tuple(ast.literal_eval(node.value))
     except (SyntaxError, ValueError):
         pass
