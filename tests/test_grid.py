@@ -361,3 +361,31 @@ def test_a_map_of_another_size_is_refused_or_computed_exactly(name, backend):
         else:
             with pytest.raises(ValueError, match=r"img_size"):
                 model(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("name, dim, cpg", [("dwconv", 10, 4), ("local_attention", 48, 32),
+                                            ("local_mlp", 32, 0)])
+def test_a_mixer_given_channels_per_group_that_does_not_divide_its_width_is_refused(name, dim, cpg):
+    """`SpatialMixer(..., channels_per_group=)` is the rules' business as the spec's own value is:
+    4 at width 10 built 2 groups of 5 channels and 32 at width 48 one head of 48, silently, and 0
+    divided by zero."""
+    spec = PRESETS[name].at_window(3)
+    refused = rf"channels_per_group={cpg} does not divide the width {dim}"
+    with pytest.raises(InvalidOperatorError, match=refused):
+        SpatialMixer(spec, dim, (6, 6), channels_per_group=cpg)
+    assert SpatialMixer(spec, 48, (6, 6), channels_per_group=16).groups == 3  # one that divides
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_effective_weights_of_a_map_of_another_size_are_refused_as_forward_refuses_it(name):
+    """The weights a layer laid out for one map would apply to another are no weights it applies:
+    `effective_weights` refuses the map as forward does (it failed inside a reshape, or read
+    per-position weights of the wrong map), and a layer that takes any map shows its weights there."""
+    spec = PRESETS[name].at_window(2 if PRESETS[name].spec.connectivity.kind == "window" else 3)
+    mixer = SpatialMixer(spec, 32, (4, 8)).eval()
+    x = torch.randn(1, 32, 6, 6)
+    if mixer.size_bound:
+        with pytest.raises(ValueError, match=r"built for a 4x8 map.*got a 6x6"):
+            mixer.effective_weights(x, [(1, 1)])
+    else:
+        assert mixer.effective_weights(x, [(1, 1)]).shape == (1, mixer.groups, 1, 6, 6)

@@ -43,8 +43,12 @@ class SpatialMixer(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if channels_per_group is None:
-            (channels_per_group,) = validate(spec, [dim], [tuple(resolution)])
+        # a value given here is the spec's channel sharing for this width (AblateNet's per stage):
+        # the rules check it as they check the spec's own, so one that does not divide `dim` is refused
+        # (it built dim // channels_per_group groups of another width, silently)
+        own = spec if channels_per_group is None else spec.with_axes(
+            channels_per_group=channels_per_group, groups=None)
+        (channels_per_group,) = validate(own, [dim], [tuple(resolution)])
         self.spec, self.dim, self.channels_per_group = spec, dim, channels_per_group
         self.groups = dim // channels_per_group
         conn = replace(spec.connectivity, shift=spec.connectivity.shift and shifted)
@@ -75,12 +79,7 @@ class SpatialMixer(nn.Module):
         block's form (values, queries and keys all from its normed input), which lets the fast path
         compute them with one GEMM as Swin's qkv does.
         """
-        if self.size_bound and tuple(x.shape[-2:]) != self.layout.resolution:
-            (h, w), (hx, wx) = self.layout.resolution, x.shape[-2:]
-            raise ValueError(f"this {type(self).__name__} ({self.layout.kind} {self.spec.dynamic.kind}, "
-                             f"spatial {self.spec.sharing.spatial}) is built for a {h}x{w} map and got a "
-                             f"{hx}x{wx} one: its layer is laid out for one input size; build the model "
-                             "for this input (img_size) or resize the input to the model's img_size")
+        self._check_size(x)
         context = x if context is None else context
         fast_path = resolve(self.backend) == "fast"
         y = fast.fused_forward(self, x, context, value_proj) if fast_path else None
@@ -91,6 +90,14 @@ class SpatialMixer(nn.Module):
             if y is None:  # the reference (or no fast path for this device, dtype and size)
                 y = self.layout.aggregate(values, w)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if self.size_bound and tuple(x.shape[-2:]) != self.layout.resolution:
+            (h, w), (hx, wx) = self.layout.resolution, x.shape[-2:]
+            raise ValueError(f"this {type(self).__name__} ({self.layout.kind} {self.spec.dynamic.kind}, "
+                             f"spatial {self.spec.sharing.spatial}) is built for a {h}x{w} map and got a "
+                             f"{hx}x{wx} one: its layer is laid out for one input size; build the model "
+                             "for this input (img_size) or resize the input to the model's img_size")
 
     @torch.no_grad()
     def _weights(self, x, context):
@@ -110,6 +117,7 @@ class SpatialMixer(nn.Module):
         operator's own aggregation (the derivative of y_i by x_j with the weights held fixed), so it
         shows exactly what forward applies.
         """
+        self._check_size(x)  # what forward refuses has no weights to show
         w = self._weights(x, context)
         with torch.enable_grad():
             xv = x.detach().clone().requires_grad_(True)
