@@ -100,3 +100,27 @@ def test_every_preset_compiles_on_gpu_equal_to_eager(preset, true_float32):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-4)
+
+
+# the presets whose CPU path is an autograd.Function of ablate's own (the others take tens of seconds
+# each to export, so they run with the slow tests)
+_OWN_FUNCTION = ("global_attention", "local_attention")
+
+
+@pytest.mark.parametrize("preset", [p if p in _OWN_FUNCTION else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in sorted(PRESETS)])
+def test_every_preset_exports_and_traces_equal_to_eager(preset):
+    """torch.export and torch.jit.trace of a model as a user builds it (parameters that need a gradient,
+    grad mode on): local and global attention's CPU path for a learned position bias (an
+    autograd.Function that softmaxes in place, in chunks) failed to export ("_softmax(): functions with
+    out=... arguments don't support automatic differentiation") and failed trace's sanity check. A
+    trace records autograd's composition of the same steps instead."""
+    torch.manual_seed(0)
+    model = ablate.create(preset, "micro", in_chans=1, num_classes=10).eval()
+    x, other = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    exported = torch.export.export(model, (x,)).module()
+    traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        want = model(other)
+        for fn in (exported, traced):
+            torch.testing.assert_close(fn(other), want, rtol=1e-5, atol=1e-6)

@@ -146,8 +146,13 @@ class _LearnedMaskAttention(torch.autograd.Function):
 
 def attend(q, k, v, mask, n: int) -> torch.Tensor:
     """softmax(q k^T + mask) v over (N * nW, G, T, Cg) windows; q carries the scale already."""
-    if mask is not None and q.device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled():
-        if q.dtype == torch.bfloat16:  # autocast: autograd's composition, with its fp32 softmax
+    # torch.export and torch.jit.trace record autograd's composition of the steps, whatever the grad
+    # mode: export refused the chunks' in-place softmax where the mask needs a gradient, and trace's
+    # check (run without grad) met SDPA where its trace (with grad) had met the chunks
+    recorded = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    if mask is not None and q.device.type == "cpu" and (
+            recorded or mask.requires_grad and torch.is_grad_enabled()):
+        if q.dtype == torch.bfloat16 or recorded:  # autocast: autograd's composition, with its fp32 softmax
             logits = torch.matmul(q, k.transpose(-2, -1))
             logits = logits.view(n, -1, *logits.shape[1:]) + mask  # the mask is shared over the batch
             return torch.matmul(logits.softmax(dim=-1).flatten(0, 1), v)
