@@ -129,6 +129,21 @@ def test_measure_app_invalid_axes_exit_2_with_the_rule():
     assert "Nearest valid settings: sharing.spatial=none" in out.stderr
 
 
+def test_the_readme_shows_the_error_the_measure_app_prints():
+    """README's "Composing operators" example of an invalid combination is the app's own message,
+    word for word (it listed the nearest dynamic options in another order than the app prints)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("    $ python -m ablate.measure operator=dwconv dynamic=attention")
+    shown = []
+    for line in lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        shown.append(line.strip())
+    out = run_measure("operator=dwconv", "dynamic=attention")
+    printed = next(line for line in out.stderr.splitlines() if line.startswith("error:"))
+    assert " ".join(shown) == printed
+
+
 # -- a user's new option: one Python module + one YAML file -------------------------------------
 USER_MODULE = '''
 """A static kernel gated per instance by a sigmoid of pooled features."""
