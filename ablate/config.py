@@ -265,7 +265,8 @@ def build_model(cfg: DictConfig, img_size: int, in_chans: int, num_classes: int)
 
 
 def operator_label(cfg: DictConfig) -> str:
-    """The preset name, or the preset plus the axes the overrides changed ("dwconv[dynamic=...]")."""
+    """The preset name, or the preset plus the axes (and settings of its dynamic option) the overrides
+    changed ("dwconv[dynamic=...]", "local_attention[position_bias=False]")."""
     base = PRESETS.get(cfg.preset)
     if base is None:
         return str(cfg.preset)
@@ -273,6 +274,11 @@ def operator_label(cfg: DictConfig) -> str:
     window = OmegaConf.select(cfg, "model.window", default=base.spec.connectivity.kernel_size)
     ours, theirs = spec.axes, base.at_window(window).axes
     changed = [f"{k}={ours[k]}" for k in ours if ours[k] != theirs[k]]
+    if spec.dynamic.kind == base.spec.dynamic.kind:
+        # the preset's own option with other settings of it (Swin without its position bias) is a
+        # variant too; another option's settings have no preset value to differ from
+        mine, preset_settings = vars(spec.dynamic), vars(base.spec.dynamic)
+        changed += [f"{k}={v}" for k, v in mine.items() if k != "kind" and v != preset_settings[k]]
     if block != base.block:
         changed.append(f"block={block}")
     return base.name if not changed else f"{base.name}[{','.join(changed)}]"

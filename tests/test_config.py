@@ -78,6 +78,20 @@ def test_command_line_axis_overrides_win_over_the_preset():
     assert cfg.block.style.name == "dwnet"
 
 
+@pytest.mark.parametrize("overrides, label", [
+    (["operator=local_attention", "dynamic.position_bias=false"], "local_attention[position_bias=False]"),
+    (["operator=dynamic_dwconv", "dynamic.reduction=8"], "dynamic_dwconv[reduction=8]"),
+    (["operator=dwconv", "dynamic.bias=false"], "dwconv[bias=False]"),
+    (["operator=local_attention", "dynamic.qkv_bias=false", "connectivity.shift=false"],
+     "local_attention[shift=False,qkv_bias=False]"),
+])
+def test_a_setting_of_the_presets_own_dynamic_option_names_the_operator_a_variant(overrides, label):
+    """Swin without its position bias is another operator (other parameters, other numbers) than
+    Swin: the label that measure prints, the run's folder name and the weights figure's choice of "the
+    preset itself" read called it `local_attention`."""
+    assert operator_label(composed(*overrides, "model=micro")) == label
+
+
 def test_channels_per_group_list_and_groups():
     cfg = composed("operator=local_attention", "model=micro", "sharing.channels_per_group=[8,16,32,32]")
     model = build_model(cfg, 28, 1, 10)
