@@ -103,6 +103,26 @@ def test_channels_per_group_list_and_groups():
     assert [stage.blocks[0].mixer.groups for stage in model.stages] == [32, 32, 32, 32]
 
 
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "sharing" / "channels").glob("*.yaml")))
+def test_the_overrides_a_channel_sharing_option_names_are_valid(option):
+    """Each conf/sharing/channels file says how to override its number; every override it names, as
+    written there (N a number that divides the micro widths), gives a valid operator. They named
+    `sharing.groups=N` beside a set channels_per_group (and the converse), which is refused: the two
+    knobs are exclusive."""
+    lines = (CONF_DIR / "sharing" / "channels" / f"{option}.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Override the number:"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("#"))
+    text = " ".join(line.lstrip("# ") for line in lines[start:end])
+    ways = [w.strip() for w in text.split(":", 1)[1].split(";")]
+    assert len(ways) == 2
+    for way in ways:
+        overrides = [w.replace("=N", "=8") for w in way.split() if w.startswith("sharing.")]
+        assert overrides, way
+        cfg = composed("operator=local_mlp", "model=micro", f"sharing/channels={option}", *overrides)
+        model = build_model(cfg, 28, 1, 10)
+        assert 8 in (model.stage_channels_per_group[0], 32 // model.stage_channels_per_group[0])
+
+
 @pytest.mark.parametrize("override, error", [
     ("connectivity.kernal_size=3", ConfigAttributeError),  # a misspelt key
     ("connectivity.kind=windw", ValidationError),       # an unknown enum value
