@@ -188,8 +188,11 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist
     model.train()
     clip = cfg.optim.clip_grad
     tally, start = None, time.perf_counter()
+    # None: tqdm draws only where stderr is a terminal. Redirected to a file (nohup, SLURM's output
+    # file) every refresh would be one more carriage-return frame in the log; the epoch's line says it.
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
-               disable=cfg.trainer.quiet or not dist.is_main, dynamic_ncols=True, file=sys.stderr)
+               disable=True if cfg.trainer.quiet or not dist.is_main else None, dynamic_ncols=True,
+               file=sys.stderr)
     try:
         for images, targets in loader:
             tally = tally or LossTally(images.device)

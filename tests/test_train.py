@@ -298,3 +298,55 @@ def test_a_sweep_file_without_minus_m_is_refused(tmp_path):
     assert proc.returncode == 2, out + err
     assert "-m sweeps=demo" in err and "grid of runs" in err
     assert not any(tmp_path.rglob("results.json"))
+
+
+def _bars_output(tmp_path: Path, tty: bool) -> bytes:
+    """What a small run writes to stderr and stdout, into a file (a log, as under nohup or SLURM) or
+    into a terminal (a pseudo-terminal, read until the run ends)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    command = [sys.executable, "-m", "ablate.train", *QUICK, "trainer.quiet=false", "data.train_subset=300",
+               "data.val_size=100", "data.test_subset=100", "logger=none", f"trainer.results_root={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    tmp_path.mkdir(parents=True)
+    if not tty:
+        log = tmp_path / "log.txt"
+        with open(log, "wb") as f:
+            assert subprocess.run(command, cwd=ROOT, env=env, stdout=f, stderr=f, timeout=300).returncode == 0
+        return log.read_bytes()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 wide
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain():  # the terminal must be read while the run writes, or its writes block
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert proc.wait(timeout=300) == 0
+    reader.join(timeout=30)
+    os.close(master)
+    return b"".join(chunks)
+
+
+def test_a_log_file_gets_lines_and_a_terminal_gets_progress_bars(tmp_path):
+    """Redirected to a file (nohup, SLURM's output file) the epoch bar wrote a carriage-return frame
+    per refresh into the log: thousands of them in a long run. A log gets the epoch lines only; a
+    terminal still gets the bar."""
+    logged = _bars_output(tmp_path / "log", tty=False)
+    assert b"epoch 1/1  loss" in logged and b"\r" not in logged, logged[-2000:]
+    shown = _bars_output(tmp_path / "tty", tty=True)
+    assert b"epoch 1/1:" in shown and b"\r" in shown and b"epoch 1/1  loss" in shown, shown[-2000:]
