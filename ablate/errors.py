@@ -67,9 +67,28 @@ class Interrupted(BaseException):
         return Interrupted(self.signum, message)
 
 
+_raising = 0  # how many signals_raise blocks this process is inside
+
+
+def _forked_child() -> None:
+    """A process forked inside signals_raise (a data loader's worker) starts with Python's own
+    handlers, not ours: a Ctrl-C or SIGTERM sent to the whole process group (a terminal, scancel,
+    `kill -- -PGID`) reaches the workers too, and ours made each one print an Interrupted traceback.
+    With KeyboardInterrupt a PyTorch worker ends quietly, as PyTorch intends; the command itself says
+    what was interrupted."""
+    if _raising:
+        with contextlib.suppress(ValueError):  # forked from a thread that is not the main one
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_forked_child)
+
+
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted in the main thread while inside (elsewhere: unchanged)."""
+    global _raising
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -77,12 +96,19 @@ def signals_raise() -> Iterator[None]:
         return
 
     def handler(signum, _frame):
+        # The process stops now. A data loader's worker ended by the same signal (sent to the process
+        # group) is no failure of the run: PyTorch's SIGCHLD handler would raise it as a RuntimeError
+        # while Interrupted unwinds, replacing it, and the run was recorded `failed` with exit 1
+        # instead of resuming from its checkpoint with 130 / 143.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _raising += 1
     try:
         yield
     finally:
+        _raising -= 1
         for s, h in previous.items():
             signal.signal(s, h)
 

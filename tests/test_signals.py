@@ -103,3 +103,91 @@ def test_signals_wait_for_the_block_whichever_thread_receives_them():
         release.set()
         other.join()
     assert done == ["block"]
+
+
+
+class _Terminal:
+    """A command on a pseudo-terminal (its progress bars drawn, as in a terminal), read as it writes."""
+
+    def __init__(self, command: list[str], **popen):
+        import fcntl
+        import os
+        import pty
+        import struct
+        import subprocess
+        import termios
+        import threading
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 wide
+        self.proc = subprocess.Popen(command, stdout=slave, stderr=slave, **popen)
+        os.close(slave)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+
+    def _drain(self) -> None:
+        import os
+
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if pattern in self.text():
+                return True
+            time.sleep(0.05)
+        return pattern in self.text()
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        import os
+
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=30)
+        os.close(self.master)
+        return code, self.text()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_process_group_stops_a_run_with_loader_workers_cleanly(tmp_path, sig, code):
+    """A terminal's Ctrl-C and scancel signal every process of the group, the data loader's workers
+    too (the real COCO, ADE20K and ImageNet loaders decode in 8 of them). Each worker printed an
+    Interrupted traceback (SIGINT) or died of the signal, and PyTorch's SIGCHLD handler then raised
+    "DataLoader worker ... exited unexpectedly" over the interruption: the run was recorded `failed`
+    and exited 1. The signal must end it as one sent to the process alone does."""
+    import os
+    import subprocess
+    import sys
+
+    from ablate.reliability import REPO
+
+    command = [sys.executable, "-m", "ablate.downstream", "task=segmentation", "task.pretrained=false",
+               "data.train_subset=64", "data.val_size=32", "data.test_subset=32", "schedule.epochs=2",
+               "data.in_memory=false", "data.num_workers=2", "trainer.threads=1", "logger=none",
+               f"trainer.results_root={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run = _Terminal(command, cwd=REPO, env=env, start_new_session=True)
+    # epoch 1 is checkpointed and epoch 2 has trained a batch: its loader's workers are running
+    assert run.wait_for("epoch 2/2:  25%"), run.text()[-3000:]
+    os.killpg(run.proc.pid, sig)
+    got, said = run.finish()
+    assert got == code and "Traceback" not in said, said[-3000:]
+    last = said.strip().splitlines()[-1]
+    assert f"interrupted at epoch 2 of 2 by {sig.name}; epoch 1 is checkpointed" in last, said[-3000:]
+    folder = next((tmp_path / "runs").iterdir())
+    assert RunStore(folder).read_results() is None  # nothing recorded as failed: it resumes
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    record = RunStore(folder).read_results()
+    assert again.returncode == 0 and record["status"] == "completed", again.stderr[-3000:]
+    assert f"resuming {folder} at epoch 2/2" in again.stderr and record["epochs_done"] == 2
