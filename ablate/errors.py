@@ -3,8 +3,9 @@
 - `BadInput` and its kinds: input the user must change (a setting, a file, a path); the message says
   what. Each layer raises its own kind (ConfigError here; InvalidOperatorError, DataError,
   CheckpointError, ... where they are decided); `ablate.cli` turns every one into exit 2.
-- `Interrupted`: SIGINT or SIGTERM inside `signals_raise`; `signals_deferred` holds them back while
-  writes that belong together happen; `stop_children` ends the processes a command started.
+- `Interrupted`: SIGINT or SIGTERM inside `signals_raise` (`raise_if_stopping` raises it again where
+  Python swallowed it); `signals_deferred` holds them back while writes that belong together
+  happen; `stop_children` ends the processes a command started.
 
 `EXIT_CODES` are the exit statuses of every command.
 """
@@ -17,8 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "at_least", "signals_deferred",
-           "signals_raise", "stop_children"]
+__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "at_least", "raise_if_stopping",
+           "signals_deferred", "signals_raise", "stop_children"]
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4,
               "interrupted": 128 + signal.SIGINT, "terminated": 128 + signal.SIGTERM}
@@ -68,6 +69,7 @@ class Interrupted(BaseException):
 
 
 _raising = 0  # how many signals_raise blocks this process is inside
+_stopping: int | None = None  # the signal that asked this process to stop, inside signals_raise
 
 
 def _forked_child() -> None:
@@ -88,7 +90,7 @@ os.register_at_fork(after_in_child=_forked_child)
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted in the main thread while inside (elsewhere: unchanged)."""
-    global _raising
+    global _raising, _stopping
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -96,6 +98,8 @@ def signals_raise() -> Iterator[None]:
         return
 
     def handler(signum, _frame):
+        global _stopping
+        _stopping = signum  # for raise_if_stopping, should this exception be swallowed
         # The process stops now. A data loader's worker ended by the same signal (sent to the process
         # group) is no failure of the run: PyTorch's SIGCHLD handler would raise it as a RuntimeError
         # while Interrupted unwinds, replacing it, and the run was recorded `failed` with exit 1
@@ -104,6 +108,8 @@ def signals_raise() -> Iterator[None]:
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    if not _raising:
+        _stopping = None
     _raising += 1
     try:
         yield
@@ -111,6 +117,16 @@ def signals_raise() -> Iterator[None]:
         _raising -= 1
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def raise_if_stopping() -> None:
+    """Raise Interrupted again if a SIGINT or SIGTERM already arrived inside signals_raise. Where
+    Python ignores exceptions (a `__del__`, such as a data loader's shutting down its workers; a
+    callback around a fork, such as a loader's starting them: "Exception ignored in ..."), the
+    handler's Interrupted is printed and dropped, and the run trained on as if never stopped; the
+    training loop calls this at every step, so no stop is lost."""
+    if _raising and _stopping is not None:
+        raise Interrupted(_stopping)
 
 
 @contextlib.contextmanager

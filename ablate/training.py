@@ -42,7 +42,7 @@ from ablate.distributed import (
     share_error_type,
     sync_batchnorm,
 )
-from ablate.errors import EXIT_CODES, Interrupted, signals_deferred
+from ablate.errors import EXIT_CODES, Interrupted, raise_if_stopping, signals_deferred
 from ablate.ops.fast import routes
 from ablate.recipe import build_recipe, check_recipe
 from ablate.runs import derived_settings, describe_run, provenance, run_folder, run_identity
@@ -195,6 +195,7 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist
                file=sys.stderr)
     try:
         for images, targets in loader:
+            raise_if_stopping()  # a Ctrl-C that a loader's worker shutdown or start swallowed
             tally = tally or LossTally(images.device)
             loss = task.loss(model, images, targets, recipe, amp)
             recipe.optimizer.zero_grad(set_to_none=True)

@@ -191,3 +191,44 @@ def test_a_signal_to_the_process_group_stops_a_run_with_loader_workers_cleanly(t
     record = RunStore(folder).read_results()
     assert again.returncode == 0 and record["status"] == "completed", again.stderr[-3000:]
     assert f"resuming {folder} at epoch 2/2" in again.stderr and record["epochs_done"] == 2
+
+
+def test_a_signal_whose_exception_python_swallowed_still_stops_the_run(tmp_path, monkeypatch):
+    """Where Python ignores exceptions (a `__del__`: a data loader shutting its workers down at the end
+    of an iteration; a callback around a fork: one starting them), the handler's Interrupted was
+    printed as "Exception ignored in ..." and dropped: the run trained on to the end as if the
+    Ctrl-C had never come. The next training step raises it again."""
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from ablate.config import CONF_DIR
+    from ablate.data.memory import TensorLoader
+    from ablate.errors import Interrupted, signals_raise
+    from ablate.training import train
+
+    class ShutsDownWorkers:
+        def __del__(self):  # the signal arrives here, as it may in DataLoader.__del__
+            signal.raise_signal(signal.SIGINT)
+
+    iterate = TensorLoader.__iter__
+
+    def swallowing_at_epoch_2(self):
+        if self.epoch == 1:
+            ShutsDownWorkers()  # deleted at once: its Interrupted is swallowed
+        yield from iterate(self)
+
+    monkeypatch.setattr(TensorLoader, "__iter__", swallowing_at_epoch_2)
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # "Exception ignored in ..."
+    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
+                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
+                 f"trainer.results_root={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(Interrupted) as stop, signals_raise():
+        train(cfg)
+    assert [type(u.exc_value) for u in swallowed] == [Interrupted]  # it was swallowed once
+    assert "interrupted at epoch 2 of 2 by SIGINT; epoch 1 is checkpointed" in str(stop.value)
+    folder = next((tmp_path / "runs").iterdir())
+    assert len(RunStore(folder).read_metrics()) == 1 and RunStore(folder).read_results() is None
