@@ -410,7 +410,11 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         elapsed = checkpoint["elapsed_s"]
         history = checkpoint.get("history")  # None in checkpoints written before they carried it
         recipe.scheduler.step_update(step)
-        log.info("resuming %s at epoch %d/%d", store.folder, start_epoch + 1, cfg.schedule.epochs)
+        if start_epoch < cfg.schedule.epochs:
+            log.info("resuming %s at epoch %d/%d", store.folder, start_epoch + 1, cfg.schedule.epochs)
+        else:  # stopped after its last epoch, before its record
+            log.info("resuming %s: its %d epochs are checkpointed, the record is written", store.folder,
+                     start_epoch)
     del checkpoint
     if dist.is_main:
         history = store.resume_metrics(start_epoch, history)
@@ -516,10 +520,12 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         log.error("run %s", results["error"])
     except Interrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint of the last finished epoch stays
         wandb_run.finish(exit_code=stop.code)
-        raise stop.saying(
-            f"interrupted at epoch {min(checkpointed + 1, cfg.schedule.epochs)} of {cfg.schedule.epochs} by "
-            f"{signal.Signals(stop.signum).name}; {_epochs_kept(checkpointed)} in "
-            f"{store.folder}: the same command resumes") from None
+        name = signal.Signals(stop.signum).name
+        where = (f"at epoch {checkpointed + 1} of {cfg.schedule.epochs} by {name}"
+                 if checkpointed < cfg.schedule.epochs else  # only the record was missing
+                 f"by {name} after its last epoch, before its record was written")
+        raise stop.saying(f"interrupted {where}; {_epochs_kept(checkpointed)} in {store.folder}: the same "
+                          "command resumes") from None
     except (torch.OutOfMemoryError, MemoryError) as err:
         results.update(status="failed", error=f"out of memory ({type(err).__name__}): lower "
                        f"data.batch_size (now {cfg.data.batch_size}), use a smaller model, or on a "

@@ -232,3 +232,44 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_run(tmp_path,
     assert "interrupted at epoch 2 of 2 by SIGINT; epoch 1 is checkpointed" in str(stop.value)
     folder = next((tmp_path / "runs").iterdir())
     assert len(RunStore(folder).read_metrics()) == 1 and RunStore(folder).read_results() is None
+
+
+def test_a_signal_after_the_last_epoch_says_so_and_the_resume_only_records(tmp_path, monkeypatch, caplog):
+    """Stopped after its last epoch was checkpointed (while the inference speed was measured or the
+    record written), the run said "interrupted at epoch 2 of 2", and its resume "resuming ... at
+    epoch 3/2": every epoch was done, only the record was missing."""
+    import logging
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    import ablate.training as training
+    from ablate.config import CONF_DIR
+    from ablate.errors import Interrupted, signals_raise
+
+    measure = training.inference_throughput
+
+    def stopped_while_measuring(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return measure(*args, **kwargs)
+
+    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
+                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
+                 f"trainer.results_root={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    monkeypatch.setattr(training, "inference_throughput", stopped_while_measuring)
+    with pytest.raises(Interrupted) as stop, signals_raise():
+        training.train(cfg)
+    said = str(stop.value)
+    assert "after its last epoch" in said and "epochs 1-2 are checkpointed" in said, said
+    assert "the same command resumes" in said and "at epoch 2 of 2" not in said, said
+    folder = next((tmp_path / "runs").iterdir())
+    assert RunStore(folder).read_results() is None
+
+    monkeypatch.setattr(training, "inference_throughput", measure)
+    with caplog.at_level(logging.INFO, logger="ablate.train"):
+        record = training.train(cfg)
+    assert record["status"] == "completed" and record["epochs_done"] == 2
+    assert "epoch 3/2" not in caplog.text
+    assert f"resuming {folder}: its 2 epochs are checkpointed" in caplog.text
