@@ -61,6 +61,39 @@ def test_scenes_are_deterministic_and_their_labels_agree(garments):
         assert set(np.unique(scene.labels[~taken])) <= {1, IGNORE}
 
 
+
+def test_jobs_preparing_the_scenes_at_once_write_them_once(tmp_path, monkeypatch):
+    """The jobs of a parallel sweep on a fresh data folder all found the scenes missing and wrote the
+    same files at once: the first job done read images that another was still rewriting (cut short:
+    a damaged image, that job failed). One job writes them; the others wait, then find its record."""
+    import threading
+
+    import ablate.data.scenes as scenes
+
+    writes, checked, others = [], threading.Event(), []
+    write, record = scenes.write_coco, scenes._record
+
+    def record_seen(root):
+        if threading.current_thread() is not threading.main_thread():
+            checked.set()  # the second job has looked for the scenes' record
+        return record(root)
+
+    def writing(batch, images_dir, annotation_file):
+        writes.append(images_dir.name)
+        if not others:  # the first job is writing: a second job starts now, and looks
+            others.append(threading.Thread(target=scenes.ensure_scenes, args=(tmp_path, DATA, SMALL)))
+            others[0].start()
+            assert checked.wait(timeout=120)
+        write(batch, images_dir, annotation_file)
+
+    monkeypatch.setattr(scenes, "_record", record_seen)
+    monkeypatch.setattr(scenes, "write_coco", writing)
+    scenes.ensure_scenes(tmp_path, DATA, SMALL)
+    others[0].join(timeout=300)
+    assert writes == ["train2017", "val2017"]  # written once, by the first job
+    assert scenes._ready(tmp_path, SMALL, [tmp_path / "coco" / "annotations" / f"instances_{split}.json"
+                                           for split in ("train2017", "val2017")])
+
 # -- the two formats through the loaders --------------------------------------------------------------
 def test_the_coco_loader_reads_what_was_written(folders, garments):
     coco_root, _ = folders

@@ -22,9 +22,12 @@ files, and `ensure_scenes` writes the folders only when that record is missing o
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -186,16 +189,41 @@ def _record(root: Path) -> dict | None:
         return None
 
 
+def _ready(root: Path, spec: SceneSpec, annotations: list[Path]) -> bool:
+    record = _record(root)
+    return (record is not None and record.get("spec") == asdict(spec) and all(p.exists() for p in annotations)
+            and record.get("annotations_sha256") == _digest(annotations))
+
+
+@contextlib.contextmanager
+def _one_writer(root: Path) -> Iterator[None]:
+    """Held while the scenes are written: the jobs of a parallel sweep on a fresh data folder all find
+    them missing at once, and a job that had written them read images that another was rewriting
+    (cut short: a damaged image, the job failed). The others wait, then find the writer's record.
+    A flock: released when its holder ends, even killed."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_scenes(root: str | Path, fmnist_root: str | Path, spec: SceneSpec = SceneSpec()) -> Path:
     """Write the scenes under `root` unless scenes.json says they are there, of this spec; returns root.
-    The record is written last, so a folder cut short by a crash is written again."""
+    The record is written last, so a folder cut short by a crash is written again; one process
+    writes at a time."""
     root = Path(root)
     coco, ade = root / "coco", root / "ade20k"
     annotations = [coco / "annotations" / f"instances_{split}.json" for split in ("train2017", "val2017")]
-    record = _record(root)
-    if record is not None and record.get("spec") == asdict(spec) and all(p.exists() for p in annotations):
-        if record.get("annotations_sha256") == _digest(annotations):
-            return root
+    if _ready(root, spec, annotations):  # without the lock: a read-only copy of the scenes is read as is
+        return root
+    with _one_writer(root):
+        if not _ready(root, spec, annotations):  # not written by another job meanwhile
+            _write_scenes(root, fmnist_root, spec, coco, ade, annotations)
+    return root
+
+
+def _write_scenes(root: Path, fmnist_root: str | Path, spec: SceneSpec, coco: Path, ade: Path,
+                  annotations: list[Path]) -> None:
     try:
         train, test = load_fashion_mnist(str(fmnist_root), download=True)
     except DataError as err:
@@ -209,7 +237,6 @@ def ensure_scenes(root: str | Path, fmnist_root: str | Path, spec: SceneSpec = S
         write_ade20k(scenes, ade / "images" / ade_split, ade / "annotations" / ade_split)
     (root / "scenes.json").write_text(json.dumps({"spec": asdict(spec), "classes": list(GARMENTS),
                                                   "annotations_sha256": _digest(annotations)}, indent=1))
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:
