@@ -104,6 +104,25 @@ def test_the_summary_offers_a_relaunch_only_for_what_a_relaunch_trains_again(tmp
     assert ("launch the same command again" in summary_text(summary, tmp_path)) == retried
 
 
+def test_a_progress_line_reaches_the_sweep_output_while_a_job_silences_stdout(tmp_path, capsys):
+    """The polling thread wrote its line to whatever sys.stdout was at that instant: while a job of a
+    basic sweep silenced pycocotools (redirect_stdout while a COCO index is built or evaluated), the
+    line went into that buffer and was lost, until the next job ended."""
+    import contextlib
+    import io
+    import threading
+
+    from ablate.sweep.plan import Job
+    from ablate.sweep.progress import SweepProgress
+
+    progress = SweepProgress("s", [Job(["operator=dwconv"], tmp_path / "run", "run")])
+    silenced = io.StringIO()
+    with contextlib.redirect_stdout(silenced):  # the job in the main thread, meanwhile
+        poll = threading.Thread(target=progress.report, kwargs={"force": True})
+        poll.start()
+        poll.join()
+    assert "[sweep s]" in capsys.readouterr().out and not silenced.getvalue()
+
 def test_pyproject_lists_every_package_and_the_hydra_plugin():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = set(find_packages(where=str(ROOT), include=["ablate*", "analysis*"]))

@@ -6,6 +6,7 @@ when its results.json was written after the launch began.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -39,11 +40,12 @@ def recorded_since(job: Job, since: float) -> bool:
         return False
 
 
-def _say(text: str) -> None:
+def _say(text: str, stream=None) -> None:
     # tqdm.write clears and redraws the training bar of a job running in this process (basic
     # launcher), so a progress line never lands in the middle of it
-    tqdm.write(text, file=sys.stdout)
-    sys.stdout.flush()
+    stream = stream or sys.stdout
+    tqdm.write(text, file=stream)
+    stream.flush()
 
 
 @dataclass
@@ -67,9 +69,13 @@ class Overall:
 class SweepProgress:
     """Counts the jobs of one launch as their records appear; prints a line whenever one ends."""
 
-    def __init__(self, name: str, jobs: Sequence[Job], poll_seconds: float = 2.0, say=_say,
+    def __init__(self, name: str, jobs: Sequence[Job], poll_seconds: float = 2.0, say=None,
                  overall: Overall | None = None):
-        self.name, self.jobs, self.poll_seconds, self.say = name, list(jobs), poll_seconds, say
+        # the sweep's stdout, taken now: the polling thread writes while a job in this process may
+        # have redirected sys.stdout (pycocotools' index and evaluation, silenced), and the line
+        # went there, lost, until the next job ended
+        self.say = say or functools.partial(_say, stream=sys.stdout)
+        self.name, self.jobs, self.poll_seconds = name, list(jobs), poll_seconds
         self.overall = overall
         self.to_run = [j for j in self.jobs if j.state == "run"]
         self.started = time.time()
