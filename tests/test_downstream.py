@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -536,6 +537,39 @@ def test_the_backbone_holds_the_classification_weights_at_the_first_step(protoco
     assert len(compared) > 20 and said["pretrained_experiment"] != "scratch"
     for key in compared:
         assert torch.equal(state[key], saved[key]), key
+
+
+@pytest.mark.parametrize("damage", ["cut", "previous epoch only"])
+def test_a_damaged_classification_checkpoint_is_named_not_loaded(protocol_store, tmp_path, damage):
+    """The backbone's weights come from the checkpoint of the run's last epoch, checked against its
+    sha256: a cut file is refused naming the run (it was a traceback from torch.load), and where only
+    an earlier epoch's checkpoint is good, those weights (not the ones the record describes) are not
+    taken either."""
+    from ablate.errors import BadInput
+    from ablate.tasks import task_of
+
+    _, coco, store = protocol_store
+    copy = tmp_path / "results"
+    shutil.copytree(store / "pre", copy / "pre")
+    source = next(p for p in (copy / "pre").iterdir() if p.name.startswith("dwconv-") and "-s1-" in p.name)
+    checkpoint = source / "checkpoint.pt"
+    if damage == "cut":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    else:  # a good checkpoint of the epoch before the last beside a damaged last one
+        from ablate.tracking import RunStore
+
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        store_of_run = RunStore(source)
+        store_of_run.save_checkpoint({**state, "epoch": state["epoch"] - 1})
+        store_of_run.save_checkpoint(state)
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    cfg = _config(copy.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
+                  "task.pretrained=true")
+    with open_dict(cfg):
+        cfg.trainer.results_root = str(copy)
+    task = task_of(cfg)
+    with pytest.raises(BadInput, match=rf"{source.name}.*(checksum|last epoch).*train it again"):
+        task.start_from(task.build_model(cfg), cfg)
 
 
 def test_a_missing_classification_run_exits_2_with_the_command_that_trains_it(protocol_store, tmp_path):

@@ -11,7 +11,6 @@ downstream run's identity, so runs fine-tuned from different pretraining are dif
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 from ablate.errors import ConfigError
 from ablate.models.dense import CLASSIFIER_PARTS
 from ablate.runs import pretraining_config, run_folder
-from ablate.tracking import RunStore
+from ablate.tracking import CheckpointError, RunStore
 
 __all__ = ["load_pretrained", "fit_position_tables"]
 
@@ -63,7 +62,17 @@ def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any
         raise ConfigError(f"the backbone starts from a classification run that is not completed ({state} "
                           f"in {folder}): train it first, `{command}` (or set task.pretrained=false to train "
                           "from scratch).")
-    checkpoint = torch.load(Path(folder) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    # the last epoch's checkpoint, checked against its sha256; an earlier epoch's (the store's fallback
+    # when the last is damaged) would be other weights than those the record describes
+    retrain = f"move {folder} away and train it again: `{command}`"
+    try:
+        checkpoint = RunStore(folder).load_checkpoint()
+    except CheckpointError as err:
+        raise ConfigError(f"the classification run's weights cannot be read ({err}); {retrain}.") from None
+    if checkpoint is None or checkpoint.get("epoch") != record.get("epochs_done"):
+        kept = "no checkpoint" if checkpoint is None else f"only epoch {checkpoint.get('epoch')}'s checkpoint"
+        raise ConfigError(f"the classification run {folder} has {kept} readable, not that of its last epoch "
+                          f"({record.get('epochs_done')}), whose weights its record describes: {retrain}.")
     weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith(CLASSIFIER_PARTS)}
     weights = fit_position_tables(weights, backbone.state_dict())
     try:
