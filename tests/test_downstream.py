@@ -63,6 +63,20 @@ def test_scenes_are_deterministic_and_their_labels_agree(garments):
 
 
 
+def test_writing_the_scenes_says_so_first(tmp_path, caplog):
+    """Writing the scenes takes about 40 s on 2 cores, before a run's first line: it says so as it
+    starts (it printed nothing), and says nothing when they are there."""
+    from ablate.data.scenes import ensure_scenes
+
+    with caplog.at_level("INFO", logger="ablate.data"):
+        ensure_scenes(tmp_path, DATA, SMALL)
+    assert f"the garment scenes are missing from {tmp_path}: writing them, once" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ablate.data"):
+        ensure_scenes(tmp_path, DATA, SMALL)
+    assert caplog.text == ""
+
+
 def test_jobs_preparing_the_scenes_at_once_write_them_once(tmp_path, monkeypatch):
     """The jobs of a parallel sweep on a fresh data folder all found the scenes missing and wrote the
     same files at once: the first job done read images that another was still rewriting (cut short:

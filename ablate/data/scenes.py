@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ from scipy import ndimage
 
 from ablate.data.errors import DataError
 from ablate.data.sources import load_fashion_mnist
+
+log = logging.getLogger("ablate.data")
 
 __all__ = ["SceneSpec", "Scene", "make_scene", "make_scenes", "write_coco", "write_ade20k",
            "ensure_scenes", "GARMENTS", "IGNORE"]
@@ -216,6 +219,9 @@ def ensure_scenes(root: str | Path, fmnist_root: str | Path, spec: SceneSpec = S
     annotations = [coco / "annotations" / f"instances_{split}.json" for split in ("train2017", "val2017")]
     if _ready(root, spec, annotations):  # without the lock: a read-only copy of the scenes is read as is
         return root
+    log.info("the garment scenes are missing from %s: writing them, once (%d training and %d validation "
+             "canvases; about 40 s on 2 cores, or waiting for the job already writing them)",
+             root, spec.train, spec.val)
     with _one_writer(root):
         if not _ready(root, spec, annotations):  # not written by another job meanwhile
             _write_scenes(root, fmnist_root, spec, coco, ade, annotations)
@@ -240,6 +246,7 @@ def _write_scenes(root: Path, fmnist_root: str | Path, spec: SceneSpec, coco: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     root = Path(argv[0] if argv else "data/scenes")
     fmnist = Path(argv[1]) if len(argv) > 1 else root.parent
