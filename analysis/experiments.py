@@ -44,7 +44,8 @@ def one_run_per_seed(rows: pd.DataFrame) -> pd.DataFrame:
 def experiments(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """The completed runs grouped by experiment, in first-seen order, one run per seed in each."""
     done = completed(runs)
-    done = done[[not is_missing(e) for e in done["experiment"]]]
+    # a flag per row, as a Series: an empty list (no completed run) would select no columns
+    done = done[done["experiment"].map(lambda e: not is_missing(e)).astype(bool)]
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(done["experiment"]):
         groups.setdefault(key, []).append(i)

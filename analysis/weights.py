@@ -57,7 +57,8 @@ def select_weight_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """One completed run with a checkpoint per preset: the preset itself (no overridden axis) over a
     variant of it, and seed 0 over other seeds, so that the figure shows the named operators."""
     done = completed(runs)
-    done = done[[Path(p, "checkpoint.pt").is_file() for p in done["path"]]]
+    # a flag per row, as a Series: an empty list (no completed run) would select no columns
+    done = done[done["path"].map(lambda p: Path(p, "checkpoint.pt").is_file()).astype(bool)]
     if done.empty:
         return done
     rank = pd.DataFrame({"variant": (done["operator"] != done["preset"]).astype(int),

@@ -344,6 +344,21 @@ def test_no_figure2_sweep_is_explained_and_no_completed_run_is_an_error(runs, tm
     assert report_main([str(tmp_path / "empty-does-not-exist")]) == 2
 
 
+def test_a_store_without_a_completed_run_gives_empty_tables_not_a_key_error(runs, tmp_path):
+    """The notebooks call these on whatever a store holds. With no completed run (an empty store, a
+    sweep whose first runs are still training, only skipped or failed cells) every one raised
+    KeyError: 'experiment' (an empty list of row flags selected no columns); now each is empty."""
+    from analysis import plot_cost
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for frame in (load_runs(store), runs[runs["status"] == "skipped"].reset_index(drop=True)):
+        assert len(frame) <= 1 and not (frame["status"] == "completed").any()
+        assert comparison_table(frame).empty and figure2_data(frame).empty
+        assert axis_effects(frame).empty and plot_figure2(frame) is None and plot_cost(frame) is None
+        assert select_weight_runs(frame).empty and "preset" in select_weight_runs(frame).columns
+
+
 # -- cost ---------------------------------------------------------------------------------------
 def test_pareto_front_on_hand_made_points():
     frame = pd.DataFrame({"gmac": [1.0, 2.0, 2.0, 3.0, 0.5, 4.0, float("nan")],
