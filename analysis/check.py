@@ -17,7 +17,7 @@ from analysis.claims import CLAIMS_FILE, CLAIMS_PRINTED, claims_table, load_clai
 from analysis.comparison import COMPARISON_PRINTED, comparison_table
 from analysis.downstream import TASK_METRICS, downstream_printed, downstream_table
 from analysis.effects import EFFECTS_PRINTED, axis_effects
-from analysis.tables import Cell
+from analysis.tables import Cell, one_line, unescape_markdown
 from analysis.tuning import report_runs
 
 __all__ = ["TableMismatch", "read_markdown_table", "check_tables"]
@@ -48,7 +48,7 @@ def read_markdown_table(path: Path) -> pd.DataFrame:
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip().startswith("|")]
     if len(lines) < 2:
         raise TableMismatch(f"{path} holds no Markdown table")
-    split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # noqa: E731
+    split = lambda line: [unescape_markdown(c.strip()) for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # noqa: E731
     header = split(lines[0])
     return pd.DataFrame([split(line) for line in lines[2:]], columns=header)
 
@@ -86,14 +86,17 @@ def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, key
     csv = pd.read_csv(csv_path)
     md = read_markdown_table(md_path)
     want = {_key(r, list(keys)): r for _, r in expected.iterrows()}
+    # Markdown holds each cell on one line (analysis.tables.one_line): its rows are found by that text
+    on_one_line = {key: tuple(one_line(k) for k in key) for key in want}
     sources = {"CSV": {_key(r, list(keys)): r for _, r in csv.iterrows()},
                "Markdown": {_key(r, list(keys.values())): r for _, r in md.iterrows()}}
     checked = 0
     for source, found in sources.items():
-        if set(found) != set(want) or len(found) != len(expected):
+        wanted = set(want) if source == "CSV" else set(on_one_line.values())
+        if set(found) != wanted or len(found) != len(expected):
             raise TableMismatch(f"{name} ({source}): rows differ from the store: only in the report "
-                                f"{sorted(set(found) - set(want))}, only in the store "
-                                f"{sorted(set(want) - set(found))}")
+                                f"{sorted(set(found) - wanted)}, only in the store "
+                                f"{sorted(wanted - set(found))}")
     numeric = [c for cell in printed.values() for c in cell.columns]
     for key, row in want.items():
         got = sources["CSV"][key]
@@ -106,10 +109,11 @@ def _check(name: str, expected: pd.DataFrame, csv_path: Path, md_path: Path, key
                 raise TableMismatch(f"{name}.csv, row {key}, {column}: report {got[column]!r}, "
                                     f"store {row[column]!r}")
             checked += 1
-        cells = sources["Markdown"][key]
+        cells = sources["Markdown"][on_one_line[key]]
         for header, cell in printed.items():
             for column, (value, tolerance) in zip(cell.columns, cell.parse(cells[header])):
-                if not _same(row[column], value, tolerance):
+                expected_value = one_line(row[column]) if isinstance(row[column], str) else row[column]
+                if not _same(expected_value, value, tolerance):
                     raise TableMismatch(f"{name}.md, row {key}, {header!r}: report {cells[header]!r}, "
                                         f"store {row[column]!r}")
                 checked += 1

@@ -21,7 +21,8 @@ from analysis.stats import MAX_SEEDS
 
 __all__ = ["MISSING", "fmt", "plural", "Cell", "number_cell", "interval_cell", "count_cell",
            "text_cell", "seeds_needed_cell", "pairs_cell", "experiment_columns", "format_table",
-           "printed_cells", "to_markdown", "to_latex", "to_html", "write_table"]
+           "printed_cells", "one_line", "markdown_cell", "unescape_markdown", "to_markdown", "to_latex",
+           "to_html", "write_table"]
 
 MISSING = "n/a"  # how an absent number prints (not measured, one seed has no spread, ...)
 
@@ -172,10 +173,32 @@ def _cell(value: Any) -> str:
     return MISSING if is_missing(value) else str(value)
 
 
+_LINE_BREAK = re.compile(r"\s*[\r\n]+\s*")
+_MARKDOWN_ESCAPED = re.compile(r"([\\|<])")
+
+
+def one_line(text: str) -> str:
+    """A cell's text on one line: a line break (a YAML block's claim, a name) and the space around it
+    become one space, since a Markdown row ends at a line break and a blank line ends a LaTeX cell."""
+    return _LINE_BREAK.sub(" ", text).strip()
+
+
+def markdown_cell(value: Any) -> str:
+    """A cell as a Markdown table holds it: one line, with `\\`, `|` (the column rule) and `<` (an
+    HTML tag to a renderer: a name like `<b>` or `<!--` would format or hide the rest of the page)
+    escaped; analysis.check reads it back with unescape_markdown."""
+    return _MARKDOWN_ESCAPED.sub(r"\\\1", one_line(_cell(value)))
+
+
+def unescape_markdown(text: str) -> str:
+    """The text of a cell markdown_cell wrote."""
+    return re.sub(r"\\([\\|<])", r"\1", text)
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub Markdown table (`|` in cells escaped)."""
+    """A GitHub Markdown table (each cell as markdown_cell writes it)."""
     def line(cells):
-        return "| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(markdown_cell(c) for c in cells) + " |"
     numeric = [i for i, c in enumerate(table.columns) if _is_numeric_column(table[c])]
     rule = ["---:" if i in numeric else "---" for i in range(len(table.columns))]
     rows = [line(table.columns), "|" + "|".join(rule) + "|"]
@@ -208,7 +231,7 @@ def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
     align = "".join("r" if _is_numeric_column(table[c]) else "l" for c in table.columns)
     body = [r"\begin{tabular}{" + align + "}", r"\toprule",
             " & ".join(_latex_escape(str(c)) for c in table.columns) + r" \\", r"\midrule"]
-    body += [" & ".join(_latex_escape(_cell(v)) for v in row) + r" \\"
+    body += [" & ".join(_latex_escape(one_line(_cell(v))) for v in row) + r" \\"
              for row in table.itertuples(index=False, name=None)]
     body += [r"\bottomrule", r"\end{tabular}"]
     if caption:

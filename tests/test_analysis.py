@@ -359,6 +359,20 @@ def test_a_store_without_a_completed_run_gives_empty_tables_not_a_key_error(runs
         assert select_weight_runs(frame).empty and "preset" in select_weight_runs(frame).columns
 
 
+def test_markdown_cells_stay_on_their_row_and_read_back_as_written(tmp_path):
+    """A name with a line break cut its Markdown row in two, `\\|` ended the cell early, and a name
+    like `<img ...>` or `<!--` was HTML to a Markdown renderer (the runs table names every sweep)."""
+    from analysis.check import read_markdown_table
+    from analysis.tables import to_markdown
+
+    names = ["a | b", "<img src=x onerror=alert(1)>", "back\\|slash\\", "two\n  lines", "ünï cödé"]
+    path = tmp_path / "t.md"
+    path.write_text(to_markdown(pd.DataFrame({"sweep": names, "seeds": ["1", "2", "3", "4", "5"]})))
+    text = path.read_text()
+    assert len(text.splitlines()) == 2 + len(names) and "<img" not in text.replace("\\<img", "")
+    assert read_markdown_table(path)["sweep"].tolist() == [*names[:3], "two lines", names[4]]
+
+
 # -- cost ---------------------------------------------------------------------------------------
 def test_pareto_front_on_hand_made_points():
     frame = pd.DataFrame({"gmac": [1.0, 2.0, 2.0, 3.0, 0.5, 4.0, float("nan")],

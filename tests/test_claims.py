@@ -181,6 +181,30 @@ def test_two_contexts_are_two_rows_that_name_their_setting(mini_store, tmp_path)
     assert all(s.startswith("optim.lr=") for s in rows["settings"])
 
 
+def test_a_claim_written_over_several_lines_is_one_row_of_the_table(mini_store, tmp_path):  # noqa: F811
+    """A long claim or source written as a YAML block (`claim: >`, `where: |`) ended its Markdown row at
+    each line break: claims.md was cut into pieces and the report's own check of it stopped the report
+    with a TableMismatch traceback (exit 1). A line break in a cell is written as a space."""
+    from analysis.check import read_markdown_table
+
+    store = write_store(tmp_path / "store", three_seeds(mini_store, "dwconv", BASE)
+                        + three_seeds(mini_store, "dynamic_dwconv", BASE + PLUS_ONE))
+    claims = tmp_path / "claims.yaml"
+    claims.write_text("claims:\n  - id: long\n    claim: >\n      Dynamic weights improve\n"
+                      "      depth-wise convolution | <b>D-DWNet</b>\n"
+                      "    where: |\n      Table 2: D-DWNet-T 81.9\n      vs DWNet-T 81.3\n"
+                      "    from: {operator: dwconv}\n    to: {operator: dynamic_dwconv}\n"
+                      "    expect: better\n")
+    out = tmp_path / "report"
+    assert report_main([str(store), "--out", str(out), "--no-weights", "--claims", str(claims)]) == 0
+    lines = (out / "claims.md").read_text().splitlines()
+    assert len(lines) == 3 and all(line.startswith("|") and line.endswith("|") for line in lines)
+    row = read_markdown_table(out / "claims.md").iloc[0]
+    assert row["claim"] == "Dynamic weights improve depth-wise convolution | <b>D-DWNet</b>"
+    assert row["paper"] == "Table 2: D-DWNet-T 81.9 vs DWNet-T 81.3" and row["verdict"] == "supported"
+    assert "<b>" not in (out / "index.html").read_text()
+
+
 def test_the_report_writes_and_checks_the_claims_and_refuses_a_bad_claims_file(mini_store, tmp_path):  # noqa: F811
     store = write_store(tmp_path / "store", three_seeds(mini_store, "dwconv", BASE)
                         + three_seeds(mini_store, "dynamic_dwconv", BASE + PLUS_ONE))
