@@ -82,6 +82,11 @@ def _measured(task: Task) -> list[str]:
     return [f"{split}_{m}" for split in ("val", "test") for m in task.metrics]
 
 
+def _wandb_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's row of metrics.jsonl as W&B logs it: the measured values, the epoch counted from 1."""
+    return {k: v for k, v in row.items() if k != "epoch" and v is not None} | {"epoch": row["epoch"] + 1}
+
+
 def _shown(row: dict[str, Any], split: str, task: Task) -> str:
     """"74.10/98.50": the split's metrics of an epoch's row, "-" where not measured."""
     values = [row[f"{split}_{m}"] for m in task.metrics]
@@ -452,6 +457,8 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         run_id=hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16],
     )
 
+    # a resume: the epochs trained before it, those the W&B run lacks (WandbMirror.replay)
+    wandb_run.replay([(_wandb_row(row), row["step"]) for row in history if "step" in row])
     params = sum(p.numel() for p in model.parameters())
     results: dict[str, Any] = {
         "status": "running", **about, "task": task.name, **started_from,
@@ -503,8 +510,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                 history.append(row)
                 best = now_best
                 checkpointed = epoch + 1
-            wandb_run.log({k: v for k, v in row.items() if k != "epoch" and v is not None}
-                          | {"epoch": epoch + 1}, step=step)
+            wandb_run.log(_wandb_row(row), step=step)
             log.info("epoch %d/%d  loss %.4f  val %s  test %s  lr %.2e  %.0f img/s  %.0f s",
                      epoch + 1, cfg.schedule.epochs, row["train_loss"], _shown(row, "val", task),
                      _shown(row, "test", task), row["lr"], row["samples_per_s"], row["elapsed_s"])

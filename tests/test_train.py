@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -227,6 +228,59 @@ def test_the_wandb_summary_ends_as_the_record_says(tmp_path, monkeypatch):
     assert results["status"] == "completed"
     assert fake.summary_seen["lr"] == results["lr"] and fake.summary_seen["status"] == "completed"
     assert fake.summary_seen["code/fingerprint"] == results["code"]["fingerprint"]
+
+
+class _WandbRuns:
+    """W&B as a resumed run meets it: each init is a run of its own (offline, a new offline-run folder
+    with the same id, whose `wandb sync` replaces the earlier one's history), starting at the step the
+    server says it holds (`starting_step`: 0 offline); each run's logged steps are kept."""
+
+    def __init__(self, starting_step=0):
+        self.runs, self.starting_step = [], starting_step
+
+    def init(self, **kwargs):
+        run = SimpleNamespace(id=kwargs["id"], steps=[], starting_step=self.starting_step,
+                              summary={}, finish=lambda exit_code=0: None)
+        run.log = lambda data, step=None, commit=None: run.steps.append((step, data["epoch"]))
+        self.runs.append(run)
+        return run
+
+    def Settings(self, **_):  # noqa: N802  (wandb.Settings)
+        return None
+
+
+@pytest.mark.parametrize("held", [0, 1], ids=["offline", "online-resumed"])
+def test_a_resumed_run_gives_its_wandb_run_every_epoch_once(tmp_path, monkeypatch, held):
+    """Killed after epoch 1 of 3 and resumed: the resumed W&B run held epochs 2 and 3 only. Offline,
+    its offline-run folder is a second one of the same id, and `wandb sync` of both (the README's
+    command) keeps one folder's history: epoch 1 was lost from W&B. The resumed run now logs the
+    checkpoint's epochs too, those the W&B run does not hold yet (online, the server holds them)."""
+    import ablate.training as training
+    from ablate.errors import Interrupted
+
+    cfg = cfg_for(tmp_path, "logger=wandb", "schedule.epochs=3", "data.train_subset=300",
+                  "data.val_size=100", "data.test_subset=200")
+    real = training.train_one_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        if args[5] == 1:  # the epoch
+            raise Interrupted(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    fake = _WandbRuns()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train(cfg)
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    first = fake.runs[0].steps
+    assert [epoch for _, epoch in first] == [1]
+    fake.starting_step = first[-1][0] + 1 if held else 0  # a server resumes after its last step
+    assert train(cfg)["status"] == "completed"
+    steps = [json.loads(row)["step"] for row in (run_folder(cfg) / "metrics.jsonl").read_text().splitlines()]
+    resumed = fake.runs[1]
+    assert resumed.id == fake.runs[0].id
+    assert resumed.steps == list(zip(steps, [1, 2, 3]))[held:]
 
 
 def test_a_mode_wandb_does_not_know_is_bad_input_naming_where_it_was_set(monkeypatch):

@@ -128,6 +128,18 @@ class WandbMirror:
         # last epoch's row would land after the record's summary and overwrite its keys (lr)
         self._call("log", metrics, step=step, commit=True)
 
+    def replay(self, rows: list[tuple[dict[str, Any], int]]) -> None:
+        """Log the (metrics, step) rows of the epochs a resumed run trained before, those this W&B run
+        does not hold: a resumed offline run is a new offline-run folder of the same id, and `wandb
+        sync` keeps one such folder's history, so each must hold every epoch; online, the server's run
+        holds the steps before its `starting_step` (a step logged twice would be refused)."""
+        if self.run is None:
+            return
+        start = getattr(self.run, "starting_step", 0) or 0
+        for metrics, step in rows:
+            if step >= start:
+                self.log(metrics, step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             try:
