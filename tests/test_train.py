@@ -299,6 +299,29 @@ def test_a_mode_wandb_does_not_know_is_bad_input_naming_where_it_was_set(monkeyp
     assert resolve_mode("online") == "offline"
 
 
+@pytest.mark.parametrize("machine", ["api.wandb.ai", "api.forge.coreweave.com"])
+@pytest.mark.parametrize("where", ["home", "NETRC"])
+def test_the_key_wandb_login_stored_makes_the_mode_online(tmp_path, monkeypatch, machine, where):
+    """`logger=wandb` is online with an API key. The key `wandb login` stores is a .netrc entry for the
+    server W&B uses by default, which is no longer api.wandb.ai (CoreWeave's proxy of it, since
+    wandb 0.2x), in the file $NETRC names if set: only ~/.netrc's api.wandb.ai counted, so a user who
+    had logged in got offline runs, silently."""
+    import ablate.tracking.wandb_logger as wandb_logger
+
+    netrc = tmp_path / ("netrc" if where == "NETRC" else ".netrc")
+    netrc.write_text(f"machine {machine}\n  login user\n  password {'k' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if where == "NETRC":
+        monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(wandb_logger, "server_unreachable", lambda: None)  # no server asked here
+    assert wandb_logger.resolve_mode(None) == "online"
+    netrc.write_text("machine example.org\n  login user\n  password secret\n")
+    assert wandb_logger.resolve_mode(None) == "offline"
+
+
 def test_an_unknown_wandb_mode_is_refused_before_the_run_folder_is_made(tmp_path, monkeypatch):
     from ablate.errors import ConfigError
 

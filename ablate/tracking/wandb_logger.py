@@ -34,14 +34,23 @@ PROBE_TIMEOUT_S = 5.0
 _probed: set[str] = set()  # servers this process found reachable
 
 
+# the servers W&B uses where WANDB_BASE_URL is unset: api.wandb.ai and, since wandb 0.2x, CoreWeave's
+# proxy of it, the name under which `wandb login` stores the key
+_DEFAULT_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+
+
 def _has_api_key() -> bool:
+    """Whether W&B has a key: WANDB_API_KEY, or a .netrc entry (where W&B reads it: $NETRC, else
+    ~/.netrc) for its server, named as `wandb login` names it (with the port a URL gives)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    url = urlparse(os.environ["WANDB_BASE_URL"]) if os.environ.get("WANDB_BASE_URL") else None
+    hosts = (url.netloc, url.hostname) if url else _DEFAULT_HOSTS
     try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        entries = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc"))
+    except (OSError, netrc.NetrcParseError):
         return False
+    return any(host and entries.authenticators(host) is not None for host in hosts)
 
 
 def server_unreachable() -> str | None:
