@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from ablate.tracking.identity import experiment_key, identity_from_config
+from ablate.tracking.wandb_logger import server_problem
 from analysis.axes import AXIS_COLUMNS
 from analysis.records import row_from_record, runs_frame
 
@@ -76,10 +77,16 @@ def row_from_wandb_run(run: Any) -> dict[str, Any]:
 def load_wandb_runs(project: str, entity: str | None = None, sweep: str | None = None) -> pd.DataFrame:
     """The runs of a W&B project (of one sweep: its group) as analysis.records rows.
 
-    Needs a reachable server and an API key (`wandb login`); `path` holds each run's URL.
+    Needs a reachable server and an API key (`wandb login`); `path` holds each run's URL. Raises
+    ConnectionError, naming the server, where none answers: asked first, since wandb.Api() would wait
+    about 30 s and then blame the credentials.
     """
     import wandb  # only here: the local analysis does not need W&B
 
+    problem = server_problem()
+    if problem:
+        raise ConnectionError(f"cannot read runs from W&B: {problem}. Set WANDB_BASE_URL to a server that "
+                              "answers, or read the results folders themselves: analysis.load_runs(...)")
     api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
     filters = {"group": sweep} if sweep else None

@@ -507,6 +507,7 @@ def test_load_wandb_runs_queries_the_project_and_sweep(mini_store, monkeypatch):
             return fake
 
     monkeypatch.setattr(wandb, "Api", FakeApi)
+    monkeypatch.setattr("analysis.wandb_source.server_problem", lambda: None)  # no server asked here
     frame = load_wandb_runs("ablate", entity="me", sweep="mini")
     assert calls == [("me/ablate", {"group": "mini"})]
     local = load_runs(mini_store)
@@ -514,6 +515,29 @@ def test_load_wandb_runs_queries_the_project_and_sweep(mini_store, monkeypatch):
     remote = frame.set_index("run").sort_index()
     columns = [c for c in local.columns if c != "path"]
     pd.testing.assert_frame_equal(remote[columns], local[columns])
+
+
+def test_load_wandb_runs_without_a_server_says_so_at_once(monkeypatch):
+    """With no server to answer, wandb.Api() waited about 30 s and then said it "failed to verify
+    credentials" (the key was never the problem). The server is asked first (its /healthz, 5 s at
+    most), and its absence is a ConnectionError naming it and the local store; no run is logged offline
+    for it, and the next call asks again."""
+    import wandb
+
+    from ablate.tracking import wandb_logger
+    from analysis import load_wandb_runs
+
+    def no_api():
+        raise AssertionError("wandb.Api() was called without a server")
+
+    monkeypatch.setattr(wandb, "Api", no_api)
+    monkeypatch.delenv(wandb_logger.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    for _ in range(2):
+        with pytest.raises(ConnectionError, match=r"http://127.0.0.1:9 cannot be reached.*load_runs"):
+            load_wandb_runs("ablate", entity="me")
+    assert wandb_logger.OFFLINE_ENV not in os.environ  # training in this process still asks for itself
 
 
 # -- the committed demo, where there is one ---------------------------------------------------------

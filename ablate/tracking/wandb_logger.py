@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from ablate.errors import ConfigError
 
-__all__ = ["WandbMirror", "resolve_mode", "server_unreachable", "summary_of", "OFFLINE_ENV",
+__all__ = ["WandbMirror", "resolve_mode", "server_problem", "server_unreachable", "summary_of", "OFFLINE_ENV",
            "PROBE_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,19 @@ def _has_api_key() -> bool:
     return any(host and entries.authenticators(host) is not None for host in hosts)
 
 
+def server_problem() -> str | None:
+    """Why no W&B server answers at WANDB_BASE_URL (default api.wandb.ai) now (None: one does); asks
+    every time, within PROBE_TIMEOUT_S, and records nothing."""
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    try:
+        urllib.request.urlopen(f"{url}/healthz", timeout=PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:  # HTTPError (not W&B), URLError, a timeout, a refused connection
+        why = f"HTTP {err.code} from {url}/healthz" if isinstance(err, urllib.error.HTTPError) else (
+            getattr(err, "reason", None) or err)
+        return f"{url} cannot be reached (no W&B server answered within {PROBE_TIMEOUT_S:.0f} s: {why})"
+    return None
+
+
 def server_unreachable() -> str | None:
     """Why the W&B server cannot be reached (None: it can), decided once per process tree."""
     if os.environ.get(OFFLINE_ENV):
@@ -60,13 +73,8 @@ def server_unreachable() -> str | None:
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
     if url in _probed:
         return None
-    try:
-        urllib.request.urlopen(f"{url}/healthz", timeout=PROBE_TIMEOUT_S).close()
-    except (OSError, ValueError) as err:  # HTTPError (not W&B), URLError, a timeout, a refused connection
-        why = f"HTTP {err.code} from {url}/healthz" if isinstance(err, urllib.error.HTTPError) else (
-            getattr(err, "reason", None) or err)
-        reason = (f"{url} cannot be reached (no W&B server answered within {PROBE_TIMEOUT_S:.0f} s: "
-                  f"{why})")
+    reason = server_problem()
+    if reason:
         os.environ[OFFLINE_ENV] = reason  # for this process and the workers it starts
         log.warning("W&B: %s; every run is logged offline in its run folder (upload later: wandb sync "
                     "<run folder>/wandb/offline-run-*)", reason)
