@@ -6,7 +6,9 @@ at the mini store.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,28 @@ def test_a_relative_results_folder_is_read_from_the_repository_root(mini_store, 
     notebook = execute(NOTEBOOKS / "figure2.ipynb")
     assert not outputs(notebook, "error"), [o.get("evalue") for o in outputs(notebook, "error")]
     assert len(outputs(notebook, "image/png")) == 1
+
+
+def test_the_notebooks_use_the_runs_the_report_uses(mini_store, monkeypatch, tmp_path):  # noqa: F811
+    """On a tuned sweep's store (the study) the report's tables hold each cell's chosen runs only; the
+    notebooks read every run, so their tables also held the candidates that were not chosen (here:
+    local_mlp at 8 channels per group, a candidate of a cell that chose 32), and a downstream store's
+    detection runs as rows of top-1 n/a. They read the runs the report reads."""
+    from analysis import load_runs
+
+    store = tmp_path / "store"
+    shutil.copytree(mini_store, store)
+    runs = load_runs(store)
+    key = {cpg: runs[(runs["preset"] == "local_mlp") & (runs["cpg"] == cpg)]["experiment"].iloc[0]
+           for cpg in (8, 32)}
+    candidates = [{"value": cpg, "experiment": key[cpg]} for cpg in (8, 32)]
+    (store / "tuning.json").write_text(json.dumps({
+        "setting": "sharing.channels_per_group", "metric": "best_val_top1", "seed": 0,
+        "cells": [{"label": "local_mlp", "chosen": 32, "chosen_experiment": key[32],
+                   "candidates": candidates}]}))
+    monkeypatch.setenv("ABLATE_RESULTS", str(store))
+    notebook = execute(NOTEBOOKS / "tables.ipynb")
+    assert not outputs(notebook, "error")
+    html = "".join(o["data"]["text/html"] for o in outputs(notebook, "text/html"))
+    assert "local_mlp" in html and "channels_per_group=1]" in html
+    assert "channels_per_group=8]" not in html
