@@ -285,8 +285,11 @@ def test_no_secret_reaches_the_config_results_log_or_wandb(tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = cfg_for(tmp_path, "+logger.api_key=hunter2hunter2", "+logger.note=${oc.env:WANDB_API_KEY}",
-                  f"logger.tags=[{SECRET}]")
+    overrides = ["+logger.api_key=hunter2hunter2", "+logger.note=${oc.env:WANDB_API_KEY}",
+                 f"logger.tags=[{SECRET}]"]
+    cfg = cfg_for(tmp_path, *overrides)
+    # the command line as ablate.train gets it: W&B records it (the run's command, uploaded by a sync)
+    monkeypatch.setattr(sys, "argv", ["ablate/train.py", *overrides, "+trainer.token=abc123abc123"])
     logging.getLogger().addHandler(caplog.handler)
     from ablate.tracking.secrets import install_log_scrubber
 
@@ -298,6 +301,7 @@ def test_no_secret_reaches_the_config_results_log_or_wandb(tmp_path, monkeypatch
     for path in [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".pt"]:
         text = path.read_bytes()
         assert SECRET.encode() not in text and b"hunter2hunter2" not in text, path
+        assert b"abc123abc123" not in text, path
     assert SECRET not in caplog.text
     assert "<redacted>" in (folder / "config.yaml").read_text()
 

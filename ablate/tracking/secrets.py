@@ -16,7 +16,8 @@ import os
 import re
 from typing import Any
 
-__all__ = ["REDACTED", "ScrubLogFilter", "install_log_scrubber", "scrub", "scrub_text", "secret_values"]
+__all__ = ["REDACTED", "ScrubLogFilter", "install_log_scrubber", "scrub", "scrub_args", "scrub_text",
+           "secret_values"]
 
 REDACTED = "<redacted>"
 # whole words of a key: `api_key`, `wandb_token`, `password`; not `tokens` (a layout size) or `author`
@@ -51,6 +52,18 @@ def scrub(obj: Any, values: list[str] | None = None) -> Any:
     if isinstance(obj, str):
         return scrub_text(obj, values)
     return obj
+
+
+def scrub_args(args: list[str], values: list[str] | None = None) -> list[str]:
+    """A command line with every secret redacted: an override whose key names one
+    (`+logger.api_key=...` -> `+logger.api_key=<redacted>`), and secrets inside any argument."""
+    values = secret_values() if values is None else values
+    clean = []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        secret = equals and value and SECRET_KEY.search(key.lstrip("+~"))
+        clean.append(f"{key}={REDACTED}" if secret else scrub_text(arg, values))
+    return clean
 
 
 class ScrubLogFilter(logging.Filter):

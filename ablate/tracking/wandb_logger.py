@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ablate.errors import ConfigError
+from ablate.tracking.secrets import scrub_args
 
 __all__ = ["WandbMirror", "resolve_mode", "server_problem", "server_unreachable", "summary_of", "OFFLINE_ENV",
            "PROBE_TIMEOUT_S"]
@@ -129,6 +131,9 @@ class WandbMirror:
                     tags=tags, config=config, dir=str(folder), id=run_id, resume="allow",
                     reinit="finish_previous")  # a second job in one process never reuses a run
         for mode in dict.fromkeys([self.mode, "offline"]):
+            argv = sys.argv
+            # W&B records the command line (the run's command, uploaded by a sync): its secrets redacted
+            sys.argv = [argv[0], *scrub_args(argv[1:])]
             try:
                 self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout,
                                                                          silent=True), **args)
@@ -139,6 +144,8 @@ class WandbMirror:
                     os.environ[OFFLINE_ENV] = f"online init failed: {type(err).__name__}: {err}"
                 log.warning("W&B %s init failed (%s: %s)%s", mode, type(err).__name__, err,
                             "; trying offline" if mode != "offline" else "; going on without W&B")
+            finally:
+                sys.argv = argv
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         # committed now: W&B holds a row logged with step= until a later step or the finish, where the
