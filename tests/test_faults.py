@@ -273,6 +273,15 @@ def test_the_scrubber_redacts_keys_env_values_and_token_shapes(monkeypatch):
     assert SECRET not in scrub_text(f"failed with {SECRET}")
 
 
+def test_the_scrubber_redacts_overrides_that_name_a_secret():
+    from ablate.tracking.secrets import scrub_args
+
+    assert scrub_args(["+logger.api_key=hunter2", "data.batch_size=64", "tokens=9"]) == [
+        f"+logger.api_key={REDACTED}", "data.batch_size=64", "tokens=9"]
+    joined = "data.batch_size=64,logger.api_key=hunter2,operator=dwconv"  # Hydra's override_dirname
+    assert scrub({"name": joined})["name"] == joined.replace("hunter2", REDACTED)
+
+
 def test_the_default_config_passes_the_scrubber_unchanged(tmp_path):
     from omegaconf import OmegaConf
 

@@ -307,6 +307,20 @@ def test_only_a_healthy_answer_counts_as_a_reachable_wandb_server(monkeypatch, s
         server.shutdown()
 
 
+def test_a_sweep_keeps_a_key_given_on_its_command_line_out_of_the_results_folder(tmp_path):
+    """The sweep's copy of its config (`<sweep>/.hydra/multirun.yaml`) held `+logger.api_key=...` as
+    typed, three times (the config, Hydra's overrides and their joined name), though every run's
+    config.yaml redacted it: it is saved scrubbed, as the runs' configs are."""
+    code, out = run_sweep(tmp_path, "+logger.api_key=hunter2hunter2", "+trainer.hf_token=abc123abc123",
+                          "trainer.sweep=keys", *TINY)
+    assert code == 0, out[-3000:]
+    saved = (tmp_path / "keys" / ".hydra" / "multirun.yaml").read_text()
+    assert "<redacted>" in saved and "trainer.sweep=keys" in saved
+    for path in [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".pt", ".pkl")]:
+        text = path.read_bytes()
+        assert b"hunter2hunter2" not in text and b"abc123abc123" not in text, path
+
+
 def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):
     code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", "launcher=submitit_local",
                           "trainer.sweep=submitit", *TINY)

@@ -35,7 +35,7 @@ from ablate.runs import record_unrunnable
 from ablate.sweep.plan import Job, check_jobs, expand_grids, plan_jobs
 from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
 from ablate.sweep.tuning import TuningPlan, parse_tuning
-from ablate.tracking import RunStore
+from ablate.tracking import RunStore, scrub
 from ablate.tracking.wandb_logger import resolve_mode
 
 __all__ = ["GridSweeper", "register_sweeper"]
@@ -112,7 +112,10 @@ class GridSweeper(Sweeper):
         results_dir = Path(self.config.trainer.results_root) / name
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # the sweep's config as given, its secrets redacted as in every run's config.yaml (a key given
+        # on the command line is in it three times: the config, Hydra's overrides and their joined name)
+        given = OmegaConf.create(scrub(OmegaConf.to_container(self.config)))
+        OmegaConf.save(given, sweep_dir / "multirun.yaml")
         if self.config.logger.name == "wandb":  # whether W&B can be reached: decided once, for every job
             resolve_mode(self.config.logger.mode)  # (workers inherit it), not by each run's timeout
 

@@ -50,20 +50,24 @@ def scrub(obj: Any, values: list[str] | None = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(scrub(v, values) for v in obj)
     if isinstance(obj, str):
-        return scrub_text(obj, values)
+        return _scrub_arg(obj, values)  # Hydra's record of its overrides holds `+logger.api_key=...`
     return obj
+
+
+def _scrub_arg(arg: str, values: list[str]) -> str:
+    """An override whose key names a secret keeps its key only (in Hydra's comma-joined overrides too:
+    `data.batch_size=64,logger.api_key=...`); any other text is scrub_text's."""
+    def override(part: str) -> str:
+        key, equals, value = part.partition("=")
+        return f"{key}={REDACTED}" if equals and value and SECRET_KEY.search(key.lstrip("+~")) else part
+    return scrub_text(",".join(override(part) for part in arg.split(",")), values)
 
 
 def scrub_args(args: list[str], values: list[str] | None = None) -> list[str]:
     """A command line with every secret redacted: an override whose key names one
     (`+logger.api_key=...` -> `+logger.api_key=<redacted>`), and secrets inside any argument."""
     values = secret_values() if values is None else values
-    clean = []
-    for arg in args:
-        key, equals, value = arg.partition("=")
-        secret = equals and value and SECRET_KEY.search(key.lstrip("+~"))
-        clean.append(f"{key}={REDACTED}" if secret else scrub_text(arg, values))
-    return clean
+    return [_scrub_arg(arg, values) for arg in args]
 
 
 class ScrubLogFilter(logging.Filter):
