@@ -406,12 +406,18 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
     recipe = build_recipe(model, cfg.optim, cfg.schedule, cfg.data.num_classes, global_batch, len(data.train))
 
     start_epoch, step, best, history, elapsed = 0, 0, None, [], 0.0
+    # a run started from scratch gets a W&B run of its own: one that replaces a deleted or restarted
+    # run of this folder must not resume that run's W&B history
+    wandb_id = hashlib.sha256(f"{store.folder.resolve()}@{time.time_ns()}".encode()).hexdigest()[:16]
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         recipe.optimizer.load_state_dict(checkpoint["optimizer"])
         if recipe.ema is not None and checkpoint.get("ema") is not None:
             recipe.ema.load_state_dict(checkpoint["ema"])
         start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
+        # the W&B run this run started (checkpoints written before they kept it: the folder's old id)
+        wandb_id = (checkpoint.get("wandb_id")
+                    or hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16])
         elapsed = checkpoint["elapsed_s"]
         history = checkpoint.get("history")  # None in checkpoints written before they carried it
         recipe.scheduler.step_update(step)
@@ -454,7 +460,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         config={**container, **{f"axes/{k}": v for k, v in spec.axes.items()}},
         mode=cfg.logger.mode if cfg.logger.name == "wandb" and dist.is_main else "disabled",
         init_timeout=cfg.logger.init_timeout,
-        run_id=hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16],
+        run_id=wandb_id,
     )
 
     # a resume: the epochs trained before it, those the W&B run lacks (WandbMirror.replay)
@@ -504,7 +510,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                         "model": model.state_dict(), "optimizer": recipe.optimizer.state_dict(),
                         "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
                         "epoch": epoch + 1, "step": step, "best": now_best, "elapsed_s": row["elapsed_s"],
-                        "world_size": dist.world_size, "identity": identity,
+                        "world_size": dist.world_size, "identity": identity, "wandb_id": wandb_id,
                         # the rows of metrics.jsonl so far: a resume restores the file from them
                         "history": [*history, row]})
                 history.append(row)

@@ -283,6 +283,24 @@ def test_a_resumed_run_gives_its_wandb_run_every_epoch_once(tmp_path, monkeypatc
     assert resumed.steps == list(zip(steps, [1, 2, 3]))[held:]
 
 
+def test_a_run_trained_again_from_scratch_gets_a_wandb_run_of_its_own(tmp_path, monkeypatch):
+    """The W&B run id was a hash of the run folder's path, so a run replaced as the README says (delete
+    the folder, or trainer.resume=never) resumed the replaced run's W&B run: online its history kept
+    the old run's curves and refused the new one's steps (not above the old last step). The id is
+    drawn when a run starts from scratch and kept in its checkpoints for its resumes."""
+    import shutil
+
+    fake = _WandbRuns()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = cfg_for(tmp_path, "logger=wandb", "data.train_subset=300", "data.val_size=100",
+                  "data.test_subset=200")
+    assert train(cfg)["status"] == "completed"
+    shutil.rmtree(run_folder(cfg))
+    assert train(cfg)["status"] == "completed"
+    ids = [run.id for run in fake.runs]
+    assert len(ids) == 2 and ids[0] != ids[1], ids  # (a resume keeps its id: the test above)
+
+
 def test_a_mode_wandb_does_not_know_is_bad_input_naming_where_it_was_set(monkeypatch):
     """WANDB_MODE=foo was reported as `logger.mode must be ...` (a setting the user never gave) and, in
     a sweep, as a ValueError's traceback with exit 1: it is a ConfigError (exit 2) naming its source."""
