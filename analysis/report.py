@@ -263,9 +263,12 @@ def _classification(runs: pd.DataFrame, every_run: pd.DataFrame, tuning, out: Pa
 
 
 def _index_markdown(title: str, sections: list[_Section]) -> str:
-    parts = [f"# {title}\n"]
+    def prose(text: str) -> str:  # a `<` of a name or path would be HTML to a Markdown renderer
+        return text.replace("<", "\\<")
+
+    parts = [f"# {prose(title)}\n"]
     for s in sections:
-        parts.append(f"## {s.title}\n\n{s.text}\n")
+        parts.append(f"## {prose(s.title)}\n\n{prose(s.text)}\n")
         if s.files:
             parts.append("Files: " + ", ".join(f"[{f}]({f})" for f in s.files) + "\n")
         if s.image:

@@ -373,6 +373,17 @@ def test_markdown_cells_stay_on_their_row_and_read_back_as_written(tmp_path):
     assert read_markdown_table(path)["sweep"].tolist() == [*names[:3], "two lines", names[4]]
 
 
+def test_the_index_title_and_texts_are_not_html_to_a_markdown_renderer():
+    """The index's title names the results folder and its texts name sweeps and settings: a `<` there
+    was raw HTML in index.md (index.html escaped it)."""
+    from analysis.report import _index_markdown, _Section
+
+    text = _index_markdown("ablate report: results/<img src=x onerror=alert(1)>",
+                           [_Section("Runs", "2 runs of sweep <!-- a: completed.")])
+    assert "<img" not in text.replace("\\<img", "") and "<!--" not in text.replace("\\<!--", "")
+    assert "\\<img src=x" in text and "sweep \\<!-- a" in text
+
+
 # -- cost ---------------------------------------------------------------------------------------
 def test_pareto_front_on_hand_made_points():
     frame = pd.DataFrame({"gmac": [1.0, 2.0, 2.0, 3.0, 0.5, 4.0, float("nan")],
