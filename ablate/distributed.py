@@ -9,14 +9,19 @@ on a value or an error, and BatchNorm synchronised across ranks. The rules the l
   (`build_data(..., rank=, world_size=)`); `data.batch_size` is per process;
 - only rank 0 writes the results store, checkpoints and W&B; a decision that reads the store
   (finished? which checkpoint?) is made by rank 0 and broadcast, so the ranks never disagree;
-- metrics are all-reduced, so every rank holds the same numbers.
+- metrics are all-reduced, so every rank holds the same numbers;
+- a rank that fails tells the process group's store before it leaves (`fail`): the ranks waiting on it
+  then fail only with "connection closed" (or torchrun stops them with SIGTERM), and rank 0 records
+  the error of the rank that failed first, not that symptom.
 Under SLURM without torchrun (one task per GPU, e.g. submitit's tasks_per_node), the SLURM variables
 stand in for torchrun's.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -73,6 +78,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    run_key: str = ""  # this process group's keys in the store (a store outlives jobs and restarts)
 
     @property
     def is_main(self) -> bool:
@@ -132,6 +138,41 @@ class Dist:
         tdist.all_gather_object(parts, list(items))
         return [item for part in parts for item in part]
 
+    # -- failing ----------------------------------------------------------------------------------
+    def fail(self, error: str, trace: str | None = None) -> tuple[str, str | None]:
+        """Tell the other ranks that this one failed with `error` (and its traceback); returns the
+        (error, traceback) of the rank that failed first: this one's, or an earlier one's, named by
+        its rank. The first to fail is the cause; the ranks that then fail are waiting on it."""
+        if not self.enabled:
+            return error, trace
+        try:
+            store = tdist.distributed_c10d._get_default_store()
+            order = store.add(f"{self.run_key}/failures", 1)
+            told = {"rank": self.rank, "error": error, "traceback": trace}
+            store.set(f"{self.run_key}/failure/{order}", json.dumps(told))
+        except Exception as err:  # noqa: BLE001  no store (torchrun gone): this rank's own error
+            log.warning("could not tell the other ranks of the failure: %s", err)
+            return error, trace
+        return self._told(store, 1) if order > 1 else (error, trace)
+
+    def first_failure(self) -> tuple[str, str | None] | None:
+        """The (error, traceback) of the rank that failed first, None where none failed: torchrun
+        stops the other ranks with SIGTERM when one fails, which is then that failure, not a stop."""
+        if not self.enabled:
+            return None
+        try:
+            store = tdist.distributed_c10d._get_default_store()
+            if not store.check([f"{self.run_key}/failures"]):  # made by the first rank that failed
+                return None
+            return self._told(store, 1)
+        except Exception:  # noqa: BLE001  no store: nothing was told
+            return None
+
+    def _told(self, store, order: int) -> tuple[str, str | None]:
+        store.wait([f"{self.run_key}/failure/{order}"], timedelta(seconds=30))  # set just after the count
+        told = json.loads(store.get(f"{self.run_key}/failure/{order}"))
+        return f"rank {told['rank']}: {told['error']}", told["traceback"]
+
     def barrier(self) -> None:
         if self.enabled:
             tdist.barrier()
@@ -184,7 +225,9 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
     if tdist.is_initialized():  # a second job in one process (launchers reuse processes)
         tdist.destroy_process_group()
     tdist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_min))
-    return Dist(rank, world, local, backend)
+    dist = Dist(rank, world, local, backend)
+    dist.run_key = f"ablate/{dist.broadcast(uuid.uuid4().hex)}"
+    return dist
 
 
 # -- BatchNorm across ranks -----------------------------------------------------------------------

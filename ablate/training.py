@@ -20,6 +20,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -333,6 +334,14 @@ def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_siz
         raise
 
 
+def _outcome_decided(dist: Dist) -> None:
+    """Under DDP a rank that failed, or learnt that another did, has its outcome: torchrun stops every
+    rank with SIGTERM once one ends non-zero, and that stop must not turn the failure being recorded
+    into "interrupted, the same command resumes" (exit 143, no record). `train` restores the handler."""
+    if dist.enabled and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # -- the run ------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and record one run; returns its results (status completed, failed or diverged).
@@ -357,11 +366,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task = task_of(cfg)
     model = task.build_model(cfg)
     dist = init_distributed(t.distributed, t.device, t.backend, t.dist_timeout_min)
+    on_stop = signal.getsignal(signal.SIGTERM)  # _outcome_decided ignores it; the next job must not
     try:
         return _train(cfg, model, dist, store, task)
     finally:
         store.unlock()
         dist.close()
+        if on_stop is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_stop)
 
 
 def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> dict[str, Any]:
@@ -531,21 +543,32 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                              "Lower optim.lr or set optim.clip_grad.")
         log.error("run %s", results["error"])
     except Interrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint of the last finished epoch stays
-        wandb_run.finish(exit_code=stop.code)
-        name = signal.Signals(stop.signum).name
-        where = (f"at epoch {checkpointed + 1} of {cfg.schedule.epochs} by {name}"
-                 if checkpointed < cfg.schedule.epochs else  # only the record was missing
-                 f"by {name} after its last epoch, before its record was written")
-        raise stop.saying(f"interrupted {where}; {_epochs_kept(checkpointed)} in {store.folder}: the same "
-                          "command resumes") from None
+        failed = dist.first_failure()  # torchrun's SIGTERM after another rank failed: that failure
+        if failed is not None:
+            _outcome_decided(dist)
+        else:
+            wandb_run.finish(exit_code=stop.code)
+            name = signal.Signals(stop.signum).name
+            where = (f"at epoch {checkpointed + 1} of {cfg.schedule.epochs} by {name}"
+                     if checkpointed < cfg.schedule.epochs else  # only the record was missing
+                     f"by {name} after its last epoch, before its record was written")
+            raise stop.saying(f"interrupted {where}; {_epochs_kept(checkpointed)} in {store.folder}: the same "
+                              "command resumes") from None
+        results.update(status="failed", error=failed[0], traceback=failed[1])
+        log.error("run failed: %s", results["error"])
     except (torch.OutOfMemoryError, MemoryError) as err:
-        results.update(status="failed", error=f"out of memory ({type(err).__name__}): lower "
-                       f"data.batch_size (now {cfg.data.batch_size}), use a smaller model, or on a "
-                       "GPU trainer.precision=bf16.")
+        _outcome_decided(dist)
+        error = (f"out of memory ({type(err).__name__}): lower data.batch_size (now {cfg.data.batch_size}), "
+                 "use a smaller model, or on a GPU trainer.precision=bf16.")
+        error, _ = dist.fail(error)  # under DDP: the rank that failed first is the cause
+        results.update(status="failed", error=error)
         log.error(results["error"])
     except Exception as err:  # noqa: BLE001  recorded, not lost: a sweep goes on
-        results.update(status="failed", error=f"{type(err).__name__}: {err}",
-                       traceback=traceback.format_exc(limit=8))
+        # under DDP the others' collectives then fail ("connection closed"): the record names the
+        # rank that failed first, and its error
+        _outcome_decided(dist)
+        error, trace = dist.fail(f"{type(err).__name__}: {err}", traceback.format_exc(limit=8))
+        results.update(status="failed", error=error, traceback=trace)
         log.error("run failed: %s", results["error"])
 
     train_rates = [r["samples_per_s"] for r in history]

@@ -202,3 +202,52 @@ def test_synchronised_batchnorm_is_exact_in_float64(tmp_path):
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "grad " in proc.stdout
+
+
+FOLDER = ["data=imagenet", "data.auto_augment=null", "data.train_subset=null", "data.test_subset=null",
+          "data.num_classes=3", "data.img_size=32", "data.val_size=3", "data.num_workers=0",
+          "data.batch_size=4", "data.eval_batch_size=4"]
+
+
+def rank_first_batch(root: Path, rank: int) -> list[str]:
+    """The image files rank `rank` of 2 reads first (epoch 0), by the real loader."""
+    import torch
+
+    import ablate.data.folder as folder
+    from ablate.data import build_data
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*FOLDER, f"data.root={root}"])
+    read, load = [], folder.default_loader
+    folder.default_loader = lambda path: (read.append(path), load(path))[1]
+    try:
+        data = build_data(cfg.data, torch.device("cpu"), seed=cfg.trainer.seed, rank=rank, world_size=2)
+        data.train.set_epoch(0)
+        next(iter(data.train))
+    finally:
+        folder.default_loader = load
+    return read
+
+
+def test_a_failure_on_another_rank_is_recorded_with_its_error_not_rank_0s_symptom(tmp_path):
+    """Rank 1 reads a damaged image; rank 0, waiting on it in a collective, fails only with gloo's
+    "connection closed" (or is stopped by torchrun's SIGTERM). The record must name rank 1's error,
+    the one to fix, not that symptom nor an interruption the same command would "resume"."""
+    from tests.test_data import write_image_folder
+
+    data = write_image_folder(tmp_path / "images")
+    damaged = next(p for p in rank_first_batch(data, 1) if p not in rank_first_batch(data, 0))
+    Path(damaged).write_bytes(b"not an image")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+         "-m", "ablate.train", "trainer=ddp", *COMMON, *FOLDER, f"data.root={data}",
+         f"trainer.results_root={tmp_path / 'results'}"],
+        cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=300)
+    assert next((tmp_path / "results").glob("runs/*/results.json"), None), out[-3000:]
+    result = record(tmp_path / "results")
+    assert result["status"] == "failed", out[-3000:]
+    assert result["error"].startswith("rank 1: DataError: ") and damaged in result["error"], result["error"]
+    assert "DataError" in result["traceback"]
+    assert "interrupted" not in out, out[-3000:]
