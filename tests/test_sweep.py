@@ -362,6 +362,31 @@ def test_a_killed_submitit_job_is_launched_again_and_resumes(tmp_path):
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("missing, message", [
+    ("submitit", "needs the Python package submitit, which is not installed here: `pip install submitit`"),
+    ("slurm", "SLURM's sbatch, srun are not on this machine's PATH: launch the sweep from a node of the"),
+])
+def test_submitit_slurm_without_submitit_or_slurm_exits_2_and_records_nothing(tmp_path, missing, message):
+    """Every job would fail to submit, be relaunched and be recorded `failed` (exit 1): a run that
+    never started is not a failed one, and no relaunch installs what this machine lacks."""
+    bin_dir, shadow = tmp_path / "bin", tmp_path / "shadow"
+    bin_dir.mkdir()
+    shadow.mkdir()
+    for tool in ("sbatch", "srun", "sinfo"):  # a machine with SLURM's commands (they never run here)
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    if missing == "submitit":  # an environment without the package: importing it fails as it would
+        (shadow / "submitit.py").write_text("raise ModuleNotFoundError(\"No module named 'submitit'\", "
+                                            "name='submitit')\n")
+    env = {"PATH": str(bin_dir) if missing == "submitit" else str(tmp_path / "nothing"),
+           "PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT)])}
+    code, out = run_sweep(tmp_path / "results", "launcher=submitit_slurm", *TINY,
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", env=env, timeout=300)
+    assert code == 2, out[-3000:]
+    assert message in out, out[-3000:]
+    assert "Traceback" not in out and not list((tmp_path / "results").glob("*/*/results.json"))
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
 @pytest.mark.parametrize("sweep, folder", [(None, "runs"), ("demo", "demo")])
 def test_the_sweep_folder_is_named_on_every_launcher(launcher, sweep, folder):

@@ -202,10 +202,10 @@ class SlurmLauncher(SubmititSlurmLauncher):
         self.pending_limit_s = pending_limit_s
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-        import submitit
         from hydra.core.singleton import Singleton
 
         assert self.config is not None and job_overrides
+        submitit = _slurm_tools()
         found = partition_nodes(self.params.get("partition"))
         partition = found[0] if found else self.params.get("partition") or "(the default)"
         params = dict(self.params)  # fitted per launch: null stays null in self.params
@@ -237,6 +237,26 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 f"as asked. `scontrol show partition {partition}` shows its limits; change hydra.launcher.* "
                 "(timeout_min, nodes, resources) or hydra.launcher.partition")
         return [_outcome(job) for job in jobs]
+
+
+def _slurm_tools() -> Any:
+    """submitit, where it and SLURM's commands are here; else a ConfigError naming what is missing.
+    Without them every job would fail to submit, be relaunched, and be recorded `failed` (exit 1):
+    a run that never started is not a failed one, and no relaunch fixes this machine."""
+    try:
+        import submitit
+    except ImportError as err:
+        raise ConfigError(f"launcher=submitit_slurm needs the Python package {err.name or 'submitit'}, "
+                          "which is not installed here: `pip install submitit` (hydra-submitit-launcher "
+                          "depends on it), or choose launcher=joblib or launcher=basic to run on this "
+                          "machine") from None
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"launcher=submitit_slurm submits SLURM jobs, but SLURM's {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not on this machine's PATH: launch the "
+                          "sweep from a node of the cluster (its login node), or choose launcher=joblib or "
+                          "launcher=submitit_local to run here")
+    return submitit
 
 
 def _outcome(job: Any) -> JobReturn:
