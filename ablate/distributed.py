@@ -14,7 +14,7 @@ on a value or an error, and BatchNorm synchronised across ranks. The rules the l
   then fail only with "connection closed" (or torchrun stops them with SIGTERM), and rank 0 records
   the error of the rank that failed first, not that symptom.
 Under SLURM without torchrun (one task per GPU, e.g. submitit's tasks_per_node), the SLURM variables
-stand in for torchrun's.
+stand in for torchrun's (submitit_local's tasks likewise).
 """
 from __future__ import annotations
 
@@ -188,8 +188,11 @@ class Dist:
 
 
 def _slurm_env() -> None:
-    """Under SLURM with one task per GPU and no torchrun, derive torchrun's variables."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    """Under SLURM with one task per GPU and no torchrun, derive torchrun's variables; so too under
+    submitit_local's tasks (`hydra.launcher.tasks_per_node`), which would otherwise each train the
+    run alone, one process each (and all but one refused its folder)."""
+    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS") or "1"
+    if "RANK" in os.environ or int(tasks) <= 1:
         return
     try:
         from submitit.helpers import TorchDistributedEnvironment

@@ -330,6 +330,21 @@ def test_a_submitit_local_sweep_runs_two_jobs(tmp_path):
     assert list((tmp_path / "submitit" / ".hydra" / ".submitit").glob("*/*_result.pkl"))
 
 
+def test_submitit_local_tasks_of_a_ddp_job_train_one_run_together(tmp_path):
+    """`hydra.launcher.tasks_per_node=2 trainer=ddp` on submitit_local (the SLURM code path, runnable
+    here): the two tasks form one process group, as SLURM's do. They each trained the run alone in one
+    process, one of them refused its folder, and the sweep reported a 1-process run completed."""
+    code, out = run_sweep(tmp_path, "trainer=ddp", "trainer.device=cpu", "launcher=submitit_local",
+                          "hydra.launcher.tasks_per_node=2", "trainer.sweep=tasks", *TINY)
+    assert code == 0, out[-3000:]
+    (record,) = records(tmp_path / "tasks").values()
+    assert record["status"] == "completed" and record["world_size"] == 2, record
+    assert record["global_batch_size"] == 2 * record["batch_size"]
+    logs = "".join(p.read_text() for p in (tmp_path / "tasks").rglob("*_log.err"))
+    assert logs and "another job is training" not in logs, logs[-3000:]
+    assert "training in one process" not in logs, logs[-3000:]
+
+
 def _kill_processes_running(marker: str) -> int:
     """SIGKILL the submitit job processes (not the sweep) whose command line mentions `marker`."""
     killed = 0
