@@ -26,8 +26,8 @@ from ablate.tracking import RunLocked, RunStore, run_folder_name, safe_name
 from ablate.tracking.code import code_identity
 from ablate.tracking.identity import NOT_IDENTITY, IdentityConflict, experiment_key, identity_from_config
 
-__all__ = ["run_identity", "run_label", "run_folder", "describe_run", "record_unrunnable", "provenance",
-           "pretraining_config", "pretraining_key", "derived_settings", "PACKAGES"]
+__all__ = ["run_identity", "run_label", "run_folder", "describe_run", "record_unrunnable", "check_processes",
+           "provenance", "pretraining_config", "pretraining_key", "derived_settings", "PACKAGES"]
 
 log = logging.getLogger(__name__)
 PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy")
@@ -165,6 +165,22 @@ def record_unrunnable(cfg: DictConfig, err: Exception) -> Path:
             store.unlock()
     return store.folder
 
+
+
+def check_processes(folder: Path, record: dict[str, Any], world_size: int) -> None:
+    """A finished run of another number of processes is another experiment: data.batch_size is per
+    process, so its global batch and learning rate differ. The identity cannot say so (a config does
+    not know how many processes will run it), so the record, which does, is checked: never reported
+    as this run's result (as a checkpoint of another world size is never resumed), by the run and by
+    the sweep that plans it (ablate/sweep/plan.py)."""
+    theirs = record.get("world_size") or 1
+    if theirs != world_size:
+        raise IdentityConflict(
+            f"the run folder {folder} holds a run trained by {theirs} process"
+            f"{'es' if theirs > 1 else ''} (global batch {record.get('global_batch_size')}), this job has "
+            f"{world_size}: data.batch_size is per process, so the global batch and the learning rate "
+            f"differ. Run it with {theirs} process{'es' if theirs > 1 else ''} to find that record, or give "
+            "this run another trainer.run_name (or trainer.sweep).")
 
 
 def provenance() -> dict[str, Any]:

@@ -46,7 +46,7 @@ from ablate.distributed import (
 from ablate.errors import EXIT_CODES, Interrupted, raise_if_stopping, signals_deferred
 from ablate.ops.fast import routes
 from ablate.recipe import build_recipe, check_recipe
-from ablate.runs import derived_settings, describe_run, provenance, run_folder, run_identity
+from ablate.runs import check_processes, derived_settings, describe_run, provenance, run_folder, run_identity
 from ablate.tasks import Task, task_of
 from ablate.tasks.classification import Classification
 from ablate.tracking import CheckpointError, RunLocked, RunStore, WandbMirror, scrub
@@ -291,23 +291,8 @@ def checkpoint_bytes(model: torch.nn.Module, cfg: DictConfig) -> int:
 def _finished_record(store: RunStore, world_size: int) -> dict[str, Any] | None:
     record = store.read_results() if store.finished() else None
     if record is not None:
-        _check_processes(store, record, world_size)
+        check_processes(store.folder, record, world_size)
     return record
-
-
-def _check_processes(store: RunStore, record: dict[str, Any], world_size: int) -> None:
-    """A finished run of another number of processes is another experiment: data.batch_size is per
-    process, so its global batch and learning rate differ. The identity cannot say so (the sweeper
-    that plans a job does not know its processes), so the record, which does, is checked: never
-    reported as this run's result (as a checkpoint of another world size is never resumed)."""
-    theirs = record.get("world_size") or 1
-    if theirs != world_size:
-        raise IdentityConflict(
-            f"the run folder {store.folder} holds a run trained by {theirs} process"
-            f"{'es' if theirs > 1 else ''} (global batch {record.get('global_batch_size')}), this job has "
-            f"{world_size}: data.batch_size is per process, so the global batch and the learning rate "
-            f"differ. Run it with {theirs} process{'es' if theirs > 1 else ''} to find that record, or give "
-            "this run another trainer.run_name (or trainer.sweep).")
 
 
 def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_size: int) -> tuple[str, Any]:

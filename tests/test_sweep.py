@@ -234,6 +234,34 @@ def test_a_job_whose_run_folder_another_job_holds_is_reported_locked(tmp_path):
     assert not holder.results.exists()  # nothing recorded in the held folder
 
 
+def test_a_record_of_another_number_of_processes_is_refused_not_counted_finished(tmp_path):
+    """data.batch_size is per process: a run recorded by 2 processes is another experiment (twice the
+    global batch and learning rate). A single run refuses it (exit 2); the sweep counted it "already
+    completed" for jobs of one process, and reported the sweep done."""
+    from ablate.tracking import RunStore
+
+    grid = ["operator=dwconv", "trainer.sweep=procs", *TINY]
+    code, out = run_sweep(tmp_path, *grid)
+    assert code == 0, out[-3000:]
+    (folder,) = [p for p in (tmp_path / "procs").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    store = RunStore(folder)
+    record = store.read_results()
+    store.write_results({**record, "world_size": 2, "global_batch_size": 2 * record["global_batch_size"]})
+    code, out = run_sweep(tmp_path, *grid)
+    assert code == 1, out[-3000:]
+    assert f"refused: {folder.name}: the run folder {folder} holds a run trained by 2 processes" in out
+    assert store.read_results()["world_size"] == 2  # untouched
+
+
+def test_launcher_tasks_without_ddp_are_refused_before_any_job(tmp_path):
+    """Each of the tasks would train the run alone: one trains, the others are refused its folder."""
+    code, out = run_sweep(tmp_path, "launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                          "trainer.sweep=tasks", *TINY)
+    assert code == 2, out[-3000:]
+    assert "hydra.launcher.tasks_per_node x nodes = 2 starts 2 processes per job" in out, out[-3000:]
+    assert "Traceback" not in out and not records(tmp_path / "tasks")
+
+
 def test_a_value_out_of_range_stops_the_sweep_before_any_job_trains(tmp_path):
     # as in a single run: exit 2, the key named; the valid cell is not trained either
     code, out = run_sweep(tmp_path, "operator=dwconv", "optim.lr=1e-3,-1", "trainer.sweep=bad", *TINY)

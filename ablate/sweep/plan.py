@@ -10,6 +10,7 @@ and not launched.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +19,16 @@ from typing import Any
 import torch
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ablate.config import build_model, check_train_config
-from ablate.runs import record_unrunnable, run_folder, run_identity
+from ablate.errors import ConfigError
+from ablate.runs import check_processes, record_unrunnable, run_folder, run_identity
 from ablate.space.rules import InvalidOperatorError
 from ablate.tracking import FINISHED, RunStore
 from ablate.tracking.identity import IdentityConflict, describe_difference, differing_keys
 
-__all__ = ["Job", "expand_grids", "plan_jobs"]
+__all__ = ["Job", "expand_grids", "job_processes", "plan_jobs"]
 
 
 @dataclass
@@ -95,6 +97,23 @@ def check_operator(cfg: DictConfig) -> None:
         build_model(cfg, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes)
 
 
+def job_processes(master: DictConfig, cfg: DictConfig) -> int:
+    """The processes that train a job of this sweep under trainer=ddp: a submitit launcher's tasks
+    (tasks_per_node x nodes), or torchrun's processes where the sweep itself runs under torchrun;
+    else one. Tasks without trainer=ddp would each train the run alone, all but one refused its
+    folder: a ConfigError."""
+    tasks = (int(OmegaConf.select(master, "hydra.launcher.tasks_per_node", default=None) or 1)
+             * int(OmegaConf.select(master, "hydra.launcher.nodes", default=None) or 1))
+    if tasks == 1 and cfg.trainer.distributed:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if tasks > 1 and not cfg.trainer.distributed:
+        raise ConfigError(f"hydra.launcher.tasks_per_node x nodes = {tasks} starts {tasks} processes per "
+                          "job, and only trainer=ddp makes them train one run together (without it each "
+                          "would train the run alone): add trainer=ddp, or set "
+                          "hydra.launcher.tasks_per_node=1 and hydra.launcher.nodes=1")
+    return tasks if cfg.trainer.distributed else 1
+
+
 def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[Job]:
     """Compose every job and decide: finished (skip), invalid (record as skipped), refused (its run
     folder is another run's), or run.
@@ -124,8 +143,14 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
         claimed[folder] = identity  # by the first job the folder accepts, not by one it refused
         status = store.status()
         if status in FINISHED:
+            try:  # a record of another number of processes is another experiment, as in a single run
+                check_processes(folder, store.read_results() or {}, job_processes(master, cfg))
+            except IdentityConflict as err:
+                jobs.append(Job(list(overrides), folder, "refused", cfg, status="refused", error=str(err)))
+                continue
             jobs.append(Job(list(overrides), folder, "finished", cfg, status=status))
             continue
+        job_processes(master, cfg)  # tasks without trainer=ddp: refused before any job is launched
         try:
             check_operator(cfg)
         except InvalidOperatorError as err:
