@@ -189,6 +189,9 @@ def test_the_readme_sweep_completes_with_resources_fitted_to_the_node(tmp_path):
     ("hydra.launcher.gpus_per_node=4", "hydra.launcher.gpus_per_node=4"),
     ("hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000"),
     ("hydra.launcher.partition=nope", "hydra.launcher.partition=nope"),
+    # refused by sbatch itself (submitit raises its FailedJobError): bad input, not a failed run
+    ("hydra.launcher.constraint=nosuchfeature", "sbatch refused the jobs (exit 1: sbatch: error: Batch job "
+                                                "submission failed: Invalid feature specification)"),
 ])
 def test_an_impossible_request_fails_at_once_naming_the_resource(tmp_path, override, names):
     proc = sweep(tmp_path, "operator=dwconv", "schedule.epochs=1", override)

@@ -405,6 +405,24 @@ def test_a_killed_submitit_job_is_launched_again_and_resumes(tmp_path):
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").open()] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("settings, message", [
+    (["hydra.launcher.timeout_min=0"], "hydra.launcher.timeout_min=0 must be a whole number >= 1"),
+    (["hydra.launcher.timeout_min=-5"], "hydra.launcher.timeout_min=-5 must be a whole number >= 1"),
+    (["hydra.launcher.tasks_per_node=0"], "hydra.launcher.tasks_per_node=0 must be a whole number >= 1"),
+    (["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=90"],
+     "signal_delay_s=90 is not before the job's time limit (hydra.launcher.timeout_min=1: 60 s)"),
+])
+def test_slurm_settings_out_of_range_exit_2_before_anything_is_submitted(tmp_path, settings, message):
+    """sbatch runs --time=0 or -5 without a limit; a USR2 due before the start ends the job as it
+    starts (measured on tests/slurm/cluster.sh); --ntasks-per-node=0 was refused by sbatch, recorded
+    as a failed run and relaunched. Each is named by its key instead, with nothing submitted."""
+    code, out = run_sweep(tmp_path, "launcher=submitit_slurm", *settings, *TINY,
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    assert code == 2 and message in out, out[-3000:]
+    assert "Traceback" not in out and not (tmp_path / "sweep" / ".submitit").exists()
+    assert not list(tmp_path.glob("*/*/results.json"))
+
+
 @pytest.mark.parametrize("missing, message", [
     ("submitit", "needs the Python package submitit, which is not installed here: `pip install submitit`"),
     ("slurm", "SLURM's sbatch, srun are not on this machine's PATH: launch the sweep from a node of the"),

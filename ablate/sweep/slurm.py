@@ -34,8 +34,8 @@ from omegaconf import OmegaConf
 
 from ablate.errors import ConfigError
 
-__all__ = ["NEVER_CLEARS", "Node", "SlurmConf", "SlurmLauncher", "fit_resources", "partition_nodes",
-           "sweep_jobs", "watch_pending"]
+__all__ = ["NEVER_CLEARS", "Node", "SlurmConf", "SlurmLauncher", "check_settings", "fit_resources",
+           "partition_nodes", "sweep_jobs", "watch_pending"]
 
 log = logging.getLogger("ablate.sweep")
 
@@ -198,6 +198,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
     result per job (module docstring)."""
 
     def __init__(self, pending_limit_s: float = 120.0, **params: Any) -> None:
+        check_settings({**params, "pending_limit_s": pending_limit_s})
         super().__init__(**params)
         self.pending_limit_s = pending_limit_s
 
@@ -225,9 +226,12 @@ class SlurmLauncher(SubmititSlurmLauncher):
             args.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
         try:
             jobs = executor.map_array(self, *zip(*args))
-        except subprocess.CalledProcessError as err:  # sbatch said why on stderr, just above
-            raise ConfigError(f"sbatch refused the jobs (exit {err.returncode}; its error is printed above). "
-                              "Change the hydra.launcher.* setting it names") from None
+        except submitit.core.utils.FailedJobError as err:  # how submitit reports sbatch's refusal
+            if not isinstance(err.__cause__, subprocess.CalledProcessError):
+                raise  # not a refusal (sbatch was killed): the sweeper relaunches the batch
+            raise ConfigError(f"sbatch refused the jobs (exit {err.__cause__.returncode}: "
+                              f"{str(err).strip() or 'its error is printed above'}). Change the "
+                              "hydra.launcher.* setting it names") from None
         cancelled = watch_pending(jobs, self.pending_limit_s)
         if cancelled:
             job_id, reason = next(iter(cancelled.items()))
@@ -237,6 +241,30 @@ class SlurmLauncher(SubmititSlurmLauncher):
                 f"as asked. `scontrol show partition {partition}` shows its limits; change hydra.launcher.* "
                 "(timeout_min, nodes, resources) or hydra.launcher.partition")
         return [_outcome(job) for job in jobs]
+
+
+# hydra.launcher.* settings and the least each takes (None: not set, fitted or SLURM's default)
+_AT_LEAST = {"timeout_min": 1, "tasks_per_node": 1, "nodes": 1, "cpus_per_task": 1, "gpus_per_node": 0,
+             "mem_gb": 1, "signal_delay_s": 0, "max_num_timeout": 0, "array_parallelism": 1}
+
+
+def check_settings(params: dict[str, Any]) -> None:
+    """The launcher's numbers, each in its range, before anything is submitted (ConfigError: exit 2).
+    sbatch takes `--time=0` and `--time=-5` as no limit at all, and a USR2 due before the job starts
+    (signal_delay_s past the limit) arrives as it starts, before submitit handles it, and ends it:
+    neither is left to SLURM."""
+    for key, low in _AT_LEAST.items():
+        value = params.get(key)
+        if value is not None and value < low:
+            raise ConfigError(f"hydra.launcher.{key}={value} must be a whole number >= {low}")
+    if not params.get("pending_limit_s", 1) > 0:
+        raise ConfigError(f"hydra.launcher.pending_limit_s={params['pending_limit_s']} must be a number > 0")
+    limit_s, delay_s = params.get("timeout_min", 1) * 60, params.get("signal_delay_s", 0)
+    if delay_s >= limit_s:
+        raise ConfigError(f"hydra.launcher.signal_delay_s={delay_s} is not before the job's time limit "
+                          f"(hydra.launcher.timeout_min={params.get('timeout_min')}: {limit_s} s): SLURM "
+                          "would signal the job as it starts, which ends it. Set signal_delay_s below "
+                          f"{limit_s} (e.g. {limit_s // 3}) or raise timeout_min")
 
 
 def _slurm_tools() -> Any:
