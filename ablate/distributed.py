@@ -18,6 +18,7 @@ stand in for torchrun's (submitit_local's tasks likewise).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ __all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "init_distributed", "sy
            "pooled_batchnorms"]
 
 log = logging.getLogger(__name__)
+
+_GROUPS = itertools.count()  # process groups this process has joined: every rank joins the same ones
 
 # Errors a rank-0 decision may raise, re-raised with the same type on every rank.
 _SHARED_ERRORS: dict[str, type[Exception]] = {}
@@ -227,7 +230,14 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
         torch.cuda.set_device(local)
     if tdist.is_initialized():  # a second job in one process (launchers reuse processes)
         tdist.destroy_process_group()
-    tdist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_min))
+    # env:// as init_process_group reads it, but with keys of this group's own in the store: torchrun's
+    # store outlives a destroyed group, and the next job of a sweep under torchrun read the previous
+    # group's addresses and failed to connect ("Gloo connectFullMesh failed")
+    timeout = timedelta(minutes=timeout_min)
+    store, _, _ = next(tdist.rendezvous("env://", rank, world, timeout=timeout))
+    store.set_timeout(timeout)
+    store = tdist.PrefixStore(f"default_pg/ablate-{next(_GROUPS)}", store)
+    tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     dist = Dist(rank, world, local, backend)
     dist.run_key = f"ablate/{dist.broadcast(uuid.uuid4().hex)}"
     return dist

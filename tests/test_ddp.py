@@ -251,3 +251,25 @@ def test_a_failure_on_another_rank_is_recorded_with_its_error_not_rank_0s_sympto
     assert result["error"].startswith("rank 1: DataError: ") and damaged in result["error"], result["error"]
     assert "DataError" in result["traceback"]
     assert "interrupted" not in out, out[-3000:]
+
+
+def test_a_sweep_under_torchrun_trains_every_job_over_the_processes(tmp_path):
+    """Each job of a sweep joins a new process group in the same processes: the second one read the
+    first group's addresses from torchrun's store and failed to connect, and a rank's sweeper read the
+    record before rank 0 had written it ("lost"). A relaunch finds both finished by 2 processes."""
+    def sweep() -> str:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             free_port(), "-m", "ablate.train", "-m", "trainer=ddp", *COMMON,
+             "operator=dwconv,local_attention", "data.train_subset=200", "data.val_size=100",
+             "data.test_subset=100", "data.batch_size=50", "schedule.epochs=1",
+             f"trainer.results_root={tmp_path}"],
+            cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return finish(proc)
+
+    out = sweep()
+    found = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/results.json")]
+    assert [(r["status"], r["world_size"]) for r in found] == [("completed", 2)] * 2, out[-3000:]
+    assert "lost" not in out
+    assert "2 jobs: 2 already finished" in sweep()  # the planner knows the sweep's 2 processes
