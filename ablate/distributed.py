@@ -153,10 +153,10 @@ class Dist:
             order = store.add(f"{self.run_key}/failures", 1)
             told = {"rank": self.rank, "error": error, "traceback": trace}
             store.set(f"{self.run_key}/failure/{order}", json.dumps(told))
-        except Exception as err:  # noqa: BLE001  no store (torchrun gone): this rank's own error
-            log.warning("could not tell the other ranks of the failure: %s", err)
+            return self._told(store, 1) if order > 1 else (error, trace)
+        except Exception as err:  # noqa: BLE001  no store (torchrun gone), or the first rank died
+            log.warning("could not tell the other ranks of the failure, or learn theirs: %s", err)
             return error, trace
-        return self._told(store, 1) if order > 1 else (error, trace)
 
     def first_failure(self) -> tuple[str, str | None] | None:
         """The (error, traceback) of the rank that failed first, None where none failed: torchrun
