@@ -537,8 +537,8 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
             where = (f"at epoch {checkpointed + 1} of {cfg.schedule.epochs} by {name}"
                      if checkpointed < cfg.schedule.epochs else  # only the record was missing
                      f"by {name} after its last epoch, before its record was written")
-            raise stop.saying(f"interrupted {where}; {_epochs_kept(checkpointed)} in {store.folder}: the same "
-                              "command resumes") from None
+            raise stop.saying(f"interrupted {where}; {_epochs_kept(checkpointed)} in {store.folder}: the "
+                              "same command resumes") from None
         results.update(status="failed", error=failed[0], traceback=failed[1])
         log.error("run failed: %s", results["error"])
     except (torch.OutOfMemoryError, MemoryError) as err:
