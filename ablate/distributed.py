@@ -92,8 +92,16 @@ class Dist:
         return self.world_size > 1
 
     def device(self, name: str) -> torch.device:
-        """The device of this rank: `auto` / `cuda` become cuda:<local rank> under torchrun."""
+        """The device of this rank: `auto` / `cuda` become cuda:<local rank> under torchrun. A GPU
+        named by index would be every rank's (NCCL refuses two ranks on one GPU): a ConfigError."""
         device = checked_device(name, "trainer.device")
+        if device.type == "cuda" and self.enabled:
+            if device.index is not None:
+                raise ConfigError(
+                    f"trainer.device={name} puts every one of the {self.world_size} processes on GPU "
+                    f"{device.index}: set trainer.device=cuda (each process takes the GPU of its local rank) "
+                    "and choose the GPUs with CUDA_VISIBLE_DEVICES")
+            _check_local_gpu(self.local_rank)
         if device.type == "cuda" and device.index is None:  # set_device needs an index
             device = torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
         if device.type == "cuda":
@@ -204,6 +212,15 @@ def _slurm_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def _check_local_gpu(local_rank: int) -> None:
+    """A process per GPU: a local rank past the node's GPUs was CUDA's "invalid device ordinal"."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"process {local_rank} of this node has no GPU of its own: the node has {count} "
+                          f"GPU(s); start at most {count} processes per node (torchrun --nproc_per_node "
+                          f"{count}, or SLURM's tasks per node), or use trainer.device=cpu")
+
+
 def init_distributed(enabled: bool, device_name: str, backend: str = "auto", timeout_min: float = 30) -> Dist:
     """The Dist of this process; with `enabled` and torchrun's (or SLURM's) variables set, joins the
     process group. `enabled` without them is a run of one process (and says so)."""
@@ -227,6 +244,7 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
     if backend == "nccl":
         if not on_gpu:
             raise ValueError("trainer.backend=nccl needs a GPU: use trainer.backend=gloo (or auto) on CPUs")
+        _check_local_gpu(local)
         torch.cuda.set_device(local)
     if tdist.is_initialized():  # a second job in one process (launchers reuse processes)
         tdist.destroy_process_group()

@@ -273,3 +273,23 @@ def test_a_sweep_under_torchrun_trains_every_job_over_the_processes(tmp_path):
     assert [(r["status"], r["world_size"]) for r in found] == [("completed", 2)] * 2, out[-3000:]
     assert "lost" not in out
     assert "2 jobs: 2 already finished" in sweep()  # the planner knows the sweep's 2 processes
+
+
+def test_a_gpu_named_by_index_or_missing_for_a_rank_is_refused_before_cuda(monkeypatch):
+    """Under torchrun, trainer.device=cuda:0 put every rank on GPU 0 (NCCL then refuses two ranks on
+    one GPU), and a local rank past the node's GPUs got CUDA's raw "invalid device ordinal". Both are
+    refused naming the setting, before any CUDA call (PyTorch is told it has 2 GPUs: none is here)."""
+    import torch
+
+    from ablate.distributed import Dist
+    from ablate.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was called"))
+    with pytest.raises(ConfigError, match=r"trainer.device=cuda:0 puts every one of the 2 processes on "
+                                          r"GPU 0.*trainer.device=cuda .*CUDA_VISIBLE_DEVICES"):
+        Dist(rank=1, world_size=2, local_rank=1).device("cuda:0")
+    with pytest.raises(ConfigError, match=r"process 2 of this node has no GPU .* 2 GPU\(s\)"
+                                          r".*--nproc_per_node 2"):
+        Dist(rank=2, world_size=3, local_rank=2).device("cuda")
