@@ -84,9 +84,10 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
         front = pareto_fronts(table, x, "top1_mean", x_better=better)
         for i, row in table.iterrows():
             on_front = bool(front.iloc[i])
-            # the 95% interval of the mean; one seed has none (no bar, not a bar of 0)
-            yerr = None if pd.isna(row["ci_low"]) else [[row["top1_mean"] - row["ci_low"]],
-                                                        [row["ci_high"] - row["top1_mean"]]]
+            # the 95% interval of the mean; one seed has none (no bar, not a bar of 0). An accuracy lies
+            # in [0, 100]: the bar is drawn inside it, as Figure 2's bands (the tables keep the interval)
+            yerr = None if pd.isna(row["ci_low"]) else [[row["top1_mean"] - max(row["ci_low"], 0.0)],
+                                                        [min(row["ci_high"], 100.0) - row["top1_mean"]]]
             ax.errorbar(row[x], row["top1_mean"], yerr=yerr,
                         fmt="o", color=f"C{i % 10}", markersize=7 if on_front else 5,
                         markeredgecolor="black" if on_front else "none", capsize=2)

@@ -410,6 +410,21 @@ def test_pareto_fronts_compare_only_rows_of_one_context():
     assert pareto_fronts(table, "gmac", "top1_mean").tolist() == [True, False, True, True]
 
 
+def test_the_cost_plot_draws_an_interval_inside_0_to_100(monkeypatch):
+    """A 95% t-interval over few seeds can pass 100%: the bar stops at 100, as Figure 2's band does."""
+    import analysis.cost as cost
+
+    table = pd.DataFrame({"operator": ["dwconv", "local_mlp"], "model": "micro", "data": "fashion_mnist",
+                          "settings": "", "epochs": 3, "train_size": 5000, "gmac": [0.01, 0.02],
+                          "train_samples_per_s": [900.0, 800.0], "top1_mean": [99.0, 90.0],
+                          "ci_low": [97.0, 89.0], "ci_high": [101.5, 91.0]})
+    monkeypatch.setattr(cost, "comparison_table", lambda runs, metric: table)
+    fig = cost.plot_cost(pd.DataFrame())
+    tops = [segment[:, 1].max() for ax in fig.axes for container in ax.containers
+            for segment in container.lines[2][0].get_segments()]
+    assert tops and max(tops) == 100.0 and 91.0 in tops
+
+
 def test_cost_plot_files(report):
     assert (report / "cost.png").stat().st_size > 1000 and (report / "cost.pdf").stat().st_size > 1000
 
