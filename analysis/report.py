@@ -159,6 +159,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
         raise ValueError(f"no completed run in {results_dir} ({counts}): nothing to report. "
                          f"See the reasons and errors in the runs' results.json.")
     out.mkdir(parents=True, exist_ok=True)
+    before = _files_in(out)
     everything = runs  # the claims read every task's runs; the classification sections their own
     runs = runs[runs["task"] == "classification"].reset_index(drop=True)
 
@@ -194,7 +195,34 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, we
     title = f"ablate report: {results_dir}"
     (out / "index.md").write_text(_index_markdown(title, sections))
     (out / "index.html").write_text(_index_html(title, sections))
+    _forget_stale_files(out, before)
     return out / "index.md"
+
+
+MANIFEST = ".report-files.json"  # the files a render wrote into its folder
+
+
+def _files_in(out: Path) -> dict[str, tuple[int, int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()
+            if p.is_file()}
+
+
+def _forget_stale_files(out: Path, before: dict[str, tuple[int, int, int]]) -> None:
+    """Remove what the previous render wrote and this one did not (weights.png after --no-weights, a
+    figure the store no longer supports): a stale file beside the new ones reads as part of the new
+    report. Only files the previous render's manifest names are removed, never another file of the
+    folder; this render's files (new, or changed since the render began) are the new manifest."""
+    written = sorted(name for name, state in _files_in(out).items()
+                     if name != MANIFEST and before.get(name) != state)
+    try:
+        previous = json.loads((out / MANIFEST).read_text())
+    except (FileNotFoundError, ValueError):
+        previous = []
+    for name in set(previous if isinstance(previous, list) else []) - set(written):
+        path = out / str(name)
+        if path.parent == out and path.is_file():
+            path.unlink()
+    (out / MANIFEST).write_text(json.dumps(written, indent=0) + "\n")
 
 
 def _downstream(runs: pd.DataFrame, out: Path) -> list[_Section]:

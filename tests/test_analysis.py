@@ -234,6 +234,20 @@ def report(mini_store, tmp_path_factory):  # noqa: F811
     return out
 
 
+def test_a_render_removes_what_the_previous_render_wrote_and_it_did_not(mini_store, report, tmp_path):  # noqa: F811
+    """Rendered again with --no-weights, the folder kept the first render's weights.png (which the
+    README shows) beside the new files; a file of the user's in the folder is never touched."""
+    out = tmp_path / "again"
+    shutil.copytree(report, out)
+    (out / "notes.txt").write_text("mine")
+    assert (out / "weights.png").exists()
+    render_report(mini_store, out, weights=False)
+    assert not (out / "weights.png").exists() and not (out / "weights.csv").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "index.md").exists()
+    render_report(mini_store, out)  # and back: the weights are written again
+    assert (out / "weights.png").exists() and (out / "notes.txt").exists()
+
+
 def run_path(runs, operator, seed=0) -> str:
     return runs[(runs["operator"] == operator) & (runs["seed"] == seed)]["path"].iloc[0]
 
