@@ -11,6 +11,19 @@ from ablate.reliability import _after_first_epoch, _finish, _record, _session_pr
 from ablate.tracking import RunStore
 
 
+def two_epochs(results_root):
+    """The config of a quick run of two epochs (a signal can land between them) in `results_root`."""
+    from hydra import compose, initialize_config_dir
+
+    from ablate.config import CONF_DIR
+
+    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
+                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
+                 f"trainer.results_root={results_root}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_ends_a_run_with_one_line_and_the_same_command_resumes(tmp_path, sig, code):
     proc = _start(tmp_path)
@@ -54,9 +67,6 @@ def test_a_signal_held_during_the_checkpoint_counts_the_epoch_it_saved(tmp_path,
     above caught it once in CI). Deterministic here: the save itself sends the signal."""
     import os
 
-    from hydra import compose, initialize_config_dir
-
-    from ablate.config import CONF_DIR
     from ablate.errors import Interrupted, signals_raise
     from ablate.training import train
 
@@ -67,11 +77,7 @@ def test_a_signal_held_during_the_checkpoint_counts_the_epoch_it_saved(tmp_path,
         os.kill(os.getpid(), signal.SIGTERM)  # held: the writes' block is not done yet
 
     monkeypatch.setattr(RunStore, "save_checkpoint", save_then_signal)
-    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
-                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
-                 f"trainer.results_root={tmp_path}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = two_epochs(tmp_path)
     with pytest.raises(Interrupted) as stop, signals_raise():
         train(cfg)
     assert "interrupted at epoch 2 of 2 by SIGTERM; epoch 1 is checkpointed" in str(stop.value)
@@ -200,9 +206,6 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_run(tmp_path,
     Ctrl-C had never come. The next training step raises it again."""
     import sys
 
-    from hydra import compose, initialize_config_dir
-
-    from ablate.config import CONF_DIR
     from ablate.data.memory import TensorLoader
     from ablate.errors import Interrupted, signals_raise
     from ablate.training import train
@@ -221,11 +224,7 @@ def test_a_signal_whose_exception_python_swallowed_still_stops_the_run(tmp_path,
     monkeypatch.setattr(TensorLoader, "__iter__", swallowing_at_epoch_2)
     swallowed = []
     monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # "Exception ignored in ..."
-    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
-                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
-                 f"trainer.results_root={tmp_path}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = two_epochs(tmp_path)
     with pytest.raises(Interrupted) as stop, signals_raise():
         train(cfg)
     assert [type(u.exc_value) for u in swallowed] == [Interrupted]  # it was swallowed once
@@ -241,10 +240,7 @@ def test_a_signal_after_the_last_epoch_says_so_and_the_resume_only_records(tmp_p
     import logging
     import os
 
-    from hydra import compose, initialize_config_dir
-
     import ablate.training as training
-    from ablate.config import CONF_DIR
     from ablate.errors import Interrupted, signals_raise
 
     measure = training.inference_throughput
@@ -253,11 +249,7 @@ def test_a_signal_after_the_last_epoch_says_so_and_the_resume_only_records(tmp_p
         os.kill(os.getpid(), signal.SIGINT)
         return measure(*args, **kwargs)
 
-    overrides = ["data.train_subset=200", "data.val_size=100", "data.test_subset=100", "schedule.epochs=2",
-                 "trainer.quiet=true", "data.batch_size=50", "trainer.threads=1", "logger=none",
-                 f"trainer.results_root={tmp_path}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = two_epochs(tmp_path)
     monkeypatch.setattr(training, "inference_throughput", stopped_while_measuring)
     with pytest.raises(Interrupted) as stop, signals_raise():
         training.train(cfg)
