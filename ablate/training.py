@@ -88,6 +88,11 @@ def _wandb_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "epoch" and v is not None} | {"epoch": row["epoch"] + 1}
 
 
+def _wandb_id(text: str) -> str:
+    """A W&B run id: 16 hex digits of the sha256 of `text`."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _shown(row: dict[str, Any], split: str, task: Task) -> str:
     """"74.10/98.50": the split's metrics of an epoch's row, "-" where not measured."""
     values = [row[f"{split}_{m}"] for m in task.metrics]
@@ -405,7 +410,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
     start_epoch, step, best, history, elapsed = 0, 0, None, [], 0.0
     # a run started from scratch gets a W&B run of its own: one that replaces a deleted or restarted
     # run of this folder must not resume that run's W&B history
-    wandb_id = hashlib.sha256(f"{store.folder.resolve()}@{time.time_ns()}".encode()).hexdigest()[:16]
+    wandb_id = _wandb_id(f"{store.folder.resolve()}@{time.time_ns()}")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         recipe.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -413,8 +418,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
             recipe.ema.load_state_dict(checkpoint["ema"])
         start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best"]
         # the W&B run this run started (checkpoints written before they kept it: the folder's old id)
-        wandb_id = (checkpoint.get("wandb_id")
-                    or hashlib.sha256(str(store.folder.resolve()).encode()).hexdigest()[:16])
+        wandb_id = checkpoint.get("wandb_id") or _wandb_id(str(store.folder.resolve()))
         elapsed = checkpoint["elapsed_s"]
         history = checkpoint.get("history")  # None in checkpoints written before they carried it
         recipe.scheduler.step_update(step)
