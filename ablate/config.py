@@ -145,10 +145,19 @@ class OptimConf:
 
 @dataclass
 class ScheduleConf:
+    """The learning rate per step: a linear warm-up, then the decay. warmup_lr and min_lr are rates at
+    optim.lr_batch_size images per step, scaled by the global batch as optim.lr is (Swin's rule)."""
+
     epochs: int = 300
     warmup_epochs: float = 20.0
     warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
+    min_lr: float = 5e-6       # where cosine and poly end (step has no floor)
+    # cosine (Swin's ImageNet schedule), step (mmdetection's 3x: x decay_rate at each milestone) or
+    # poly (mmsegmentation's: (1 - t/T) ** power down to min_lr)
+    decay: str = "cosine"
+    milestones: list[float] | None = None  # step: the epochs at which the rate is multiplied
+    decay_rate: float = 0.1    # step: the factor at each milestone
+    power: float = 1.0         # poly: the exponent
 
 
 @dataclass

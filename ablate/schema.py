@@ -279,6 +279,10 @@ RULES: dict[str, Rule] = {
     "schedule.warmup_epochs": Number(low=0),
     "schedule.warmup_lr": Number(low=0),
     "schedule.min_lr": Number(low=0),
+    "schedule.decay": Choice(("cosine", "step", "poly")),
+    "schedule.milestones": Numbers(Number(low=0, low_open=True), min_len=1, nullable=True),
+    "schedule.decay_rate": Number(low=0, high=1, low_open=True),
+    "schedule.power": Number(low=0, low_open=True),
     # where and how it runs
     "trainer.device": Pattern(r"auto|cpu|mps|cuda(:\d+)?",
                               "auto, cpu, cuda, cuda:<index> or mps (auto: cuda where there is one)"),

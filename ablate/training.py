@@ -199,6 +199,7 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist
     model.train()
     clip = cfg.optim.clip_grad
     tally, start = None, time.perf_counter()
+    lr = recipe.optimizer.param_groups[0]["lr"]
     # None: tqdm draws only where stderr is a terminal. Redirected to a file (nohup, SLURM's output
     # file) every refresh would be one more carriage-return frame in the log; the epoch's line says it.
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
@@ -214,6 +215,7 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             recipe.optimizer.step()
+            lr = recipe.optimizer.param_groups[0]["lr"]  # the rate this step took, before the next's
             # the global batch's loss, read later; a non-finite one stops the run at its step
             tally.add(step, average_scalar(dist, loss), len(images) * dist.world_size)
             step += 1
@@ -230,7 +232,7 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist
     seconds = time.perf_counter() - start
     total, samples = (tally.total, tally.samples) if tally is not None else (0.0, 0)
     return {"step": step, "train_loss": total / max(samples, 1), "train_seconds": seconds,
-            "samples_per_s": samples / seconds if seconds else 0.0}
+            "samples_per_s": samples / seconds if seconds else 0.0, "lr": lr}
 
 
 @torch.no_grad()
@@ -493,7 +495,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
             row = {"epoch": epoch, "step": step, "train_loss": stats["train_loss"],
                    **{f"val_{m}": val[m] for m in task.metrics},
                    **{f"test_{m}": test[m] for m in task.metrics},
-                   "lr": recipe.optimizer.param_groups[0]["lr"], "samples_per_s": stats["samples_per_s"],
+                   "lr": stats["lr"], "samples_per_s": stats["samples_per_s"],
                    "elapsed_s": time.perf_counter() - run_start}
             # the best epoch by the task's validation metric (without a validation split: the latest)
             primary = f"val_{task.primary}"

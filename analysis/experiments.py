@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablate.tracking.identity import matches_setting
+from ablate.tracking.identity import LATER_DEFAULTS, matches_setting
 from analysis.axes import is_missing
 from analysis.records import completed
 
@@ -89,6 +89,8 @@ def distinguishing_settings(settings: Sequence[Mapping[str, Any]],
     its value in each row.
     """
     shown = dict(shown or {})
+    # a setting added after a row's run was recorded had its default value there (cosine decay)
+    settings = [{**LATER_DEFAULTS, **s} for s in settings]
     missing = object()
     keys = sorted({k for s in settings for k in s})
     varying = [k for k in keys if len({repr(s.get(k, missing)) for s in settings}) > 1]

@@ -8,6 +8,11 @@ One trainer setting does change the numbers: the precision a run asks for. An ex
 `trainer.precision=bf16` (or `fp32`) is recorded as `precision`; `auto` (the device's default: fp32 on
 a CPU, bf16 autocast on a GPU) adds nothing, so every default run keeps the identity it always had.
 
+A setting added to the config after runs were recorded is left out of the identity at the value that
+computes what every earlier run computed (LATER_DEFAULTS: the learning-rate decay's settings at
+cosine), so that earlier runs keep their identity, and their run folders and experiments, as
+`precision` at auto does.
+
 An **experiment** is an identity without the seed: the runs of one experiment differ only in their
 seed, so they, and only they, are averaged, and their spread is seed-to-seed noise. The experiment
 key (a hash) is written into every results.json; the analysis groups by it.
@@ -26,12 +31,21 @@ from ablate.errors import BadInput
 
 __all__ = ["NOT_IDENTITY", "EXECUTION_ONLY", "AXIS_SETTINGS", "identity_from_config", "experiment_of",
            "experiment_key", "flatten", "differing_keys", "describe_difference", "axis_of_setting",
-           "IdentityConflict", "folder_conflict", "LABEL_SETTINGS", "FLIPS", "matches_setting"]
+           "IdentityConflict", "folder_conflict", "LABEL_SETTINGS", "LATER_DEFAULTS", "FLIPS",
+           "matches_setting"]
 
 # Top-level config groups that say where a run executes and how it is shown, never what it computes.
 NOT_IDENTITY = ("trainer", "logger", "ops")
 # Settings inside the identity's groups that only say how data reach the model (same numbers either way).
 EXECUTION_ONLY = ("data.root", "data.download", "data.num_workers", "data.in_memory", "data.eval_batch_size")
+# Settings added after runs were recorded, at the value every earlier run had in effect (the schedule
+# was cosine): left out of the identity at that value. A row's missing setting reads as this value.
+LATER_DEFAULTS: dict[str, Any] = {
+    "schedule.decay": "cosine",
+    "schedule.milestones": None,
+    "schedule.decay_rate": 0.1,
+    "schedule.power": 1.0,
+}
 # The paper's axes as settings of the identity (flattened keys, by prefix): a pair of experiments
 # differs "in one axis" when every setting that differs belongs to the same entry here.
 AXIS_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -69,6 +83,14 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
     tree.pop(leaf, None)
 
 
+def _get(tree: Mapping[str, Any], dotted: str, missing: Any) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return missing
+        tree = tree[part]
+    return tree
+
+
 def identity_from_config(experiment: Mapping[str, Any], seed: Any, precision: Any = None) -> dict[str, Any]:
     """The identity of a run from its resolved config (a plain nested dict; groups of NOT_IDENTITY are
     dropped if present), its seed and its requested precision (default: the config's
@@ -80,6 +102,9 @@ def identity_from_config(experiment: Mapping[str, Any], seed: Any, precision: An
                                      default=str))
     for dotted in EXECUTION_ONLY:
         _drop(identity, dotted)
+    for dotted, default in LATER_DEFAULTS.items():
+        if _get(identity, dotted, default) == default:
+            _drop(identity, dotted)
     if precision not in (None, "auto"):
         identity["precision"] = str(precision)
     identity["seed"] = seed
@@ -122,8 +147,11 @@ def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 def _shown(flat: Mapping[str, Any], key: str) -> str:
     if key not in flat:
-        return "(unset)"
-    value = flat[key]
+        return f"{_text(LATER_DEFAULTS[key])} (default)" if key in LATER_DEFAULTS else "(unset)"
+    return _text(flat[key])
+
+
+def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
