@@ -29,14 +29,15 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from ablate.config import ScheduleConf
 from ablate.errors import ConfigError
 
 __all__ = ["Recipe", "build_recipe", "build_scheduler", "check_recipe", "scaled_lr"]
 
 
-# The settings that only one decay reads, and their defaults: another value with another decay would
+# The settings that only one decay reads: another value than the default with another decay would
 # change nothing, so it is refused rather than recorded as a setting of the run.
-_DECAY_SETTINGS = {"milestones": ("step", None), "decay_rate": ("step", 0.1), "power": ("poly", 1.0)}
+_DECAY_SETTINGS = {"milestones": "step", "decay_rate": "step", "power": "poly"}
 
 
 def check_recipe(optim, schedule) -> None:
@@ -45,8 +46,8 @@ def check_recipe(optim, schedule) -> None:
     if not schedule.warmup_epochs <= schedule.epochs:
         raise ConfigError(f"schedule.warmup_epochs={schedule.warmup_epochs} must be between 0 and "
                           f"schedule.epochs ({schedule.epochs}): lower it or raise schedule.epochs.")
-    for name, (decay, default) in _DECAY_SETTINGS.items():
-        value = getattr(schedule, name)
+    for name, decay in _DECAY_SETTINGS.items():
+        value, default = getattr(schedule, name), getattr(ScheduleConf(), name)
         value = list(value) if value is not None and not isinstance(value, (int, float)) else value
         if schedule.decay != decay and value != default:
             raise ConfigError(f"schedule.{name}={value} is read by schedule.decay={decay} only, and this "

@@ -10,11 +10,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ablate.config import CONF_DIR
+from ablate.config import CONF_DIR, ScheduleConf
 from ablate.errors import ConfigError
 from ablate.recipe import build_recipe, build_scheduler, check_recipe
 from ablate.runs import run_folder
 from ablate.tracking.identity import (
+    LATER_DEFAULTS,
     describe_difference,
     experiment_key,
     experiment_of,
@@ -143,6 +144,9 @@ def test_the_decay_settings_leave_earlier_runs_their_identity():
     """Every run before the decay settings existed was cosine: at cosine (and the other decays' own
     settings at their defaults) the identity is what it was, so those runs keep their folders and
     experiments; another decay is another experiment, and says which setting differs."""
+    defaults = ScheduleConf()
+    assert LATER_DEFAULTS == {f"schedule.{k}": getattr(defaults, k) for k in ("decay", "milestones",
+                                                                              "decay_rate", "power")}
     default = _identity()
     assert "decay" not in default["schedule"] and "milestones" not in default["schedule"]
     assert set(default["schedule"]) == {"epochs", "warmup_epochs", "warmup_lr", "min_lr"}
