@@ -107,7 +107,8 @@ def test_poly_is_mmsegmentations(power):
     ("segmentation_paper", 1201, {1501: 6e-5 * (1 - 1501 / 159733), 80000: 6e-5 * (1 - 80000 / 159733)}),
 ])
 def test_the_papers_downstream_recipes(recipe, steps_per_epoch, at):
-    cfg = composed(f"recipe={recipe}")
+    cfg = composed(f"recipe={recipe}", "model=tiny")
+    assert cfg.model.drop_path_rate == (0.3 if recipe == "segmentation_paper" else 0.2)  # the paper's configs
     schedule = cfg.schedule
     check_recipe(None, schedule)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
