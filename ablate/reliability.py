@@ -114,6 +114,8 @@ BAD_INPUTS: list[BadInput] = [
     _row("zero epochs", "schedule.epochs=0", "schedule.epochs=0 must be an integer >= 1"),
     _row("warmup longer than training", "schedule.warmup_epochs=5",
          "schedule.warmup_epochs=5.0 must be between 0 and schedule.epochs"),
+    _row("a kernel size for global connectivity", "operator=global_attention connectivity.kernel_size=5",
+         "global connectivity has no kernel size", "connectivity.kernel_size=3"),
     _row("a step decay without milestones", "schedule.decay=step",
          "schedule.decay=step needs schedule.milestones"),
     _row("a decay's setting under another decay", "schedule.power=2",

@@ -12,8 +12,10 @@ from dataclasses import replace
 import pytest
 import timm
 import torch
+from hydra import compose, initialize_config_dir
 
 import ablate
+from ablate.config import CONF_DIR
 from ablate.models import AblateNet
 from ablate.ops import registry
 from ablate.ops.mixer import SpatialMixer
@@ -23,6 +25,7 @@ from ablate.space.grid import axis_grid
 from ablate.space.presets import PRESETS
 from ablate.space.rules import InvalidOperatorError, validate
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing
+from ablate.sweep.plan import check_operator
 
 # the micro geometry at 28 px: patch 2 -> maps of 14, 7, 4, 2
 WIDTHS = (32, 64, 128, 256)
@@ -389,3 +392,24 @@ def test_effective_weights_of_a_map_of_another_size_are_refused_as_forward_refus
             mixer.effective_weights(x, [(1, 1)])
     else:
         assert mixer.effective_weights(x, [(1, 1)]).shape == (1, mixer.groups, 1, 6, 6)
+
+
+@pytest.mark.parametrize("operator, kernel, refused", [
+    ("global_attention", 5, True),    # would be another experiment of the same model
+    ("token_mlp", 7, True),
+    ("global_attention", 3, False),   # micro's window: what every global run has
+    ("local_attention", 5, False),
+    ("dwconv", 5, False),
+])
+def test_a_kernel_size_given_to_global_connectivity_is_a_skipped_cell(operator, kernel, refused):
+    """A grid over kernel sizes builds each global operator once, at the model's window; its other
+    cells are invalid (the sweep records them skipped, with this reason) rather than duplicate runs."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"operator={operator}", f"connectivity.kernel_size={kernel}"])
+    if not refused:
+        check_operator(cfg)
+        return
+    with pytest.raises(InvalidOperatorError) as info:
+        check_operator(cfg)
+    _check_error(info.value, "global connectivity has no kernel size")
+    assert "connectivity.kernel_size=3" in info.value.nearest
