@@ -20,7 +20,7 @@ from ablate.models.backbone import AblateNet
 from ablate.ops.mixer import apply_backend
 from ablate.schema import validate_config
 from ablate.space.presets import PRESETS
-from ablate.space.rules import InvalidOperatorError
+from ablate.space.rules import validate_window
 from ablate.space.spec import Connectivity, Dynamic, OperatorSpec, Sharing, as_tuple
 
 __all__ = ["CONF_DIR", "CONFIG_ROOT", "REPO_ROOT", "ModelSideConfig", "MeasureConfig", "TrainConfig",
@@ -266,17 +266,10 @@ def spec_from_cfg(cfg: DictConfig) -> OperatorSpec:
 def build_model(cfg: DictConfig, img_size: int, in_chans: int, num_classes: int) -> AblateNet:
     """The model of a composed config; raises InvalidOperatorError for an invalid operator."""
     m = cfg.model
-    c = cfg.connectivity
-    if _plain(c.kind) == "global" and c.kernel_size != m.window:
-        # it would change nothing the model computes, yet make another experiment of the same model
-        # (the kernel_size a global layer carries is the model's window: conf/connectivity/global.yaml)
-        raise InvalidOperatorError(
-            "global connectivity has no kernel size",
-            f"every position sees every position, so connectivity.kernel_size={c.kernel_size} would "
-            f"change nothing; it stays the model's window ({m.window}).",
-            [f"connectivity.kernel_size={m.window}", "connectivity=window", "connectivity=sliding"])
+    spec = spec_from_cfg(cfg)
+    validate_window(spec, m.window)
     model = AblateNet(
-        spec_from_cfg(cfg), block=_plain(cfg.block.style), embed_dim=m.embed_dim,
+        spec, block=_plain(cfg.block.style), embed_dim=m.embed_dim,
         depths=tuple(m.depths), patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, img_size=img_size,
         in_chans=in_chans, num_classes=num_classes, drop_path_rate=m.drop_path_rate,
     )

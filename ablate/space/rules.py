@@ -15,7 +15,7 @@ from ablate.errors import BadInput
 from ablate.space.options import dynamic_option, dynamic_options
 from ablate.space.spec import CONNECTIVITY_KINDS, SPATIAL_SHARING, OperatorSpec
 
-__all__ = ["InvalidOperatorError", "validate", "stage_channels_per_group"]
+__all__ = ["InvalidOperatorError", "validate", "validate_window", "stage_channels_per_group"]
 
 
 class InvalidOperatorError(BadInput, ValueError):
@@ -57,6 +57,20 @@ def stage_channels_per_group(spec: OperatorSpec, widths: Sequence[int]) -> list[
         return [w // spec.sharing.groups for w in widths]
     cpg = spec.sharing.channels_per_group
     return list(cpg) if isinstance(cpg, tuple) else [cpg] * len(widths)
+
+
+def validate_window(spec: OperatorSpec, window: int) -> None:
+    """The operator against its model's window (`model.window`, what every connectivity's kernel_size
+    defaults to). Global connectivity sees every position, so the kernel_size it carries is unused:
+    another value than the window would change nothing the model computes, yet make another
+    experiment of the same model (a grid over kernel sizes would train it once per size)."""
+    k = spec.connectivity.kernel_size
+    if spec.connectivity.kind == "global" and k != window:
+        raise InvalidOperatorError(
+            "global connectivity has no kernel size",
+            f"every position sees every position, so connectivity.kernel_size={k} would change nothing; "
+            f"it stays the model's window ({window}).",
+            [f"connectivity.kernel_size={window}", "connectivity=window", "connectivity=sliding"])
 
 
 def validate(
