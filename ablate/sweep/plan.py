@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ablate.config import build_model, check_train_config
 from ablate.errors import ConfigError
+from ablate.recipe import check_recipe
 from ablate.runs import check_processes, record_unrunnable, run_folder, run_identity
 from ablate.space.rules import InvalidOperatorError
 from ablate.tracking import FINISHED, RunStore
@@ -88,7 +89,14 @@ def check_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequen
     """Compose and validate jobs without planning them (a later phase's, before the first trains):
     raises the error its job would meet."""
     for overrides in job_overrides:
-        check_train_config(job_config(config_loader, master, overrides))
+        check_job_config(job_config(config_loader, master, overrides))
+
+
+def check_job_config(cfg: DictConfig) -> None:
+    """Every field in its range and the recipe's relations (warm-up within the training, the decay's
+    settings): what a launched job would fail on at once, found before any job is launched."""
+    check_train_config(cfg)
+    check_recipe(cfg.optim, cfg.schedule)
 
 
 def check_operator(cfg: DictConfig) -> None:
@@ -118,13 +126,13 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
     """Compose every job and decide: finished (skip), invalid (record as skipped), refused (its run
     folder is another run's), or run.
 
-    A composition error (a misspelt key or option) or a value out of its range (ablate/schema.py)
-    raises here, before any job is launched.
+    A composition error (a misspelt key or option), a value out of its range (ablate/schema.py) or a
+    recipe that cannot be (ablate/recipe.py) raises here, before any job is launched.
     """
     jobs, claimed = [], {}  # run folder -> identity of the job of this sweep that runs in it
     for overrides in job_overrides:
         cfg = job_config(config_loader, master, overrides)
-        check_train_config(cfg)
+        check_job_config(cfg)
         folder, identity = run_folder(cfg), run_identity(cfg)
         if folder in claimed:
             if not differing_keys(claimed[folder], identity):  # two spellings of the same run
