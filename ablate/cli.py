@@ -83,6 +83,10 @@ def _compact(hydra_text: str) -> str:
     converted = re.search(r"could not be converted to (Integer|Float|Boolean)", text)
     if unknown and converted:
         text += f"\nSet {unknown.group(1)} to {_KIND_OF_VALUE[converted.group(1)]}."
+    if unknown and "is not a ListConfig, list or tuple" in text:  # a single value for a list field
+        given = re.search(r"override \S+?=(\S+)", text)
+        example = f" (e.g. {unknown.group(1)}=[{given.group(1)}])" if given else ""
+        text += f"\nSet {unknown.group(1)} to a list in brackets{example}."
     if options:
         text += f"\nThe options of {group}: {', '.join(options)} (e.g. {group}={options[0]})."
     return text

@@ -36,6 +36,7 @@ def test_bad_input_gives_a_clear_error_and_touches_no_result(tmp_path, row):
     (["data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),
     (["schedule.epochs=1.5"], "Set schedule.epochs to a whole number"),  # OmegaConf names only the type
     (["optim.lr=abc"], "Set optim.lr to a number"),
+    (["schedule.milestones=5"], "Set schedule.milestones to a list in brackets"),
     (["-m", "data.batch_size=0"], "data.batch_size=0 must be an integer >= 1"),  # a sweep: the same code
     (["-m", "schedule.decay=step"], "schedule.decay=step needs schedule.milestones"),  # before any job
     (["-m", "schedule.warmup_epochs=5"], "must be between 0 and schedule.epochs"),
