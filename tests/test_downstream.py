@@ -553,6 +553,85 @@ def test_the_backbone_holds_the_classification_weights_at_the_first_step(protoco
         assert torch.equal(state[key], saved[key]), key
 
 
+def _with_ema(source: Path) -> dict[str, torch.Tensor]:
+    """The run's last checkpoint rewritten as a run with optim.ema=true writes it (an average unlike
+    the trained weights, as timm's ModelEmaV3 keeps it); returns the average's weights."""
+    from ablate.tracking import RunStore
+
+    state = torch.load(source / "checkpoint.pt", map_location="cpu", weights_only=True)
+    average = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    RunStore(source).save_checkpoint({**state, "ema": {f"module.{k}": v for k, v in average.items()}})
+    return average
+
+
+def test_a_run_with_an_ema_hands_on_the_average_its_record_describes(protocol_store, tmp_path):
+    """With optim.ema=true every val/test number of a classification record is the average's: the
+    downstream backbone starts from the average (it started from the trained weights, which no number
+    of the record describes)."""
+    from ablate.tasks import task_of
+
+    _, coco, store = protocol_store
+    copy = tmp_path / "results"
+    shutil.copytree(store / "pre", copy / "pre")
+    source = next(p for p in (copy / "pre").iterdir() if p.name.startswith("dwconv-") and "-s1-" in p.name)
+    average = _with_ema(source)
+    cfg = _config(copy.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
+                  "task.pretrained=true")
+    with open_dict(cfg):
+        cfg.trainer.results_root = str(copy)
+    task = task_of(cfg)
+    detector = task.build_model(cfg)
+    task.start_from(detector, cfg)
+    state = detector.features.net.state_dict()
+    compared = [k for k in average if not k.startswith("head.") and k in state]
+    assert len(compared) > 20
+    for key in compared:
+        assert torch.equal(state[key], average[key]), key
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_timm_takes_a_run_checkpoint_as_its_pretrained_file(protocol_store, tmp_path, ema):
+    """timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=<a run's
+    checkpoint.pt>)) gives the run's model (its EMA's where it kept one), its head included; another
+    num_classes gets a new head on the same body, other input channels an adapted stem, another
+    img_size resized position tables. Without the file's own head and stem sizes in the pretrained cfg
+    (a hub entry states them; a file of the user's does not), timm refused every other head."""
+    import timm
+
+    import ablate  # noqa: F401  registers the models
+    from ablate.models.weights import fit_position_tables
+
+    _, _, store = protocol_store
+    source = next(p for p in (store / "pre").iterdir()
+                  if p.name.startswith("local_attention-") and "-s0-" in p.name)
+    if ema:
+        shutil.copytree(source, tmp_path / source.name)
+        source = tmp_path / source.name
+        saved = _with_ema(source)
+    else:
+        saved = torch.load(source / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    file = dict(file=str(source / "checkpoint.pt"))
+
+    def create(**kwargs):
+        return timm.create_model("ablate_local_attention_micro", pretrained=True, pretrained_cfg_overlay=file,
+                                 **kwargs)
+
+    same = create(in_chans=1, img_size=28).state_dict()  # the file's 10 classes: no num_classes given
+    assert same.keys() == saved.keys() and "state_dict" not in create(in_chans=1, img_size=28).pretrained_cfg
+    for key in saved:
+        assert torch.equal(same[key], saved[key]), key
+    other_head = create(in_chans=1, img_size=28, num_classes=3).state_dict()
+    assert other_head["head.weight"].shape == (3, saved["head.weight"].shape[1])
+    assert all(torch.equal(other_head[k], saved[k]) for k in saved if not k.startswith("head."))
+    colour = create(in_chans=3, img_size=28).state_dict()
+    assert colour["stem.0.weight"].shape[1] == 3 and torch.equal(colour["stages.0.blocks.0.norm1.weight"],
+                                                                  saved["stages.0.blocks.0.norm1.weight"])
+    larger = create(in_chans=1, img_size=56).state_dict()
+    fitted = fit_position_tables(saved, larger)
+    resized = [k for k in saved if k.endswith("position_bias") and saved[k].shape != larger[k].shape]
+    assert resized and all(torch.equal(larger[k], fitted[k]) for k in resized)
+
+
 @pytest.mark.parametrize("damage", ["cut", "previous epoch only"])
 def test_a_damaged_classification_checkpoint_is_named_not_loaded(protocol_store, tmp_path, damage):
     """The backbone's weights come from the checkpoint of the run's last epoch, checked against its

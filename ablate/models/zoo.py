@@ -3,6 +3,9 @@
     import ablate, timm
     model = timm.create_model("ablate_dwconv_tiny", num_classes=10)
     features = timm.create_model("ablate_dwconv_tiny", features_only=True)  # four NCHW stage maps
+    # a classification run's trained model, its head kept (or dropped: another num_classes)
+    trained = timm.create_model("ablate_dwconv_micro", in_chans=1, img_size=28, pretrained=True,
+                                pretrained_cfg_overlay=dict(file="results/runs/<run>/checkpoint.pt"))
 
 Keyword arguments are AblateNet's (img_size, in_chans, drop_path_rate, ...), plus `spec` or `block`
 to swap the operator or the block while keeping the size.
@@ -10,10 +13,13 @@ to swap the operator or the block while keeping the size.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from timm.models import build_model_with_cfg, register_model
+import torch
+from timm.models import build_model_with_cfg, load_state_dict, register_model
 
 from ablate.models.backbone import SIZES, AblateNet
+from ablate.models.weights import evaluated_weights, fit_position_tables, is_run_checkpoint
 from ablate.space.presets import PRESETS
 
 __all__ = ["create", "model_names"]
@@ -32,17 +38,40 @@ def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> A
     cfg = dict(dict(architecture=variant, num_classes=args.get("num_classes", 1000),
                     input_size=(args.get("in_chans", 3), *_pair(args["img_size"])),
                     first_conv="stem.0", classifier="head"), **given)
+    if pretrained and cfg.get("file") and cfg.get("state_dict") is None and cfg.get("source") != "local-dir":
+        cfg = _described_by_file(cfg, given)
     model = build_model_with_cfg(
         AblateNet, variant, pretrained, pretrained_cfg=cfg,
+        # a window stage's position tables at another input size: resized, as Swin fine-tunes
+        pretrained_filter_fn=lambda weights, net: fit_position_tables(weights, net.state_dict()),
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
         **args,
     )
+    model.pretrained_cfg.pop("state_dict", None)  # the weights, loaded: the model need not hold a copy
     # what timm's data and benchmark tools read: whether a layer is laid out for img_size (windows,
     # per-position weights; SpatialMixer refuses another map) or the model takes any size (dwconv)
     if given.get("fixed_input_size") is None:  # not the user's to keep: timm's default is False
         model.pretrained_cfg["fixed_input_size"] = any(getattr(m, "size_bound", False)
                                                        for m in model.modules())
     return model
+
+
+def _described_by_file(cfg: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A local weight file describes itself: timm takes the pretrained cfg's num_classes and input
+    channels for the file's (it drops the head, or adapts the stem, where the model's differ), and no
+    hub entry states them for a file of the user's. They are read from the file's head and stem, unless
+    the user's overlay gives them. A training run's checkpoint gives the weights its metrics describe
+    (the EMA's where the run kept one); timm alone would read its trained weights."""
+    state = torch.load(cfg["file"], map_location="cpu", weights_only=True, mmap=True)
+    weights = evaluated_weights(state) if is_run_checkpoint(state) else load_state_dict(cfg["file"])
+    described = dict(cfg, state_dict=weights)
+    if "num_classes" not in given:
+        head = weights.get("head.weight")
+        described["num_classes"] = 0 if head is None else head.shape[0]
+    stem = weights.get("stem.0.weight")
+    if "input_size" not in given and stem is not None:
+        described["input_size"] = (stem.shape[1], *cfg["input_size"][1:])
+    return described
 
 
 def _pair(size):

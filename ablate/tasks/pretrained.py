@@ -10,41 +10,18 @@ downstream run's identity, so runs fine-tuned from different pretraining are dif
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ablate.errors import ConfigError
 from ablate.models.dense import CLASSIFIER_PARTS
+from ablate.models.weights import evaluated_weights, fit_position_tables
 from ablate.runs import pretraining_config, run_folder
 from ablate.tracking import CheckpointError, RunStore
 
-__all__ = ["load_pretrained", "fit_position_tables"]
-
-
-def fit_position_tables(weights: dict[str, torch.Tensor],
-                        target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Position-bias tables resized to the backbone's windows, as Swin fine-tunes at another size: a
-    stage whose map is smaller than the window has its window cut to the map, so the same model has
-    tables of another size at another input size (micro's last stage: a 2 x 2 map at 28 px, 4 x 4 at
-    64). A table (groups, (2w - 1)^2) is a (2w - 1) x (2w - 1) grid of relative offsets; it is
-    resized bicubically to the new grid. Other tensors are left as they are."""
-    fitted = dict(weights)
-    for key, value in weights.items():
-        want = target.get(key)
-        if (not key.endswith("position_bias") or want is None or want.shape == value.shape
-                or value.dim() != 2):
-            continue
-        old, new = math.isqrt(value.shape[1]), math.isqrt(want.shape[1])
-        if old * old != value.shape[1] or new * new != want.shape[1]:
-            continue
-        grid = value.reshape(1, value.shape[0], old, old).float()
-        resized = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=True)
-        fitted[key] = resized.reshape(value.shape[0], new * new).to(value.dtype)
-    return fitted
+__all__ = ["load_pretrained"]
 
 
 def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
@@ -73,7 +50,8 @@ def load_pretrained(backbone: torch.nn.Module, cfg: DictConfig) -> dict[str, Any
         kept = "no checkpoint" if checkpoint is None else f"only epoch {checkpoint.get('epoch')}'s checkpoint"
         raise ConfigError(f"the classification run {folder} has {kept} readable, not that of its last epoch "
                           f"({record.get('epochs_done')}), whose weights its record describes: {retrain}.")
-    weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith(CLASSIFIER_PARTS)}
+    # the weights the record's numbers describe: the EMA's where the run kept one
+    weights = {k: v for k, v in evaluated_weights(checkpoint).items() if not k.startswith(CLASSIFIER_PARTS)}
     weights = fit_position_tables(weights, backbone.state_dict())
     try:
         missing, unexpected = backbone.load_state_dict(weights, strict=False)
