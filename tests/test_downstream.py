@@ -530,21 +530,33 @@ def test_each_downstream_run_starts_from_its_own_classification_run(protocol_sto
     assert len(set(experiments.values())) == 4
 
 
+def _pretraining_run(results: Path, operator: str, seed: int) -> Path:
+    """The folder of the protocol store's classification run of `operator` and `seed` under `results`."""
+    return next(p for p in (results / "pre").iterdir()
+                if p.name.startswith(f"{operator}-") and f"-s{seed}-" in p.name)
+
+
+def _fine_tuned_detector(results: Path, coco: Path):
+    """The task and the (unstarted) detector of the downstream dwconv run of seed 1, fine-tuned from the
+    classification runs under `results`."""
+    from ablate.tasks import task_of
+
+    cfg = _config(results.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
+                  "task.pretrained=true")
+    with open_dict(cfg):
+        cfg.trainer.results_root = str(results)
+    task = task_of(cfg)
+    return task, task.build_model(cfg), cfg
+
+
 def test_the_backbone_holds_the_classification_weights_at_the_first_step(protocol_store):
     """load_pretrained puts the classification run's backbone weights (all but its classifier) into
     the detector's backbone, bit for bit."""
-    from ablate.tasks import task_of
-
     _, coco, store = protocol_store
-    cfg = _config(store.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
-                  "task.pretrained=true")
-    with open_dict(cfg):
-        cfg.trainer.results_root = str(store)
-    task = task_of(cfg)
-    detector = task.build_model(cfg)
+    task, detector, cfg = _fine_tuned_detector(store, coco)
     said = task.start_from(detector, cfg)
     backbone = detector.features.net
-    source = next(p for p in (store / "pre").iterdir() if p.name.startswith("dwconv-") and "-s1-" in p.name)
+    source = _pretraining_run(store, "dwconv", 1)
     saved = torch.load(source / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     state = backbone.state_dict()
     compared = [k for k in saved if not k.startswith("head.") and k in state]
@@ -568,19 +580,11 @@ def test_a_run_with_an_ema_hands_on_the_average_its_record_describes(protocol_st
     """With optim.ema=true every val/test number of a classification record is the average's: the
     downstream backbone starts from the average (it started from the trained weights, which no number
     of the record describes)."""
-    from ablate.tasks import task_of
-
     _, coco, store = protocol_store
     copy = tmp_path / "results"
     shutil.copytree(store / "pre", copy / "pre")
-    source = next(p for p in (copy / "pre").iterdir() if p.name.startswith("dwconv-") and "-s1-" in p.name)
-    average = _with_ema(source)
-    cfg = _config(copy.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
-                  "task.pretrained=true")
-    with open_dict(cfg):
-        cfg.trainer.results_root = str(copy)
-    task = task_of(cfg)
-    detector = task.build_model(cfg)
+    average = _with_ema(_pretraining_run(copy, "dwconv", 1))
+    task, detector, cfg = _fine_tuned_detector(copy, coco)
     task.start_from(detector, cfg)
     state = detector.features.net.state_dict()
     compared = [k for k in average if not k.startswith("head.") and k in state]
@@ -602,8 +606,7 @@ def test_timm_takes_a_run_checkpoint_as_its_pretrained_file(protocol_store, tmp_
     from ablate.models.weights import fit_position_tables
 
     _, _, store = protocol_store
-    source = next(p for p in (store / "pre").iterdir()
-                  if p.name.startswith("local_attention-") and "-s0-" in p.name)
+    source = _pretraining_run(store, "local_attention", 0)
     if ema:
         shutil.copytree(source, tmp_path / source.name)
         source = tmp_path / source.name
@@ -639,12 +642,11 @@ def test_a_damaged_classification_checkpoint_is_named_not_loaded(protocol_store,
     an earlier epoch's checkpoint is good, those weights (not the ones the record describes) are not
     taken either."""
     from ablate.errors import BadInput
-    from ablate.tasks import task_of
 
     _, coco, store = protocol_store
     copy = tmp_path / "results"
     shutil.copytree(store / "pre", copy / "pre")
-    source = next(p for p in (copy / "pre").iterdir() if p.name.startswith("dwconv-") and "-s1-" in p.name)
+    source = _pretraining_run(copy, "dwconv", 1)
     checkpoint = source / "checkpoint.pt"
     if damage == "cut":
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
@@ -656,13 +658,9 @@ def test_a_damaged_classification_checkpoint_is_named_not_loaded(protocol_store,
         store_of_run.save_checkpoint({**state, "epoch": state["epoch"] - 1})
         store_of_run.save_checkpoint(state)
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
-    cfg = _config(copy.parent, *_downstream_overrides(coco), "operator=dwconv", "trainer.seed=1",
-                  "task.pretrained=true")
-    with open_dict(cfg):
-        cfg.trainer.results_root = str(copy)
-    task = task_of(cfg)
+    task, detector, cfg = _fine_tuned_detector(copy, coco)
     with pytest.raises(BadInput, match=rf"{source.name}.*(checksum|last epoch).*train it again"):
-        task.start_from(task.build_model(cfg), cfg)
+        task.start_from(detector, cfg)
 
 
 def test_a_missing_classification_run_exits_2_with_the_command_that_trains_it(protocol_store, tmp_path):
