@@ -598,8 +598,9 @@ def test_timm_takes_a_run_checkpoint_as_its_pretrained_file(protocol_store, tmp_
     """timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=<a run's
     checkpoint.pt>)) gives the run's model (its EMA's where it kept one), its head included; another
     num_classes gets a new head on the same body, other input channels an adapted stem, another
-    img_size resized position tables. Without the file's own head and stem sizes in the pretrained cfg
-    (a hub entry states them; a file of the user's does not), timm refused every other head."""
+    img_size resized position tables; another operator's model is told which model the run is. Without
+    the file's own head and stem sizes in the pretrained cfg (a hub entry states them; a file of the
+    user's does not), timm refused every other head."""
     import timm
 
     import ablate  # noqa: F401  registers the models
@@ -633,6 +634,10 @@ def test_timm_takes_a_run_checkpoint_as_its_pretrained_file(protocol_store, tmp_
     fitted = fit_position_tables(saved, larger)
     resized = [k for k in saved if k.endswith("position_bias") and saved[k].shape != larger[k].shape]
     assert resized and all(torch.equal(larger[k], fitted[k]) for k in resized)
+    # another operator's run names the model it is (it was torch's list of every missing key)
+    with pytest.raises(ValueError, match=r"holds a run of local_attention at size micro.*"
+                                         r"create ablate_local_attention_micro"):
+        timm.create_model("ablate_dwconv_micro", pretrained=True, pretrained_cfg_overlay=file, in_chans=1)
 
 
 @pytest.mark.parametrize("damage", ["cut", "previous epoch only"])

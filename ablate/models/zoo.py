@@ -38,15 +38,27 @@ def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> A
     cfg = dict(dict(architecture=variant, num_classes=args.get("num_classes", 1000),
                     input_size=(args.get("in_chans", 3), *_pair(args["img_size"])),
                     first_conv="stem.0", classifier="head"), **given)
+    run = None  # the training run whose checkpoint is the pretrained file, if it is one
     if pretrained and cfg.get("file") and cfg.get("state_dict") is None and cfg.get("source") != "local-dir":
-        cfg = _described_by_file(cfg, given)
-    model = build_model_with_cfg(
-        AblateNet, variant, pretrained, pretrained_cfg=cfg,
-        # a window stage's position tables at another input size: resized, as Swin fine-tunes
-        pretrained_filter_fn=lambda weights, net: fit_position_tables(weights, net.state_dict()),
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-        **args,
-    )
+        cfg, run = _described_by_file(cfg, given)
+    try:
+        model = build_model_with_cfg(
+            AblateNet, variant, pretrained, pretrained_cfg=cfg,
+            # a window stage's position tables at another input size: resized, as Swin fine-tunes
+            pretrained_filter_fn=lambda weights, net: fit_position_tables(weights, net.state_dict()),
+            feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+            **args,
+        )
+    except RuntimeError as err:  # torch's list of every missing key, where the run is another model
+        if run is None or "loading state_dict" not in str(err):
+            raise
+        preset_of, size_of = run.get("preset"), (run.get("model") or {}).get("size")
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        if first.startswith(("Missing", "Unexpected")):  # a list of every key: its first says enough
+            first = first.split(", ")[0] + ", ..."
+        raise ValueError(f"{cfg['file']} holds a run of {preset_of} at size {size_of}, whose weights do not "
+                         f"fit {variant} ({first}): create ablate_{preset_of}_{size_of}, with the "
+                         "run's axis settings and img_size (its config.yaml)") from None
     model.pretrained_cfg.pop("state_dict", None)  # the weights, loaded: the model need not hold a copy
     # what timm's data and benchmark tools read: whether a layer is laid out for img_size (windows,
     # per-position weights; SpatialMixer refuses another map) or the model takes any size (dwconv)
@@ -56,13 +68,17 @@ def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> A
     return model
 
 
-def _described_by_file(cfg: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def _described_by_file(cfg: dict[str, Any], given: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
     """A local weight file describes itself: timm takes the pretrained cfg's num_classes and input
     channels for the file's (it drops the head, or adapts the stem, where the model's differ), and no
     hub entry states them for a file of the user's. They are read from the file's head and stem, unless
     the user's overlay gives them. A training run's checkpoint gives the weights its metrics describe
-    (the EMA's where the run kept one); timm alone would read its trained weights."""
+    (the EMA's where the run kept one); timm alone would read its trained weights. Returns the cfg and
+    the run's identity (None for another file)."""
     state = torch.load(cfg["file"], map_location="cpu", weights_only=True, mmap=True)
+    run = None
+    if is_run_checkpoint(state):
+        run = state["identity"] if isinstance(state.get("identity"), dict) else {}
     weights = evaluated_weights(state) if is_run_checkpoint(state) else load_state_dict(cfg["file"])
     described = dict(cfg, state_dict=weights)
     if "num_classes" not in given:
@@ -71,7 +87,7 @@ def _described_by_file(cfg: dict[str, Any], given: dict[str, Any]) -> dict[str, 
     stem = weights.get("stem.0.weight")
     if "input_size" not in given and stem is not None:
         described["input_size"] = (stem.shape[1], *cfg["input_size"][1:])
-    return described
+    return described, run
 
 
 def _pair(size):
