@@ -640,6 +640,31 @@ def test_timm_takes_a_run_checkpoint_as_its_pretrained_file(protocol_store, tmp_
         timm.create_model("ablate_dwconv_micro", pretrained=True, pretrained_cfg_overlay=file, in_chans=1)
 
 
+@pytest.mark.parametrize("form", ["timm's train.py", "a bare legacy state dict"])
+def test_timm_takes_another_weight_file_with_its_own_head_and_stem(tmp_path, form):
+    """A weight file that is no run's (timm's train.py pickles its argparse arguments beside the state
+    dict; an old torch.save writes no zip archive) is read as timm reads it, and it too describes its
+    own head and stem: a 5-class, 3-channel model takes a 10-class, 1-channel file's body."""
+    import argparse
+
+    import timm
+
+    import ablate  # noqa: F401  registers the models
+
+    source = timm.create_model("ablate_dwconv_micro", in_chans=1, num_classes=10)
+    file = tmp_path / "weights.pth"
+    if form == "timm's train.py":
+        torch.save({"arch": "ablate_dwconv_micro", "state_dict": source.state_dict(),
+                    "args": argparse.Namespace(lr=0.001)}, file)
+    else:
+        torch.save(source.state_dict(), file, _use_new_zipfile_serialization=False)
+    model = timm.create_model("ablate_dwconv_micro", pretrained=True, num_classes=5, in_chans=3,
+                              pretrained_cfg_overlay=dict(file=str(file)))
+    state, saved = model.state_dict(), source.state_dict()
+    assert state["head.weight"].shape[0] == 5 and state["stem.0.weight"].shape[1] == 3
+    assert all(torch.equal(state[k], saved[k]) for k in saved if not k.startswith(("head.", "stem.0.weight")))
+
+
 @pytest.mark.parametrize("damage", ["cut", "previous epoch only"])
 def test_a_damaged_classification_checkpoint_is_named_not_loaded(protocol_store, tmp_path, damage):
     """The backbone's weights come from the checkpoint of the run's last epoch, checked against its

@@ -75,11 +75,16 @@ def _described_by_file(cfg: dict[str, Any], given: dict[str, Any]) -> tuple[dict
     the user's overlay gives them. A training run's checkpoint gives the weights its metrics describe
     (the EMA's where the run kept one); timm alone would read its trained weights. Returns the cfg and
     the run's identity (None for another file)."""
-    state = torch.load(cfg["file"], map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(cfg["file"], map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  not a run's checkpoint (a legacy file, pickled objects): timm's to read
+        state = None
     run = None
     if is_run_checkpoint(state):
         run = state["identity"] if isinstance(state.get("identity"), dict) else {}
-    weights = evaluated_weights(state) if is_run_checkpoint(state) else load_state_dict(cfg["file"])
+        weights = evaluated_weights(state)
+    else:  # as timm reads a file: its state_dict, model or EMA entry
+        weights = load_state_dict(cfg["file"])
     described = dict(cfg, state_dict=weights)
     if "num_classes" not in given:
         head = weights.get("head.weight")
