@@ -663,6 +663,9 @@ def test_timm_takes_another_weight_file_with_its_own_head_and_stem(tmp_path, for
     state, saved = model.state_dict(), source.state_dict()
     assert state["head.weight"].shape[0] == 5 and state["stem.0.weight"].shape[1] == 3
     assert all(torch.equal(state[k], saved[k]) for k in saved if not k.startswith(("head.", "stem.0.weight")))
+    # no file: ablate publishes no weights, and says where a file goes
+    with pytest.raises(RuntimeError, match=r"ablate_dwconv_micro: ablate publishes none.*overlay=dict\(file"):
+        timm.create_model("ablate_dwconv_micro", pretrained=True)
 
 
 @pytest.mark.parametrize("damage", ["cut", "previous epoch only"])

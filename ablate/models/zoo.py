@@ -38,6 +38,10 @@ def create(preset_name: str, size: str, pretrained: bool = False, **kwargs) -> A
     cfg = dict(dict(architecture=variant, num_classes=args.get("num_classes", 1000),
                     input_size=(args.get("in_chans", 3), *_pair(args["img_size"])),
                     first_conv="stem.0", classifier="head"), **given)
+    if pretrained and not any(cfg.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
+        raise RuntimeError(f"No pretrained weights exist for {variant}: ablate publishes none. Give a "
+                           "file, a run's checkpoint.pt included: pretrained_cfg_overlay=dict(file=...), or "
+                           "use pretrained=False for random init.")  # timm's type and first words
     run = None  # the training run whose checkpoint is the pretrained file, if it is one
     if pretrained and cfg.get("file") and cfg.get("state_dict") is None and cfg.get("source") != "local-dir":
         cfg, run = _described_by_file(cfg, given)
