@@ -5,7 +5,9 @@
   CheckpointError, ... where they are decided); `ablate.cli` turns every one into exit 2.
 - `Interrupted`: SIGINT or SIGTERM inside `signals_raise` (`raise_if_stopping` raises it again where
   Python swallowed it); `signals_deferred` holds them back while writes that belong together
-  happen; `stop_children` ends the processes a command started.
+  happen; `stop_children` ends the processes a command started, and `ending_with_the_sweep` ends a
+  sweep's worker (started `as_the_sweep_process`) whose sweep process is gone (SIGKILLed, it could not
+  stop them).
 
 `EXIT_CODES` are the exit statuses of every command.
 """
@@ -14,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["EXIT_CODES", "BadInput", "ConfigError", "Interrupted", "at_least", "raise_if_stopping",
+__all__ = ["EXIT_CODES", "SWEEP_PROCESS_ENV", "BadInput", "ConfigError", "Interrupted",
+           "as_the_sweep_process", "at_least", "ending_with_the_sweep", "raise_if_stopping",
            "signals_deferred", "signals_raise", "stop_children"]
 
 EXIT_CODES = {"completed": 0, "failed": 1, "bad input": 2, "diverged": 3, "locked": 4,
@@ -91,8 +96,6 @@ os.register_at_fork(after_in_child=_forked_child)
 def signals_raise() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted in the main thread while inside (elsewhere: unchanged)."""
     global _raising, _stopping
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -197,3 +200,77 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+SWEEP_PROCESS_ENV = "ABLATE_SWEEP_PROCESS"  # the pid of the sweep whose workers (and theirs) inherit it
+_watched: int | None = None  # the sweep process this one watches
+
+
+@contextlib.contextmanager
+def as_the_sweep_process() -> Iterator[None]:
+    """While a sweep launches and follows its jobs: the processes it starts (and theirs) know it as
+    their sweep (ending_with_the_sweep). Only then: a run started later from this process is no job."""
+    before = os.environ.get(SWEEP_PROCESS_ENV)
+    os.environ[SWEEP_PROCESS_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SWEEP_PROCESS_ENV, None)
+        else:
+            os.environ[SWEEP_PROCESS_ENV] = before
+
+
+@contextlib.contextmanager
+def ending_with_the_sweep(every_s: float = 1.0) -> Iterator[None]:
+    """Around a job that a sweep's launcher runs in a process of its own (joblib's workers, submitit_local's
+    tasks under their controller: descendants of the sweep process, which names itself in
+    SWEEP_PROCESS_ENV): SIGINT and SIGTERM raise Interrupted, and once the sweep process is gone this
+    process sends itself SIGTERM; either way the job stops at its last checkpoint and the process exits. A
+    sweep ended by SIGINT or SIGTERM stops its workers itself (`stop_children`); one SIGKILLed (`kill -9`,
+    the OOM killer) cannot, and each worker trained its run on to the end, holding the run's lock (a
+    relaunch meanwhile reported it `locked`) and its CPU or GPU. Now the job stops at its last checkpoint,
+    as at a Ctrl-C, says so (nobody else is left to), and the worker exits; the same sweep command resumes
+    the run. Without signals_raise, a joblib worker died of the signal wherever it was, and a
+    submitit_local task ignored SIGTERM, as submitit does for SLURM's. A process the sweep did not start
+    (the sweep's own, in the basic launcher; a SLURM job that inherited the variable) is left as it is.
+    The ancestry is polled: a child has no portable notice of its parent's end, and a grandchild none at
+    all."""
+    global _watched
+    try:
+        sweep = int(os.environ.get(SWEEP_PROCESS_ENV, ""))
+    except ValueError:
+        sweep = 0
+    if sweep <= 1 or not _descends_from(sweep):
+        yield
+        return
+    if _watched != sweep:  # one watcher per process: a joblib worker runs many jobs
+        _watched = sweep
+
+        def watch():
+            while _descends_from(sweep):  # once the sweep is gone, its children are init's or a subreaper's
+                time.sleep(every_s)
+            os.kill(os.getpid(), signal.SIGTERM)  # a job stops at its checkpoint; an idle worker ends
+
+        threading.Thread(target=watch, name="ablate-end-with-the-sweep", daemon=True).start()
+    try:
+        with signals_raise():
+            yield
+    except Interrupted as stop:  # the worker ends, as it did of the signal itself before
+        if not _descends_from(sweep):  # else the sweep is stopping its workers and says so itself
+            print(f"the sweep (process {sweep}) is gone: its job {stop}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code)  # not back to the launcher's worker loop: its sweep is gone or stopping
+
+
+def _descends_from(ancestor: int) -> bool:
+    """Whether `ancestor` started this process, or started the process that did, ... (the parent
+    anywhere; its ancestors where Linux's /proc tells them)."""
+    pid = os.getppid()
+    while pid > 1 and pid != ancestor:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return pid == ancestor

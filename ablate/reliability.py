@@ -9,7 +9,8 @@ It does to real training what a cluster and its users do, and checks that nothin
   checkpoints damaged (a clear error, nothing touched), a run folder locked by another job, a disk
   that fills during training (a `failed` record saying so, no half-written file, then a resume);
 - signals: SIGINT and SIGTERM to a run after its first epoch (one line, exit 130 / 143, then the same
-  command resumes it to the reference's metrics) and SIGTERM to a joblib sweep (no worker left behind);
+  command resumes it to the reference's metrics) and SIGTERM / SIGKILL to a joblib sweep (no worker
+  left behind);
 - W&B unreachable: an API key and a server that refuses connections (one decision, a complete offline
   run, the reference's metrics);
 - SLURM, where a cluster answers: a job preempted (USR2) and one cancelled from outside end with the
@@ -477,8 +478,10 @@ def _session_processes(sid: int) -> list[int]:
 
 def run_signals(work: Path, reference: dict[str, Any], ref_rows: list[dict], figures: Figures) -> None:
     """Ctrl-C and SIGTERM end a run with one line and 130 / 143 after its last checkpoint, and the same
-    command resumes it to the reference's metrics; SIGTERM to a joblib sweep stops its workers."""
-    print("signals: SIGINT / SIGTERM to a run after its first epoch, SIGTERM to a joblib sweep", flush=True)
+    command resumes it to the reference's metrics; SIGTERM or SIGKILL to a joblib sweep stops its
+    workers."""
+    print("signals: SIGINT / SIGTERM to a run after its first epoch, SIGTERM / SIGKILL to a joblib sweep",
+          flush=True)
     for sig, code_wanted in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         root = work / f"signal-{sig.name}"
         proc = _start(root)
@@ -495,28 +498,44 @@ def run_signals(work: Path, reference: dict[str, Any], ref_rows: list[dict], fig
         figures.fault(f"{sig.name} to a run, then the same command", clean and survived and code2 == 0,
                       f"exit {code}: {said[:110]}; then {detail}")
 
-    root = work / "signal-sweep"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _signal_a_sweep(work / f"signal-sweep-{sig.name}", sig, reference, figures)
+
+
+def _signal_a_sweep(root: Path, sig: signal.Signals, reference: dict[str, Any], figures: Figures) -> None:
+    """`sig` to a joblib sweep of 2 once a job has checkpointed an epoch: no worker may train on (with
+    SIGTERM the sweep stops them and says so; SIGKILLed, it cannot, and each worker must notice it is
+    gone: ablate.errors.ending_with_the_sweep), and the same command then finishes both runs."""
+    from ablate.tracking import RunStore
+
     sweep = ["-m", "operator=dwconv,local_mlp", "launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = _start(root, *sweep)
     started = _after_first_epoch(root, proc)
-    proc.send_signal(signal.SIGTERM)
-    code, out = _finish(proc)
+    proc.send_signal(sig)
+    try:  # returns once every process holding the sweep's output has ended: the workers too
+        code, out = _finish(proc, timeout=120)
+    except subprocess.TimeoutExpired:  # a worker trains on
+        code, out = proc.wait(), ""
     time.sleep(0.5)
     orphans = _session_processes(proc.pid)
     for pid in orphans:  # leave nothing behind, whatever the verdict
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    # SIGTERM: the sweep stops its workers and says so; SIGKILLed, it says nothing
+    said = sig == signal.SIGKILL or "worker processes stopped" in (out.strip().splitlines() or [""])[-1]
+    records = [RunStore(p).read_results() for p in (root / "runs").glob("[!.]*")]
+    resumable = not any(records)  # no run recorded failed (or finished by an orphan)
     code2, out2 = _finish(_start(root, *sweep))
     dwconv = next((p for p in (root / "runs").glob("dwconv-*")), None) if (root / "runs").exists() else None
-    from ablate.tracking import RunStore
-
     record = RunStore(dwconv).read_results() if dwconv else None
     same = record is not None and all(record.get(k) == reference.get(k) for k in COMPARED)
     figures.results_lost += not same
-    figures.fault("SIGTERM to a joblib sweep of 2, then the same command",
-                  started and code == 143 and not orphans and code2 == 0 and same,
-                  f"exit {code}, {len(orphans)} orphan processes; then exit {code2}, dwconv "
-                  f"{'equals' if same else 'DIFFERS FROM'} the reference")
+    stopped = code == (-sig if sig == signal.SIGKILL else 128 + sig)  # Popen: -N for a death by signal N
+    figures.fault(f"{sig.name} to a joblib sweep of 2, then the same command",
+                  started and stopped and said and not orphans and resumable and code2 == 0 and same,
+                  f"exit {code}, {len(orphans)} processes left, runs "
+                  f"{'resumable' if resumable else 'RECORDED'}; "
+                  f"then exit {code2}, dwconv {'equals' if same else 'DIFFERS FROM'} the reference")
 
 
 def run_unreachable_wandb(work: Path, reference: dict[str, Any], ref_rows: list[dict],

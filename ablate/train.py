@@ -15,6 +15,7 @@ trained; what to change is printed), 3 diverged, 4 another job holds the run fol
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 from ablate.cli import explain, run_cli
 from ablate.config import CONF_DIR
 from ablate.data import DataError
-from ablate.errors import EXIT_CODES
+from ablate.errors import EXIT_CODES, ending_with_the_sweep
 from ablate.runs import record_unrunnable, run_folder
 from ablate.space.rules import InvalidOperatorError
 from ablate.sweep import register_sweeper
@@ -58,7 +59,9 @@ def job(cfg: DictConfig) -> dict[str, Any]:
                   grid, grid, grid)
         sys.exit(EXIT_CODES["bad input"])
     try:
-        results = train(cfg)
+        # a sweep's job in a worker process stops at its checkpoint once the sweep is gone
+        with contextlib.nullcontext() if single_run else ending_with_the_sweep():
+            results = train(cfg)
     except (RunLocked, IdentityConflict) as err:  # another job's or experiment's folder: touch nothing
         log.error("error: %s", err)
         refused = isinstance(err, IdentityConflict)

@@ -60,6 +60,31 @@ def test_sigterm_to_a_joblib_sweep_stops_its_workers(tmp_path):
     assert got == 0 and sorted(r["status"] for r in records if r) == ["completed", "completed"], out[-3000:]
 
 
+def test_the_jobs_of_a_sigkilled_sweep_stop_at_their_checkpoints(tmp_path):
+    """A sweep SIGKILLed cannot stop its workers; each trained its run on to the end as an orphan
+    (submitit_local's tasks ignored SIGTERM besides). Each must notice that the sweep is gone, stop at
+    its last checkpoint, say so, and exit: no process left, no run recorded. (`make reliability` does
+    the same to a joblib sweep, then resumes it to the reference's metrics.)"""
+    import os
+
+    sweep = ["-m", "operator=dwconv,local_mlp", "launcher=submitit_local"]
+    proc = _start(tmp_path, *sweep)
+    assert _after_first_epoch(tmp_path, proc), "the sweep ended before a job finished an epoch"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while (left := _session_processes(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the jobs of the killed sweep trained on"
+    runs = [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 2 and not any(RunStore(p).read_results() for p in runs)  # both resume
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / ".hydra").rglob("*_log.err"))
+    gone = f"the sweep (process {proc.pid}) is gone: its job interrupted at epoch"
+    assert logs.count(gone) == 2 and "the same command resumes" in logs, logs[-3000:]
+
+
 def test_a_signal_held_during_the_checkpoint_counts_the_epoch_it_saved(tmp_path, monkeypatch):
     """A signal that lands while an epoch's row and checkpoint are written waits for them, then
     arrives as the block ends: the message counts that epoch (it said "no epoch was finished", with

@@ -30,7 +30,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.config import sweep_name
-from ablate.errors import BadInput, ConfigError
+from ablate.errors import BadInput, ConfigError, as_the_sweep_process
 from ablate.runs import record_unrunnable
 from ablate.sweep.plan import Job, check_jobs, expand_grids, plan_jobs
 from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
@@ -105,6 +105,10 @@ class GridSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[Any]]:
+        with as_the_sweep_process():  # the workers it starts end with it
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> list[Sequence[Any]]:
         assert self.config is not None and self.launcher is not None
         started = time.time()
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # the launchers' job lines
