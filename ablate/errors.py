@@ -13,7 +13,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["EXIT_CODES", "SWEEP_PROCESS_ENV", "BadInput", "ConfigError", "Interrupted",
            "as_the_sweep_process", "at_least", "ending_with_the_sweep", "raise_if_stopping",
@@ -175,13 +178,17 @@ def _children(pid: int) -> list[int]:
 
 def stop_children(grace_s: float = 10.0) -> int:
     """SIGTERM every process this one started (and theirs), SIGKILL those alive after `grace_s`;
-    returns how many there were. A training job ends at its last checkpoint either way."""
+    returns how many there were. A training job ends at its last checkpoint either way. A process
+    that ignores SIGTERM is neither waited for nor killed: multiprocessing's and loky's resource
+    trackers (a joblib sweep's) do, by design, and end on their own once the last process holding
+    their pipe (this one) has ended, cleaning up what the workers left; waiting for them held every
+    stopped joblib sweep for the whole grace, then killed them before they could clean up."""
     pids = _children(os.getpid())
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    alive = pids
+    alive = [p for p in pids if not _ignores(p, signal.SIGTERM)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
         for pid in alive:  # reap our own children, so they do not linger as zombies
@@ -192,6 +199,17 @@ def stop_children(grace_s: float = 10.0) -> int:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
+
+
+def _ignores(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` ignores `sig` (its SigIgn mask in Linux's /proc; elsewhere: no)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -209,16 +227,23 @@ _watched: int | None = None  # the sweep process this one watches
 @contextlib.contextmanager
 def as_the_sweep_process() -> Iterator[None]:
     """While a sweep launches and follows its jobs: the processes it starts (and theirs) know it as
-    their sweep (ending_with_the_sweep). Only then: a run started later from this process is no job."""
-    before = os.environ.get(SWEEP_PROCESS_ENV)
+    their sweep (ending_with_the_sweep). Only then: a run started later from this process is no job.
+    And the resource trackers it starts do not warn of "leaked semaphore objects" when it stops: a
+    stopping joblib sweep SIGKILLs its workers (loky's abort), so their named locks (tqdm's) are left
+    to the trackers, which clean them up as they are there to, once the sweep has exited."""
+    names = (SWEEP_PROCESS_ENV, "PYTHONWARNINGS")
+    before = {name: os.environ.get(name) for name in names}
     os.environ[SWEEP_PROCESS_ENV] = str(os.getpid())
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (before["PYTHONWARNINGS"],
+                                                          "ignore:resource_tracker:UserWarning")))
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(SWEEP_PROCESS_ENV, None)
-        else:
-            os.environ[SWEEP_PROCESS_ENV] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -244,8 +269,10 @@ def ending_with_the_sweep(every_s: float = 1.0) -> Iterator[None]:
     if sweep <= 1 or not _descends_from(sweep):
         yield
         return
-    if _watched != sweep:  # one watcher per process: a joblib worker runs many jobs
+    if _watched != sweep:  # once per process: a joblib worker runs many jobs
         _watched = sweep
+        for s in (signal.SIGINT, signal.SIGTERM):  # between jobs (inside one, signals_raise's handler)
+            signal.signal(s, lambda signum, _frame: _exit_as_python_would(128 + signum))
 
         def watch():
             while _descends_from(sweep):  # once the sweep is gone, its children are init's or a subreaper's
@@ -256,12 +283,25 @@ def ending_with_the_sweep(every_s: float = 1.0) -> Iterator[None]:
     try:
         with signals_raise():
             yield
-    except Interrupted as stop:  # the worker ends, as it did of the signal itself before
+        return
+    except Interrupted as stop:
         if not _descends_from(sweep):  # else the sweep is stopping its workers and says so itself
             print(f"the sweep (process {sweep}) is gone: its job {stop}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stop.code)  # not back to the launcher's worker loop: its sweep is gone or stopping
+        code = stop.code
+    _exit_as_python_would(code)  # (out of the except block: the job's frames are free to collect)
+
+
+def _exit_as_python_would(code: int) -> NoReturn:
+    """End a launcher's worker process, from wherever in it, as a normal exit would: not back to
+    the worker's loop (its sweep is gone or is stopping it), and not by the signal's default action
+    (or os._exit alone), which skips the exit handlers: multiprocessing's finalizers then leave the
+    named semaphores of the job (tqdm's lock, data loaders' queues) to the sweep's resource tracker,
+    which reports them leaked on the terminal after the sweep's last line."""
+    gc.collect()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _descends_from(ancestor: int) -> bool:

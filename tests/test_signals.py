@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,12 +49,19 @@ def test_sigterm_to_a_joblib_sweep_stops_its_workers(tmp_path):
     sweep = ["-m", "operator=dwconv,local_mlp", "launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = _start(tmp_path, *sweep)
     assert _after_first_epoch(tmp_path, proc), "the sweep ended before a job finished an epoch"
+    workers = set(_session_processes(proc.pid)) - {proc.pid}
     proc.send_signal(signal.SIGTERM)
     got, out = _finish(proc, timeout=300)
     time.sleep(0.5)
     left = _session_processes(proc.pid)  # the sweep's session: its workers and theirs
     assert got == 143 and not left, (left, out[-3000:])
-    assert "Traceback" not in out and "worker processes stopped" in out.strip().splitlines()[-1]
+    # nothing after the sweep's line (the resource trackers, stopped, warned of "leaked semaphores")
+    assert "Traceback" not in out and "worker processes stopped" in out.strip().splitlines()[-1], out
+    # and those semaphores are gone: the trackers, SIGKILLed, left them in /dev/shm for good
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        leaked = [p.name for p in shm.glob("sem.*") if any(f"-{pid}-" in p.name for pid in workers)]
+        assert not leaked, leaked
 
     got, out = _finish(_start(tmp_path, *sweep), timeout=600)
     records = [RunStore(p).read_results() for p in (tmp_path / "runs").iterdir() if p.is_dir()]
