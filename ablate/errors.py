@@ -294,11 +294,10 @@ def ending_with_the_sweep(every_s: float = 1.0) -> Iterator[None]:
 def _exit_as_python_would(code: int) -> NoReturn:
     """End a launcher's worker process, from wherever in it, as a normal exit would: not back to
     the worker's loop (its sweep is gone or is stopping it), and not by the signal's default action
-    (or os._exit alone), which skips the exit handlers: multiprocessing's finalizers then leave the
-    named semaphores of the job (tqdm's lock, data loaders' queues) to the sweep's resource tracker,
-    which reports them leaked on the terminal after the sweep's last line."""
+    (or os._exit alone), which skips the exit handlers: multiprocessing's finalizers would then leave
+    the job's named semaphores (tqdm's lock) to the sweep's resource tracker to unlink."""
     gc.collect()
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit (multiprocessing's finalizers among them)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
