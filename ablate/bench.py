@@ -904,6 +904,9 @@ def run(args: BenchArgs) -> dict:
                 models += model_rows(names, size, batch, device, dtype, model_rounds, warmup, args.backend,
                                      channels_last=args.channels_last, vs_bf16=args.vs_bf16,
                                      compiled=compiled, optimizer=args.optimizer)
+                # written as each mode is done: a time-boxed check stopped while compiling keeps the
+                # eager rows and the routes they took
+                write_outputs(Path(args.out), ops, models, _with_routes(meta, started))
     profiled = []
     if args.section == "profile":
         for size in sizes:
@@ -913,13 +916,19 @@ def run(args: BenchArgs) -> dict:
                 profiled += profile_rows([name], size, batch, device, dtype, warmup, args.backend,
                                          args.channels_last, args.optimizer, steps=1 if args.quick else 2)
                 # written as each model is done: a time-boxed check that stops midway keeps them
-                write_outputs(Path(args.out), ops, models, meta, profiled)
-    meta["wall_s"] = round(time.perf_counter() - started, 1)
-    meta["routes"] = routes.used()  # on a GPU: what each shape's timing chose (empty elsewhere)
-    meta["routes_timing_s"] = round(routes.timing_seconds(), 1)  # included in wall_s
-    paths = write_outputs(Path(args.out), ops, models, meta, profiled)
+                write_outputs(Path(args.out), ops, models, _with_routes(meta, started), profiled)
+    paths = write_outputs(Path(args.out), ops, models, _with_routes(meta, started), profiled)
     print(paths["markdown"].read_text())
     return {"operators": ops, "models": models, "profile": profiled, "meta": meta, "paths": paths}
+
+
+def _with_routes(meta: dict, started: float) -> dict:
+    """`meta` with the wall time so far and the routes taken so far: on a GPU, what each shape's
+    timing chose (empty elsewhere), and the seconds that timing took (included in wall_s)."""
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    meta["routes"] = routes.used()
+    meta["routes_timing_s"] = round(routes.timing_seconds(), 1)
+    return meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:

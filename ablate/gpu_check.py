@@ -5,12 +5,12 @@
 
 Steps, each a command of its own with a time limit (its output goes to log.txt):
 
-1. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
-2. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
-3. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
+1. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
    AdamW, eager and compiled, timm's Swin-T beside them in the same process;
-4. micro runs of `python -m ablate.train` (the default model on Fashion-MNIST): eager, compiled with
+2. micro runs of `python -m ablate.train` (the default model on Fashion-MNIST): eager, compiled with
    CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib);
+3. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
+4. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
 5. where each preset's eager step spends its time (`python -m ablate.bench --section profile`,
    torch.profiler), and the operators of stage 1 (`--section ops`).
 
@@ -22,10 +22,12 @@ ratio beside the value the project holds the GPU path to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,8 @@ REPO = Path(__file__).resolve().parent.parent
 MICRO_BEFORE = 4648.0
 # a step with less time than this left of --budget-s is not started: it could not finish
 MIN_STEP_S = 20.0
+# what a step stopped at its limit has to stop what it started, before its process group is killed
+STOP_GRACE_S = 15.0
 
 
 @dataclass
@@ -109,7 +113,16 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
     interpret = {} if gpu else {"TRITON_INTERPRET": "1"}
     selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
     share = 2 if quick else 4
+    # The targets' steps first: a lent GPU's session is time-boxed (--budget-s), and the ratios the
+    # GPU path is held to are what its next design is measured against; the correctness steps, which
+    # a CPU checks too (Triton's interpreter, FlexAttention's eager form), follow in the time left
     listed = [
+        Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
+        Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
+        Step(f"micro, {share} runs sharing the device",
+             [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
+              "trainer.seed=" + ",".join(str(s) for s in range(share)),
+              f"trainer.results_root={work / 'share'}"], 120, read=_run_rates),
         # on a GPU machine's cores, workers share the GPU: inductor compiles the presets side by side.
         # No route timing: it would compile every candidate at every test shape (FlexAttention's
         # twice), and the tests hold each candidate to the reference one by one (`routes.forced`)
@@ -120,21 +133,15 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         Step("selfcheck float32", selfcheck, 120, env=interpret, read=_selfcheck_errors),
         Step("selfcheck bfloat16", [*selfcheck, "--dtype", "bfloat16"], 120, env=interpret,
              read=_selfcheck_errors),
-        Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
-        Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
-        Step(f"micro, {share} runs sharing the device",
-             [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
-              "trainer.seed=" + ",".join(str(s) for s in range(share)),
-              f"trainer.results_root={work / 'share'}"], 120, read=_run_rates),
-        # after the targets' steps, in what a time-boxed session has left: where each preset's step
-        # goes, for whoever designs the next kernel (measured before designed); written model by
-        # model, so that a step stopped by its limit keeps the models it profiled
+        # then where each preset's step goes, for whoever designs the next kernel (measured before
+        # designed); written model by model, so that a step stopped by its limit keeps the models
+        # it profiled
         Step("bench profile", [*bench_profile, "--out", str(work / "bench-profile")], 120, read=_bench_rows),
         # 90 s: neighbourhood attention's candidates each compile at a shape the models did not take
         Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
     ]
     if not quick:  # CUDA graphs are a GPU's; on the CPU compile time would dwarf the quick check
-        listed.insert(5, Step("micro run, compiled (CUDA graphs)",
+        listed.insert(2, Step("micro run, compiled (CUDA graphs)",
                               [*train, "trainer.compile=reduce-overhead",
                                f"trainer.results_root={work / 'graphs'}"], 150, read=_run_rates))
     return listed
@@ -303,13 +310,7 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
                 limit = left if limit is None else min(limit, left)
             print(f"gpu-check: {step.name} ...", flush=True)
             started = time.perf_counter()
-            try:
-                done = subprocess.run(step.argv, cwd=REPO, capture_output=True, text=True,
-                                      timeout=limit, env={**os.environ, **step.env})
-                code, output = done.returncode, done.stdout + done.stderr
-            except subprocess.TimeoutExpired as err:
-                code = "timeout"
-                output = "".join((part or b"").decode(errors="replace") for part in (err.stdout, err.stderr))
+            code, output = _run(step.argv, limit, {**os.environ, **step.env})
             seconds = time.perf_counter() - started
             with logfile.open("a") as f:
                 f.write(f"\n===== {step.name} (exit {code}, {seconds:.0f} s): {' '.join(step.argv)}\n")
@@ -335,6 +336,35 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
     _write_report(out, env, log, results)
     print((out / "report.md").read_text())
     return {"steps": log, "results": results, "targets": targets(results)}
+
+
+def _run(argv: list[str], limit: float | None, env: dict[str, str]) -> tuple[int | str, str]:
+    """One step's command, in a process group of its own: its exit code ("timeout" at `limit`) and
+    output. At its limit the whole group gets SIGTERM (each command's run_cli stops what it started
+    and exits), and SIGKILL what is left after STOP_GRACE_S; after any ending, what the step left
+    running is killed. subprocess.run's timeout killed the step's own process alone: the bench's
+    prewarm processes went on compiling and stepping models on the GPU beside the steps timed after
+    them. (A Ctrl-C of the check still reaches them: run_cli stops its descendants, by parentage.)"""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=limit)
+        code: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    _signal_group(proc.pid, signal.SIGKILL)
+    return code, out + err
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # none of the group is left
+        os.killpg(pgid, sig)
 
 
 def _write_report(out: Path, env: dict, log: list[dict], results: dict) -> None:

@@ -214,6 +214,27 @@ def test_models_compiled_after_a_prewarm_process(tmp_path):
     assert all(float(r["train_samples_per_sec"]) > 0 and float(r["peak_gib"]) > 0 for r in rows)
 
 
+def test_the_eager_rows_are_written_before_the_compiled_models_start(tmp_path, monkeypatch):
+    """A GPU bench of both modes spends most of its time compiling; stopped there (gpu-check's time
+    limit), it kept nothing when the tables were written only at the end."""
+    from ablate import bench
+
+    measured = bench.model_rows
+
+    def compiled_never_ends(*args, compiled=False, **kwargs):
+        if compiled:
+            raise KeyboardInterrupt  # the step's limit, while compiling
+        return measured(*args, compiled=compiled, **kwargs)
+
+    monkeypatch.setattr(bench, "model_rows", compiled_never_ends)
+    with pytest.raises(KeyboardInterrupt):
+        run(BenchArgs(device="cpu", out=str(tmp_path), quick=True, section="models", sizes=("micro",),
+                      models=("dwconv",), compile="both", prewarm=0))
+    rows = json.loads((tmp_path / "bench.json").read_text())["models"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("ablate_dwconv_micro", "eager")]
+    assert "ablate_dwconv_micro" in (tmp_path / "bench.md").read_text()
+
+
 def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     """`make gpu-check`'s steps, small and on the CPU (Triton's interpreter, the bench, micro runs,
     runs sharing the device): the command a GPU session runs works before the GPU is lent."""
@@ -249,6 +270,39 @@ def test_gpu_check_within_a_budget_names_the_steps_it_did_not_start(tmp_path, ca
     assert {s["exit"] for s in report["steps"]} == {"not run"}
     assert "not started" in (tmp_path / "report.md").read_text()
     assert "did not finish cleanly" in capsys.readouterr().err
+
+
+def test_a_gpu_check_step_stopped_at_its_limit_leaves_none_of_its_processes(tmp_path, monkeypatch):
+    """A step past its time (--budget-s) is stopped with everything it started: its process group
+    gets SIGTERM, then SIGKILL for what ignores it. subprocess.run's timeout killed the step's own
+    process alone, and the bench's prewarm processes compiled on beside the steps timed after it."""
+    import sys
+    import time
+
+    from ablate import gpu_check
+    from ablate.errors import _alive
+
+    pids = tmp_path / "pids"
+    # a step that ignores SIGTERM and has started a process of its own, as the bench its prewarm
+    script = ("import os, signal, subprocess, sys, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+              "child = subprocess.Popen(['sleep', '300'], **quiet)\n"
+              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+              "time.sleep(300)\n")
+    stuck = gpu_check.Step("stuck", [sys.executable, "-c", script], 300)
+    monkeypatch.setattr(gpu_check, "steps", lambda device, quick, work: [stuck])
+    monkeypatch.setattr(gpu_check, "MIN_STEP_S", 0.5)
+    monkeypatch.setattr(gpu_check, "STOP_GRACE_S", 1.0)
+    assert gpu_check.main(["--device", "cpu", "--budget-s", "3", "--out", str(tmp_path / "out")]) == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(s["step"], s["exit"]) for s in report["steps"]] == [("stuck", "timeout")]
+    step, child = map(int, pids.read_text().split())
+    for _ in range(50):  # SIGKILLed: gone once the kernel has torn them down
+        if not (_alive(step) or _alive(child)):
+            break
+        time.sleep(0.1)
+    assert not _alive(step) and not _alive(child)
 
 
 def test_gpu_check_refuses_a_budget_that_is_not_positive(tmp_path):
