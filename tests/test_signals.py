@@ -93,6 +93,27 @@ def test_the_jobs_of_a_sigkilled_sweep_stop_at_their_checkpoints(tmp_path):
     assert logs.count(gone) == 2 and "the same command resumes" in logs, logs[-3000:]
 
 
+def test_ctrl_c_to_a_submitit_local_sweep_ends_it_with_its_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches every process of its group, submitit's job controllers too: each
+    printed a KeyboardInterrupt traceback under the sweep's line, and SIGKILLed its task a second
+    later. The controllers now leave the signal to their tasks, which stop at their checkpoints."""
+    import os
+
+    sweep = ["-m", "operator=dwconv,local_mlp", "launcher=submitit_local"]
+    proc = _start(tmp_path, *sweep)  # in a session of its own: its group is the terminal's
+    assert _after_first_epoch(tmp_path, proc), "the sweep ended before a job finished an epoch"
+    os.killpg(proc.pid, signal.SIGINT)
+    got, out = _finish(proc, timeout=300)
+    time.sleep(0.5)
+    left = _session_processes(proc.pid)
+    assert got == 130 and not left, (left, out[-3000:])
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert "worker processes stopped" in out.strip().splitlines()[-1], out[-3000:]
+    runs = [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 2 and not any(RunStore(p).read_results() for p in runs)  # both resume
+    assert all(RunStore(p).checkpoint.exists() for p in runs if RunStore(p).read_metrics())
+
+
 def test_a_signal_held_during_the_checkpoint_counts_the_epoch_it_saved(tmp_path, monkeypatch):
     """A signal that lands while an epoch's row and checkpoint are written waits for them, then
     arrives as the block ends: the message counts that epoch (it said "no epoch was finished", with

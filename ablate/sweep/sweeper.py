@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.config import sweep_name
 from ablate.errors import BadInput, ConfigError, as_the_sweep_process
 from ablate.runs import record_unrunnable
+from ablate.sweep.local import controllers_ignoring_sigint
 from ablate.sweep.plan import Job, check_jobs, expand_grids, plan_jobs
 from ablate.sweep.progress import Overall, SweepProgress, recorded_since, summarize, summary_text
 from ablate.sweep.tuning import TuningPlan, parse_tuning
@@ -226,7 +227,8 @@ class GridSweeper(Sweeper):
         without writing a record in this launch. A job that failed cleanly has recorded why."""
         launched = time.time()
         try:
-            returns = self.launcher.launch([j.overrides for j in batch], initial_job_idx=initial_job_idx)
+            with controllers_ignoring_sigint():  # submitit_local's: a Ctrl-C is their tasks' to handle
+                returns = self.launcher.launch([j.overrides for j in batch], initial_job_idx=initial_job_idx)
         except BadInput:  # a request the cluster can never run: relaunching would not help
             raise
         except Exception as err:  # noqa: BLE001  e.g. submitit's UncompletedJobError
