@@ -1,14 +1,14 @@
 """`python -m ablate.gpu_check` (`make gpu-check`): every check a GPU needs, in one command, one report.
 
-    python -m ablate.gpu_check                        # on a GPU: about 8 minutes
+    python -m ablate.gpu_check --budget-s 480         # on a GPU, within 8 minutes (make gpu-check)
     python -m ablate.gpu_check --device cpu --quick   # the same steps, small, anywhere (the tests)
 
 Steps, each a command of its own with a time limit (its output goes to log.txt):
 
 1. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
-   AdamW, eager and compiled, timm's Swin-T beside them in the same process;
-2. micro runs of `python -m ablate.train` (the default model on Fashion-MNIST): eager, compiled with
-   CUDA graphs (`trainer.compile=reduce-overhead`), and four runs sharing the GPU (joblib);
+   AdamW, eager, timm's Swin-T beside them in the same process; micro runs of `python -m ablate.train`
+   (the default model on Fashion-MNIST), eager and four sharing the GPU (joblib);
+2. the same bench compiled, and a micro run compiled with CUDA graphs (`trainer.compile=reduce-overhead`);
 3. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
 4. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
 5. where each preset's eager step spends its time (`python -m ablate.bench --section profile`,
@@ -107,17 +107,19 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         bench_profile = [*bench, "--quick", "--section", "profile", "--sizes", "micro",
                          "--models", "dwconv", "local_attention"]
     else:
-        bench_models = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "both"]
+        bench_models = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "eager"]
+        bench_compiled = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "compiled"]
         bench_ops = [*bench, "--section", "ops", "--sizes", "tiny", "--stages", "1", "--rounds", "5"]
         bench_profile = [*bench, "--section", "profile", "--sizes", "tiny"]
     interpret = {} if gpu else {"TRITON_INTERPRET": "1"}
     selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
     share = 2 if quick else 4
     # The targets' steps first: a lent GPU's session is time-boxed (--budget-s), and the ratios the
-    # GPU path is held to are what its next design is measured against; the correctness steps, which
-    # a CPU checks too (Triton's interpreter, FlexAttention's eager form), follow in the time left
+    # GPU path is held to are what its next design is measured against; the cheap ones before the
+    # compiled models, whose compiling may take what is left; then the correctness steps, which a CPU
+    # checks too (Triton's interpreter, FlexAttention's eager form)
     listed = [
-        Step("bench models", [*bench_models, "--out", str(work / "bench")], 300, read=_bench_rows),
+        Step("bench models, eager", [*bench_models, "--out", str(work / "bench")], 180, read=_bench_rows),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
         Step(f"micro, {share} runs sharing the device",
              [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
@@ -140,10 +142,13 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         # 90 s: neighbourhood attention's candidates each compile at a shape the models did not take
         Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
     ]
-    if not quick:  # CUDA graphs are a GPU's; on the CPU compile time would dwarf the quick check
-        listed.insert(2, Step("micro run, compiled (CUDA graphs)",
-                              [*train, "trainer.compile=reduce-overhead",
-                               f"trainer.results_root={work / 'graphs'}"], 150, read=_run_rates))
+    if not quick:  # compiled models and CUDA graphs: on the CPU compiling would dwarf the quick check
+        listed[3:3] = [
+            Step("bench models, compiled", [*bench_compiled, "--out", str(work / "bench-compiled")], 300,
+                 read=_bench_rows),
+            Step("micro run, compiled (CUDA graphs)", [*train, "trainer.compile=reduce-overhead",
+                                                       f"trainer.results_root={work / 'graphs'}"],
+                 150, read=_run_rates)]
     return listed
 
 
@@ -164,9 +169,15 @@ def _model(rows: list[dict], name: str, mode: str) -> dict | None:
     return next((r for r in rows if r["model"] == wanted and r.get("mode") == mode), None)
 
 
+def _model_rows(results: dict[str, Any]) -> list[dict]:
+    """The model rows of the bench's steps, eager and compiled (each mode's ratios from one process)."""
+    return [row for step, numbers in results.items() if step.startswith("bench models")
+            for row in numbers.get("models", [])]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with its measured value (None where its step did not run or failed)."""
-    rows = results.get("bench models", {}).get("models", [])
+    rows = _model_rows(results)
 
     def ratio(a, b, key="train_samples_per_sec"):
         return round(a[key] / b[key], 3) if a and b and a.get(key) and b.get(key) else None
@@ -215,7 +226,7 @@ def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> s
              "| step | exit | seconds | result |", "|---|---:|---:|---|"]
     for entry in log:
         lines.append(f"| {entry['step']} | {entry['exit']} | {entry['seconds']:.0f} | {entry['summary']} |")
-    models = results.get("bench models", {}).get("models", [])
+    models = _model_rows(results)
     if models:
         cols = ("model", "mode", "train_samples_per_sec", "train_vs_swin_tiny", "gmac",
                 "efficiency_vs_dwconv", "peak_gib", "compile_s", "train_step_time")
@@ -231,8 +242,8 @@ def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> s
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |"
                   for r in _top_of_each(profiled, PROFILE_TOP)]
-    chosen = {k: v for step in ("bench models", "bench operators")
-              for k, v in results.get(step, {}).get("routes", {}).items()}
+    chosen = {k: v for step, numbers in results.items() if step.startswith("bench")
+              for k, v in numbers.get("routes", {}).items()}
     if chosen:
         lines += ["", "## Routes (the candidate each shape's timing chose)", "",
                   "| form and operands | candidate |", "|---|---|"]
@@ -321,7 +332,7 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
                     numbers = step.read(Path(tmp) / _folder_of(step), output)
                 except (OSError, ValueError, KeyError) as err:
                     numbers = {"unreadable": f"{type(err).__name__}: {err}"}
-            # each bench's tables (its numbers are in report.json): six files in all, within what a
+            # each bench's tables (its numbers are in report.json): seven files in all, within what a
             # lent GPU's session brings back (eight)
             src = Path(tmp) / _folder_of(step) / "bench.md"
             if step.name.startswith("bench") and src.is_file():
