@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,7 +35,7 @@ from torch import nn
 from ablate.errors import ConfigError
 
 __all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "init_distributed", "sync_batchnorm",
-           "pooled_batchnorms"]
+           "pooled_batchnorms", "quiet_size_one_stride_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +257,27 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
     store.set_timeout(timeout)
     store = tdist.PrefixStore(f"default_pg/ablate-{next(_GROUPS)}", store)
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    quiet_size_one_stride_warnings()
     dist = Dist(rank, world, local, backend)
     dist.run_key = f"ablate/{dist.broadcast(uuid.uuid4().hex)}"
     return dist
+
+
+def quiet_size_one_stride_warnings(max_dims: int = 5) -> None:
+    """DDP warns, once, when a gradient's strides differ from its bucket's ("... may impair
+    performance"), and compares the strides of dimensions of size 1 too, where both layouts address the
+    same memory: the weight of a 1x1 convolution whose gradient comes from a channels_last map (every
+    DWNet block's), a depth-wise weight's one input channel. That warning is silenced; one whose strides
+    differ where a size is not 1 (a strided copy into the bucket each step) is still shown."""
+    for dims in range(1, max_dims + 1):
+        sizes = r"\[" + ", ".join(rf"(?:1|(?P<n{i}>\d+))" for i in range(dims)) + r"\]"
+        grad = r"\[" + ", ".join(rf"(?(n{i})(?P<g{i}>\d+)|\d+)" for i in range(dims)) + r"\]"
+        bucket = r"\[" + ", ".join(rf"(?(n{i})(?P=g{i})|\d+)" for i in range(dims)) + r"\]"
+        warnings.filterwarnings(
+            "ignore", category=UserWarning,
+            message=(r"Grad strides do not match bucket view strides[\s\S]*?grad\.sizes\(\) = (?P<sizes>"
+                     rf"{sizes}), strides\(\) = {grad}\s*bucket_view\.sizes\(\) = (?P=sizes), "
+                     rf"strides\(\) = {bucket}"))
 
 
 # -- BatchNorm across ranks -----------------------------------------------------------------------

@@ -275,6 +275,36 @@ def test_a_sweep_under_torchrun_trains_every_job_over_the_processes(tmp_path):
     assert "2 jobs: 2 already finished" in sweep()  # the planner knows the sweep's 2 processes
 
 
+def test_ddp_stride_warnings_differing_only_where_a_size_is_1_are_silenced():
+    """DDP's "Grad strides do not match bucket view strides" compares the strides of size-1
+    dimensions too, where both layouts are the same memory: every DWNet run under DDP printed it for a
+    1x1 convolution's weight. That case is silenced; a real mismatch is still shown. (The messages are
+    DDP's, reducer.cpp; `tests/test_sweep.py` checks that a DDP run of dwconv prints none.)"""
+    import warnings
+
+    from ablate.distributed import quiet_size_one_stride_warnings
+
+    def shown(sizes, grad, bucket):
+        message = ("Grad strides do not match bucket view strides. This may indicate grad was not created "
+                   "according to the gradient layout contract, or that the param's strides changed since DDP "
+                   "was constructed.  This is not an error, but may impair performance.\n"
+                   f"grad.sizes() = {sizes}, strides() = {grad}\n"
+                   f"bucket_view.sizes() = {sizes}, strides() = {bucket} (Triggered internally at "
+                   "/pytorch/torch/csrc/distributed/c10d/reducer.cpp:335.)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_size_one_stride_warnings()
+            warnings.warn(message, UserWarning, stacklevel=1)
+        return bool(caught)
+
+    assert not shown([256, 512, 1, 1], [512, 1, 512, 512], [512, 1, 1, 1])  # 1x1 conv, channels_last
+    assert not shown([96, 1, 7, 7], [49, 1, 7, 1], [49, 49, 7, 1])  # depth-wise, one input channel
+    assert not shown([10, 1], [1, 1], [1, 10])
+    assert shown([96, 32, 3, 3], [288, 1, 96, 32], [288, 9, 3, 1])  # a 3x3 kernel: a real mismatch
+    assert shown([256, 512, 1, 1], [1, 256, 512, 512], [512, 1, 1, 1])
+    assert shown([64, 64], [1, 64], [64, 1])
+
+
 def test_a_gpu_named_by_index_or_missing_for_a_rank_is_refused_before_cuda(monkeypatch):
     """Under torchrun, trainer.device=cuda:0 put every rank on GPU 0 (NCCL then refuses two ranks on
     one GPU), and a local rank past the node's GPUs got CUDA's raw "invalid device ordinal". Both are
