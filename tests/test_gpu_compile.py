@@ -18,6 +18,7 @@ import torch
 from ablate.errors import EXIT_CODES
 from ablate.ops.fast import routes
 from ablate.ops.layouts import WindowLayout
+from ablate.space.presets import PRESETS
 
 pytest.importorskip("triton")
 
@@ -64,6 +65,13 @@ def test_every_kernel_of_every_preset_compiles_for_sm90_and_none_spills_in_bf16(
         assert ran == [n for n in routes.runnable(form) if n.startswith("triton")], key
     assert "neighbourhood attention: flex" in found["not_covered"]
     assert "| _window_fwd |" in (out / "builds.md").read_text()
+    # every preset's forward on a fake GPU, in both dtypes, PyTorch's candidates as well as Triton's
+    assert {dtype: set(by) for dtype, by in found["fake_gpu"].items()} == {
+        "bfloat16": set(PRESETS), "float32": set(PRESETS)}
+    fake = found["fake_gpu"]["bfloat16"]
+    assert {"cudnn channels_last", "triton kernel"} <= set(fake["dwconv"]["candidates"])
+    assert "sdpa, bias as a mask" in fake["global_attention"]["candidates"]
+    assert "triton fused" in fake["neighborhood_attention"]["candidates"]
 
 
 TOYS = '''
@@ -127,6 +135,48 @@ def test_a_machine_without_triton_is_told_what_the_command_needs(monkeypatch, tm
     monkeypatch.delitem(sys.modules, "ablate.ops.fast.triton_target", raising=False)
     with pytest.raises(ConfigError, match="needs Triton.*pip install triton"):
         gpu_compile.main(["--out", str(tmp_path / "gc")])
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def test_a_cpu_tensor_in_a_gpu_path_is_found_on_a_fake_gpu_and_named(monkeypatch):
+    """A GPU's first run fails where a path makes a tensor on the CPU (a bias, an index) and meets
+    the GPU's: the fake GPU finds it without one, in a route's candidate (the others still run the
+    model) and in the model's own code."""
+    from ablate import gpu_compile
+    from ablate.models.backbone import AblateNet
+
+    def careless(layout, x, w):  # a zero bias made on the default device, the CPU
+        return routes.depthwise_conv_channels_last(x, w, layout.kernel_size) + torch.zeros(x.shape[1], 1, 1)
+
+    monkeypatch.setitem(routes.CANDIDATES["static"], "careless", careless)
+    ran, problems = gpu_compile.on_fake_gpu(["dwconv"], "micro", ["bfloat16"], batch=2, progress=_quiet)
+    assert problems and all(p["candidate"] == "careless" and "cuda:0 and cpu" in p["why"] for p in problems)
+    assert {"cudnn channels_last", "triton kernel"} <= set(ran["bfloat16"]["dwconv"]["candidates"])
+
+    monkeypatch.delitem(routes.CANDIDATES["static"], "careless")
+    head = AblateNet.forward_head
+    monkeypatch.setattr(AblateNet, "forward_head", lambda self, x: head(self, x) + torch.zeros(10))
+    ran, problems = gpu_compile.on_fake_gpu(["dwconv"], "micro", ["bfloat16"], batch=2, progress=_quiet)
+    (problem,) = problems
+    assert problem["preset"] == "dwconv" and "cuda:0 and cpu" in problem["why"] and not ran
+
+
+def test_the_fake_gpu_casts_with_cudas_autocast_and_leaves_it_as_it_was():
+    """CUDA's autocast (not the CPU's) while the forward runs: a matmul of fake GPU tensors comes
+    out in bf16; after it, autocast is off again."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ablate.gpu_compile import _cuda_autocast
+
+    with FakeTensorMode():
+        a = torch.randn(4, 4, device="cuda")
+        with _cuda_autocast(torch.bfloat16):
+            assert (a @ a).dtype == torch.bfloat16
+        assert (a @ a).dtype == torch.float32
+    assert not torch.is_autocast_enabled("cuda")
 
 
 def test_a_rehearsal_routes_as_a_gpu_and_runs_each_shapes_triton_candidates_once(monkeypatch, tmp_path):

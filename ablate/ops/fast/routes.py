@@ -307,18 +307,19 @@ def _random_like(t: torch.Tensor) -> torch.Tensor:
 Step = Callable[[], None]
 
 
-def _first_calls(form: str, layout, operands: tuple, names: list[str]) -> tuple[dict[str, Step],
-                                                                               dict[str, str]]:
-    """One forward and every operand's gradient of each named candidate, on random tensors shaped,
-    typed and strided as the call's (this compiles a Triton or FlexAttention kernel): the steps that
-    ran, to run again, and the error of each that failed."""
-    inputs = tuple(None if t is None else _random_like(t).requires_grad_() for t in operands)
+def _first_calls(form: str, layout, operands: tuple, names: list[str],
+                 gradients: bool = True) -> tuple[dict[str, Step], dict[str, str]]:
+    """One forward and every operand's gradient (or the forward alone) of each named candidate, on
+    random tensors shaped, typed and strided as the call's (this compiles a Triton or FlexAttention
+    kernel): the steps that ran, to run again, and the error of each that failed."""
+    inputs = tuple(None if t is None else _random_like(t).requires_grad_(gradients) for t in operands)
     leaves = [t for t in inputs if t is not None]
     steps, failed = {}, {}
     for name in names:
         def step(candidate=CANDIDATES[form][name]):
             y = candidate(layout, *inputs)
-            torch.autograd.grad(y, leaves, torch.ones_like(y))
+            if gradients:
+                torch.autograd.grad(y, leaves, torch.ones_like(y))
         try:
             step()
         except Exception as err:  # noqa: BLE001  a candidate that cannot run this shape is no choice
@@ -439,22 +440,25 @@ class Rehearsal:
     """What `rehearsing` saw: each routed shape (its key) with the candidates that ran on it, and the
     error of each that failed."""
 
-    def __init__(self) -> None:
+    def __init__(self, fake_gpu: bool = False) -> None:
+        self.fake_gpu = fake_gpu
         self.ran: dict[str, list[str]] = {}
         self.failed: dict[str, dict[str, str]] = {}
 
     def choose(self, form: str, layout, operands: tuple) -> str:
         """Run the form's candidates once on this shape (the first time it is seen): on a GPU every
-        one, off it the Triton ones (the others are PyTorch's operators: nothing to compile). The
-        call itself takes the form's first candidate that did not fail (off a GPU, that needs no
-        FlexAttention: inductor generates its kernels for the GPU it runs on)."""
+        one, off it the Triton ones (the others are PyTorch's operators: nothing to compile), on a
+        fake GPU every one but FlexAttention's, forward only. The call itself takes the form's first
+        candidate that did not fail (off a real GPU, that needs no FlexAttention: inductor generates
+        its kernels for the GPU it runs on)."""
         key = _key(form, layout, operands)
-        gpu = _first(operands).is_cuda
+        gpu = _first(operands).is_cuda and not self.fake_gpu
         # (inference mode has no gradients to run; a training step's call of the shape runs them)
         if key not in self.ran and key not in self.failed and not torch.is_inference_mode_enabled():
-            names = [name for name in runnable(form) if gpu or name.startswith("triton")]
+            names = [name for name in runnable(form) if gpu or name.startswith("triton")
+                     or (self.fake_gpu and not name.startswith("flex"))]
             with torch.enable_grad():
-                steps, failed = _first_calls(form, layout, operands, names)
+                steps, failed = _first_calls(form, layout, operands, names, gradients=not self.fake_gpu)
             self.ran[key] = list(steps)
             if failed:
                 self.failed[key] = failed
@@ -466,18 +470,21 @@ class Rehearsal:
 
 
 @contextlib.contextmanager
-def rehearsing():
+def rehearsing(fake_gpu: bool = False):
     """Route every call as a GPU would (`routed`: on any device) and run each shape's candidates once,
     forward and gradients, instead of timing them: nothing is timed, chosen or written to the routes'
     file. On a GPU this compiles every candidate's kernels into Triton's and inductor's caches (on
     disk, shared by processes), so that a process timing the routes afterwards finds them compiled
     (the bench's prewarm, many shapes in parallel processes). Off a GPU the Triton launches go where
     the caller sends them: under `triton_target.TargetCompiler` they are compiled for a GPU and not
-    run, and the values computed mean nothing (only shapes are rehearsed). Yields the `Rehearsal`."""
+    run, and the values computed mean nothing (only shapes are rehearsed). With `fake_gpu` the
+    operands are a GPU's fake tensors (FakeTensorMode, no GPU needed): shapes, devices and dtypes flow
+    through each candidate's forward (PyTorch's autograd engine needs a real GPU for the gradients).
+    Yields the `Rehearsal`."""
     global _rehearsal
     if _rehearsal is not None:
         raise RuntimeError("routes: a rehearsal is already running")
-    _rehearsal = Rehearsal()
+    _rehearsal = Rehearsal(fake_gpu)
     try:
         yield _rehearsal
     finally:
