@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
@@ -79,58 +80,90 @@ def _cuda_autocast(dtype: torch.dtype):
         torch.set_autocast_dtype("cuda", before[1])
 
 
-def _fake_gpu_forward(preset: str, size: str, dtype: torch.dtype, batch: int) -> routes.Rehearsal:
-    """A preset's forward at `batch` on a GPU's fake tensors (channels_last, CUDA's autocast in
-    `dtype`), every routed shape's candidates run once: raises what a GPU would raise of devices,
-    dtypes and shapes (a CPU tensor made in a GPU path, ...); the rehearsal records the candidates'."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+# The paper's dense tasks at the sizes its tables count (COCO 800 x 1280, ADE20K 512 x 2048): maps that
+# windows do not tile, and shapes no classification run has.
+DETECTION_INPUT, SEGMENTATION_INPUT = (800, 1280), (512, 2048)
 
+
+Subject = tuple[str, Callable[[], torch.nn.Module], tuple[int, ...]]  # name, model builder, input shape
+
+
+def _subjects(preset: str, size: str, dtype: str, batch: int) -> list[Subject]:
+    """(name, model builder, input shape) of what a GPU runs of a preset: its classifier as the bench
+    trains it; in bf16 (how a GPU trains them) also the paper's dense tasks, UPerNet whole, and Mask
+    R-CNN's backbone and feature pyramid (its RPN keeps proposals by their scores: shapes that fake
+    tensors, which have no values, cannot give)."""
+    from ablate.models.dense import MaskRCNN, UPerNet, head_settings
     from ablate.models.zoo import create
 
-    model = create(preset, size, num_classes=10).to(memory_format=torch.channels_last)  # fast backend
     img = SIZES[size].img_size
-    # (the routes' keys name the GPU, and there is none; nothing else of torch.cuda is called: a
-    # rehearsal times nothing)
+    found = [("classification", lambda: create(preset, size, num_classes=10), (batch, 3, img, img))]
+    if dtype == "bfloat16":
+        seg, det = SEGMENTATION_INPUT, DETECTION_INPUT
+        found += [
+            ("UPerNet {} x {}".format(*seg), lambda: UPerNet(
+                create(preset, size, num_classes=0, img_size=seg), 150, **head_settings("upernet", size, {})),
+             (2, 3, *seg)),
+            ("Mask R-CNN backbone {} x {}".format(*det), lambda: MaskRCNN(
+                create(preset, size, num_classes=0, img_size=det), 81,
+                **head_settings("mask_rcnn", size, {})).backbone, (2, 3, *det))]
+    return found
+
+
+def _fake_gpu_forward(model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> routes.Rehearsal:
+    """A model's forward on a GPU's fake tensors (channels_last, CUDA's autocast in `dtype`), every
+    routed shape's candidates run once: raises what a GPU would raise of devices, dtypes and shapes
+    (a CPU tensor made in a GPU path, ...); the rehearsal records the candidates'."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = model.to(memory_format=torch.channels_last)
     mode = FakeTensorMode()
     # (Module.to cannot swap a parameter for a fake tensor: each is replaced in its module)
     tensors = [(module._parameters, name, p.detach(), p.requires_grad) for module in model.modules()
                for name, p in module._parameters.items() if p is not None]
     tensors += [(module._buffers, name, b, None) for module in model.modules()
                 for name, b in module._buffers.items() if b is not None]
+    # (the routes' keys name the GPU, and there is none; nothing else of torch.cuda is called: a
+    # rehearsal times nothing)
     with mode, mock.patch("torch.cuda.get_device_name", return_value="fake GPU"):
         for where, name, t, grad in tensors:
             fake = mode.from_tensor(t).to("cuda")
             where[name] = fake if grad is None else torch.nn.Parameter(fake, requires_grad=grad)
-        x = torch.randn(batch, 3, img, img, device="cuda").contiguous(memory_format=torch.channels_last)
+        x = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last)
         with routes.rehearsing(fake_gpu=True) as rehearsal, _cuda_autocast(dtype):
             out = model(x)
-        if out.device.type != "cuda":
-            raise RuntimeError(f"the logits are on {out.device}, not the GPU")
+        devices = {t.device.type for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        if devices != {"cuda"}:
+            raise RuntimeError(f"the outputs are on {', '.join(sorted(devices))}, not only the GPU")
     return rehearsal
 
 
 def on_fake_gpu(presets: list[str], size: str, dtypes: list[str], batch: int = 128,
                 progress=print) -> tuple[dict, list[dict]]:
-    """Each preset's forward on a GPU's fake tensors (`_fake_gpu_forward`): what ran, by dtype and
-    preset, and the problems (a preset's forward that raised, a candidate that raised)."""
+    """Each preset's forwards on a GPU's fake tensors (`_subjects`, `_fake_gpu_forward`): what ran, by
+    dtype, preset and subject, and the problems (a forward that raised, a candidate that raised)."""
     ran: dict[str, dict] = {}
     problems: list[dict] = []
     for dtype in dtypes:
         for preset in presets:
-            started = time.perf_counter()
-            try:
-                rehearsal = _fake_gpu_forward(preset, size, DTYPES[dtype], batch)
-            except Exception as err:  # noqa: BLE001  the finding itself: named, and the next preset
-                problems.append({"preset": preset, "dtype": dtype,
-                                 "why": f"forward on a fake GPU: {type(err).__name__}: {err}"})
-                progress(f"{preset} {dtype} on a fake GPU: {type(err).__name__}")
-                continue
-            problems += [{"route": key, "candidate": name, "why": f"on a fake GPU: {err}"}
-                         for key, errors in rehearsal.failed.items() for name, err in errors.items()]
-            candidates = sorted({name for names in rehearsal.ran.values() for name in names})
-            ran.setdefault(dtype, {})[preset] = {"shapes": len(rehearsal.ran), "candidates": candidates}
-            progress(f"{preset} {dtype} on a fake GPU: {len(rehearsal.ran)} routed shapes, "
-                     f"{len(candidates)} candidates ({time.perf_counter() - started:.1f} s)")
+            for subject, build, shape in _subjects(preset, size, dtype, batch):
+                started = time.perf_counter()
+                try:
+                    with torch.device("meta"):  # no memory: a token MLP at 800 x 1280 has 8.8e9 weights
+                        model = build()
+                    rehearsal = _fake_gpu_forward(model, shape, DTYPES[dtype])
+                except Exception as err:  # noqa: BLE001  the finding itself: named, and the next one
+                    problems.append({"preset": preset, "dtype": dtype, "subject": subject,
+                                     "why": f"forward on a fake GPU: {type(err).__name__}: {err}"})
+                    progress(f"{preset} {dtype} {subject} on a fake GPU: {type(err).__name__}")
+                    continue
+                problems += [{"route": key, "candidate": name, "why": f"on a fake GPU: {err}"}
+                             for key, errors in rehearsal.failed.items() for name, err in errors.items()]
+                candidates = sorted({name for names in rehearsal.ran.values() for name in names})
+                ran.setdefault(dtype, {}).setdefault(preset, {})[subject] = {
+                    "shapes": len(rehearsal.ran), "candidates": candidates}
+                progress(f"{preset} {dtype} {subject} on a fake GPU: {len(rehearsal.ran)} routed shapes, "
+                         f"{len(candidates)} candidates ({time.perf_counter() - started:.1f} s)")
     return ran, problems
 
 
@@ -169,13 +202,19 @@ def compile_for(arch: int, presets: list[str], size: str, dtypes: list[str], bat
             "routes": ran, "not_covered": not_covered}
 
 
+def _fake_runs(ran: dict) -> list[dict]:
+    """The fake GPU's forwards, out of their nesting by dtype, preset and subject."""
+    return [run for by_preset in ran.values() for by_subject in by_preset.values()
+            for run in by_subject.values()]
+
+
 def _where(problem: dict) -> str:
     """What a problem is about: a kernel and its constants, a route's candidate, or a preset."""
     if "kernel" in problem:
         return f"{problem['kernel']} {_constants(problem['constants'])}"
     if "route" in problem:
         return f"{problem['route']}: {problem['candidate']}"
-    return f"{problem['preset']} {problem['dtype']}"
+    return f"{problem['preset']} {problem['dtype']} {problem['subject']}"
 
 
 def _last_line(why: str) -> str:
@@ -241,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                f"(one core), {len(found['routes'])} routed shapes; not covered here: "
                f"{', '.join(found['not_covered']) or 'nothing'}; "
                f"forward on a fake GPU (batch 128, every candidate but FlexAttention's): "
-               f"{sum(r['shapes'] for by in found['fake_gpu'].values() for r in by.values())} routed shapes")
+               f"{sum(r['shapes'] for r in _fake_runs(found['fake_gpu']))} routed shapes")
     spilling = sorted({b["kernel"] for b in found["builds"] if b["stack_bytes"]})
     if spilling:  # not a refusal: slower, and worth a look (a smaller tile, a rolled loop)
         summary += f"; spilling registers: {', '.join(spilling)}"

@@ -65,13 +65,17 @@ def test_every_kernel_of_every_preset_compiles_for_sm90_and_none_spills_in_bf16(
         assert ran == [n for n in routes.runnable(form) if n.startswith("triton")], key
     assert "neighbourhood attention: flex" in found["not_covered"]
     assert "| _window_fwd |" in (out / "builds.md").read_text()
-    # every preset's forward on a fake GPU, in both dtypes, PyTorch's candidates as well as Triton's
-    assert {dtype: set(by) for dtype, by in found["fake_gpu"].items()} == {
-        "bfloat16": set(PRESETS), "float32": set(PRESETS)}
-    fake = found["fake_gpu"]["bfloat16"]
-    assert {"cudnn channels_last", "triton kernel"} <= set(fake["dwconv"]["candidates"])
-    assert "sdpa, bias as a mask" in fake["global_attention"]["candidates"]
-    assert "triton fused" in fake["neighborhood_attention"]["candidates"]
+    # every preset's forwards on a fake GPU: the classifier in both dtypes, the dense tasks at the
+    # paper's sizes in bf16; PyTorch's candidates as well as Triton's
+    dense = {"UPerNet 512 x 2048", "Mask R-CNN backbone 800 x 1280"}
+    fake = found["fake_gpu"]
+    assert {dtype: {p: set(by[p]) for p in by} for dtype, by in fake.items()} == {
+        "bfloat16": {p: {"classification", *dense} for p in PRESETS},
+        "float32": {p: {"classification"} for p in PRESETS}}
+    bf16 = fake["bfloat16"]
+    assert {"cudnn channels_last", "triton kernel"} <= set(bf16["dwconv"]["classification"]["candidates"])
+    assert "sdpa, bias as a mask" in bf16["global_attention"]["UPerNet 512 x 2048"]["candidates"]
+    assert "triton fused" in bf16["neighborhood_attention"]["Mask R-CNN backbone 800 x 1280"]["candidates"]
 
 
 TOYS = '''
@@ -154,14 +158,16 @@ def test_a_cpu_tensor_in_a_gpu_path_is_found_on_a_fake_gpu_and_named(monkeypatch
     monkeypatch.setitem(routes.CANDIDATES["static"], "careless", careless)
     ran, problems = gpu_compile.on_fake_gpu(["dwconv"], "micro", ["bfloat16"], batch=2, progress=_quiet)
     assert problems and all(p["candidate"] == "careless" and "cuda:0 and cpu" in p["why"] for p in problems)
-    assert {"cudnn channels_last", "triton kernel"} <= set(ran["bfloat16"]["dwconv"]["candidates"])
+    for subject in ran["bfloat16"]["dwconv"].values():  # the others ran the model
+        assert {"cudnn channels_last", "triton kernel"} <= set(subject["candidates"])
 
     monkeypatch.delitem(routes.CANDIDATES["static"], "careless")
-    head = AblateNet.forward_head
+    head = AblateNet.forward_head  # (the classifier's alone: the dense tasks read the stages)
     monkeypatch.setattr(AblateNet, "forward_head", lambda self, x: head(self, x) + torch.zeros(10))
     ran, problems = gpu_compile.on_fake_gpu(["dwconv"], "micro", ["bfloat16"], batch=2, progress=_quiet)
     (problem,) = problems
-    assert problem["preset"] == "dwconv" and "cuda:0 and cpu" in problem["why"] and not ran
+    assert (problem["preset"], problem["subject"]) == ("dwconv", "classification")
+    assert "cuda:0 and cpu" in problem["why"] and "classification" not in ran["bfloat16"]["dwconv"]
 
 
 def test_the_fake_gpu_casts_with_cudas_autocast_and_leaves_it_as_it_was():
