@@ -170,6 +170,32 @@ def test_a_cpu_tensor_in_a_gpu_path_is_found_on_a_fake_gpu_and_named(monkeypatch
     assert "cuda:0 and cpu" in problem["why"] and "classification" not in ran["bfloat16"]["dwconv"]
 
 
+CARELESS = '''
+import sys, torch
+from ablate import gpu_compile
+from ablate.ops.fast import routes
+
+def careless(layout, x, w):
+    return routes.depthwise_conv_channels_last(x, w, layout.kernel_size) + torch.zeros(x.shape[1], 1, 1)
+
+routes.CANDIDATES["static"]["careless"] = careless
+sys.exit(gpu_compile.main(sys.argv[1:]))
+'''
+
+
+def test_the_command_fails_on_what_the_fake_gpu_finds_and_names_it(tmp_path):
+    (tmp_path / "careless.py").write_text(CARELESS)
+    proc = _run(str(tmp_path / "careless.py"), "--presets", "dwconv", "--size", "micro",
+                "--dtypes", "bfloat16", "--no-selfcheck", "--out", str(tmp_path / "gc"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failures = [line for line in proc.stderr.splitlines() if line.startswith("a GPU fails")]
+    assert failures and all("| static |" in line and ": careless: " in line and "cuda:0 and cpu" in line
+                            for line in failures), proc.stderr
+    found = json.loads((tmp_path / "gc" / "builds.json").read_text())
+    assert found["problems"] and all(p["fake_gpu"] and p["candidate"] == "careless"
+                                     for p in found["problems"])
+
+
 def test_the_fake_gpu_casts_with_cudas_autocast_and_leaves_it_as_it_was():
     """CUDA's autocast (not the CPU's) while the forward runs: a matmul of fake GPU tensors comes
     out in bf16; after it, autocast is off again."""
