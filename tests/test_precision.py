@@ -35,6 +35,21 @@ def test_bf16_autocast_on_cpu_tracks_float32(preset):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_under_bf16_autocast_every_mixer_gives_a_bf16_map(preset):
+    """A mixer's bias (DWNet's depth-wise convolution has one) is added in the map's dtype, as a
+    convolution's under autocast: a float32 parameter promoted the bf16 map to float32, and the norm,
+    activation and cast after the mixer moved twice the bytes."""
+    model, x = _pair(preset, "cpu")
+    dtypes = []
+    for block in model.stages[0].blocks:
+        block.mixer.register_forward_hook(lambda mixer, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().logsumexp(-1).mean().backward()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", PRESETS)

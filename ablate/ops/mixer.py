@@ -89,7 +89,12 @@ class SpatialMixer(nn.Module):
             y = fast.aggregate(self.layout, values, w) if fast_path else None
             if y is None:  # the reference (or no fast path for this device, dtype and size)
                 y = self.layout.aggregate(values, w)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        if self.bias is None:
+            return y
+        # in the map's dtype, as a convolution's bias under autocast: a float32 parameter added to a
+        # bf16 map would promote it, and the norm, activation and cast after the mixer would move
+        # twice the bytes (on a GPU, where those steps are memory-bound)
+        return y + self.bias.view(1, -1, 1, 1).to(y.dtype)
 
     def _check_size(self, x: torch.Tensor) -> None:
         if self.size_bound and tuple(x.shape[-2:]) != self.layout.resolution:
