@@ -455,8 +455,10 @@ class Rehearsal:
         gpu = _first(operands).is_cuda and not self.fake_gpu
         # (inference mode has no gradients to run; a training step's call of the shape runs them)
         if key not in self.ran and key not in self.failed and not torch.is_inference_mode_enabled():
-            names = [name for name in runnable(form) if gpu or name.startswith("triton")
-                     or (self.fake_gpu and not name.startswith("flex"))]
+            if self.fake_gpu:  # FlexAttention's kernels are inductor's, generated on a real GPU
+                names = [name for name in runnable(form) if not name.startswith("flex")]
+            else:
+                names = [name for name in runnable(form) if gpu or name.startswith("triton")]
             with torch.enable_grad():
                 steps, failed = _first_calls(form, layout, operands, names, gradients=not self.fake_gpu)
             self.ran[key] = list(steps)
