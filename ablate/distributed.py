@@ -12,7 +12,8 @@ on a value or an error, and BatchNorm synchronised across ranks. The rules the l
 - metrics are all-reduced, so every rank holds the same numbers;
 - a rank that fails tells the process group's store before it leaves (`fail`): the ranks waiting on it
   then fail only with "connection closed" (or torchrun stops them with SIGTERM), and rank 0 records
-  the error of the rank that failed first, not that symptom.
+  the error of the rank that failed first, not that symptom; under nccl, which does not see a peer
+  leave, each rank watches the store for that and aborts its communicators (`Dist.watch_peers`).
 Under SLURM without torchrun (one task per GPU, e.g. submitit's tasks_per_node), the SLURM variables
 stand in for torchrun's (submitit_local's tasks likewise).
 """
@@ -22,9 +23,11 @@ import itertools
 import json
 import logging
 import os
+import threading
 import uuid
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -83,6 +86,9 @@ class Dist:
     local_rank: int = 0
     backend: str | None = None
     run_key: str = ""  # this process group's keys in the store (a store outlives jobs and restarts)
+    failed: bool = False  # this rank has told the others it failed (`fail`)
+    peer_failed: bool = False  # `watch_peers` saw another rank's failure first
+    _watching: threading.Event | None = field(default=None, repr=False)  # set: stop watching the peers
 
     @property
     def is_main(self) -> bool:
@@ -157,6 +163,7 @@ class Dist:
         its rank. The first to fail is the cause; the ranks that then fail are waiting on it."""
         if not self.enabled:
             return error, trace
+        self.failed = True  # before the store hears of it: this rank's watcher must not take it for a peer's
         try:
             store = tdist.distributed_c10d._get_default_store()
             order = store.add(f"{self.run_key}/failures", 1)
@@ -185,6 +192,33 @@ class Dist:
         told = json.loads(store.get(f"{self.run_key}/failure/{order}"))
         return f"rank {told['rank']}: {told['error']}", told["traceback"]
 
+    def watch_peers(self, on_failure: Callable[[], None], every_s: float = 2.0) -> None:
+        """Call `on_failure`, from a thread of its own, once another rank has told the store that it
+        failed (`fail`) while this one has not; stopped by `close`. nccl, unlike gloo, does not see a
+        peer leave: a rank waiting on the failed one in a collective (blocked in CUDA, where no Python
+        signal handler runs) would wait out trainer.dist_timeout_min, and then nccl's watchdog ends
+        the process before rank 0 writes the record. `init_distributed` aborts the communicators here
+        instead (`_abort_nccl`): the waiting collective raises, and the failure is recorded."""
+        if not self.enabled or self._watching is not None:
+            return
+        store = tdist.distributed_c10d._get_default_store()
+        key, stop = f"{self.run_key}/failures", threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(every_s):
+                try:
+                    if not store.check([key]):
+                        continue
+                except Exception:  # noqa: BLE001  the store is gone (torchrun ended): nothing to watch
+                    return
+                if not self.failed:  # a peer's failure; this rank's own was told by itself
+                    self.peer_failed = True
+                    on_failure()
+                return
+
+        self._watching = stop
+        threading.Thread(target=watch, name="ablate-peer-failures", daemon=True).start()
+
     def barrier(self) -> None:
         if self.enabled:
             tdist.barrier()
@@ -195,8 +229,26 @@ class Dist:
         return torch.device("cpu")
 
     def close(self) -> None:
+        if self._watching is not None:
+            self._watching.set()
         if self.enabled and tdist.is_initialized():
-            tdist.destroy_process_group()
+            try:
+                tdist.destroy_process_group()
+            except Exception as err:  # noqa: BLE001  only after an abort: the group is dropped anyway
+                if not self.peer_failed:
+                    raise
+                log.warning("the process group, aborted after a peer failed, did not close cleanly: %s", err)
+
+
+def _abort_nccl() -> None:
+    """A peer failed while this rank may be waiting on it in an nccl collective: abort the
+    communicators, so that the wait raises and this rank records the peer's error (`Dist.fail`)."""
+    log.error("another rank failed: aborting this rank's nccl communicators so that it stops waiting on "
+              "it and the run's record names that rank's error")
+    try:
+        tdist.distributed_c10d._get_default_group().abort()
+    except Exception as err:  # noqa: BLE001  already destroyed: this rank was not waiting
+        log.warning("could not abort the nccl communicators: %s", err)
 
 
 def _slurm_env() -> None:
@@ -260,6 +312,8 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
     quiet_size_one_stride_warnings()
     dist = Dist(rank, world, local, backend)
     dist.run_key = f"ablate/{dist.broadcast(uuid.uuid4().hex)}"
+    if backend == "nccl":  # gloo sees a failed peer leave, and its waiting collective raises by itself
+        dist.watch_peers(_abort_nccl)
     return dist
 
 

@@ -253,6 +253,50 @@ def test_a_failure_on_another_rank_is_recorded_with_its_error_not_rank_0s_sympto
     assert "interrupted" not in out, out[-3000:]
 
 
+WATCH_CHECK = textwrap.dedent("""
+    import threading
+    from ablate.distributed import init_distributed
+
+    def watcher_running():
+        return any(t.name == "ablate-peer-failures" for t in threading.enumerate())
+
+    dist = init_distributed(True, "cpu", "gloo", timeout_min=1)
+    seen = threading.Event()
+    dist.watch_peers(seen.set, every_s=0.05)
+    assert watcher_running()
+    if dist.rank == 1:
+        dist.fail("DataError: a damaged image")
+        assert not seen.wait(1.0), "a rank took its own failure for a peer's"
+    else:
+        assert seen.wait(30), "rank 0 never heard of rank 1's failure"
+        assert dist.peer_failed and dist.first_failure()[0] == "rank 1: DataError: a damaged image"
+    dist.barrier()
+    dist.close()
+
+    quiet = init_distributed(True, "cpu", "gloo", timeout_min=1)  # the next job: nobody fails
+    quiet.watch_peers(seen.clear, every_s=0.05)
+    assert watcher_running()
+    quiet.barrier()
+    quiet.close()
+    threading.Event().wait(0.5)
+    assert not watcher_running(), "close() left the watcher running"
+    print(f"rank {dist.rank} ok", flush=True)
+""")
+
+
+def test_a_rank_hears_of_a_peers_failure_from_the_store_and_not_of_its_own(tmp_path):
+    """What ends nccl's wait on a failed peer (`Dist.watch_peers`, which aborts the communicators
+    there): gloo sees the peer leave by itself, so on the CPU the watcher is held to hearing of a
+    peer's failure within seconds, never taking its own rank's for one, and stopping at close()."""
+    script = tmp_path / "watch_check.py"
+    script.write_text(WATCH_CHECK)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", free_port(), str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, proc.stdout
+
+
 def test_a_sweep_under_torchrun_trains_every_job_over_the_processes(tmp_path):
     """Each job of a sweep joins a new process group in the same processes: the second one read the
     first group's addresses from torchrun's store and failed to connect, and a rank's sweeper read the
