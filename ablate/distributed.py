@@ -87,7 +87,7 @@ class Dist:
     backend: str | None = None
     run_key: str = ""  # this process group's keys in the store (a store outlives jobs and restarts)
     failed: bool = False  # this rank has told the others it failed (`fail`)
-    peer_failed: bool = False  # `watch_peers` saw another rank's failure first
+    lost_peer: bool = False  # `watch_peers` saw another rank fail, or the store go, first
     _watching: threading.Event | None = field(default=None, repr=False)  # set: stop watching the peers
 
     @property
@@ -192,10 +192,12 @@ class Dist:
         told = json.loads(store.get(f"{self.run_key}/failure/{order}"))
         return f"rank {told['rank']}: {told['error']}", told["traceback"]
 
-    def watch_peers(self, on_failure: Callable[[], None], every_s: float = 2.0) -> None:
-        """Call `on_failure`, from a thread of its own, once another rank has told the store that it
-        failed (`fail`) while this one has not; stopped by `close`. nccl, unlike gloo, does not see a
-        peer leave: a rank waiting on the failed one in a collective (blocked in CUDA, where no Python
+    def watch_peers(self, on_lost: Callable[[], None], every_s: float = 2.0) -> None:
+        """Call `on_lost`, from a thread of its own, once another rank has told the store that it
+        failed (`fail`) while this one has not, or once the store itself is gone (it lived in rank 0's
+        process, under SLURM's tasks, and that process has ended): either way no peer is left to
+        wait for. Stopped by `stop_watching` (and `close`). nccl, unlike gloo, does not see a peer
+        leave: a rank waiting on the failed one in a collective (blocked in CUDA, where no Python
         signal handler runs) would wait out trainer.dist_timeout_min, and then nccl's watchdog ends
         the process before rank 0 writes the record. `init_distributed` aborts the communicators here
         instead (`_abort_nccl`): the waiting collective raises, and the failure is recorded."""
@@ -209,15 +211,21 @@ class Dist:
                 try:
                     if not store.check([key]):
                         continue
-                except Exception:  # noqa: BLE001  the store is gone (torchrun ended): nothing to watch
-                    return
-                if not self.failed:  # a peer's failure; this rank's own was told by itself
-                    self.peer_failed = True
-                    on_failure()
+                except Exception:  # noqa: BLE001  the store is gone with the process that held it
+                    pass
+                if not (self.failed or stop.is_set()):  # this rank's own failure was told by itself
+                    self.lost_peer = True
+                    on_lost()
                 return
 
         self._watching = stop
         threading.Thread(target=watch, name="ablate-peer-failures", daemon=True).start()
+
+    def stop_watching(self) -> None:
+        """The run's outcome is settled (its last collective passed): a peer that now ends, and the
+        store with it, is no failure."""
+        if self._watching is not None:
+            self._watching.set()
 
     def barrier(self) -> None:
         if self.enabled:
@@ -229,22 +237,21 @@ class Dist:
         return torch.device("cpu")
 
     def close(self) -> None:
-        if self._watching is not None:
-            self._watching.set()
+        self.stop_watching()
         if self.enabled and tdist.is_initialized():
             try:
                 tdist.destroy_process_group()
             except Exception as err:  # noqa: BLE001  only after an abort: the group is dropped anyway
-                if not self.peer_failed:
+                if not self.lost_peer:
                     raise
                 log.warning("the process group, aborted after a peer failed, did not close cleanly: %s", err)
 
 
 def _abort_nccl() -> None:
-    """A peer failed while this rank may be waiting on it in an nccl collective: abort the
+    """A peer failed (or ended) while this rank may be waiting on it in an nccl collective: abort the
     communicators, so that the wait raises and this rank records the peer's error (`Dist.fail`)."""
-    log.error("another rank failed: aborting this rank's nccl communicators so that it stops waiting on "
-              "it and the run's record names that rank's error")
+    log.error("another rank failed or ended: aborting this rank's nccl communicators so that it stops "
+              "waiting on it and the run's record names that rank's error")
     try:
         tdist.distributed_c10d._get_default_group().abort()
     except Exception as err:  # noqa: BLE001  already destroyed: this rank was not waiting

@@ -577,6 +577,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         store.write_results(results)
     if results["status"] != "failed":  # every rank is here (a failed one may be gone): the others
         dist.barrier()  # return once the record is written, which a sweep on each rank (torchrun) reads
+    dist.stop_watching()  # settled: rank 0 may now end, and the store in its process with it
     wandb_run.summary(summary_of(scrub(results)))
     wandb_run.finish(exit_code=EXIT_CODES.get(results["status"], 1))
     if not t.quiet and dist.is_main:

@@ -269,7 +269,7 @@ WATCH_CHECK = textwrap.dedent("""
         assert not seen.wait(1.0), "a rank took its own failure for a peer's"
     else:
         assert seen.wait(30), "rank 0 never heard of rank 1's failure"
-        assert dist.peer_failed and dist.first_failure()[0] == "rank 1: DataError: a damaged image"
+        assert dist.lost_peer and dist.first_failure()[0] == "rank 1: DataError: a damaged image"
     dist.barrier()
     dist.close()
 
@@ -295,6 +295,36 @@ def test_a_rank_hears_of_a_peers_failure_from_the_store_and_not_of_its_own(tmp_p
                           text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, proc.stdout
+
+
+STORE_GONE_CHECK = textwrap.dedent("""
+    import os, sys, threading
+    rank, port = int(sys.argv[1]), sys.argv[2]
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+    from ablate.distributed import init_distributed
+
+    dist = init_distributed(True, "cpu", "gloo", timeout_min=1)  # no torchrun: rank 0 holds the store
+    lost = threading.Event()
+    dist.watch_peers(lost.set, every_s=0.05)
+    dist.barrier()
+    if rank == 0:
+        os._exit(0)  # gone without a word, as a killed task
+    assert lost.wait(30), "rank 1 never noticed that rank 0 and its store are gone"
+    print("rank 1 ok", flush=True)
+""")
+
+
+def test_a_rank_whose_store_holder_is_gone_stops_waiting(tmp_path):
+    """Under SLURM's tasks without torchrun the store lives in rank 0's process: once it has ended,
+    no peer is left to wait for, and a rank blocked in nccl would wait out its timeout."""
+    script, port = tmp_path / "store_gone.py", free_port()
+    script.write_text(STORE_GONE_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outs = [proc.communicate(timeout=180)[0] for proc in procs]
+    assert procs[1].returncode == 0 and "rank 1 ok" in outs[1], outs[1][-3000:]
 
 
 def test_a_sweep_under_torchrun_trains_every_job_over_the_processes(tmp_path):
