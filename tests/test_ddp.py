@@ -194,14 +194,19 @@ SYNC_CHECK = textwrap.dedent("""
 """)
 
 
-def test_synchronised_batchnorm_is_exact_in_float64(tmp_path):
-    script = tmp_path / "sync_check.py"
-    script.write_text(SYNC_CHECK)
+def torchrun_script(folder: Path, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`code`, written to a file of `folder`, run by torchrun in 2 processes; asserts it exits 0."""
+    script = folder / "script.py"
+    script.write_text(code)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", free_port(), str(script)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "grad " in proc.stdout
+    return proc
+
+
+def test_synchronised_batchnorm_is_exact_in_float64(tmp_path):
+    assert "grad " in torchrun_script(tmp_path, SYNC_CHECK).stdout
 
 
 FOLDER = ["data=imagenet", "data.auto_augment=null", "data.train_subset=null", "data.test_subset=null",
@@ -288,13 +293,8 @@ def test_a_rank_hears_of_a_peers_failure_from_the_store_and_not_of_its_own(tmp_p
     """What ends nccl's wait on a failed peer (`Dist.watch_peers`, which aborts the communicators
     there): gloo sees the peer leave by itself, so on the CPU the watcher is held to hearing of a
     peer's failure within seconds, never taking its own rank's for one, and stopping at close()."""
-    script = tmp_path / "watch_check.py"
-    script.write_text(WATCH_CHECK)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", free_port(), str(script)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout, proc.stdout
+    out = torchrun_script(tmp_path, WATCH_CHECK, timeout=180).stdout
+    assert "rank 0 ok" in out and "rank 1 ok" in out, out
 
 
 STORE_GONE_CHECK = textwrap.dedent("""
