@@ -247,13 +247,14 @@ class Dist:
                 log.warning("the process group, aborted after a peer failed, did not close cleanly: %s", err)
 
 
-def _abort_nccl() -> None:
+def _abort_nccl(group: tdist.ProcessGroup) -> None:
     """A peer failed (or ended) while this rank may be waiting on it in an nccl collective: abort the
-    communicators, so that the wait raises and this rank records the peer's error (`Dist.fail`)."""
+    communicators of `group` (the run's; a later job of a sweep has its own), so that the wait raises
+    and this rank records the peer's error (`Dist.fail`)."""
     log.error("another rank failed or ended: aborting this rank's nccl communicators so that it stops "
               "waiting on it and the run's record names that rank's error")
     try:
-        tdist.distributed_c10d._get_default_group().abort()
+        group.abort()
     except Exception as err:  # noqa: BLE001  already destroyed: this rank was not waiting
         log.warning("could not abort the nccl communicators: %s", err)
 
@@ -320,7 +321,8 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
     dist = Dist(rank, world, local, backend)
     dist.run_key = f"ablate/{dist.broadcast(uuid.uuid4().hex)}"
     if backend == "nccl":  # gloo sees a failed peer leave, and its waiting collective raises by itself
-        dist.watch_peers(_abort_nccl)
+        group = tdist.distributed_c10d._get_default_group()
+        dist.watch_peers(lambda: _abort_nccl(group))
     return dist
 
 
