@@ -7,7 +7,7 @@ DATA := data
 FMNIST_RAW := $(DATA)/FashionMNIST/raw
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo study downstream sweep report bench gpu-check gpu-compile reliability test test-all lint measure
+.PHONY: help install data demo study downstream sweep report bench gpu-check gpu-compile offline-kit reliability test test-all lint measure
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +77,11 @@ bench: install ## benchmark operators and models into reports/bench/: make bench
 GPU_CHECK_S ?= 480
 gpu-check: ## every GPU check, one report, in at most GPU_CHECK_S seconds (8 minutes): reports/gpu-check/report.md
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ablate.gpu_check --budget-s $(GPU_CHECK_S) $(ARGS)
+
+KIT ?= offline-kit
+KIT_PYTHON ?= 3.12
+offline-kit: install ## wheels + Fashion-MNIST + setup.sh for a GPU machine without internet whose image has PyTorch: make offline-kit KIT_PYTHON=3.12
+	PYTHON=$(PY) bash scripts/offline_kit.sh $(KIT) $(KIT_PYTHON)
 
 gpu-compile: install ## every Triton kernel a GPU run launches, compiled for sm_90 here, no GPU: reports/gpu-compile/
 	$(PY) -m ablate.gpu_compile $(ARGS)
