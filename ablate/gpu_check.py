@@ -119,7 +119,11 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
     # compiled models, whose compiling may take what is left; then the correctness steps, which a CPU
     # checks too (Triton's interpreter, FlexAttention's eager form)
     listed = [
-        Step("bench models, eager", [*bench_models, "--out", str(work / "bench")], 180, read=_bench_rows),
+        # 270 s: on a cold GPU its prewarm compiles every route candidate of every shape (Triton's 416
+        # specialisations took 78-93 s of one core to compile for sm_90 here, FlexAttention's are
+        # inductor's on top), and a step stopped at its limit keeps nothing, while the steps after it
+        # take whatever it leaves: the key numbers' step gets room, the later ones the rest
+        Step("bench models, eager", [*bench_models, "--out", str(work / "bench")], 270, read=_bench_rows),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
         Step(f"micro, {share} runs sharing the device",
              [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
