@@ -37,14 +37,22 @@ if missing:
 PY
 }
 
+[[ $target_python =~ ^3\.[0-9]+$ ]] || { echo "offline_kit: the Python version must read like 3.12" \
+    "(KIT_PYTHON= in make), got '$target_python'" >&2; exit 2; }
 [ -f "$raw/.complete" ] || { echo "offline_kit: no checked Fashion-MNIST in $raw; run \`make data\`" \
     "(or \`make install\`) from the repository's root first" >&2; exit 2; }
+wheels=$(pinned "${binary[@]}") && sources=$(pinned "${sdist[@]}") || exit 2
+# a kit built before holds other versions, which setup.sh's one `pip install` would take together
 mkdir -p "$kit/fashion-mnist"
-mapfile -t wheels < <(pinned "${binary[@]}")
-mapfile -t sources < <(pinned "${sdist[@]}")
-"$python" -m pip download -q --no-deps --only-binary=:all: --python-version "$target_python" \
-    --dest "$kit" "${wheels[@]}"
-"$python" -m pip wheel -q --no-deps --wheel-dir "$kit" "${sources[@]}"
+rm -f "$kit"/*.whl "$kit/python-version"  # written last: a kit that has it is complete
+# shellcheck disable=SC2086  # one requirement a line, no spaces in them
+if ! { "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "$target_python" \
+           --dest "$kit" $wheels && "$python" -m pip wheel -q --no-deps --wheel-dir "$kit" $sources; }; then
+    echo "offline_kit: pip could not fetch the wheels for Python $target_python (its message is above:" \
+         "no package index reachable, or no wheel of that version for that Python)" >&2
+    exit 2
+fi
+echo "$target_python" > "$kit/python-version"
 for f in "$raw"/*-ubyte; do gzip -c "$f" > "$kit/fashion-mnist/$(basename "$f").gz"; done
 cp "$here/offline_kit_setup.sh" "$kit/setup.sh"
 echo "offline kit for Python $target_python in $kit ($(du -sh "$kit" | cut -f1)):" \
