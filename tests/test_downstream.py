@@ -407,18 +407,26 @@ def _config(tmp_path: Path, *overrides: str):
             f"trainer.results_root={tmp_path / 'results'}", *overrides])
 
 
+# on a GPU, as a user's run goes there: bf16 autocast and channels_last (trainer.precision=auto), the
+# heads' box, ROI and mask operations on the GPU beside the backbone's fast paths
+ON_A_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_A_GPU])
 @pytest.mark.parametrize("task,data,metric", [("detection", "coco", "box_ap"),
                                               ("segmentation", "ade20k", "miou")])
-def test_a_coco_and_an_ade20k_folder_train_and_evaluate(folders, tmp_path, task, data, metric):
+def test_a_coco_and_an_ade20k_folder_train_and_evaluate(folders, tmp_path, task, data, metric, device):
     from ablate.training import train
 
     root = folders[0] if data == "coco" else folders[1]
     classes = 10 if data == "coco" else 11
     cfg = _config(tmp_path, f"task={task}", f"data={data}", f"data.root={root}", "data.img_size=64",
                   "data.in_chans=1", f"data.num_classes={classes}", "data.in_memory=true",
-                  "data.num_workers=0", "data.mean=[0.286]", "data.std=[0.353]")
+                  "data.num_workers=0", "data.mean=[0.286]", "data.std=[0.353]", f"trainer.device={device}")
     results = train(cfg)
     assert results["status"] == "completed", results.get("error")
+    assert results["device"].startswith(device)
     assert results["task"] == task and results["pretrained_experiment"] == "scratch"
     assert results["test_size"] == 6 and results["train_size"] == 10
     assert 0 <= results[f"final_test_{metric}"] <= 100 and results["gmac"] > 0
