@@ -5,19 +5,22 @@
 
 Steps, each a command of its own with a time limit (its output goes to log.txt):
 
-1. `python -m ablate.bench --section models`: every preset at tiny, batch 128, bf16, channels_last,
-   AdamW, eager, timm's Swin-T beside them in the same process; micro runs of `python -m ablate.train`
-   (the default model on Fashion-MNIST), eager and four sharing the GPU (joblib);
-2. the same bench compiled, and a micro run compiled with CUDA graphs (`trainer.compile=reduce-overhead`);
+1. `python -m ablate.bench --section models`: the presets at tiny, batch 128, bf16, channels_last,
+   AdamW, eager, dwconv and timm's Swin-T beside them in the same process, first those the targets
+   name, then the others; micro runs of `python -m ablate.train` (the default model on Fashion-MNIST),
+   eager and four sharing the GPU (joblib);
+2. the same bench compiled, the targets' models first, and a micro run compiled with CUDA graphs
+   (`trainer.compile=reduce-overhead`);
 3. `pytest -m gpu`: every fast path against its reference on the GPU, every preset compiled;
 4. `python -m ablate.ops.fast.selfcheck`, float32 and bf16: the Triton kernels and their operators;
 5. where each preset's eager step spends its time (`python -m ablate.bench --section profile`,
    torch.profiler), and the operators of stage 1 (`--section ops`).
 
-It writes `report.md` (and `report.json`, `log.txt`, each bench's `bench.md` in a folder) in --out,
-rewritten after every step, so a check stopped midway keeps what it measured. The report names the
-route each shape's timing chose (ablate/ops/fast/routes.py) and ends with the targets: each measured
-ratio beside the value the project holds the GPU path to.
+It writes `report.md` (and `report.json`, `log.txt`, the model bench's tables in `bench-models.md`,
+the other benches' `bench.md` in a folder each) in --out, rewritten after every step, so a check
+stopped midway keeps what it measured. The report names the route each shape's timing chose
+(ablate/ops/fast/routes.py) and ends with the targets: each measured ratio beside the value the
+project holds the GPU path to.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from ablate.bench import route_rows
 from ablate.cli import run_cli
 from ablate.distributed import checked_device
 from ablate.errors import ConfigError
+from ablate.space.presets import PRESETS
 
 __all__ = ["TARGETS", "Step", "steps", "targets", "main"]
 
@@ -93,6 +97,21 @@ def _run_rates(folder: Path, _output: str) -> dict[str, Any]:
             "test_top1": [r.get("final_test_top1") for r in runs]}
 
 
+# The model bench's presets, in two groups a step each per mode: the models the targets' ratios name
+# (the bench adds dwconv and timm's Swin-T to every group: the yardsticks, in the same process), then
+# the other presets. A step stopped at its limit keeps nothing, and on a cold GPU compiling every preset
+# takes minutes: so the targets' numbers come from steps that compile three or four models, not eleven.
+TARGET_MODELS = {"eager": ("local_attention", "neighborhood_attention"), "compiled": ("local_attention",)}
+
+
+def _model_groups(mode: str, quick: bool) -> list[tuple[str, list[str]]]:
+    if quick:  # micro, the plumbing only: a small model in each group
+        return [("the targets' models", ["local_attention"]), ("the other presets", ["local_mlp"])]
+    targets = list(TARGET_MODELS[mode])
+    return [("the targets' models", targets),
+            ("the other presets", [p for p in PRESETS if p not in (*targets, "dwconv")])]
+
+
 def steps(device: str, quick: bool, work: Path) -> list[Step]:
     py = sys.executable
     gpu = device.startswith("cuda")
@@ -101,16 +120,22 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
               if quick else ["schedule.epochs=3"])
     bench = [py, "-m", "ablate.bench", "--device", device]
     if quick:
-        bench_models = [*bench, "--quick", "--section", "models", "--sizes", "micro", "--compile", "eager",
-                        "--models", "dwconv", "local_attention"]
+        bench_models = [*bench, "--quick", "--section", "models", "--sizes", "micro"]
         bench_ops = [*bench, "--quick", "--section", "ops", "--sizes", "micro", "--stages", "1"]
         bench_profile = [*bench, "--quick", "--section", "profile", "--sizes", "micro",
                          "--models", "dwconv", "local_attention"]
     else:
-        bench_models = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "eager"]
-        bench_compiled = [*bench, "--section", "models", "--sizes", "tiny", "--compile", "compiled"]
+        bench_models = [*bench, "--section", "models", "--sizes", "tiny"]
         bench_ops = [*bench, "--section", "ops", "--sizes", "tiny", "--stages", "1", "--rounds", "5"]
         bench_profile = [*bench, "--section", "profile", "--sizes", "tiny"]
+
+    def models_step(mode: str, group: int, timeout_s: int) -> Step:
+        what, names = _model_groups(mode, quick)[group]
+        folder = work / f"bench-{mode}-{'targets' if group == 0 else 'others'}"
+        return Step(f"bench models, {mode}: {what}",
+                    [*bench_models, "--compile", mode, "--models", *names, "--out", str(folder)], timeout_s,
+                    read=_bench_rows)
+
     interpret = {} if gpu else {"TRITON_INTERPRET": "1"}
     selfcheck = [py, "-m", "ablate.ops.fast.selfcheck", "--device", device]
     share = 2 if quick else 4
@@ -119,16 +144,16 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
     # compiled models, whose compiling may take what is left; then the correctness steps, which a CPU
     # checks too (Triton's interpreter, FlexAttention's eager form)
     listed = [
-        # 270 s: on a cold GPU its prewarm compiles every route candidate of every shape (Triton's 416
-        # specialisations took 78-93 s of one core to compile for sm_90 here, FlexAttention's are
-        # inductor's on top), and a step stopped at its limit keeps nothing, while the steps after it
-        # take whatever it leaves: the key numbers' step gets room, the later ones the rest
-        Step("bench models, eager", [*bench_models, "--out", str(work / "bench")], 270, read=_bench_rows),
+        # 180 s: on a cold GPU its prewarm compiles every route candidate of every shape of its four
+        # models (Triton's 416 specialisations of all presets took 78-93 s of one core to compile for
+        # sm_90 here; FlexAttention's are inductor's, on top)
+        models_step("eager", 0, 180),
         Step("micro run, eager", [*train, f"trainer.results_root={work / 'eager'}"], 90, read=_run_rates),
         Step(f"micro, {share} runs sharing the device",
              [*train[:3], "-m", *train[3:], "launcher=joblib", f"hydra.launcher.n_jobs={share}",
               "trainer.seed=" + ",".join(str(s) for s in range(share)),
               f"trainer.results_root={work / 'share'}"], 120, read=_run_rates),
+        models_step("eager", 1, 240),
         # on a GPU machine's cores, workers share the GPU: inductor compiles the presets side by side.
         # No route timing: it would compile every candidate at every test shape (FlexAttention's
         # twice), and the tests hold each candidate to the reference one by one (`routes.forced`)
@@ -147,12 +172,12 @@ def steps(device: str, quick: bool, work: Path) -> list[Step]:
         Step("bench operators", [*bench_ops, "--out", str(work / "bench-ops")], 90, read=_bench_rows),
     ]
     if not quick:  # compiled models and CUDA graphs: on the CPU compiling would dwarf the quick check
-        listed[3:3] = [
-            Step("bench models, compiled", [*bench_compiled, "--out", str(work / "bench-compiled")], 300,
-                 read=_bench_rows),
+        listed[4:4] = [
+            models_step("compiled", 0, 240),
             Step("micro run, compiled (CUDA graphs)", [*train, "trainer.compile=reduce-overhead",
                                                        f"trainer.results_root={work / 'graphs'}"],
-                 150, read=_run_rates)]
+                 150, read=_run_rates),
+            models_step("compiled", 1, 300)]
     return listed
 
 
@@ -230,14 +255,16 @@ def _markdown(env: dict, log: list[dict], results: dict, goals: list[dict]) -> s
              "| step | exit | seconds | result |", "|---|---:|---:|---|"]
     for entry in log:
         lines.append(f"| {entry['step']} | {entry['exit']} | {entry['seconds']:.0f} | {entry['summary']} |")
-    models = _model_rows(results)
-    if models:
-        cols = ("model", "mode", "train_samples_per_sec", "train_vs_swin_tiny", "gmac",
-                "efficiency_vs_dwconv", "peak_gib", "compile_s", "train_step_time")
-        lines += ["", "## Models (train step, samples/s)", "", "| " + " | ".join(cols) + " |",
-                  "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
-                  for r in models]
+    if _model_rows(results):
+        # a table per step: each step's ratios are to its own dwconv and Swin-T, timed in its process
+        cols = ("model", "train_samples_per_sec", "train_vs_swin_tiny", "gmac", "efficiency_vs_dwconv",
+                "peak_gib", "compile_s", "train_step_time")
+        lines += ["", "## Models (train step, samples/s)"]
+        for step, numbers in results.items():
+            if step.startswith("bench models") and numbers.get("models"):
+                lines += ["", f"### {step}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
+                          for r in numbers["models"]]
     profiled = results.get("bench profile", {}).get("profile", [])
     if profiled:
         cols = ("model", "operator", "share", "ms_per_step", "step_ms")
@@ -305,8 +332,9 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
     env = _environment(device)
     log: list[dict] = []
     results: dict[str, Any] = {}
-    logfile = out / "log.txt"
+    logfile, models_md = out / "log.txt", out / "bench-models.md"
     logfile.write_text("")
+    models_md.unlink(missing_ok=True)  # an earlier check's, in the same --out
     with tempfile.TemporaryDirectory(prefix="ablate-gpu-check-") as tmp:
         for step in steps(device, quick, Path(tmp)):
             if only and not any(o in step.name for o in only):
@@ -336,10 +364,13 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
                     numbers = step.read(Path(tmp) / _folder_of(step), output)
                 except (OSError, ValueError, KeyError) as err:
                     numbers = {"unreadable": f"{type(err).__name__}: {err}"}
-            # each bench's tables (its numbers are in report.json): seven files in all, within what a
-            # lent GPU's session brings back (eight)
+            # each bench's tables (its numbers are in report.json), the model steps' in one file: six
+            # files in all, within what a lent GPU's session brings back (eight)
             src = Path(tmp) / _folder_of(step) / "bench.md"
-            if step.name.startswith("bench") and src.is_file():
+            if step.name.startswith("bench models") and src.is_file():
+                with models_md.open("a") as f:
+                    f.write(f"# {step.name}\n\n{src.read_text()}\n")
+            elif step.name.startswith("bench") and src.is_file():
                 target = out / _folder_of(step) / "bench.md"
                 target.parent.mkdir(exist_ok=True)
                 target.write_text(src.read_text())

@@ -246,8 +246,11 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert all(s["exit"] == 0 for s in report["steps"])
     results = report["results"]
     assert all(case["ok"] for case in results["selfcheck float32"]["cases"].values())
-    assert {r["model"] for r in results["bench models, eager"]["models"]} == {"ablate_dwconv_micro",
-                                                                       "ablate_local_attention_micro"}
+    # the targets' models, then the others: each group beside dwconv, in a process of its own
+    assert {r["model"] for r in results["bench models, eager: the targets' models"]["models"]} == {
+        "ablate_dwconv_micro", "ablate_local_attention_micro"}
+    assert {r["model"] for r in results["bench models, eager: the other presets"]["models"]} == {
+        "ablate_dwconv_micro", "ablate_local_mlp_micro"}
     assert results["micro, 2 runs sharing the device"]["completed"] == 2
     assert {r["model"] for r in results["bench profile"]["profile"]} == {"ablate_dwconv_micro",
                                                                           "ablate_local_attention_micro"}
@@ -255,8 +258,37 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## Targets" in text and "micro run, eager" in text and (tmp_path / "log.txt").stat().st_size > 0
     assert "## Where an eager train step's time goes" in text
+    assert "### bench models, eager: the other presets" in text
+    models_md = (tmp_path / "bench-models.md").read_text()
+    assert "# bench models, eager: the targets' models" in models_md and "ablate_local_mlp_micro" in models_md
     # what comes back from a lent GPU: at most eight files
     assert len([f for f in tmp_path.rglob("*") if f.is_file()]) <= 8
+
+
+def test_gpu_checks_model_bench_times_the_targets_models_first_and_every_preset_once_a_mode(tmp_path):
+    """On a GPU the model bench runs per mode in two steps: the models the targets name (a few to
+    compile, so a cold GPU's session gets their ratios) before every other step of that mode's bench,
+    then the other presets; each preset is timed once a mode, and dwconv and Swin-T are in both
+    (the bench adds them: the yardsticks of each process's ratios)."""
+    from ablate import gpu_check
+    from ablate.space.presets import PRESETS
+
+    listed = gpu_check.steps("cuda", False, tmp_path)
+    names = [s.name for s in listed]
+    for mode in ("eager", "compiled"):
+        mine = [(i, s) for i, s in enumerate(listed) if s.name.startswith(f"bench models, {mode}")]
+        assert [s.name.split(": ")[1] for _, s in mine] == ["the targets' models", "the other presets"]
+        groups = [s.argv[s.argv.index("--models") + 1:s.argv.index("--out")] for _, s in mine]
+        assert set(groups[0]) == set(gpu_check.TARGET_MODELS[mode])
+        assert sorted(groups[0] + groups[1] + ["dwconv"]) == sorted(PRESETS)
+        assert all(s.argv[s.argv.index("--compile") + 1] == mode for _, s in mine)
+        assert len({gpu_check._folder_of(s) for _, s in mine}) == 2
+    # the targets' steps before the other presets' and before the correctness steps
+    first_compiled = names.index("bench models, compiled: the targets' models")
+    assert names.index("bench models, eager: the targets' models") == 0
+    other_compiled = names.index("bench models, compiled: the other presets")
+    assert first_compiled < other_compiled < names.index("pytest -m gpu")
+    assert names.index("micro, 4 runs sharing the device") < first_compiled
 
 
 def test_gpu_check_within_a_budget_names_the_steps_it_did_not_start(tmp_path, capsys):
