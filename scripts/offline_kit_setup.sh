@@ -33,7 +33,7 @@ if missing:
              "holds what an image with PyTorch usually lacks): install them, or install ablate with "
              "`make install` where there is internet")
 PY
-"$python" -m pip install -q --no-index --no-deps --upgrade --target "$site" "$kit"/*.whl
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$kit"/*.whl
 mkdir -p "$site/hydra_plugins"
 ln -sfn "$PWD/ablate/sweep/hydra_plugin" "$site/hydra_plugins/ablate_sweeper"
 raw=data/FashionMNIST/raw
