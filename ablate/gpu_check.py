@@ -368,8 +368,11 @@ def check(device: str, out: Path, quick: bool = False, only: list[str] | None = 
             # files in all, within what a lent GPU's session brings back (eight)
             src = Path(tmp) / _folder_of(step) / "bench.md"
             if step.name.startswith("bench models") and src.is_file():
+                # under a heading per step, the bench's own headings a level down
+                tables = "".join("#" + line if line.startswith("#") else line
+                                 for line in src.read_text().splitlines(keepends=True))
                 with models_md.open("a") as f:
-                    f.write(f"# {step.name}\n\n{src.read_text()}\n")
+                    f.write(f"# {step.name}\n\n{tables}\n")
             elif step.name.startswith("bench") and src.is_file():
                 target = out / _folder_of(step) / "bench.md"
                 target.parent.mkdir(exist_ok=True)
