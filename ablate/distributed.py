@@ -23,12 +23,14 @@ import itertools
 import json
 import logging
 import os
+import platform
 import threading
 import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +39,7 @@ from torch import nn
 
 from ablate.errors import ConfigError
 
-__all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "init_distributed", "sync_batchnorm",
+__all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "processor", "init_distributed", "sync_batchnorm",
            "pooled_batchnorms", "quiet_size_one_stride_warnings"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,32 @@ def checked_device(name: str, key: str) -> torch.device:
     if device.index is not None and device.index >= count:
         raise ConfigError(f"{setting}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
     return device
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("model name", "Hardware") and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def processor(device: torch.device) -> str:
+    """What a run's speed was measured on: the GPU's name ("NVIDIA H200"), or the CPU's model, the
+    instruction set PyTorch's kernels use on it and the threads it ran with ("AMD EPYC, AVX2, 2
+    threads"). Throughputs are comparable only between runs on the same processor (analysis); the
+    instruction set also changes float rounding in oneDNN's and the native kernels, and so a CPU
+    run's trained numbers, within their seeds' spread."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    threads = torch.get_num_threads()
+    return (f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{threads} thread{'s' if threads != 1 else ''}")
 
 
 @dataclass

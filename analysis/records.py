@@ -31,7 +31,7 @@ from analysis.axes import AXIS_COLUMNS, is_missing
 from analysis.code_versions import by_code_version
 
 __all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "PRIMARY", "row_from_record",
-           "runs_frame",
+           "runs_frame", "precision_used",
            "load_runs", "read_record", "record_problems", "completed", "unreadable",
            "first_stage_channels_per_group"]
 
@@ -47,7 +47,7 @@ _RESULTS = ("cpg", "epochs", "epochs_done", "train_size", "val_size", "test_size
             # the downstream tasks' (ablate/tasks/metrics.py), on the test split after the last epoch
             *(f"final_test_{m}" for m in DETECTION_METRICS + SEGMENTATION_METRICS))
 _EXPLAINING = ("reason", "rule", "error", "git_commit", "path", "code_fingerprint", "recorded_at",
-               "recorded_experiment")
+               "recorded_experiment", "processor", "precision_used")
 
 # What a record must hold to be used, and of which type: every record names its run; a completed one
 # also carries what the tables and figures read. Fields of _RESULTS that are present must be numbers
@@ -176,10 +176,19 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
         if row[rate] is not None and not row[rate] > 0:
             row[rate] = None
     identity = record.get("identity")
+    row["precision_used"] = precision_used(record)
     if isinstance(identity, Mapping):
         row["settings"] = flatten(experiment_of(identity))
         row["experiment"] = record.get("experiment") or experiment_key(identity)
     row["recorded_experiment"] = row["experiment"]  # kept as recorded whatever the code mode makes of it
+    if (isinstance(identity, Mapping) and "precision" not in identity and row["precision_used"] == "bf16"
+            and row["experiment"] is not None):
+        # trainer.precision=auto on a GPU trains under bf16 autocast, as an explicit bf16 run does, and
+        # unlike auto on a CPU (fp32). The identity cannot say so (a sweep plans a job before it knows
+        # its device); the record does, so such a run is the explicit bf16 run's experiment: pooled
+        # with those, never with fp32 seeds, and named where rows differ in it
+        bf16 = {**experiment_of(identity), "precision": "bf16"}
+        row["settings"], row["experiment"] = flatten(bf16), experiment_key(bf16)
     processes = record.get("world_size") or 1
     if processes != 1 and row["experiment"] is not None:
         # data.batch_size is per process: N processes train with N times the global batch, another
@@ -192,6 +201,22 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
     row["recorded_at"] = record.get("finished_at")
     row["path"] = path if path is not None else record.get("path")
     return row
+
+
+def precision_used(record: Mapping[str, Any]) -> str | None:
+    """What a run computed in (`precision_used`, bf16 or fp32); for a record made before it said so,
+    its identity's explicit precision, else what `auto` gave on its device (bf16 autocast on a GPU,
+    fp32 on a CPU); None where the record names no device either."""
+    used = record.get("precision_used")
+    if isinstance(used, str):
+        return used
+    identity = record.get("identity")
+    if isinstance(identity, Mapping) and isinstance(identity.get("precision"), str):
+        return identity["precision"]
+    device = record.get("device")
+    if not isinstance(device, str):
+        return None
+    return "bf16" if device.startswith("cuda") else "fp32"
 
 
 def _unreadable_row(file: Path, reason: str) -> dict[str, Any]:
