@@ -14,8 +14,10 @@ import pandas as pd
 
 from analysis.axes import AXIS_COLUMNS, sort_by_axes
 from analysis.experiments import distinguishing_settings, experiments
+from analysis.speeds import SPEEDS, mean_speed, timed_on
 from analysis.stats import t_interval
 from analysis.tables import (
+    MISSING,
     count_cell,
     experiment_columns,
     format_table,
@@ -50,9 +52,10 @@ def comparison_table(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame
     """The numbers, one row per experiment (completed runs that differ only in their seed).
 
     Columns: the keys, experiment, settings (what tells the row from the others beyond the printed
-    columns), cpg, params_m, gmac, train/inference samples/s (means over the seeds that measured
-    them), top1_mean, top1_std (sample std), ci_low, ci_high (95% t-interval of the mean; NaN for
-    one seed), seeds (distinct seeds averaged).
+    columns), cpg, params_m, gmac, timed_on (the processor that timed the seeds: analysis.speeds),
+    train/inference samples/s (means over the seeds that measured them; NaN where those were timed on
+    several processors), top1_mean, top1_std (sample std), ci_low, ci_high (95% t-interval of the
+    mean; NaN for one seed), seeds (distinct seeds averaged).
     """
     rows, settings = [], []
     for experiment, group in experiments(runs):
@@ -60,13 +63,13 @@ def comparison_table(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame
         first = group.iloc[0]
         rows.append({**{k: first[k] for k in COMPARISON_KEYS}, "experiment": experiment, "settings": "",
                      "cpg": first["cpg"], "params_m": group["params_m"].mean(), "gmac": group["gmac"].mean(),
-                     "train_samples_per_s": group["train_samples_per_s"].mean(),
-                     "inference_samples_per_s": group["inference_samples_per_s"].mean(),
+                     "timed_on": timed_on(group),
+                     **{speed: mean_speed(group, speed) for speed in SPEEDS},
                      "top1_mean": accuracy.mean, "top1_std": accuracy.std, "ci_low": accuracy.low,
                      "ci_high": accuracy.high, "seeds": accuracy.n})
         settings.append(first["settings"])
-    columns = [*COMPARISON_KEYS, "experiment", "settings", "cpg", "params_m", "gmac", "train_samples_per_s",
-               "inference_samples_per_s", "top1_mean", "top1_std", "ci_low", "ci_high", "seeds"]
+    columns = [*COMPARISON_KEYS, "experiment", "settings", "cpg", "params_m", "gmac", "timed_on", *SPEEDS,
+               "top1_mean", "top1_std", "ci_low", "ci_high", "seeds"]
     table = pd.DataFrame(rows, columns=columns)
     table["settings"] = distinguishing_settings(settings, {c: list(table[c]) for c in COMPARISON_SHOWN})
     return sort_by_axes(table, then=("operator", "settings", *COMPARISON_SHOWN[1:]))
@@ -75,7 +78,10 @@ def comparison_table(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame
 def printed_comparison(table: pd.DataFrame) -> pd.DataFrame:
     """The table as read in Markdown and LaTeX (a settings column only where rows differ in one)."""
     columns = {"operator": lambda r: r["operator"], **experiment_columns(table)}
-    columns.update(printed_cells(COMPARISON_PRINTED))
+    for header, render in printed_cells(COMPARISON_PRINTED).items():
+        if header == "train img/s" and table["timed_on"].nunique() > 1:  # speeds of unlike processors
+            columns["timed on"] = lambda r: r["timed_on"] or MISSING
+        columns[header] = render
     return format_table(table, columns)
 
 

@@ -4,7 +4,8 @@ An operator is worth its cost only if no other one is at least as accurate and a
 those undominated operators form the Pareto front. Points are the comparison table's rows (means
 over seeds), so the plot and the table always agree. Accuracies are comparable only when measured on
 the same test data after the same training (data, epochs, training images): a store that holds
-several such contexts gets one front per context, never one across them.
+several such contexts gets one front per context, never one across them; and throughputs only when
+timed on the same processor (analysis.speeds): the throughput panel has a front per processor too.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from analysis.plotting import new_figure, save_figure
 
 __all__ = ["pareto_front", "pareto_fronts", "plot_cost", "COST_PANELS", "CONTEXT"]
 
-# (x column, axis label, which x is better)
-COST_PANELS = (("gmac", "GMAC per image", "lower"), ("train_samples_per_s", "training images / s", "higher"))
+# (x column, axis label, which x is better, what else than the CONTEXT makes two rows' x comparable:
+# a throughput only with one measured on the same processor, analysis.speeds)
+COST_PANELS = (("gmac", "GMAC per image", "lower", ()),
+               ("train_samples_per_s", "training images / s", "higher", ("timed_on",)))
 
 
 def pareto_front(frame: pd.DataFrame, x: str, y: str, x_better: str = "lower",
@@ -48,23 +51,27 @@ def pareto_front(frame: pd.DataFrame, x: str, y: str, x_better: str = "lower",
 CONTEXT = ("data", "epochs", "train_size")
 
 
-def pareto_fronts(table: pd.DataFrame, x: str, y: str, x_better: str = "lower") -> pd.Series:
-    """pareto_front within each CONTEXT of the table (one context: the front of all rows)."""
+def pareto_fronts(table: pd.DataFrame, x: str, y: str, x_better: str = "lower",
+                  within: tuple[str, ...] = ()) -> pd.Series:
+    """pareto_front within each CONTEXT (and value of the `within` columns) of the table (one
+    context: the front of all rows)."""
     front = pd.Series(False, index=table.index, dtype=bool)
-    for _, rows in table.groupby(list(CONTEXT), dropna=False, sort=False):
+    for _, rows in table.groupby([*CONTEXT, *within], dropna=False, sort=False):
         front[rows.index] = pareto_front(rows, x, y, x_better=x_better)
     return front
 
 
-def _context_text(row) -> str:
-    return f"{row['data']}, {row['epochs']} epochs, {row['train_size']} images"
+def _context_text(row, within: tuple[str, ...] = ()) -> str:
+    return ", ".join([f"{row['data']}, {row['epochs']} epochs, {row['train_size']} images",
+                      *(str(row[c]) for c in within)])
 
 
-def _labels(table: pd.DataFrame) -> list[str]:
-    """Operator names, with model, data and the distinguishing settings where the table mixes several."""
+def _labels(table: pd.DataFrame, within: tuple[str, ...] = ()) -> list[str]:
+    """Operator names, with model, data, the distinguishing settings and the `within` columns where
+    the table mixes several."""
     labels = []
     for _, row in table.iterrows():
-        extra = [str(row[c]) for c in ("model", "data") if table[c].nunique() > 1]
+        extra = [str(row[c]) for c in ("model", "data", *within) if table[c].nunique() > 1]
         extra += [row["settings"]] if row["settings"] else []
         labels.append(row["operator"] + (f" ({', '.join(extra)})" if extra else ""))
     return labels
@@ -76,12 +83,12 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
     table = comparison_table(runs, metric)
     if table.empty:
         return None
-    labels = _labels(table)
     fig = new_figure((11, 4.6))
     axes = fig.subplots(1, len(COST_PANELS))
-    contexts = table.groupby(list(CONTEXT), dropna=False, sort=False)
-    for ax, (x, xlabel, better) in zip(axes, COST_PANELS):
-        front = pareto_fronts(table, x, "top1_mean", x_better=better)
+    for ax, (x, xlabel, better, within) in zip(axes, COST_PANELS):
+        labels = _labels(table, within)
+        contexts = table.groupby([*CONTEXT, *within], dropna=False, sort=False)
+        front = pareto_fronts(table, x, "top1_mean", x_better=better, within=within)
         for i, row in table.iterrows():
             on_front = bool(front.iloc[i])
             # the 95% interval of the mean; one seed has none (no bar, not a bar of 0). An accuracy lies
@@ -96,7 +103,8 @@ def plot_cost(runs: pd.DataFrame, out_stem: Path | None = None, metric: str = AC
         for k, (_, rows) in enumerate(contexts):
             edge = rows[front[rows.index]].sort_values(x)
             if len(edge):
-                name = "Pareto front" + (f" ({_context_text(edge.iloc[0])})" if contexts.ngroups > 1 else "")
+                name = "Pareto front" + (f" ({_context_text(edge.iloc[0], within)})" if contexts.ngroups > 1
+                                         else "")
                 ax.plot(edge[x], edge["top1_mean"], ("--", ":", "-.")[k % 3], color="black", linewidth=1,
                         label=name, zorder=1)
         if front.any():

@@ -20,6 +20,7 @@ from ablate.tracking.identity import FLIPS, LABEL_SETTINGS, axis_of_setting, dif
 from analysis.axes import ORDER, axis_value_label, rank
 from analysis.comparison import ACCURACY
 from analysis.experiments import distinguishing_settings, experiments, seed_pairs
+from analysis.speeds import processor_of
 from analysis.stats import paired_difference
 from analysis.tables import (
     experiment_columns,
@@ -87,7 +88,8 @@ def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
     delta_* = to - from over the paired seeds: mean, sample std, 95% t-interval (ci_low, ci_high;
     NaN for one pair), p_value (paired t-test), verdict, seeds_needed (paired seeds that resolve a
     difference of this size and spread 4 times in 5; NaN when resolved or not estimable, inf when
-    never); speed_ratio = mean over pairs of to / from training samples per second (>1: faster).
+    never); speed_ratio = mean over pairs of to / from training samples per second (>1: faster), over
+    the pairs whose two runs one processor timed (analysis.speeds).
     """
     groups = experiments(runs)
     rows, settings = [], []
@@ -102,7 +104,9 @@ def axis_effects(runs: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
         # a seed of one side only is left out and counted (with no seed in common, a row of 0 pairs)
         paired, s, d, unpaired = seed_pairs(src_runs, dst_runs, metric)
         difference = paired_difference((d[metric] - s[metric]).to_numpy(dtype=float))
-        speed = (d["train_samples_per_s"] / s["train_samples_per_s"]).dropna()
+        # a ratio of two speeds is the operators' only where one processor timed both seeds
+        same = d["processor"].map(processor_of) == s["processor"].map(processor_of)
+        speed = (d["train_samples_per_s"] / s["train_samples_per_s"])[same].dropna()
         rows.append({
             "axis": axis, "from": axis_value_label(axis, src), "to": axis_value_label(axis, dst),
             "from_operator": src["operator"], "to_operator": dst["operator"], "settings": "",

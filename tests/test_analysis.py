@@ -424,13 +424,27 @@ def test_pareto_fronts_compare_only_rows_of_one_context():
     assert pareto_fronts(table, "gmac", "top1_mean").tolist() == [True, False, True, True]
 
 
+def test_throughput_fronts_compare_only_rows_timed_on_one_processor():
+    """A CPU row is not 'dominated' by a GPU row that trains 50 times faster: the cost plot's
+    throughput panel draws a front per processor (its GMAC panel one across them)."""
+    table = pd.DataFrame({"data": "fashion_mnist", "epochs": 3, "train_size": 5000,
+                          "timed_on": ["NVIDIA H200", *["AMD EPYC, AVX2, 2 threads"] * 2],
+                          "train_samples_per_s": [40000.0, 900.0, 800.0], "top1_mean": [90.0, 85.0, 89.0]})
+    # across machines the GPU row dominates both CPU rows; on the CPU, neither dominates the other
+    assert pareto_fronts(table, "train_samples_per_s", "top1_mean", x_better="higher").tolist() == \
+        [True, False, False]
+    assert pareto_fronts(table, "train_samples_per_s", "top1_mean", x_better="higher",
+                         within=("timed_on",)).tolist() == [True, True, True]
+
+
 def test_the_cost_plot_draws_an_interval_inside_0_to_100(monkeypatch):
     """A 95% t-interval over few seeds can pass 100%: the bar stops at 100, as Figure 2's band does."""
     import analysis.cost as cost
 
     table = pd.DataFrame({"operator": ["dwconv", "local_mlp"], "model": "micro", "data": "fashion_mnist",
                           "settings": "", "epochs": 3, "train_size": 5000, "gmac": [0.01, 0.02],
-                          "train_samples_per_s": [900.0, 800.0], "top1_mean": [99.0, 90.0],
+                          "timed_on": "AMD EPYC, AVX2, 2 threads", "train_samples_per_s": [900.0, 800.0],
+                          "top1_mean": [99.0, 90.0],
                           "ci_low": [97.0, 89.0], "ci_high": [101.5, 91.0]})
     monkeypatch.setattr(cost, "comparison_table", lambda runs, metric: table)
     fig = cost.plot_cost(pd.DataFrame())

@@ -191,6 +191,92 @@ def test_a_bf16_twin_is_a_precision_flip_paired_by_seed(mini_store, tmp_path):  
     assert "precision" in set(printed_effects(effects)["axis"])
 
 
+def _dw_records(mini_store) -> list[dict]:  # noqa: F811
+    records = [json.loads(p.read_text()) for p in Path(mini_store).rglob("results.json")]
+    return sorted((r for r in records
+                   if r["status"] == "completed" and r["preset"] in ("dwconv", "dynamic_dwconv")),
+                  key=lambda r: (r["preset"], r["seed"]))
+
+
+def test_runs_record_the_processor_and_the_precision_they_computed_in(mini_store):  # noqa: F811
+    import re
+
+    import torch
+
+    from ablate.distributed import processor
+
+    here = processor(torch.device("cpu"))  # "AMD EPYC, AVX2, 2 threads"
+    threads = torch.get_num_threads()
+    assert re.fullmatch(rf".+, {torch.backends.cpu.get_cpu_capability()}, {threads} threads?", here)
+    for record in _dw_records(mini_store):  # trained with the threads the test store gives a job
+        assert re.fullmatch(re.escape(here.rsplit(", ", 1)[0]) + r", \d+ threads?", record["processor"])
+        assert record["precision_used"] == "fp32"  # trainer.precision=auto on a CPU
+
+
+def test_an_auto_run_on_a_gpu_is_a_bf16_run_never_a_seed_of_the_cpu_runs(mini_store, tmp_path):  # noqa: F811
+    """trainer.precision=auto trains in fp32 on a CPU and under bf16 autocast on a GPU, and is not
+    part of the identity (a sweep plans before it knows the device): a GPU seed of a CPU experiment
+    was pooled as one more seed. It is the explicit bf16 run's experiment, named where rows differ."""
+    dwconv = [r for r in _dw_records(mini_store) if r["preset"] == "dwconv"]
+    on_gpu = synthetic(dwconv[0], "gpu-seed-5")
+    on_gpu.update(seed=5, device="cuda:0", processor="NVIDIA H200", final_test_top1=50.0)
+    del on_gpu["precision_used"]  # a record made before it said so: its device tells
+    on_gpu["identity"]["seed"] = 5
+    explicit = synthetic(dwconv[0], "bf16-seed-6", precision="bf16")
+    explicit.update(seed=6, final_test_top1=52.0)
+    explicit["identity"]["seed"] = 6
+    table = comparison_table(load_runs(write_store(tmp_path / "store", [*dwconv, on_gpu, explicit])))
+    assert sorted(table["seeds"]) == [2, 2]
+    bf16 = table[table["settings"] == "precision=bf16"]
+    assert len(bf16) == 1 and bf16["top1_mean"].iloc[0] == 51.0
+    assert sorted(printed_comparison(table)["settings"]) == ["", "precision=bf16"]
+    assert math.isnan(bf16["train_samples_per_s"].iloc[0])  # timed on an H200 and on the CPU: no mean
+    # alone, the CPU seeds are as they were: no setting added, the recorded experiment key
+    cpu_only = comparison_table(load_runs(write_store(tmp_path / "cpu", dwconv)))
+    assert list(cpu_only["experiment"]) == [dwconv[0]["experiment"]]
+    assert "settings" not in printed_comparison(cpu_only).columns
+
+
+def test_speeds_are_averaged_and_compared_only_per_processor(mini_store, tmp_path):  # noqa: F811
+    """Accuracy pools over machines, throughput does not: seeds timed on two processors have no mean
+    speed, rows timed on different ones say which, and a speed ratio pairs seeds of one processor."""
+    records = _dw_records(mini_store)  # dwconv seeds 0, 1 and dynamic_dwconv seeds 0, 1
+    plain = load_runs(write_store(tmp_path / "plain", records))
+    plain_columns = list(printed_comparison(comparison_table(plain)).columns)
+    same = json.loads(json.dumps(records))
+    for r in same:
+        r["processor"] = "CPU A, AVX2, 2 threads"
+    table = comparison_table(load_runs(write_store(tmp_path / "same", same)))
+    assert list(printed_comparison(table).columns) == plain_columns  # one processor: nothing to say
+    assert set(table["timed_on"]) == {"CPU A, AVX2, 2 threads"}
+
+    mixed = json.loads(json.dumps(same))
+    dw1 = next(r for r in mixed if r["preset"] == "dwconv" and r["seed"] == 1)
+    dw1["processor"] = "CPU B, AVX512, 16 threads"
+    runs = load_runs(write_store(tmp_path / "mixed", mixed))
+    table = comparison_table(runs).set_index("operator")
+    assert table.loc["dwconv", "timed_on"] == "2 processors"
+    assert math.isnan(table.loc["dwconv", "train_samples_per_s"])
+    assert math.isnan(table.loc["dwconv", "inference_samples_per_s"])
+    dynamic = [r for r in mixed if r["preset"] == "dynamic_dwconv"]
+    assert table.loc["dynamic_dwconv", "train_samples_per_s"] == pytest.approx(
+        np.mean([r["train_samples_per_s"] for r in dynamic]))
+    assert table.loc["dwconv", "top1_mean"] == pytest.approx(  # accuracy still pools both seeds
+        np.mean([r["final_test_top1"] for r in mixed if r["preset"] == "dwconv"]))
+    printed = printed_comparison(comparison_table(runs)).set_index("operator")
+    assert list(printed.columns).index("timed on") == list(printed.columns).index("train img/s") - 1
+    assert printed.loc["dwconv", "timed on"] == "2 processors"
+    assert printed.loc["dwconv", "train img/s"] == "n/a"
+    assert printed.loc["dynamic_dwconv", "timed on"] == "CPU A, AVX2, 2 threads"
+
+    effects = axis_effects(runs)
+    row = effects[effects["axis"] == "dynamic"].iloc[0]
+    dw0 = next(r for r in mixed if r["preset"] == "dwconv" and r["seed"] == 0)
+    dyn0 = next(r for r in dynamic if r["seed"] == 0)
+    assert row["pairs"] == 2  # both seeds pair for accuracy, only seed 0 for speed
+    assert row["speed_ratio"] == pytest.approx(dyn0["train_samples_per_s"] / dw0["train_samples_per_s"])
+
+
 def test_the_data_scale_figure_is_a_line_per_operator_over_training_images(mini_store, tmp_path):  # noqa: F811
     """Runs that differ only in data.train_subset form one line per operator, x = the images trained
     on, the band scipy's t-interval over the seeds; another learning rate is another line."""
