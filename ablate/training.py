@@ -51,7 +51,7 @@ from ablate.runs import check_processes, derived_settings, describe_run, provena
 from ablate.tasks import Task, task_of
 from ablate.tasks.classification import Classification
 from ablate.tracking import CheckpointError, RunLocked, RunStore, WandbMirror, scrub
-from ablate.tracking.identity import IdentityConflict
+from ablate.tracking.identity import IdentityConflict, effective_precision
 from ablate.tracking.wandb_logger import resolve_mode, summary_of
 
 __all__ = ["train", "train_one_epoch", "Diverged", "print_results"]
@@ -118,20 +118,11 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
-def effective_precision(device: torch.device, precision: str) -> str:
-    """What a run computes in: trainer.precision, `auto` resolved by the device (bf16 autocast on a
-    GPU, fp32 elsewhere). `auto` is not part of a run's identity (a sweep plans a job before it knows
-    its device), so the record says what it became, and the analysis keeps bf16 and fp32 runs apart."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
 def autocast(device: torch.device, precision: str):
     """The autocast context of a run: fp32 on the CPU by default (bf16 where a CPU has it would make
     a run's numbers depend on which CPU ran it), bf16 on a GPU; `bf16` on a CPU only where the CPU
     computes in bf16."""
-    precision = effective_precision(device, precision)
+    precision = effective_precision(device.type, precision)
     if precision == "fp32":
         return contextlib.nullcontext
     if precision != "bf16":
@@ -487,7 +478,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         "epochs": cfg.schedule.epochs,
         "batch_size": cfg.data.batch_size, "world_size": dist.world_size, "global_batch_size": global_batch,
         "lr": recipe.lr, "device": str(device), "processor": processor(device),
-        "precision_used": effective_precision(device, t.precision),
+        "precision_used": effective_precision(device.type, t.precision),
         "train_size": data.train_size, "val_size": data.val_size, "test_size": data.test_size,
         **provenance(),
     }

@@ -25,10 +25,17 @@ from omegaconf import OmegaConf
 
 from ablate.tasks.metrics import DETECTION_METRICS, SEGMENTATION_METRICS
 from ablate.tracking.code import short
-from ablate.tracking.identity import experiment_key, experiment_of, flatten, identity_from_config
+from ablate.tracking.identity import (
+    effective_precision,
+    experiment_key,
+    experiment_of,
+    flatten,
+    identity_from_config,
+)
 from ablate.tracking.store import parse_record
 from analysis.axes import AXIS_COLUMNS, is_missing
 from analysis.code_versions import by_code_version
+from analysis.speeds import SPEEDS
 
 __all__ = ["COLUMNS", "NUMERIC_COLUMNS", "INTEGER_COLUMNS", "UNREADABLE", "PRIMARY", "row_from_record",
            "runs_frame", "precision_used",
@@ -66,9 +73,6 @@ INTEGER_COLUMNS = ("seed", "epochs", "epochs_done", "train_size", "val_size", "t
                    "num_classes", "batch_size", "params", "best_epoch")
 NUMERIC_COLUMNS = tuple(c for c in _RESULTS if c not in INTEGER_COLUMNS)
 
-# A throughput of 0 means "not measured" (the trainer times batches after the first one, so a test
-# split of one batch gives 0): missing, not infinitely slow.
-_RATES = ("train_samples_per_s", "inference_samples_per_s")
 
 
 def first_stage_channels_per_group(record: Mapping[str, Any], config: Mapping[str, Any] | None = None):
@@ -172,7 +176,9 @@ def row_from_record(record: Mapping[str, Any], path: str | None = None,
     if isinstance(cpg, list):  # hashable, so that rows can be grouped by their axes
         row["channels_per_group"] = tuple(cpg)
     row["cpg"] = first_stage_channels_per_group(record, config)
-    for rate in _RATES:
+    # a throughput of 0 means "not measured" (the trainer times batches after the first one, so a
+    # test split of one batch gives 0): missing, not infinitely slow
+    for rate in SPEEDS:
         if row[rate] is not None and not row[rate] > 0:
             row[rate] = None
     identity = record.get("identity")
@@ -216,7 +222,7 @@ def precision_used(record: Mapping[str, Any]) -> str | None:
     device = record.get("device")
     if not isinstance(device, str):
         return None
-    return "bf16" if device.startswith("cuda") else "fp32"
+    return effective_precision(device.split(":")[0], "auto")
 
 
 def _unreadable_row(file: Path, reason: str) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from typing import Any
 from ablate.errors import BadInput
 
 __all__ = ["NOT_IDENTITY", "EXECUTION_ONLY", "AXIS_SETTINGS", "identity_from_config", "experiment_of",
-           "experiment_key", "flatten", "differing_keys", "describe_difference", "axis_of_setting",
-           "IdentityConflict", "folder_conflict", "LABEL_SETTINGS", "LATER_DEFAULTS", "FLIPS",
-           "matches_setting"]
+           "effective_precision", "experiment_key", "flatten", "differing_keys", "describe_difference",
+           "axis_of_setting", "IdentityConflict", "folder_conflict", "LABEL_SETTINGS", "LATER_DEFAULTS",
+           "FLIPS", "matches_setting"]
 
 # Top-level config groups that say where a run executes and how it is shown, never what it computes.
 NOT_IDENTITY = ("trainer", "logger", "ops")
@@ -89,6 +89,16 @@ def _get(tree: Mapping[str, Any], dotted: str, missing: Any) -> Any:
             return missing
         tree = tree[part]
     return tree
+
+
+def effective_precision(device_type: str, precision: str) -> str:
+    """What a run computes in: trainer.precision, `auto` resolved by the device type (bf16 autocast on
+    a GPU, fp32 elsewhere). `auto` is not part of the identity (a sweep plans a job before it knows its
+    device), so the record says what it became (`precision_used`), and the analysis keeps bf16 and
+    fp32 runs apart by it: one rule for the trainer and the analysis."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
 
 
 def identity_from_config(experiment: Mapping[str, Any], seed: Any, precision: Any = None) -> dict[str, Any]:
