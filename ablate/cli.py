@@ -7,7 +7,8 @@ Every command (`python -m ablate.train`, single run and sweep, `ablate.measure`,
 - bad input (BadInput and its kinds, Hydra's and OmegaConf's composition errors, a YAML file that
   does not parse, a path that cannot be read or written) into `error: <what and what to change>`
   and exit 2 - the same in a single run and in a sweep, since both meet the same exception here;
-  a misspelt key of the training config gets "Did you mean ...?" from the config's own fields;
+  a misspelt key of the training config, or one under the wrong group, gets "Did you mean ...?" from
+  the config's own fields;
 - SIGINT / SIGTERM into one line and exit 130 / 143, after stopping every process the command
   started (joblib or submitit_local workers), so none trains on as an orphan;
 - anything else (a bug) into its traceback and exit 1.
@@ -98,13 +99,18 @@ _KIND_OF_VALUE = {"Integer": "a whole number (e.g. 3)", "Float": "a number (e.g.
 
 
 def _nearest_keys(full_key: str) -> str:
-    """" Did you mean ...?" for a misspelt key of the training schema (else nothing)."""
+    """" Did you mean ...?" for a misspelt key of the training schema (else nothing): a near name
+    in the same group first; else the key under another group (trainer.epochs -> schedule.epochs:
+    a researcher remembers the name, not always where the config keeps it)."""
     parent, _, name = full_key.rpartition(".")
-    siblings = [key.rpartition(".")[2] for key, _ in schema_fields(TrainConfig)
-                if key.rpartition(".")[0] == parent]
-    near = difflib.get_close_matches(name, siblings, n=2)
-    return "\nDid you mean " + " or ".join(f"{parent + '.' if parent else ''}{n}" for n in near) + "?" \
-        if near else ""
+    keys = [key for key, _ in schema_fields(TrainConfig)]
+    siblings = [key.rpartition(".")[2] for key in keys if key.rpartition(".")[0] == parent]
+    near = [f"{parent + '.' if parent else ''}{n}" for n in difflib.get_close_matches(name, siblings, n=2)]
+    if not near:
+        leaves = sorted({key.rpartition(".")[2] for key in keys})
+        found = [name] if name in leaves else difflib.get_close_matches(name, leaves, n=2, cutoff=0.8)
+        near = [key for leaf in found for key in keys if key.rpartition(".")[2] == leaf][:3]
+    return "\nDid you mean " + " or ".join(near) + "?" if near else ""
 
 
 def _yaml_message(err: BaseException) -> str | None:

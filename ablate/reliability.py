@@ -101,7 +101,9 @@ BAD_INPUTS: list[BadInput] = [
     _row("unknown data set option", "data=mnist", "Could not find 'data/mnist'", "fashion_mnist"),
     _row("unknown data set name", "data.name=mnist", "unknown data set data.name='mnist'", "fashion_mnist"),
     _row("unknown launcher", "launcher=slurmx", "Could not find 'launcher/slurmx'", "submitit_slurm"),
-    _row("misspelt key", "optim.lrr=0.1", "Key 'lrr' not in 'OptimConf'"),
+    _row("misspelt key", "optim.lrr=0.1", "Key 'lrr' not in 'OptimConf'", "Did you mean optim.lr"),
+    _row("key under another group", "trainer.epochs=2", "Key 'epochs' not in 'TrainerConf'",
+         "Did you mean schedule.epochs"),
     _row("override with bad syntax", "optim.lr=[", "cannot parse the override 'optim.lr=['", "key=value"),
     _row("value of the wrong type", "data.batch_size=many", "data.batch_size", "many"),
     # numbers that cannot work
