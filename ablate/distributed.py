@@ -39,8 +39,8 @@ from torch import nn
 
 from ablate.errors import ConfigError
 
-__all__ = ["Dist", "CpuSyncBatchNorm", "checked_device", "processor", "init_distributed", "sync_batchnorm",
-           "pooled_batchnorms", "quiet_size_one_stride_warnings"]
+__all__ = ["DEVICE_ENV", "Dist", "CpuSyncBatchNorm", "checked_device", "processor", "init_distributed",
+           "sync_batchnorm", "pooled_batchnorms", "quiet_size_one_stride_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,25 @@ def share_error_type(*types: type[Exception]) -> None:
 share_error_type(ValueError, OSError, RuntimeError)
 
 
+DEVICE_ENV = "ABLATE_DEVICE"
+
+
 def checked_device(name: str, key: str) -> torch.device:
-    """The device `name` ("auto": a GPU where there is one) on this machine, or a ConfigError naming
-    the setting `key`: not cpu or cuda, a CUDA device where PyTorch sees no GPU, or an index past the
-    GPUs there are."""
+    """The device `name` on this machine, or a ConfigError naming the setting `key`: not cpu or cuda,
+    a CUDA device where PyTorch sees no GPU, or an index past the GPUs there are.
+
+    "auto" is $ABLATE_DEVICE where it is set (cpu, cuda, cuda:<index>), else a GPU where there is
+    one: one variable pins every command's default device on a machine (a GPU machine reproducing
+    CPU numbers; the test suite, whose CPU tests must test the CPU on any machine)."""
     if name == "auto":
+        pinned = os.environ.get(DEVICE_ENV, "").strip()
+        if pinned and pinned != "auto":
+            try:
+                return checked_device(pinned, DEVICE_ENV)
+            except ConfigError as err:
+                auto = f"{key} auto" if key.startswith("-") else f"{key}=auto"
+                raise ConfigError(f"{err} ({auto} reads {DEVICE_ENV}: set it to a device of this "
+                                  "machine, or unset it)") from None
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     setting = f"{key} {name}" if key.startswith("-") else f"{key}={name}"
     try:
@@ -325,7 +339,7 @@ def init_distributed(enabled: bool, device_name: str, backend: str = "auto", tim
     local = int(os.environ.get("LOCAL_RANK", rank))
     if world == 1:
         return Dist(rank, world, local)
-    on_gpu = device_name != "cpu" and torch.cuda.is_available()
+    on_gpu = checked_device(device_name, "trainer.device").type == "cuda"
     if backend == "auto":
         backend = "nccl" if on_gpu else "gloo"
     if backend not in ("nccl", "gloo"):

@@ -20,6 +20,16 @@ torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 # ==================================================================================================
+# The device: every test not marked gpu tests the CPU, on any machine. Training's default device is
+# "auto" (a GPU where there is one), which on a GPU machine would run the CPU tests under bf16
+# autocast on the GPU, where their exact comparisons (a resumed run against an uninterrupted one,
+# compiled against eager) do not hold. ABLATE_DEVICE pins what "auto" means, for this process and
+# every command a test starts; the gpu tests name cuda themselves.
+# ==================================================================================================
+os.environ["ABLATE_DEVICE"] = "cpu"
+
+
+# ==================================================================================================
 # GPU comparisons in float32 (tests marked gpu): cuDNN convolutions run in TF32 (a 10-bit mantissa) by
 # default, which alone moves a micro model's logits by ~1e-3 relative; a float32 check must not
 # measure that. Training on a GPU uses bf16 autocast, so TF32 never decides a result there.

@@ -377,6 +377,40 @@ def test_cfg_job_and_defaults_tree(tmp_path):
     assert proc.returncode == 0 and "operator: dwconv" in out and "data: fashion_mnist" in out
 
 
+def test_ablate_device_pins_what_auto_means(monkeypatch):
+    """trainer.device=auto (and the bench's --device auto) reads ABLATE_DEVICE where it is set; a
+    value this machine cannot run is refused naming the variable, as trainer.device would be. The
+    suite itself runs with ABLATE_DEVICE=cpu (conftest), so its CPU tests test the CPU on a GPU
+    machine too."""
+    from ablate.distributed import DEVICE_ENV, checked_device
+    from ablate.errors import ConfigError
+
+    assert os.environ[DEVICE_ENV] == "cpu" and checked_device("auto", "trainer.device") == torch.device("cpu")
+    monkeypatch.setenv(DEVICE_ENV, "tpu")
+    with pytest.raises(ConfigError, match=r"ABLATE_DEVICE=tpu: ablate runs on cpu.*device=auto reads"):
+        checked_device("auto", "trainer.device")
+    assert checked_device("cpu", "trainer.device") == torch.device("cpu")  # an explicit device wins
+    monkeypatch.setenv(DEVICE_ENV, "cuda:7")
+    with pytest.raises(ConfigError, match=r"ABLATE_DEVICE=cuda:7.*--device auto reads ABLATE_DEVICE"):
+        checked_device("auto", "--device")
+    found = "cuda" if torch.cuda.is_available() else "cpu"
+    for unset in ("", "auto"):
+        monkeypatch.setenv(DEVICE_ENV, unset)
+        assert checked_device("auto", "trainer.device").type == found
+
+
+def test_a_run_under_ablate_device_records_that_device(tmp_path):
+    """The variable reaches a training command (a process of its own): refused there with exit 2
+    where this machine lacks the device, and the record says where the run trained."""
+    refused = run_cli(tmp_path, "logger=none", env={"ABLATE_DEVICE": "tpu"})
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and "error: ABLATE_DEVICE=tpu" in err, err[-2000:]
+    proc = run_cli(tmp_path, "logger=none", env={"ABLATE_DEVICE": "cpu"})
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    (record,) = tmp_path.glob("runs/*/results.json")
+    assert json.loads(record.read_text())["device"] == "cpu"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_a_gpu_run_uses_bf16_and_channels_last(tmp_path):
