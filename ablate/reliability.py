@@ -168,6 +168,10 @@ BAD_INPUTS: list[BadInput] = [
          "Could not find 'operator/nope'"),
     # values of the schema (ablate/schema.py): named with what they must be, before anything is built
     _row("unknown device", "trainer.device=tpu9", "trainer.device='tpu9' must be auto, cpu, cuda"),
+    # a GPU this machine lacks (no GPU here, or not 99 of them): refused before anything is written, in
+    # a sweep too, whose jobs would run here (a cluster's jobs meet their nodes' GPUs instead)
+    _row("a GPU the machine lacks", "trainer.device=cuda:99", "trainer.device=cuda:99, but"),
+    _row("a GPU the machine lacks, in a sweep", "-m trainer.device=cuda:99", "trainer.device=cuda:99, but"),
     _row("beta out of range", "optim.betas=[2,0.999]", "optim.betas=[2.0, 0.999] must be a list of 2 values"),
     _row("window larger than every map", "connectivity.kernel_size=29", "spans every map",
          "connectivity.kernel_size="),

@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ablate.config import build_model, check_train_config
+from ablate.distributed import checked_device
 from ablate.errors import ConfigError
 from ablate.recipe import check_recipe
 from ablate.runs import check_processes, record_unrunnable, run_folder, run_identity
@@ -89,14 +90,23 @@ def check_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequen
     """Compose and validate jobs without planning them (a later phase's, before the first trains):
     raises the error its job would meet."""
     for overrides in job_overrides:
-        check_job_config(job_config(config_loader, master, overrides))
+        check_job_config(master, job_config(config_loader, master, overrides))
 
 
-def check_job_config(cfg: DictConfig) -> None:
-    """Every field in its range and the recipe's relations (warm-up within the training, the decay's
-    settings): what a launched job would fail on at once, found before any job is launched."""
+def check_job_config(master: DictConfig, cfg: DictConfig) -> None:
+    """Every field in its range, the recipe's relations (warm-up within the training, the decay's
+    settings) and, where the jobs run on this machine, its device: what a launched job would fail on
+    at once, found before any job is launched (exit 2, as the single run; not a failed record per job)."""
     check_train_config(cfg)
     check_recipe(cfg.optim, cfg.schedule)
+    if runs_here(master):
+        checked_device(cfg.trainer.device, "trainer.device")
+
+
+def runs_here(master: DictConfig) -> bool:
+    """Whether the sweep's launcher runs its jobs on this machine: every launcher but a cluster's,
+    whose jobs meet the nodes' devices (a login node without a GPU sweeps GPU jobs)."""
+    return "SlurmLauncher" not in str(OmegaConf.select(master, "hydra.launcher._target_", default=""))
 
 
 def check_operator(cfg: DictConfig) -> None:
@@ -132,7 +142,7 @@ def plan_jobs(config_loader, master: DictConfig, job_overrides: Sequence[Sequenc
     jobs, claimed = [], {}  # run folder -> identity of the job of this sweep that runs in it
     for overrides in job_overrides:
         cfg = job_config(config_loader, master, overrides)
-        check_job_config(cfg)
+        check_job_config(master, cfg)
         folder, identity = run_folder(cfg), run_identity(cfg)
         if folder in claimed:
             if not differing_keys(claimed[folder], identity):  # two spellings of the same run
