@@ -55,7 +55,7 @@ demo: install ## install, run the demo sweep on the real Fashion-MNIST, render r
 	$(PY) -m ablate.train -m sweeps=demo
 	$(PY) -m analysis.report $(RESULTS)/demo --out reports/demo
 
-study: install ## the paper's questions on the default model (sweeps/study.yaml, 1:48 measured on 2 cores; resumable): reports/study/
+study: install ## the paper's questions on the default model (sweeps/study.yaml, 78 runs, 53 minutes measured on 2 cores; resumable): reports/study/
 	$(PY) -m ablate.train -m sweeps=study
 	$(PY) -m analysis.report $(RESULTS)/study --out reports/study
 
