@@ -85,8 +85,10 @@ def _measured(task: Task) -> list[str]:
 
 
 def _wandb_row(row: dict[str, Any]) -> dict[str, Any]:
-    """An epoch's row of metrics.jsonl as W&B logs it: the measured values, the epoch counted from 1."""
-    return {k: v for k, v in row.items() if k != "epoch" and v is not None} | {"epoch": row["epoch"] + 1}
+    """An epoch's row of metrics.jsonl as W&B logs it: the measured values, the epoch counted from 1
+    (who timed the epoch is the run's summary's `processor`)."""
+    return {k: v for k, v in row.items() if k not in ("epoch", "processor", "first_of_process")
+            and v is not None} | {"epoch": row["epoch"] + 1}
 
 
 def _wandb_id(text: str) -> str:
@@ -236,6 +238,18 @@ def train_one_epoch(model, loader, recipe, amp, cfg, epoch: int, step: int, dist
             "samples_per_s": samples / seconds if seconds else 0.0, "lr": lr}
 
 
+def train_speed(history: list[dict[str, Any]], processor: str) -> float | None:
+    """A run's training samples/s, as the record states it beside its `processor`: the mean over the
+    epochs that processor trained (a resumed run's earlier epochs may come from another machine),
+    leaving out the first epoch of each process, which pays its warm-up (caches, kernels, compiling),
+    where other epochs remain. Rows of earlier code name no processor and no first epoch: they count
+    as this processor's, and the run's first epoch is the one left out, as that code did."""
+    rows = [row for row in history if row.get("processor", processor) == processor]
+    warm = [row for row in rows if not row.get("first_of_process", row is history[0])]
+    chosen = warm or rows
+    return float(np.mean([row["samples_per_s"] for row in chosen])) if chosen else None
+
+
 @torch.no_grad()
 def inference_throughput(model, loader, amp, batches: int, task: Task | None = None) -> float | None:
     """Images per second of the model in eval mode over up to `batches` test batches. The first
@@ -303,9 +317,11 @@ def _finished_record(store: RunStore, world_size: int) -> dict[str, Any] | None:
     return record
 
 
-def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_size: int) -> tuple[str, Any]:
+def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_size: int,
+              precision: str) -> tuple[str, Any]:
     """Rank 0: create the folder, take its lock, and read what the run resumes from. Returns
-    ("finished", record) when another job finished it meanwhile, else ("ok", checkpoint or None)."""
+    ("finished", record) when another job finished it meanwhile, else ("ok", checkpoint or None).
+    `precision`: what this job computes in (trainer.precision=auto is bf16 on a GPU, fp32 on a CPU)."""
     store.create()
     store.lock()
     try:
@@ -321,6 +337,14 @@ def _open_run(store: RunStore, identity: dict[str, Any], resume: bool, world_siz
                 f"process(es), this job has {world_size}: the global batch (and so the learning rate) "
                 "would change mid-run. Resume with the same number of processes, or set "
                 "trainer.resume=never to start over.")
+        trained_in = (checkpoint or {}).get("precision_used", precision)  # (older checkpoints: unknown)
+        if trained_in != precision:
+            raise CheckpointError(
+                f"the checkpoint in {store.folder} was trained in {trained_in}, this job computes in "
+                f"{precision} (trainer.precision=auto is bf16 on a GPU, fp32 on a CPU): the run would "
+                f"change precision mid-run. Resume it on the kind of device it started on "
+                f"(trainer.device={'cuda' if trained_in == 'bf16' else 'cpu'}), or set trainer.resume=never "
+                "to start over.")
         return "ok", checkpoint
     except BaseException:
         store.unlock()
@@ -392,7 +416,9 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
     started_from = task.start_from(model, cfg)  # a downstream backbone's pretraining: now the data are there
 
     identity = scrub(run_identity(cfg))
-    state, checkpoint = dist.decide(_open_run, store, identity, t.resume == "auto", dist.world_size)
+    precision, on = effective_precision(device.type, t.precision), processor(device)
+    state, checkpoint = dist.decide(_open_run, store, identity, t.resume == "auto", dist.world_size,
+                                    precision)
     if state == "finished":
         log.info("run finished by another job meanwhile: %s", store.folder)
         return checkpoint
@@ -477,8 +503,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         "params": params, "params_m": params / 1e6, "gmac": model.macs() / 1e9,
         "epochs": cfg.schedule.epochs,
         "batch_size": cfg.data.batch_size, "world_size": dist.world_size, "global_batch_size": global_batch,
-        "lr": recipe.lr, "device": str(device), "processor": processor(device),
-        "precision_used": effective_precision(device.type, t.precision),
+        "lr": recipe.lr, "device": str(device), "processor": on, "precision_used": precision,
         "train_size": data.train_size, "val_size": data.val_size, "test_size": data.test_size,
         **provenance(),
     }
@@ -498,6 +523,9 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                    **{f"val_{m}": val[m] for m in task.metrics},
                    **{f"test_{m}": test[m] for m in task.metrics},
                    "lr": stats["lr"], "samples_per_s": stats["samples_per_s"],
+                   # who timed it: a resumed run's epochs may come from another machine, and its
+                   # first epoch here pays this process's warm-up (caches, kernels, compiling)
+                   "processor": on, "first_of_process": epoch == start_epoch,
                    "elapsed_s": time.perf_counter() - run_start}
             # the best epoch by the task's validation metric (without a validation split: the latest)
             primary = f"val_{task.primary}"
@@ -516,6 +544,7 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
                         "ema": recipe.ema.state_dict() if recipe.ema is not None else None,
                         "epoch": epoch + 1, "step": step, "best": now_best, "elapsed_s": row["elapsed_s"],
                         "world_size": dist.world_size, "identity": identity, "wandb_id": wandb_id,
+                        "precision_used": precision,
                         # the rows of metrics.jsonl so far: a resume restores the file from them
                         "history": [*history, row]})
                 history.append(row)
@@ -564,11 +593,10 @@ def _train(cfg: DictConfig, model, dist: Dist, store: RunStore, task: Task) -> d
         results.update(status="failed", error=error, traceback=trace)
         log.error("run failed: %s", results["error"])
 
-    train_rates = [r["samples_per_s"] for r in history]
     results.update({
         "epochs_done": len(history),
         "wall_time_s": history[-1]["elapsed_s"] if history else time.perf_counter() - run_start,
-        "train_samples_per_s": float(np.mean(train_rates[1:] or train_rates)) if train_rates else None,
+        "train_samples_per_s": train_speed(history, on),
         "peak_memory_mb": peak_memory_mb(device),
         # when the record was made (UTC): orders the code versions of an experiment's seeds
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -411,6 +411,61 @@ def test_a_run_under_ablate_device_records_that_device(tmp_path):
     assert json.loads(record.read_text())["device"] == "cpu"
 
 
+def test_a_run_is_resumed_only_in_the_precision_it_started_in(tmp_path):
+    """A run stopped after its last epoch (its record not yet written) resumes by writing it; one whose
+    checkpoint was trained in bf16 (a GPU at precision=auto, or under ABLATE_DEVICE=cuda) is refused on
+    the CPU, which computes in fp32, exit 2 and nothing written: its epochs would mix precisions. The
+    record names the processor and precision, and the checkpoint the precision."""
+    from ablate.tracking import RunStore
+
+    assert run_cli(tmp_path, "logger=none").wait(timeout=300) == 0
+    (record,) = tmp_path.glob("runs/*/results.json")
+    first = json.loads(record.read_text())
+    assert first["precision_used"] == "fp32" and first["processor"]
+    store = RunStore(record.parent)
+    checkpoint = store.load_checkpoint()
+    assert checkpoint["precision_used"] == "fp32"
+    rows = store.read_metrics()
+    assert rows[0]["processor"] == first["processor"] and rows[0]["first_of_process"] is True
+
+    for name in ("results.json", "results.sha256"):  # stopped before its record
+        (record.parent / name).unlink()
+    store.save_checkpoint({**checkpoint, "precision_used": "bf16"})
+    refused = run_cli(tmp_path, "logger=none")
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode == 2, err[-2000:]
+    assert "trained in bf16, this job computes in fp32" in err and "trainer.device=cuda" in err, err[-2000:]
+    assert not record.exists()
+
+    store.save_checkpoint({**checkpoint, "precision_used": "fp32"})
+    resumed = run_cli(tmp_path, "logger=none")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resuming" in err, err[-2000:]
+    assert json.loads(record.read_text())["train_samples_per_s"] == first["train_samples_per_s"]
+
+
+def test_train_speed_is_the_record_s_processor_s_warm_epochs():
+    """The record's train img/s belongs to its `processor`: a run resumed on another machine is timed
+    by the epochs this one trained, without each process's first (warm-up) epoch where others remain;
+    rows of earlier code (no processor, no flag) leave out the run's first epoch, as that code did."""
+    from ablate.training import train_speed
+
+    def row(speed, processor=None, first=None):
+        return {"samples_per_s": speed} | ({"processor": processor} if processor else {}) \
+            | ({"first_of_process": first} if first is not None else {})
+
+    assert train_speed([row(10), row(100), row(200)], "cpu") == 150  # as before: epoch 1 left out
+    assert train_speed([row(10)], "cpu") == 10
+    assert train_speed([], "cpu") is None
+    moved = [row(10, "cpu", True), row(100, "cpu", False), row(50, "gpu", True), row(2000, "gpu", False),
+             row(3000, "gpu", False)]
+    assert train_speed(moved, "gpu") == 2500 and train_speed(moved, "cpu") == 100
+    assert train_speed(moved[:3], "gpu") == 50  # its only epoch on this processor, warm-up and all
+    # a process that resumed twice on one machine: each first epoch left out
+    twice = [row(10, "cpu", True), row(100, "cpu", False), row(20, "cpu", True), row(120, "cpu", False)]
+    assert train_speed(twice, "cpu") == 110
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_a_gpu_run_uses_bf16_and_channels_last(tmp_path):
