@@ -933,7 +933,8 @@ def _with_routes(meta: dict, started: float) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ablate.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto ($ABLATE_DEVICE where set, else cuda if there is one), cpu, cuda, cuda:<index>")
     p.add_argument("--out", default="reports/bench", help="folder for operators.csv, models.csv, bench.json, "
                                                            "bench.md")
     p.add_argument("--quick", action="store_true", help="small batches and 2 rounds: a smoke run")
