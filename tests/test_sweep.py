@@ -269,6 +269,23 @@ def test_a_value_out_of_range_stops_the_sweep_before_any_job_trains(tmp_path):
     assert "Traceback" not in out and not records(tmp_path / "bad")
 
 
+@pytest.mark.parametrize("launcher,here", [("basic", True), ("joblib", True), ("submitit_local", True),
+                                           ("submitit_slurm", False)])
+def test_only_a_cluster_s_jobs_skip_the_device_check_of_the_plan(launcher, here):
+    """A sweep checks its jobs' device while planning where they run on this machine (bad-input
+    table: `-m trainer.device=cuda:99`, exit 2); a cluster's jobs meet their nodes' GPUs, which a
+    login node without one cannot check."""
+    import hydra_plugins.ablate_sweeper  # noqa: F401  registers hydra/launcher: ablate_slurm, as the app does
+    from hydra import compose, initialize_config_dir
+
+    from ablate.config import CONF_DIR
+    from ablate.sweep.plan import runs_here
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        master = compose("train", overrides=[f"launcher={launcher}"], return_hydra_config=True)
+    assert runs_here(master) is here
+
+
 def test_a_joblib_sweep_runs_four_jobs_on_two_workers(tmp_path):
     # W&B offline: each job of a reused worker process must get a W&B run of its own
     code, out = run_sweep(tmp_path, "operator=dwconv,local_mlp", "trainer.seed=0,1", "launcher=joblib",
